@@ -1,0 +1,1 @@
+"""The daemon: services, CLI, control API, scheduler, executor, journal."""

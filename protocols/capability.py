@@ -1,0 +1,152 @@
+"""Capability advertisements and the live-peer table built from them.
+
+Theory of operation:
+- Each node publishes a signed ``cap`` ad on its team's capability topic at start, on
+  every change, and every ``interval`` seconds. The ad carries the node's certificate so a
+  receiver that has not yet seen it on the roster topic can still verify membership.
+- Receivers order a peer's ads by ``seq`` (monotonic per node; a restarted node starts
+  above its last value because seq is seeded from its wall clock in milliseconds).
+- Expiry is measured on the receiver's clock: an ad is live for ``ttl_ms`` after it was
+  received. The sender's clock is never compared with ours, so skew does not matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import wire
+from .envelope import open_sealed, seal
+from .errors import MalformedMessage
+from .identity import Identity
+
+DOMAIN_CAP = "cap"
+MAX_KINDS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilityAd:
+    peer_id: str
+    team_id: str
+    addrs: tuple[str, ...]
+    cores: int
+    slots: int
+    free_slots: int
+    memory_bytes: int
+    gpus: tuple[str, ...]
+    kinds: dict[str, str]  # kind name -> version
+    queue: int
+    cost: float
+    storage: tuple[str, ...]
+    software: str
+    seq: int
+    ttl_ms: int
+    cert: bytes
+    pull: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "cap", "v": 1, "peer": self.peer_id, "team": self.team_id,
+            "addrs": list(self.addrs), "cores": self.cores, "slots": self.slots,
+            "free": self.free_slots, "mem": self.memory_bytes, "gpu": list(self.gpus),
+            "kinds": dict(self.kinds), "queue": self.queue, "cost": float(self.cost),
+            "storage": list(self.storage), "sw": self.software, "seq": self.seq,
+            "ttl": self.ttl_ms, "cert": self.cert, "pull": self.pull,
+        }
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> CapabilityAd:
+        if m["t"] != "cap":
+            raise MalformedMessage("not a capability ad")
+        kinds = wire.field_map(m, "kinds")
+        if len(kinds) > MAX_KINDS or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in kinds.items()
+        ):
+            raise MalformedMessage("field 'kinds' must map up to 256 names to version strings")
+        ad = cls(
+            peer_id=wire.field_str(m, "peer", max_len=100),
+            team_id=wire.field_str(m, "team", max_len=64),
+            addrs=tuple(wire.field_str_list(m, "addrs", max_len=32)),
+            cores=wire.field_int(m, "cores"),
+            slots=wire.field_int(m, "slots"),
+            free_slots=wire.field_int(m, "free"),
+            memory_bytes=wire.field_int(m, "mem"),
+            gpus=tuple(wire.field_str_list(m, "gpu", max_len=16)),
+            kinds=kinds,
+            queue=wire.field_int(m, "queue"),
+            cost=wire.field_float(m, "cost"),
+            storage=tuple(wire.field_str_list(m, "storage", max_len=16)),
+            software=wire.field_str(m, "sw", max_len=64),
+            seq=wire.field_int(m, "seq"),
+            ttl_ms=wire.field_int(m, "ttl"),
+            cert=wire.field_bytes(m, "cert", max_len=4096),
+            pull=bool(m.get("pull", False)),
+        )
+        if not 0 < ad.ttl_ms <= 3_600_000:
+            raise MalformedMessage("field 'ttl' must be between 1 ms and 1 hour")
+        if min(ad.cores, ad.slots, ad.free_slots, ad.queue, ad.memory_bytes) < 0:
+            raise MalformedMessage("capacity fields must not be negative")
+        return ad
+
+    def sealed(self, identity: Identity) -> bytes:
+        if identity.peer_id != self.peer_id:
+            raise MalformedMessage("an ad is signed by the peer it describes")
+        return seal(identity, DOMAIN_CAP, self.to_wire())
+
+
+def open_ad(data: bytes) -> CapabilityAd:
+    """Verify and decode a gossiped ad; the signer must be the peer it describes."""
+    opened = open_sealed(data, DOMAIN_CAP, max_bytes=wire.MAX_GOSSIP_BYTES)
+    ad = CapabilityAd.from_wire(opened.body)
+    if ad.peer_id != opened.signer:
+        raise MalformedMessage(f"ad for {ad.peer_id} signed by {opened.signer}")
+    return ad
+
+
+@dataclass(slots=True)
+class PeerEntry:
+    ad: CapabilityAd
+    received: float  # receiver's monotonic clock, seconds
+    expires: float
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        a = self.ad
+        return {
+            "peer_id": a.peer_id, "addrs": list(a.addrs), "cores": a.cores, "slots": a.slots,
+            "free_slots": a.free_slots, "memory_bytes": a.memory_bytes, "gpus": list(a.gpus),
+            "kinds": dict(a.kinds), "queue": a.queue, "cost": a.cost,
+            "storage": list(a.storage), "version": a.software, "seq": a.seq, "pull": a.pull,
+            "age_s": round(now - self.received, 3),
+            "expires_in_s": round(self.expires - now, 3),
+        }
+
+
+@dataclass(slots=True)
+class PeerTable:
+    """Latest live ad per peer. Pure: callers pass ``now`` (monotonic seconds)."""
+
+    entries: dict[str, PeerEntry] = field(default_factory=dict)
+
+    def update(self, ad: CapabilityAd, now: float) -> bool:
+        """Store ``ad`` if newer than what we hold; return True if the table changed."""
+        old = self.entries.get(ad.peer_id)
+        if old is not None and old.ad.seq >= ad.seq and old.expires > now:
+            return False
+        self.entries[ad.peer_id] = PeerEntry(ad, now, now + ad.ttl_ms / 1000)
+        return True
+
+    def expire(self, now: float) -> list[str]:
+        gone = [p for p, e in self.entries.items() if e.expires <= now]
+        for p in gone:
+            del self.entries[p]
+        return gone
+
+    def remove(self, peer_id: str) -> None:
+        self.entries.pop(peer_id, None)
+
+    def live(self, now: float) -> list[PeerEntry]:
+        return [e for e in self.entries.values() if e.expires > now]
+
+    def get(self, peer_id: str, now: float) -> PeerEntry | None:
+        e = self.entries.get(peer_id)
+        return e if e is not None and e.expires > now else None

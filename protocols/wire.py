@@ -1,0 +1,183 @@
+"""Framing and the msgpack envelope shared by every teammesh protocol.
+
+Invariants:
+- A frame is an unsigned LEB128 varint length followed by that many bytes of msgpack.
+- Every message is a msgpack map with string keys, a ``t`` (type) string and a ``v``
+  (version) integer. Unknown types and versions are rejected here, not in handlers.
+- Size limits are enforced before any allocation proportional to the claimed size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from .errors import FrameTooLarge, LocalProtocolError, MalformedMessage
+
+WIRE_VERSION = 1
+MAX_FRAME_BYTES = 8 * 1024 * 1024  # direct streams; inline task data rides here
+MAX_GOSSIP_BYTES = 64 * 1024  # capability ads, roster entries, open calls
+_MAX_VARINT_BYTES = 10
+
+Message = dict[str, Any]
+
+
+def encode_varint(n: int) -> bytes:
+    if n < 0:
+        raise LocalProtocolError("varint must be non-negative")
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def decode_varint(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int] | None:
+    """Return (value, next_pos), or None if the buffer ends inside the varint."""
+    result = 0
+    shift = 0
+    for i in range(pos, min(len(buf), pos + _MAX_VARINT_BYTES)):
+        b = buf[i]
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i + 1
+        shift += 7
+    if len(buf) - pos >= _MAX_VARINT_BYTES:
+        raise MalformedMessage("varint longer than 10 bytes")
+    return None
+
+
+def pack(msg: Mapping[str, Any]) -> bytes:
+    """Serialise one message map (no frame)."""
+    try:
+        return msgpack.packb(msg, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot encode message: {exc}") from exc
+
+
+def unpack(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Parse one message map, rejecting anything that is not a well-formed envelope."""
+    if len(data) > max_bytes:
+        raise FrameTooLarge(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_buffer_size=max_bytes,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise MalformedMessage(f"not a msgpack message: {exc}") from exc
+    except Exception as exc:  # msgpack raises bare exceptions on some corrupt input
+        raise MalformedMessage(f"not a msgpack message: {type(exc).__name__}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedMessage("message is not a map")
+    if not isinstance(obj.get("t"), str):
+        raise MalformedMessage("message has no type field 't'")
+    if obj.get("v") != WIRE_VERSION:
+        raise MalformedMessage(f"unsupported message version {obj.get('v')!r}")
+    return obj
+
+
+def frame(payload: bytes) -> bytes:
+    return encode_varint(len(payload)) + payload
+
+
+def frame_message(msg: Mapping[str, Any]) -> bytes:
+    return frame(pack(msg))
+
+
+class FrameDecoder:
+    """Incremental varint-length-prefixed frame splitter: feed bytes, get whole frames."""
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        frames: list[bytes] = []
+        pos = 0
+        while True:
+            hdr = decode_varint(self._buf, pos)
+            if hdr is None:
+                break
+            size, start = hdr
+            if size > self._max:
+                raise FrameTooLarge(f"frame of {size} bytes exceeds the {self._max}-byte limit")
+            end = start + size
+            if end > len(self._buf):
+                break
+            frames.append(bytes(self._buf[start:end]))
+            pos = end
+        if pos:
+            del self._buf[:pos]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+# --- field access: every field error names the field -------------------------------------
+
+
+def field_str(m: Mapping[str, Any], key: str, *, max_len: int = 4096) -> str:
+    v = m.get(key)
+    if not isinstance(v, str):
+        raise MalformedMessage(f"field {key!r} must be a string")
+    if len(v) > max_len:
+        raise MalformedMessage(f"field {key!r} longer than {max_len}")
+    return v
+
+
+def field_int(m: Mapping[str, Any], key: str) -> int:
+    v = m.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise MalformedMessage(f"field {key!r} must be an integer")
+    return v
+
+
+def field_float(m: Mapping[str, Any], key: str) -> float:
+    v = m.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise MalformedMessage(f"field {key!r} must be a number")
+    return float(v)
+
+
+def field_bytes(m: Mapping[str, Any], key: str, *, max_len: int = MAX_FRAME_BYTES) -> bytes:
+    v = m.get(key)
+    if not isinstance(v, bytes):
+        raise MalformedMessage(f"field {key!r} must be bytes")
+    if len(v) > max_len:
+        raise MalformedMessage(f"field {key!r} longer than {max_len}")
+    return v
+
+
+def field_list(m: Mapping[str, Any], key: str, *, max_len: int = 10_000) -> list[Any]:
+    v = m.get(key)
+    if not isinstance(v, list):
+        raise MalformedMessage(f"field {key!r} must be a list")
+    if len(v) > max_len:
+        raise MalformedMessage(f"field {key!r} has more than {max_len} items")
+    return v
+
+
+def field_map(m: Mapping[str, Any], key: str) -> dict[str, Any]:
+    v = m.get(key)
+    if not isinstance(v, dict):
+        raise MalformedMessage(f"field {key!r} must be a map")
+    return v
+
+
+def field_str_list(m: Mapping[str, Any], key: str, *, max_len: int = 1000) -> list[str]:
+    items = field_list(m, key, max_len=max_len)
+    if not all(isinstance(x, str) for x in items):
+        raise MalformedMessage(f"field {key!r} must be a list of strings")
+    return items
