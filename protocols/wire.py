@@ -70,12 +70,10 @@ def unpack(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
             data,
             raw=False,
             strict_map_key=True,
-            max_buffer_size=max_bytes,
         )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # TypeError: an unhashable map key (a map used as a key) in hostile input
         raise MalformedMessage(f"not a msgpack message: {exc}") from exc
-    except Exception as exc:  # msgpack raises bare exceptions on some corrupt input
-        raise MalformedMessage(f"not a msgpack message: {type(exc).__name__}") from exc
     if not isinstance(obj, dict):
         raise MalformedMessage("message is not a map")
     if not isinstance(obj.get("t"), str):

@@ -1,0 +1,219 @@
+"""Control API: JSON over HTTP on loopback, bearer-token protected (token in the home, 0600).
+
+Served by hypercorn on trio inside the daemon's nursery. The OpenAPI document is at
+``/openapi.json``; Prometheus metrics at ``/metrics``. Every error is JSON
+``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from teammesh.protocols.errors import (
+    ConfigError,
+    MembershipError,
+    NoCapacity,
+    TaskError,
+    TeammeshError,
+    UnknownKind,
+)
+
+from .openapi import OPENAPI
+
+if TYPE_CHECKING:
+    from .daemon import Node
+
+Handler = Callable[[Request], Awaitable[Response]]
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _status_for(exc: TeammeshError) -> tuple[int, str]:
+    if isinstance(exc, UnknownKind):
+        return 422, "unknown_kind"
+    if isinstance(exc, NoCapacity):
+        return 503, "no_capacity"
+    if isinstance(exc, (MembershipError, ConfigError)):
+        return 409, "membership"
+    if isinstance(exc, TaskError):
+        return 422, "task_error"
+    return 400, "bad_request"
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise TeammeshError(f"request body over {MAX_BODY_BYTES} bytes")
+    if not raw:
+        return {}
+    import json
+
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise TeammeshError(f"request body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise TeammeshError("request body must be a JSON object")
+    return body
+
+
+def build_app(node: Node) -> Starlette:
+    token = node.home.token().encode()
+
+    def endpoint(fn: Callable[[Request], Awaitable[Any]], *, auth: bool = True) -> Handler:
+        async def handler(request: Request) -> Response:
+            if auth:
+                header = request.headers.get("authorization", "")
+                if not hmac.compare_digest(header.removeprefix("Bearer ").encode(), token):
+                    return error(401, "unauthorized",
+                                 "missing or wrong bearer token (see api.token in the home)")
+            try:
+                result = await fn(request)
+            except TeammeshError as exc:
+                status, code = _status_for(exc)
+                return error(status, code, str(exc))
+            if isinstance(result, Response):
+                return result
+            return JSONResponse(result)
+
+        return handler
+
+    async def status(request: Request) -> Any:
+        return node.status()
+
+    async def peers(request: Request) -> Any:
+        return node.mesh.live_peers()
+
+    async def team(request: Request) -> Any:
+        return {"team": node.membership.summary(), "members": node.membership.members()}
+
+    async def invite(request: Request) -> Any:
+        body = await json_body(request)
+        ttl = body.get("ttl_s", 3600)
+        if not isinstance(ttl, int) or not 60 <= ttl <= 30 * 86400:
+            raise TeammeshError("ttl_s must be an integer from 60 to 2592000 seconds")
+        assert node.host is not None
+        from .mesh import dialable_addrs
+
+        inv = node.membership.create_invite(
+            dialable_addrs(node.host.listen_addrs, node.host.peer_id), ttl)
+        return {"invite": inv.encode(), "team": inv.team.team_id, "expires": inv.expires,
+                "addrs": list(inv.addrs)}
+
+    async def revoke(request: Request) -> Any:
+        body = await json_body(request)
+        peer = body.get("peer_id")
+        if not isinstance(peer, str):
+            raise TeammeshError("peer_id (string) is required")
+        from teammesh.protocols.identity import is_peer_id
+
+        if not is_peer_id(peer):
+            raise TeammeshError(f"{peer!r} is not a peer id")
+        node.membership.revoke(peer)
+        assert node.host is not None
+        await node.host.disconnect(peer)
+        node.mesh.forget(peer)
+        return {"revoked": peer}
+
+    async def stop(request: Request) -> Any:
+        node.stop_requested.set()
+        return {"stopping": True}
+
+    async def metrics(request: Request) -> Response:
+        st = node.status()
+        lines = [
+            "# TYPE teammesh_peers_live gauge", f"teammesh_peers_live {st['live_peers']}",
+            "# TYPE teammesh_peers_connected gauge",
+            f"teammesh_peers_connected {st['connected_peers']}",
+            "# TYPE teammesh_slots gauge", f"teammesh_slots {st['slots']}",
+            "# TYPE teammesh_free_slots gauge", f"teammesh_free_slots {st['free_slots']}",
+            "# TYPE teammesh_refused_handshakes_total counter",
+            f"teammesh_refused_handshakes_total {st['refused']['handshakes']}",
+            "# TYPE teammesh_ads_received_total counter",
+            f"teammesh_ads_received_total {node.mesh.ads_received}",
+            "# TYPE teammesh_ads_rejected_total counter",
+            f"teammesh_ads_rejected_total {node.mesh.ads_rejected}",
+        ]
+        if node.tasks is not None:
+            lines += node.tasks.metrics_lines()
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    async def openapi(request: Request) -> Any:
+        return OPENAPI
+
+    async def health(request: Request) -> Any:
+        return {"ok": True}
+
+    routes = [
+        Route("/health", endpoint(health, auth=False)),
+        Route("/openapi.json", endpoint(openapi, auth=False)),
+        Route("/metrics", endpoint(metrics)),
+        Route("/v1/status", endpoint(status)),
+        Route("/v1/peers", endpoint(peers)),
+        Route("/v1/team", endpoint(team)),
+        Route("/v1/team/invite", endpoint(invite), methods=["POST"]),
+        Route("/v1/team/revoke", endpoint(revoke), methods=["POST"]),
+        Route("/v1/stop", endpoint(stop), methods=["POST"]),
+    ]
+    if node.tasks is not None:
+        routes += node.tasks.routes(endpoint)
+    return Starlette(routes=routes)
+
+
+def _bind(spec: str) -> socket.socket:
+    host, _, port = spec.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"node.api = {spec!r}: the control API listens on loopback only")
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port or 0)))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot listen for the control API on {spec}: {exc}") from exc
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_api(node: Node, spec: str, *,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    sock = _bind(spec)
+    host, port = sock.getsockname()[:2]
+    cfg = HypercornConfig()
+    cfg.bind = [f"fd://{sock.fileno()}"]
+    cfg.accesslog = None
+    cfg.errorlog = None
+    cfg.graceful_timeout = 0.5
+    cfg.keep_alive_timeout = 75
+    app = build_app(node)
+    url = f"http://{host}:{port}"
+    try:
+        await serve(app, cfg, task_status=_Started(task_status, url),  # type: ignore[arg-type]
+                    mode="asgi")
+    finally:
+        sock.close()
+
+
+class _Started:
+    """Report our URL (not hypercorn's fd:// bind list) to the parent nursery."""
+
+    def __init__(self, status: Any, url: str) -> None:
+        self._status = status
+        self._url = url
+
+    def started(self, value: Any = None) -> None:
+        self._status.started(self._url)

@@ -1,0 +1,269 @@
+"""Node home directory and configuration.
+
+A home holds one node: its identity key (0600), config.toml, the SQLite journal, the API
+token (0600) and, while the daemon runs, api.json telling the CLI where the daemon listens.
+Config keys are validated at start; every error names the key, the bad value and the fix.
+``TEAMMESH_<SECTION>_<KEY>`` environment variables override the file (values are read as
+TOML literals when they parse, else as strings: ``TEAMMESH_NODE_SLOTS=4``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import tomli_w
+from teammesh.protocols.errors import ConfigError
+from teammesh.protocols.identity import Identity
+
+ENV_PREFIX = "TEAMMESH_"
+
+
+def default_home() -> Path:
+    env = os.environ.get("TEAMMESH_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir("teammesh", appauthor=False))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    path: Path
+
+    @property
+    def identity_file(self) -> Path:
+        return self.path / "identity.key"
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def token_file(self) -> Path:
+        return self.path / "api.token"
+
+    @property
+    def api_file(self) -> Path:
+        return self.path / "api.json"
+
+    @property
+    def journal_file(self) -> Path:
+        return self.path / "journal.db"
+
+    @property
+    def root_key_file(self) -> Path:
+        return self.path / "team-root.key"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "node.log"
+
+    @property
+    def initialized(self) -> bool:
+        return self.identity_file.exists() and self.config_file.exists()
+
+    def init(self) -> tuple[Identity, bool]:
+        """Create identity, token and default config where missing; returns (id, created)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        created = False
+        if not self.identity_file.exists():
+            _write_private(self.identity_file, secrets.token_bytes(32))
+            created = True
+        if not self.token_file.exists():
+            _write_private(self.token_file, secrets.token_urlsafe(32).encode())
+        if not self.config_file.exists():
+            self.config_file.write_text(DEFAULT_CONFIG_TOML)
+            created = True
+        return self.identity(), created
+
+    def require(self) -> None:
+        if not self.initialized:
+            raise ConfigError(f"{self.path} is not a teammesh home; run `teammesh init` first")
+
+    def identity(self) -> Identity:
+        self.require()
+        seed = self.identity_file.read_bytes()
+        if len(seed) != 32:
+            raise ConfigError(
+                f"{self.identity_file} is damaged (expected 32 bytes); restore it from a backup"
+                " or delete the home and run `teammesh init` (the node gets a new peer id)"
+            )
+        mode = self.identity_file.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(self.identity_file, 0o600)
+        return Identity(seed)
+
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    def write_private(self, path: Path, data: bytes) -> None:
+        _write_private(path, data)
+
+
+# --- the schema: section -> key -> (default, validator, hint) ------------------------------
+
+Check = Callable[[Any], bool]
+
+
+def _is_int(lo: int, hi: int | None = None) -> Check:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo and (
+        hi is None or v <= hi)
+
+
+def _is_num(lo: float) -> Check:
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_weights(v: Any) -> bool:
+    return isinstance(v, dict) and set(v) <= {"compatibility", "latency", "cost", "health"} and all(
+        isinstance(x, (int, float)) and x >= 0 for x in v.values())
+
+
+_CORES = os.cpu_count() or 1
+
+SCHEMA: dict[str, dict[str, tuple[Any, Check, str]]] = {
+    "node": {
+        "name": ("", _is_str, "a display name"),
+        "listen": (["/ip4/0.0.0.0/tcp/4117"], _is_str_list,
+                   'a list of multiaddrs, e.g. ["/ip4/0.0.0.0/tcp/4117"]'),
+        "bootstrap": ([], _is_str_list, "a list of full multiaddrs ending in /p2p/PEERID"),
+        "api": ("127.0.0.1:0", _is_str, 'HOST:PORT on loopback, e.g. "127.0.0.1:7117"'),
+        "slots": (_CORES, _is_int(0, 1024), "an integer from 0 to 1024"),
+        "cost": (1.0, _is_num(0), "a number >= 0 (relative price of this node's slots)"),
+        "max_peers": (32, _is_int(1, 1000), "an integer from 1 to 1000"),
+    },
+    "gossip": {
+        "ad_interval_s": (5.0, _is_num(0.2), "a number of seconds >= 0.2"),
+        "ad_ttl_s": (15.0, _is_num(1), "a number of seconds >= 1, above ad_interval_s"),
+    },
+    "executor": {
+        "allow": (["*"], _is_str_list, 'a list of kind names or globs, e.g. ["hash.*", "np.*"]'),
+        "timeout_s": (300.0, _is_num(0.01), "a number of seconds > 0"),
+        "memory_mb": (2048, _is_int(16), "an integer number of MiB >= 16"),
+        "cpu_s": (600, _is_int(1), "an integer number of CPU seconds >= 1"),
+    },
+    "scheduler": {
+        "weights": ({"compatibility": 40, "latency": 30, "cost": 20, "health": 10}, _is_weights,
+                    "a table with compatibility/latency/cost/health numbers >= 0"),
+        "offer_window_s": (0.5, _is_num(0), "a number of seconds >= 0"),
+        "max_attempts": (5, _is_int(1, 100), "an integer from 1 to 100"),
+        "cache": (True, _is_bool, "true or false"),
+    },
+    "bridge": {
+        "url": ("", _is_str, 'the Worker URL, e.g. "https://teammesh.example.workers.dev"'),
+    },
+}
+
+DEFAULT_CONFIG_TOML = """\
+# teammesh node configuration. Every key is optional; delete a line to get the default.
+# Environment variables TEAMMESH_<SECTION>_<KEY> override these (TEAMMESH_NODE_SLOTS=4).
+
+[node]
+# listen = ["/ip4/0.0.0.0/tcp/4117"]   # where peers reach this node
+# bootstrap = []                       # full multiaddrs of members to dial at start
+# api = "127.0.0.1:0"                  # control API; port 0 picks a free one
+# slots = <number of cores>            # tasks this node runs at once for the team (0 = none)
+
+[executor]
+# allow = ["*"]                        # kinds this node accepts, e.g. ["hash.*", "np.*"]
+# timeout_s = 300
+# memory_mb = 2048
+# cpu_s = 600
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    values: Mapping[str, Mapping[str, Any]]
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[section][key]
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """Apply ``{"section.key": value}`` (from CLI flags), validated like the file."""
+        merged = {s: dict(v) for s, v in self.values.items()}
+        for dotted, value in overrides.items():
+            section, key = dotted.split(".", 1)
+            _check(section, key, value, "command line")
+            merged[section][key] = value
+        return Config(merged)
+
+
+def _check(section: str, key: str, value: Any, source: str) -> None:
+    if section not in SCHEMA:
+        raise ConfigError(
+            f"{source}: unknown section [{section}]; known sections: {', '.join(SCHEMA)}")
+    if key not in SCHEMA[section]:
+        raise ConfigError(
+            f"{source}: unknown key {section}.{key}; known keys: {', '.join(SCHEMA[section])}")
+    _, ok, hint = SCHEMA[section][key]
+    if not ok(value):
+        raise ConfigError(f"{source}: {section}.{key} = {value!r} is invalid; it must be {hint}")
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(home: Home, environ: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if environ is None else environ
+    values: dict[str, dict[str, Any]] = {s: {k: v[0] for k, v in keys.items()}
+                                         for s, keys in SCHEMA.items()}
+    src = str(home.config_file)
+    if home.config_file.exists():
+        try:
+            data = tomllib.loads(home.config_file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{src}: not valid TOML ({exc}); fix the file or delete it") from exc
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{src}: {section} must be a [section] table")
+            for key, value in table.items():
+                _check(section, key, value, src)
+                values[section][key] = value
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "TEAMMESH_HOME":
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section not in SCHEMA:
+            continue
+        value = _env_value(text)
+        _check(section, key, value, f"environment {name}")
+        values[section][key] = value
+    if values["gossip"]["ad_ttl_s"] <= values["gossip"]["ad_interval_s"]:
+        raise ConfigError("gossip.ad_ttl_s must be larger than gossip.ad_interval_s")
+    return Config(values)
+
+
+def dump_config(config: Config) -> str:
+    return tomli_w.dumps({s: dict(v) for s, v in config.values.items()})

@@ -1,0 +1,172 @@
+"""The daemon: one root nursery that owns every service of a running node.
+
+Start order: journal → membership → libp2p host (gated by membership) → membership
+service → mesh (ads, dialer) → tasks → control API. ``api.json`` is written last, when
+the node is ready, and removed on the way out, so the CLI never talks to a half-started
+or stopped node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+import teammesh
+
+from .config import Config, Home
+from .host import MeshHost, open_host
+from .journal import Journal
+from .membership import Membership
+from .mesh import Capacity, Mesh, is_loopback
+
+logger = logging.getLogger("teammesh.daemon")
+
+
+@dataclass(frozen=True, slots=True)
+class UpOptions:
+    listen: list[str]
+    bootstrap: list[str]
+    api: str
+    slots: int | None = None
+    pull: bool = False
+    bridge: str | None = None
+
+
+class Node:
+    """Everything a running node holds; services get what they need from here."""
+
+    def __init__(self, home: Home, config: Config, options: UpOptions) -> None:
+        self.home = home
+        self.config = config
+        self.options = options
+        self.identity = home.identity()
+        self.journal = Journal(home.journal_file)
+        self.membership = Membership(home, self.journal, self.identity)
+        self.membership.require_team()
+        slots = options.slots if options.slots is not None else config.get("node", "slots")
+        self.capacity = Capacity(slots=slots, cost=config.get("node", "cost"),
+                                 pull=options.pull)
+        saved = self.journal.get("bootstrap")
+        bootstrap = list(options.bootstrap) + list(config.get("node", "bootstrap"))
+        if saved:
+            bootstrap += [a for a in json.loads(saved) if a not in bootstrap]
+        self.mesh = Mesh(self.identity, self.membership, self.capacity,
+                         interval_s=config.get("gossip", "ad_interval_s"),
+                         ttl_s=config.get("gossip", "ad_ttl_s"), bootstrap=bootstrap,
+                         max_peers=config.get("node", "max_peers"))
+        self.host: MeshHost | None = None
+        self.api_url = ""
+        self.started_at = time.time()
+        self.stop_requested = trio.Event()
+        self.tasks: Any = None  # the task service, when it is running
+
+    def status(self) -> dict[str, Any]:
+        host = self.host
+        assert host is not None
+        stats = host.stats
+        observed = [{"addr": a, "observers": len(obs)} for a, obs in stats.observed.items()]
+        inbound = stats.inbound_connections > 0
+        routable = [a for a in host.listen_addrs if not is_loopback(a)]
+        if inbound:
+            note = "peers have connected to this node inbound: it is reachable"
+        elif not routable:
+            note = ("listening on loopback only: peers on other machines cannot reach this "
+                    "node (use --listen /ip4/0.0.0.0/tcp/4117)")
+        else:
+            note = ("no peer has connected inbound yet; if that persists, this node may be "
+                    "behind NAT or a firewall (forward the port, or use --pull with a bridge)")
+        return {
+            "peer_id": self.identity.peer_id,
+            "addrs": host.addrs,
+            "api": self.api_url,
+            "team": self.membership.summary(),
+            "slots": self.capacity.slots,
+            "free_slots": self.capacity.free_slots,
+            "queue": self.capacity.queue,
+            "kinds": sorted(self.capacity.kinds),
+            "connected_peers": len(host.connected_peers()),
+            "live_peers": len(self.mesh.table.live(trio.current_time())),
+            "reachability": {
+                "observed_addrs": observed,
+                "inbound_connections": stats.inbound_connections,
+                "inbound_peers": len(stats.inbound_peers),
+                "reachable": inbound,
+                "note": note,
+            },
+            "refused": {"handshakes": stats.refused_handshakes,
+                        "streams": stats.refused_streams,
+                        "bad_gossip_streams": stats.bad_gossip_streams},
+            "version": teammesh.__version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from .api import serve_api  # imported here so `teammesh status` never loads it
+
+        try:
+            async with open_host(self.identity.seed, self.options.listen,
+                                 peer_gate=self.membership.peer_gate,
+                                 stream_gate=self.membership.stream_gate) as host:
+                self.host = host
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.membership.run, host)
+                    if self.tasks is not None:
+                        await nursery.start(self.tasks.run, host)
+                    await nursery.start(self.mesh.run, host)
+                    self.api_url = await nursery.start(serve_api, self, self.options.api)
+                    self._write_api_file()
+                    logger.info("node %s ready: %s; api %s", self.identity.peer_id,
+                                " ".join(host.addrs), self.api_url)
+                    task_status.started(self)
+                    await self.stop_requested.wait()
+                    # let the API answer the request that asked us to stop
+                    await trio.sleep(0.05)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.home.api_file.unlink(missing_ok=True)
+            self.journal.close()
+
+    def _write_api_file(self) -> None:
+        assert self.host is not None
+        data = {"url": self.api_url, "pid": os.getpid(), "peer_id": self.identity.peer_id,
+                "addrs": self.host.addrs}
+        tmp = self.home.api_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.home.api_file)
+
+
+async def run_daemon(home: Home, config: Config, options: UpOptions,
+                     ready: Any = None) -> None:
+    """Run until SIGINT/SIGTERM; a signal ends the node cleanly (exit status 0)."""
+    node = Node(home, config, options)
+    try:
+        from .tasks import TaskService
+    except ImportError:
+        TaskService = None
+    if TaskService is not None:
+        node.tasks = TaskService(node)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            watch_scope = trio.CancelScope()
+
+            async def watch() -> None:
+                with watch_scope:
+                    async for _ in signals:
+                        logger.info("stopping")
+                        node.stop_requested.set()
+                        return
+
+            nursery.start_soon(watch)
+            await nursery.start(node.run)
+            if ready is not None:
+                ready(node)
+            await node.stop_requested.wait()
+            watch_scope.cancel()

@@ -1,0 +1,406 @@
+"""The libp2p boundary: the only module that imports py-libp2p.
+
+Everything above this speaks peer ids as base58 strings, multiaddrs as strings, streams as
+``Stream`` and gossip as (origin, forwarder, bytes). What this module fixes in py-libp2p
+0.8.1 (see docs/DECISIONS.md, "py-libp2p"):
+
+- Security and muxing are pinned to Noise + yamux; the library's default also offers
+  /plaintext/2.0.0 (any peer can claim any id), SECIO and mplex.
+- Membership is enforced inside the Noise handshake (``GatedNoise``): a non-member's
+  connection is dropped before muxing, so no stream, identify or gossip of it exists.
+- Stream handlers never raise: an exception escaping any handler tears down the host.
+  Pubsub's own handler is re-registered behind a guard (one bad protobuf frame on
+  /meshsub/* would otherwise kill the process).
+- Every inbound connection holds a slot of the swarm's inbound limiter until the host
+  stops; the wrapper releases it when the connection closes, so reconnect storms and
+  laptops that come and go do not exhaust it.
+- ``max_connections_per_peer=1`` (else every dial waits 250 ms), gossipsub heartbeat 1 s,
+  and its adaptive/spam/eclipse protections off (they silently drop or slow our traffic).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.exceptions import HandshakeFailure
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from teammesh.protocols.errors import TeammeshError
+
+logger = logging.getLogger("teammesh.host")
+for _name in ("libp2p", "multiaddr"):
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
+
+GOSSIP_HEARTBEAT_S = 1.0
+MAX_GOSSIP_RPC_BYTES = 1024 * 1024
+
+# Exceptions that mean "this stream or connection is gone", as opposed to our bugs.
+STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    StreamEOF, StreamReset, StreamClosed, StreamError, ConnectionError, OSError,
+)
+
+
+class HostError(TeammeshError):
+    pass
+
+
+class DialError(HostError):
+    pass
+
+
+PeerGate = Callable[[str], bool]
+StreamGate = Callable[[str, str], bool]
+GossipValidator = Callable[[str, str, bytes], bool]
+
+
+class Stream:
+    """One libp2p stream: bytes in, bytes out, with the authenticated remote peer id."""
+
+    __slots__ = ("_s", "peer_id", "protocol")
+
+    def __init__(self, s: Any, protocol: str) -> None:
+        self._s = s
+        self.protocol = protocol
+        self.peer_id = str(s.muxed_conn.peer_id)
+
+    async def read(self, n: int = 65536) -> bytes:
+        """Up to n bytes; b"" at end of stream."""
+        try:
+            return bytes(await self._s.read(n))
+        except StreamEOF:
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        await self._s.write(data)
+
+    async def close_write(self) -> None:
+        await self._s.close_write()
+
+    async def close(self) -> None:
+        try:
+            await self._s.close()
+        except STREAM_ERRORS:
+            pass
+
+    async def reset(self) -> None:
+        try:
+            await self._s.reset()
+        except STREAM_ERRORS:
+            pass
+
+
+class GatedNoise(NoiseTransport):  # type: ignore[misc]
+    """Noise that refuses, right after the handshake, any peer the gate does not admit."""
+
+    def __init__(self, key_pair: Any, gate: PeerGate, on_refuse: Callable[[str], None]) -> None:
+        super().__init__(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+        self._gate = gate
+        self._on_refuse = on_refuse
+
+    async def _check(self, conn: Any) -> Any:
+        peer = str(conn.get_remote_peer())
+        if not self._gate(peer):
+            self._on_refuse(peer)
+            await conn.close()
+            raise HandshakeFailure(f"peer {peer} is not a member of this team")
+        return conn
+
+    async def secure_inbound(self, conn: Any) -> Any:
+        return await self._check(await super().secure_inbound(conn))
+
+    async def secure_outbound(self, conn: Any, peer_id: Any) -> Any:
+        return await self._check(await super().secure_outbound(conn, peer_id))
+
+
+@dataclass(slots=True)
+class HostStats:
+    refused_handshakes: int = 0
+    refused_streams: int = 0
+    bad_gossip_streams: int = 0
+    handler_errors: int = 0
+    inbound_connections: int = 0
+    inbound_peers: set[str] = field(default_factory=set)
+    observed: dict[str, set[str]] = field(default_factory=dict)  # our addr -> observers
+
+
+class MeshHost:
+    """A running libp2p host with gossipsub, seen through teammesh's small vocabulary."""
+
+    def __init__(self, host: Any, pubsub: Any, stats: HostStats, stream_gate: StreamGate) -> None:
+        self._host = host
+        self._pubsub = pubsub
+        self.stats = stats
+        self._stream_gate = stream_gate
+        self.peer_id = str(host.get_id())
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        return [str(a) for a in self._host.get_transport_addrs()]
+
+    @property
+    def addrs(self) -> list[str]:
+        return [f"{a}/p2p/{self.peer_id}" for a in self.listen_addrs]
+
+    def connected_peers(self) -> list[str]:
+        return [str(p) for p in self._host.get_connected_peers()]
+
+    def is_connected(self, peer_id: str) -> bool:
+        return bool(self._host.get_network().get_connections(ID.from_base58(peer_id)))
+
+    async def connect(self, addr: str) -> str:
+        """Dial a full multiaddr (with /p2p/); returns the peer id."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:  # multiaddr raises assorted types on bad text
+            raise DialError(f"bad multiaddr {addr!r}: {exc}") from exc
+        # A failed dial puts the peer in a 60 s negative cache; we retry on our own schedule.
+        self._host.get_network().unblock_peer(info.peer_id)
+        try:
+            await self._host.connect(info)
+        except Exception as exc:  # the swarm wraps every failure in its own types
+            raise DialError(f"cannot reach {addr}: {exc}") from exc
+        return str(info.peer_id)
+
+    def add_addrs(self, peer_id: str, addrs: list[str]) -> None:
+        pid = ID.from_base58(peer_id)
+        maddrs = []
+        for a in addrs:
+            try:
+                maddrs.append(multiaddr.Multiaddr(a.split("/p2p/")[0]))
+            except Exception:  # a peer's bad address must not stop the good ones
+                continue
+        if maddrs:
+            self._host.get_peerstore().add_addrs(pid, maddrs, 3600)
+
+    async def disconnect(self, peer_id: str) -> None:
+        try:
+            await self._host.disconnect(ID.from_base58(peer_id))
+        except Exception:  # already gone is fine
+            logger.debug("disconnect %s failed", peer_id, exc_info=True)
+
+    def blacklist(self, peer_id: str) -> None:
+        self._pubsub.add_to_blacklist(ID.from_base58(peer_id))
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        try:
+            s = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+        except Exception as exc:  # negotiation, dial and muxer errors all mean "not now"
+            raise DialError(f"cannot open {protocol} to {peer_id}: {exc}") from exc
+        return Stream(s, protocol)
+
+    def set_handler(self, protocol: str, handler: Callable[[Stream], Awaitable[None]]) -> None:
+        """Register a handler that runs only for admitted peers and can never kill the host."""
+
+        async def guarded(raw: Any) -> None:
+            stream = Stream(raw, protocol)
+            if not self._stream_gate(stream.peer_id, protocol):
+                self.stats.refused_streams += 1
+                logger.warning("refused %s stream from non-member %s", protocol, stream.peer_id)
+                await stream.reset()
+                return
+            try:
+                await handler(stream)
+            except STREAM_ERRORS:
+                await stream.reset()
+            except TeammeshError as exc:
+                logger.warning("%s from %s: %s", protocol, stream.peer_id, exc)
+                await stream.reset()
+            except Exception:
+                self.stats.handler_errors += 1
+                logger.exception("%s handler failed for %s", protocol, stream.peer_id)
+                await stream.reset()
+
+        self._host.set_stream_handler(TProtocol(protocol), guarded)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        await self._pubsub.publish(topic, data)
+
+    def set_validator(self, topic: str, validator: GossipValidator) -> None:
+        def check(forwarder: Any, msg: Any) -> bool:
+            try:
+                origin = str(ID(msg.from_id))
+                return validator(origin, str(forwarder), bytes(msg.data))
+            except Exception:
+                logger.warning("gossip validator failed", exc_info=True)
+                return False
+
+        self._pubsub.set_topic_validator(topic, check, False)
+
+    @asynccontextmanager
+    async def subscribe(self, topic: str) -> AsyncIterator[AsyncIterator[tuple[str, bytes]]]:
+        sub = await self._pubsub.subscribe(topic)
+
+        async def messages() -> AsyncIterator[tuple[str, bytes]]:
+            async for msg in sub:
+                yield str(ID(msg.from_id)), bytes(msg.data)
+
+        try:
+            yield messages()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await self._pubsub.unsubscribe(topic)
+                except Exception:
+                    logger.debug("unsubscribe failed", exc_info=True)
+
+    def gossip_peers(self, topic: str) -> list[str]:
+        return [str(p) for p in self._pubsub.peer_topics.get(topic, ())]
+
+
+def _patch_inbound_release(swarm: Any, stats: HostStats) -> None:
+    original = swarm.upgrade_inbound_raw_conn
+
+    async def upgrade_and_release(raw_conn: Any, maddr: Any) -> Any:
+        muxed = await original(raw_conn, maddr)
+        stats.inbound_connections += 1
+        peer = getattr(muxed, "peer_id", None)
+        if peer is not None:
+            stats.inbound_peers.add(str(peer))
+        # py-libp2p keeps the caller (and its inbound-limiter slot) alive until the host
+        # stops; returning once the connection closes frees the slot.
+        await muxed.event_closed.wait()
+        raise ConnectionError("inbound connection closed")
+
+    swarm.upgrade_inbound_raw_conn = upgrade_and_release
+
+
+def _patch_observations(host: Any, stats: HostStats) -> None:
+    manager = getattr(host, "_observed_addr_manager", None)
+    if manager is None:
+        return
+    original = manager.record_observation
+
+    def record(conn: Any, observed: Any, local_addrs: Any) -> Any:
+        observer = str(getattr(conn.muxed_conn, "peer_id", "?"))
+        stats.observed.setdefault(str(observed), set()).add(observer)
+        return original(conn, observed, local_addrs)
+
+    manager.record_observation = record
+
+
+def _guard_pubsub(host: Any, pubsub: Any, router: Any, stats: HostStats, gate: StreamGate) -> None:
+    async def guarded(stream: Any) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        if not gate(peer, "/meshsub"):
+            stats.refused_streams += 1
+            await Stream(stream, "/meshsub").reset()
+            return
+        try:
+            await pubsub.stream_handler(stream)
+        except STREAM_ERRORS:
+            await Stream(stream, "/meshsub").reset()
+        except Exception:
+            stats.bad_gossip_streams += 1
+            logger.warning("dropped malformed gossip stream from %s", peer)
+            await Stream(stream, "/meshsub").reset()
+
+    for proto in router.get_protocols():
+        host.set_stream_handler(proto, guarded)
+
+
+@asynccontextmanager
+async def open_host(
+    seed: bytes,
+    listen: list[str],
+    *,
+    peer_gate: PeerGate,
+    stream_gate: StreamGate,
+    gossip: bool = True,
+) -> AsyncIterator[MeshHost]:
+    """Run a Noise+yamux libp2p host (with gossipsub) for the body of the block."""
+    stats = HostStats()
+    key_pair = create_new_key_pair(seed)
+
+    def refused(peer: str) -> None:
+        stats.refused_handshakes += 1
+        logger.warning("refused connection from non-member %s", peer)
+
+    sec_opt = {TProtocol(NOISE_PROTOCOL_ID): GatedNoise(key_pair, peer_gate, refused)}
+    muxer_opt = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
+    try:
+        listen_addrs = [multiaddr.Multiaddr(a) for a in listen]
+    except Exception as exc:
+        raise HostError(f"bad listen address in {listen!r}: {exc}") from exc
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt=sec_opt,
+        muxer_opt=muxer_opt,
+        listen_addrs=listen_addrs,
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+    )
+    _patch_inbound_release(host.get_network(), stats)
+    _patch_observations(host, stats)
+    # Pubsub registers a connection notifee whose queue only drains while its service
+    # runs: constructing it for a gossip-less host would block every dial.
+    router = GossipSub(
+        protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+        degree=6, degree_low=4, degree_high=12,
+        heartbeat_interval=GOSSIP_HEARTBEAT_S,  # type: ignore[arg-type]
+        heartbeat_initial_delay=0.1,
+        time_to_live=30, gossip_window=3, gossip_history=5,
+        adaptive_gossip_enabled=False,
+        spam_protection_enabled=False,
+        eclipse_protection_enabled=False,
+    ) if gossip else None
+    pubsub = Pubsub(host, router, max_inbound_rpc_size=MAX_GOSSIP_RPC_BYTES) if gossip else None
+    if gossip:
+        _guard_pubsub(host, pubsub, router, stats, stream_gate)
+    mesh = MeshHost(host, pubsub, stats, stream_gate)
+    try:
+        async with host.run(listen_addrs=listen_addrs):
+            if not gossip:
+                yield mesh
+                return
+            async with background_trio_service(pubsub), background_trio_service(router):
+                await pubsub.wait_until_ready()
+                yield mesh
+                # Close connections before the services stop, so no inbound gossip lands
+                # in a closed nursery (py-libp2p raises from host.run() otherwise).
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    for p in mesh.connected_peers():
+                        await mesh.disconnect(p)
+    except OSError as exc:
+        raise HostError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+    except BaseExceptionGroup as group:
+        # py-libp2p's teardown may still race with an in-flight gossip read; those
+        # RuntimeErrors carry no information, anything else propagates.
+        rest = group.split(
+            lambda e: isinstance(e, RuntimeError) and "closed" in str(e)
+        )[1]
+        if rest is None:
+            return
+        leaves = list(_leaves(rest))
+        # py-libp2p's nurseries wrap whatever the body raised; hand a lone error back as
+        # itself so callers can catch it by type.
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise rest from None
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
+
+

@@ -1,0 +1,380 @@
+"""Membership service: who may connect, enrollment of new members, revocation by gossip.
+
+The roster (pure, protocols/membership.py) decides; this service persists it, answers the
+handshake and stream gates, runs the enroll protocol for admins, gossips new certificates
+and revocations on the team's roster topic, and syncs rosters with every member it dials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from teammesh.protocols import wire
+from teammesh.protocols.errors import (
+    EnrollmentError,
+    InviteError,
+    MembershipError,
+    RemoteProtocolError,
+)
+from teammesh.protocols.identity import Identity
+from teammesh.protocols.membership import (
+    ROLE_ADMIN,
+    ROLE_MEMBER,
+    Certificate,
+    Invite,
+    Roster,
+    TeamInfo,
+    check_enroll_request,
+    enroll_request,
+    issue_certificate,
+    issue_revocation,
+    parse_certificate,
+)
+
+from .config import Home
+from .host import STREAM_ERRORS, DialError, MeshHost, Stream, open_host
+from .journal import Journal
+from .protocol_ids import ENROLL, ROSTER_SYNC, roster_topic
+
+logger = logging.getLogger("teammesh.membership")
+
+CERT_TTL_S = 365 * 24 * 3600
+INVITE_GRACE_S = 7 * 24 * 3600  # a used/expired invite is still answered ("already used")
+ENROLL_TIMEOUT_S = 10.0
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+async def read_message(stream: Stream, max_bytes: int = wire.MAX_FRAME_BYTES) -> wire.Message:
+    """Read exactly one framed message from a request/response stream."""
+    decoder = wire.FrameDecoder(max_bytes)
+    while True:
+        chunk = await stream.read()
+        if not chunk:
+            raise RemoteProtocolError("stream ended before a whole message arrived")
+        frames = decoder.feed(chunk)
+        if frames:
+            return wire.unpack(frames[0], max_bytes=max_bytes)
+
+
+def error_reply(code: str, message: str) -> bytes:
+    return wire.frame_message({"t": "error", "v": 1, "code": code, "message": message})
+
+
+class Membership:
+    def __init__(self, home: Home, journal: Journal, identity: Identity) -> None:
+        self.home = home
+        self.journal = journal
+        self.identity = identity
+        raw = journal.get("team")
+        self.team: TeamInfo | None = None
+        self.roster: Roster | None = None
+        self.cert: Certificate | None = None
+        self.root: Identity | None = None
+        self.on_revoked: list[Callable[[str], None]] = []
+        self.enroll_peers: set[str] = set()
+        # certificates and revocations to gossip on the next publish
+        self.new_certs: list[bytes] = []
+        self.pending_revocations: list[bytes] = []
+        self.changed = trio.Event()
+        if raw is not None:
+            self._load(TeamInfo.from_dict(json.loads(raw)))
+
+    def _load(self, team: TeamInfo) -> None:
+        self.team = team
+        roster = Roster(team)
+        roster.merge(self.journal.certs(), self.journal.revocations(), now_s())
+        self.roster = roster
+        own = roster.certs.get(self.identity.peer_id)
+        self.cert = own
+        if self.home.root_key_file.exists():
+            self.root = Identity(self.home.root_key_file.read_bytes())
+        self.enroll_peers = set(self.journal.live_invites(now_s(), INVITE_GRACE_S))
+
+    # --- state ------------------------------------------------------------------------
+    @property
+    def is_admin(self) -> bool:
+        return self.root is not None
+
+    def require_team(self) -> tuple[TeamInfo, Roster]:
+        if self.team is None or self.roster is None or self.cert is None:
+            raise MembershipError(
+                "this node is in no team; run `teammesh team create NAME` or"
+                " `teammesh join INVITE` first")
+        return self.team, self.roster
+
+    def is_member(self, peer_id: str) -> bool:
+        if peer_id == self.identity.peer_id:
+            return True
+        return self.roster is not None and self.roster.is_member(peer_id, now_s())
+
+    def peer_gate(self, peer_id: str) -> bool:
+        return self.is_member(peer_id) or peer_id in self.enroll_peers
+
+    def stream_gate(self, peer_id: str, protocol: str) -> bool:
+        if protocol == ENROLL:
+            return peer_id in self.enroll_peers
+        return self.is_member(peer_id)
+
+    def summary(self) -> dict[str, Any] | None:
+        if self.team is None or self.cert is None:
+            return None
+        return {
+            "id": self.team.team_id, "name": self.team.name,
+            "roles": list(self.cert.roles), "admin": self.is_admin,
+            "members": len(self.roster.members(now_s())) if self.roster else 0,
+            "cert_expires": self.cert.expires,
+        }
+
+    def members(self) -> list[dict[str, Any]]:
+        _, roster = self.require_team()
+        now = now_s()
+        out = [{"peer_id": c.peer_id, "roles": list(c.roles), "expires": c.expires,
+                "revoked": False} for c in roster.certs.values() if c.expires > now]
+        out += [{"peer_id": p, "roles": [], "expires": None, "revoked": True}
+                for p in roster.revocations]
+        return out
+
+    # --- team creation (offline, by the CLI) -------------------------------------------
+    def create_team(self, name: str) -> TeamInfo:
+        if self.team is not None:
+            raise MembershipError(
+                f"this node is already in team {self.team.name!r} ({self.team.team_id});"
+                " use another --home for another team")
+        if not name or len(name) > 64:
+            raise MembershipError("a team name is 1 to 64 characters")
+        root = Identity(secrets.token_bytes(32))
+        team = TeamInfo.create(name, root.public)
+        self.home.write_private(self.home.root_key_file, root.seed)
+        cert = issue_certificate(root, team, self.identity.peer_id, (ROLE_ADMIN, ROLE_MEMBER),
+                                 now_s(), CERT_TTL_S)
+        with self.journal.transaction():
+            self.journal.put("team", json.dumps(team.to_dict()).encode())
+            self.journal.save_cert(self.identity.peer_id, cert.packed())
+        self._load(team)
+        return team
+
+    def accept_enrollment(self, team: TeamInfo, cert_data: bytes, certs: list[bytes],
+                          revocations: list[bytes]) -> None:
+        now = now_s()
+        cert = parse_certificate(cert_data, team, now)
+        if cert.peer_id != self.identity.peer_id:
+            raise EnrollmentError("the admin issued a certificate for another peer")
+        with self.journal.transaction():
+            self.journal.put("team", json.dumps(team.to_dict()).encode())
+            self.journal.save_cert(cert.peer_id, cert_data)
+            roster = Roster(team)
+            roster.merge(certs, revocations, now)
+            for c in roster.certs.values():
+                self.journal.save_cert(c.peer_id, c.packed())
+            for r in roster.revocations.values():
+                self.journal.save_revocation(r.peer_id, r.packed())
+        self._load(team)
+
+    # --- admin actions (daemon) --------------------------------------------------------
+    def create_invite(self, addrs: list[str], ttl_s: int) -> Invite:
+        team, _ = self.require_team()
+        if self.root is None:
+            raise MembershipError("only the node that created the team can invite members")
+        if not addrs:
+            raise MembershipError(
+                "this node has no address peers can dial; start it with --listen")
+        seed = secrets.token_bytes(32)
+        now = now_s()
+        invite = Invite(team, self.identity.peer_id, tuple(addrs), seed, now + ttl_s)
+        self.journal.add_invite(invite.enroll_peer_id, now, now + ttl_s)
+        self.enroll_peers.add(invite.enroll_peer_id)
+        return invite
+
+    def revoke(self, peer_id: str) -> bytes:
+        team, _roster = self.require_team()
+        if self.root is None:
+            raise MembershipError("only the node that created the team can revoke members")
+        if peer_id == self.identity.peer_id:
+            raise MembershipError("an admin cannot revoke itself")
+        rev = issue_revocation(self.root, team, peer_id, now_s())
+        data = rev.packed()
+        self._apply(certs=[], revocations=[data])
+        self.pending_revocations.append(data)
+        self.changed.set()
+        return data
+
+    def _apply(self, certs: list[bytes], revocations: list[bytes]) -> tuple[int, list[str]]:
+        if self.roster is None:
+            return 0, []
+        before = set(self.roster.certs)
+        added, revoked = self.roster.merge(certs, revocations, now_s())
+        if added or revoked:
+            with self.journal.transaction():
+                for p, c in self.roster.certs.items():
+                    if p not in before:
+                        self.journal.save_cert(p, c.packed())
+                for p in revoked:
+                    self.journal.save_revocation(p, self.roster.revocations[p].packed())
+        for p in revoked:
+            logger.warning("member %s revoked", p)
+            for cb in self.on_revoked:
+                cb(p)
+        return added, revoked
+
+    def learn_certificate(self, data: bytes) -> bool:
+        added, _ = self._apply([data], [])
+        return added > 0
+
+    # --- services ---------------------------------------------------------------------
+    async def handle_enroll(self, stream: Stream) -> None:
+        team, roster = self.require_team()
+        enroll_peer = stream.peer_id
+        with trio.fail_after(ENROLL_TIMEOUT_S):
+            request = await read_message(stream, 4096)
+        record = self.journal.invite(enroll_peer)
+        now = now_s()
+        if self.root is None or record is None:
+            await stream.write(error_reply("unknown_invite", "this node issued no such invite"))
+            return await stream.close()
+        expires, used_by = record
+        if used_by is not None:
+            await stream.write(error_reply("invite_used", "this invite was already used;"
+                                           " ask the admin for a new one"))
+            return await stream.close()
+        if expires <= now:
+            await stream.write(error_reply("invite_expired", "this invite expired;"
+                                           " ask the admin for a new one"))
+            return await stream.close()
+        peer = check_enroll_request(wire.pack(request), enroll_peer, team.team_id)
+        if not self.journal.use_invite(enroll_peer, peer):
+            await stream.write(error_reply("invite_used", "this invite was already used"))
+            return await stream.close()
+        cert = issue_certificate(self.root, team, peer, (ROLE_MEMBER,), now, CERT_TTL_S)
+        self._apply([cert.packed()], [])
+        certs, revocations = roster.export()
+        await stream.write(wire.frame_message({
+            "t": "enrolled", "v": 1, "cert": cert.packed(), "team": team.to_dict(),
+            "certs": certs, "revocations": revocations,
+        }))
+        await stream.close()
+        logger.info("enrolled new member %s", peer)
+        self.new_certs.append(cert.packed())
+        self.changed.set()
+
+    async def handle_roster_sync(self, stream: Stream) -> None:
+        with trio.fail_after(ENROLL_TIMEOUT_S):
+            request = await read_message(stream, wire.MAX_FRAME_BYTES)
+        self._merge_wire(request)
+        await stream.write(self._roster_message())
+        await stream.close()
+
+    def _roster_message(self) -> bytes:
+        certs, revocations = self.roster.export() if self.roster else ([], [])
+        return wire.frame_message({"t": "roster", "v": 1, "certs": certs,
+                                   "revocations": revocations})
+
+    def _merge_wire(self, m: wire.Message) -> tuple[int, list[str]]:
+        if m["t"] != "roster":
+            raise RemoteProtocolError("expected a roster message")
+        certs = [c for c in wire.field_list(m, "certs") if isinstance(c, bytes)]
+        revs = [r for r in wire.field_list(m, "revocations") if isinstance(r, bytes)]
+        return self._apply(certs, revs)
+
+    async def sync_with(self, host: MeshHost, peer_id: str) -> None:
+        """Exchange rosters with a member we just connected to."""
+        try:
+            stream = await host.open_stream(peer_id, ROSTER_SYNC)
+            await stream.write(self._roster_message())
+            with trio.fail_after(ENROLL_TIMEOUT_S):
+                reply = await read_message(stream)
+            await stream.close()
+            self._merge_wire(reply)
+        except (DialError, RemoteProtocolError, trio.TooSlowError, *STREAM_ERRORS) as exc:
+            logger.debug("roster sync with %s failed: %s", peer_id, exc)
+
+    def gossip_validator(self, origin: str, forwarder: str, data: bytes) -> bool:
+        if not (self.is_member(forwarder) and self.is_member(origin)):
+            return False
+        try:
+            m = wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES)
+            return m["t"] == "roster"
+        except RemoteProtocolError:
+            return False
+
+    async def run(self, host: MeshHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve enroll and roster-sync; gossip and apply roster changes."""
+        team, _ = self.require_team()
+        host.set_handler(ENROLL, self.handle_enroll)
+        host.set_handler(ROSTER_SYNC, self.handle_roster_sync)
+        topic = roster_topic(team.team_id)
+        host.set_validator(topic, self.gossip_validator)
+        self.on_revoked.append(host.blacklist)
+        async with host.subscribe(topic) as messages, trio.open_nursery() as nursery:
+            nursery.start_soon(self._publish_loop, host, topic)
+            task_status.started()
+            async for _origin, data in messages:
+                try:
+                    self._merge_wire(wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES))
+                except RemoteProtocolError as exc:
+                    logger.warning("bad roster gossip: %s", exc)
+
+    async def _publish_loop(self, host: MeshHost, topic: str) -> None:
+        while True:
+            await self.changed.wait()
+            self.changed = trio.Event()
+            certs, self.new_certs = self.new_certs, []
+            revs = list(self.pending_revocations)
+            self.pending_revocations.clear()
+            msg = wire.pack({"t": "roster", "v": 1, "certs": certs, "revocations": revs})
+            try:
+                await host.publish(topic, msg)
+            except STREAM_ERRORS:
+                logger.debug("roster publish failed", exc_info=True)
+
+
+
+async def join(home: Home, journal: Journal, identity: Identity, invite_text: str,
+               progress: Callable[[str], None] = lambda s: None) -> TeamInfo:
+    """Enroll with the inviting admin over a temporary host using the invite's one-time key."""
+    invite = Invite.decode(invite_text)
+    membership = Membership(home, journal, identity)
+    if membership.team is not None:
+        raise MembershipError(
+            f"this node is already in team {membership.team.name!r}; use another --home")
+    if invite.expires <= now_s():
+        raise InviteError("this invite has expired; ask the admin for a new one")
+    admin = invite.admin
+    last_error = "no address in the invite"
+    async with open_host(invite.key_seed, ["/ip4/127.0.0.1/tcp/0"],
+                         peer_gate=lambda p: p == admin,
+                         stream_gate=lambda p, proto: False, gossip=False) as host:
+        for addr in invite.addrs:
+            progress(f"dialing {addr}")
+            try:
+                with trio.fail_after(ENROLL_TIMEOUT_S):
+                    await host.connect(addr)
+                    stream = await host.open_stream(admin, ENROLL)
+                    await stream.write(wire.frame(
+                        enroll_request(identity, host.peer_id, invite.team.team_id)))
+                    reply = await read_message(stream)
+                    await stream.close()
+            except (DialError, trio.TooSlowError, RemoteProtocolError, *STREAM_ERRORS) as exc:
+                last_error = str(exc) or type(exc).__name__
+                continue
+            if reply["t"] == "error":
+                raise InviteError(str(reply.get("message", "the admin refused the invite")))
+            if reply["t"] != "enrolled":
+                raise EnrollmentError("the admin sent an unexpected reply")
+            membership.accept_enrollment(
+                invite.team, wire.field_bytes(reply, "cert"),
+                [c for c in wire.field_list(reply, "certs") if isinstance(c, bytes)],
+                [r for r in wire.field_list(reply, "revocations") if isinstance(r, bytes)])
+            journal.put("bootstrap", json.dumps(list(invite.addrs)).encode())
+            return invite.team
+    raise EnrollmentError(
+        f"no admin reachable at {', '.join(invite.addrs)} ({last_error}); is the inviting"
+        " node running (`teammesh up`)?")

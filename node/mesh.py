@@ -1,0 +1,287 @@
+"""Mesh service: capability ads on gossip, the live-peer table, and keeping connected.
+
+- Publishes this node's signed ad at start, whenever local capacity changes (coalesced),
+  and every ``gossip.ad_interval_s``; peers drop it ``ad_ttl_s`` after they last heard it.
+- Validates every ad before gossipsub forwards it: the origin must be a member (or show a
+  valid certificate in the ad) and must have signed it. Non-members' ads go nowhere.
+- Dials bootstrap addresses and the addresses in members' ads, with exponential backoff
+  and jitter per target, and exchanges rosters with each member it connects to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import trio
+from teammesh.protocols.capability import CapabilityAd, PeerTable, open_ad
+from teammesh.protocols.errors import RemoteProtocolError
+from teammesh.protocols.identity import Identity
+
+import teammesh
+
+from .host import STREAM_ERRORS, DialError, MeshHost
+from .membership import Membership
+from .protocol_ids import caps_topic
+
+logger = logging.getLogger("teammesh.mesh")
+
+DIAL_BACKOFF_MIN_S = 0.25
+DIAL_BACKOFF_MAX_S = 30.0
+DIAL_TIMEOUT_S = 5.0
+CHANGE_COALESCE_S = 0.05
+
+
+@dataclass(slots=True)
+class Capacity:
+    """What this node offers; the executor updates it and sets ``changed``."""
+
+    slots: int
+    busy: int = 0
+    queue: int = 0
+    kinds: dict[str, str] = field(default_factory=dict)
+    cost: float = 1.0
+    storage: tuple[str, ...] = ("local",)
+    pull: bool = False
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.slots - self.busy)
+
+    def notify(self) -> None:
+        self.changed.set()
+
+
+@dataclass(slots=True)
+class _Target:
+    addrs: list[str]
+    delay: float = DIAL_BACKOFF_MIN_S
+    next_at: float = 0.0
+    dialing: bool = False
+    failures: int = 0
+    last_error: str = ""
+
+
+def dialable_addrs(listen_addrs: list[str], peer_id: str) -> list[str]:
+    """Expand wildcard listen addresses into the host's concrete ones, with /p2p/."""
+    out: list[str] = []
+    for a in listen_addrs:
+        parts = a.split("/")
+        if len(parts) > 2 and parts[1] == "ip4" and parts[2] == "0.0.0.0":
+            for ifaddrs in psutil.net_if_addrs().values():
+                for ia in ifaddrs:
+                    if ia.family.name == "AF_INET":
+                        out.append("/".join([*parts[:2], ia.address, *parts[3:]]))
+        else:
+            out.append(a)
+    # loopback last: peers on other machines should try the routable ones first
+    out.sort(key=lambda s: s.startswith("/ip4/127."))
+    return [f"{a}/p2p/{peer_id}" for a in out]
+
+
+def _peer_of(addr: str) -> str | None:
+    return addr.rsplit("/p2p/", 1)[1] if "/p2p/" in addr else None
+
+
+class Mesh:
+    def __init__(self, identity: Identity, membership: Membership, capacity: Capacity,
+                 *, interval_s: float, ttl_s: float, bootstrap: list[str], max_peers: int,
+                 memory_bytes: int | None = None) -> None:
+        self.identity = identity
+        self.membership = membership
+        self.capacity = capacity
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self.max_peers = max_peers
+        self.table = PeerTable()
+        self.seq = int(time.time() * 1000)
+        self.cores = os.cpu_count() or 1
+        self.memory_bytes = memory_bytes or psutil.virtual_memory().total
+        self.targets: dict[str, _Target] = {}
+        self.bootstrap = bootstrap
+        for addr in bootstrap:
+            peer = _peer_of(addr)
+            if peer and peer != identity.peer_id:
+                self.targets.setdefault(peer, _Target([])).addrs.append(addr)
+        self._verified: OrderedDict[bytes, CapabilityAd] = OrderedDict()
+        self.ads_received = 0
+        self.ads_rejected = 0
+        self.ads_published = 0
+        self.peers_changed = trio.Event()
+        self._wake_dialer = trio.Event()
+        self.host: MeshHost | None = None
+
+    # --- ads --------------------------------------------------------------------------
+    def own_ad(self, host: MeshHost) -> CapabilityAd:
+        team, _ = self.membership.require_team()
+        assert self.membership.cert is not None
+        self.seq += 1
+        c = self.capacity
+        return CapabilityAd(
+            peer_id=self.identity.peer_id, team_id=team.team_id,
+            addrs=tuple(dialable_addrs(host.listen_addrs, host.peer_id)) if not c.pull else (),
+            cores=self.cores, slots=c.slots, free_slots=c.free_slots,
+            memory_bytes=self.memory_bytes, gpus=(), kinds=dict(c.kinds), queue=c.queue,
+            cost=c.cost, storage=c.storage, software=teammesh.__version__, seq=self.seq,
+            ttl_ms=int(self.ttl_s * 1000), cert=self.membership.cert.packed(), pull=c.pull,
+        )
+
+    def _verify(self, data: bytes) -> CapabilityAd:
+        ad = self._verified.get(data)
+        if ad is None:
+            ad = open_ad(data)
+            self._verified[data] = ad
+            if len(self._verified) > 512:
+                self._verified.popitem(last=False)
+        return ad
+
+    def validate(self, origin: str, forwarder: str, data: bytes) -> bool:
+        if not self.membership.is_member(forwarder):
+            self.ads_rejected += 1
+            return False
+        try:
+            ad = self._verify(data)
+        except RemoteProtocolError as exc:
+            self.ads_rejected += 1
+            logger.warning("rejected capability ad from %s: %s", origin, exc)
+            return False
+        team = self.membership.team
+        if ad.peer_id != origin or team is None or ad.team_id != team.team_id:
+            self.ads_rejected += 1
+            return False
+        if not self.membership.is_member(origin):
+            # An ad carries its author's certificate: a member we have not heard of yet.
+            try:
+                self.membership.learn_certificate(ad.cert)
+            except RemoteProtocolError:
+                pass
+            if not self.membership.is_member(origin):
+                self.ads_rejected += 1
+                logger.warning("rejected capability ad from non-member %s", origin)
+                return False
+        return True
+
+    def on_ad(self, origin: str, data: bytes) -> None:
+        if origin == self.identity.peer_id:
+            return
+        try:
+            ad = self._verify(data)
+        except RemoteProtocolError:
+            return
+        self.ads_received += 1
+        if not self.membership.is_member(ad.peer_id):
+            return
+        if self.table.update(ad, trio.current_time()):
+            self.peers_changed.set()
+            self.peers_changed = trio.Event()
+        if ad.addrs and ad.peer_id not in self.targets:
+            self.targets[ad.peer_id] = _Target(list(ad.addrs))
+            self._wake_dialer.set()
+        elif ad.addrs:
+            self.targets[ad.peer_id].addrs = list(ad.addrs)
+
+    def forget(self, peer_id: str) -> None:
+        self.table.remove(peer_id)
+        self.targets.pop(peer_id, None)
+
+    def live_peers(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        return [e.to_json(now) for e in self.table.live(now)]
+
+    # --- service ----------------------------------------------------------------------
+    async def run(self, host: MeshHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        team, _ = self.membership.require_team()
+        self.host = host
+        topic = caps_topic(team.team_id)
+        host.set_validator(topic, self.validate)
+        self.membership.on_revoked.append(self.forget)
+        async with host.subscribe(topic) as messages, trio.open_nursery() as nursery:
+            nursery.start_soon(self._publish_loop, host, topic)
+            nursery.start_soon(self._expire_loop)
+            nursery.start_soon(self._dial_loop, host, nursery)
+            task_status.started()
+            async for origin, data in messages:
+                self.on_ad(origin, data)
+
+    async def publish_now(self, host: MeshHost, topic: str) -> None:
+        try:
+            await host.publish(topic, self.own_ad(host).sealed(self.identity))
+            self.ads_published += 1
+        except STREAM_ERRORS:
+            logger.debug("ad publish failed", exc_info=True)
+
+    async def _publish_loop(self, host: MeshHost, topic: str) -> None:
+        while True:
+            await self.publish_now(host, topic)
+            with trio.move_on_after(self.interval_s):
+                await self.capacity.changed.wait()
+                # Coalesce a burst of changes (a batch of tasks starting) into one ad.
+                await trio.sleep(CHANGE_COALESCE_S)
+            self.capacity.changed = trio.Event()
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(0.5)
+            if self.table.expire(trio.current_time()):
+                self.peers_changed.set()
+                self.peers_changed = trio.Event()
+
+    async def _dial_loop(self, host: MeshHost, nursery: trio.Nursery) -> None:
+        while True:
+            now = trio.current_time()
+            connected = set(host.connected_peers())
+            budget = self.max_peers - len(connected)
+            for peer, target in list(self.targets.items()):
+                if peer in connected or target.dialing or target.next_at > now:
+                    continue
+                if budget <= 0 and peer not in self._bootstrap_peers():
+                    continue
+                if not self.membership.is_member(peer) and peer not in self._bootstrap_peers():
+                    continue
+                target.dialing = True
+                budget -= 1
+                nursery.start_soon(self._dial, host, peer, target)
+            with trio.move_on_after(0.5):
+                await self._wake_dialer.wait()
+            self._wake_dialer = trio.Event()
+
+    def _bootstrap_peers(self) -> set[str]:
+        return {p for p in (_peer_of(a) for a in self.bootstrap) if p}
+
+    async def _dial(self, host: MeshHost, peer: str, target: _Target) -> None:
+        try:
+            for addr in target.addrs:
+                try:
+                    with trio.fail_after(DIAL_TIMEOUT_S):
+                        await host.connect(addr)
+                except (DialError, trio.TooSlowError) as exc:
+                    target.last_error = str(exc)
+                    continue
+                target.delay = DIAL_BACKOFF_MIN_S
+                target.failures = 0
+                await self.membership.sync_with(host, peer)
+                return
+            target.failures += 1
+            target.next_at = trio.current_time() + target.delay * random.uniform(0.8, 1.2)
+            target.delay = min(DIAL_BACKOFF_MAX_S, target.delay * 2)
+            if target.failures == 1 or target.failures % 10 == 0:
+                logger.info("cannot reach %s (%d tries): %s", peer, target.failures,
+                            target.last_error[:200])
+        finally:
+            target.dialing = False
+
+
+def is_loopback(addr: str) -> bool:
+    parts = addr.split("/")
+    try:
+        return len(parts) > 2 and ipaddress.ip_address(parts[2]).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,19 @@
+"""Every libp2p protocol id and gossip topic teammesh uses (specified in docs/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+ENROLL = "/teammesh/enroll/1.0.0"
+ROSTER_SYNC = "/teammesh/roster/1.0.0"
+TASKS = "/teammesh/tasks/1.0.0"
+
+
+def caps_topic(team_id: str) -> str:
+    return f"/teammesh/{team_id}/caps/1"
+
+
+def roster_topic(team_id: str) -> str:
+    return f"/teammesh/{team_id}/roster/1"
+
+
+def tasks_topic(team_id: str) -> str:
+    return f"/teammesh/{team_id}/tasks/1"
