@@ -53,6 +53,10 @@ class Node:
         slots = options.slots if options.slots is not None else config.get("node", "slots")
         self.capacity = Capacity(slots=slots, cost=config.get("node", "cost"),
                                  pull=options.pull)
+        from .kinds import load_kinds
+
+        self.kinds = load_kinds(config.get("executor", "allow"))
+        self.capacity.kinds = {k.name: k.version for k in self.kinds.values()}
         saved = self.journal.get("bootstrap")
         bootstrap = list(options.bootstrap) + list(config.get("node", "bootstrap"))
         if saved:
