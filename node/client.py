@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,24 @@ class Client:
 
     def task(self, task_id: str, wait: float | None = None) -> dict[str, Any]:
         params = {"wait": wait} if wait is not None else None
-        return dict(self.request("GET", f"/v1/tasks/{task_id}", params=params))
+        timeout = None if wait is None else wait + 30
+        return dict(self.request("GET", f"/v1/tasks/{task_id}", params=params,
+                                 timeout=timeout))
+
+    def stream_batch(self, tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Submit a batch; yield each task's JSON as it finishes (completion order)."""
+        try:
+            with self._http.stream("POST", "/v1/tasks/batch",
+                                   json={"tasks": tasks, "stream": True},
+                                   timeout=httpx.Timeout(30, read=None)) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _raise_for(resp)
+                for line in resp.iter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise NodeNotRunning(f"lost the node at {self.url}: {exc}") from exc
 
     def tasks(self, **filters: Any) -> list[dict[str, Any]]:
         return list(self.request("GET", "/v1/tasks", params=filters))

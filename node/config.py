@@ -145,6 +145,11 @@ def _is_weights(v: Any) -> bool:
         isinstance(x, (int, float)) and x >= 0 for x in v.values())
 
 
+def _is_kind_limits(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(n, int) and n >= 1 for k, n in v.items())
+
+
 _CORES = os.cpu_count() or 1
 
 SCHEMA: dict[str, dict[str, tuple[Any, Check, str]]] = {
@@ -174,6 +179,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Check, str]]] = {
         "offer_window_s": (0.5, _is_num(0), "a number of seconds >= 0"),
         "max_attempts": (5, _is_int(1, 100), "an integer from 1 to 100"),
         "cache": (True, _is_bool, "true or false"),
+        "kind_limits": ({}, _is_kind_limits,
+                        'a table of kind = max running, e.g. {"np.matmul" = 2}'),
     },
     "bridge": {
         "url": ("", _is_str, 'the Worker URL, e.g. "https://teammesh.example.workers.dev"'),

@@ -150,13 +150,10 @@ class Node:
 async def run_daemon(home: Home, config: Config, options: UpOptions,
                      ready: Any = None) -> None:
     """Run until SIGINT/SIGTERM; a signal ends the node cleanly (exit status 0)."""
+    from .tasks import TaskService
+
     node = Node(home, config, options)
-    try:
-        from .tasks import TaskService
-    except ImportError:
-        TaskService = None
-    if TaskService is not None:
-        node.tasks = TaskService(node)
+    node.tasks = TaskService(node)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             watch_scope = trio.CancelScope()

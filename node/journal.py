@@ -33,6 +33,7 @@ class Journal:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self.db.executescript(TASK_SCHEMA)
 
     def close(self) -> None:
         self.db.close()
@@ -91,3 +92,21 @@ class Journal:
     def live_invites(self, now: int, grace_s: int) -> list[str]:
         return [r[0] for r in self.db.execute(
             "SELECT enroll_peer FROM invites WHERE expires > ?", (now - grace_s,))]
+
+
+TASK_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, version TEXT NOT NULL, input BLOB NOT NULL,
+    params TEXT NOT NULL, options TEXT NOT NULL, state TEXT NOT NULL, executed_by TEXT,
+    output BLOB, error TEXT, attempts TEXT NOT NULL, submitted REAL NOT NULL,
+    started REAL, finished REAL
+);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
+CREATE TABLE IF NOT EXISTS exec (
+    id TEXT PRIMARY KEY, submitter TEXT NOT NULL, state TEXT NOT NULL, result BLOB,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cache (
+    key TEXT PRIMARY KEY, output BLOB NOT NULL, executed_by TEXT, created REAL NOT NULL
+);
+"""

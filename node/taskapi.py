@@ -1,0 +1,144 @@
+"""Control API routes for tasks: submit, batch (optionally streamed), show, wait, cancel,
+list, server-sent progress events, and kinds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+from teammesh.protocols.errors import TaskError
+
+from .api import json_body
+
+if TYPE_CHECKING:
+    from .tasks import TaskRecord, TaskService
+
+MAX_WAIT_S = 3600.0
+MAX_BATCH_TASKS = 100_000
+
+
+def _as_json(r: TaskRecord | dict[str, Any]) -> dict[str, Any]:
+    return r if isinstance(r, dict) else r.to_json()
+
+
+def _wait_arg(request: Request, default: float | None = None) -> float | None:
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return default
+    try:
+        return min(MAX_WAIT_S, max(0.0, float(raw)))
+    except ValueError as exc:
+        raise TaskError("wait must be a number of seconds") from exc
+
+
+def task_routes(svc: TaskService, endpoint: Any) -> list[Route]:
+    async def submit(request: Request) -> Any:
+        body = await json_body(request)
+        (record,) = svc.submit_many([body])
+        wait = body.get("wait")
+        if wait:
+            limit = float(wait) if not isinstance(wait, bool) else MAX_WAIT_S
+            with trio.move_on_after(min(limit, MAX_WAIT_S)):
+                await svc.wait(record.id)
+        return record.to_json()
+
+    async def batch(request: Request) -> Any:
+        body = await json_body(request)
+        bodies = body.get("tasks")
+        if not isinstance(bodies, list) or not all(isinstance(b, dict) for b in bodies):
+            raise TaskError("'tasks' must be a list of task objects")
+        if len(bodies) > MAX_BATCH_TASKS:
+            raise TaskError(f"at most {MAX_BATCH_TASKS} tasks per batch")
+        if body.get("stream"):
+            send, receive = trio.open_memory_channel[str](max(1, len(bodies)))
+            records = svc.submit_many(bodies)
+            for r in records:
+                svc.watch(r, send)
+            return StreamingResponse(_stream(records, receive, svc),
+                                     media_type="application/x-ndjson")
+        records = svc.submit_many(bodies)
+        if body.get("wait"):
+            with trio.move_on_after(MAX_WAIT_S):
+                for r in records:
+                    await svc.wait(r.id)
+            return [r.to_json() for r in records]
+        return [{"id": r.id, "state": r.state, "tag": r.tag} for r in records]
+
+    async def show(request: Request) -> Any:
+        task_id = request.path_params["id"]
+        wait = _wait_arg(request)
+        r = svc.get(task_id)
+        if wait:
+            with trio.move_on_after(wait):
+                r = await svc.wait(task_id)
+        if r is None:
+            raise TaskError(f"no task {task_id}")
+        return _as_json(r)
+
+    async def cancel(request: Request) -> Any:
+        return svc.cancel(request.path_params["id"]).to_json()
+
+    async def listing(request: Request) -> Any:
+        state = request.query_params.get("state")
+        try:
+            limit = int(request.query_params.get("limit", "1000"))
+        except ValueError as exc:
+            raise TaskError("limit must be an integer") from exc
+        return svc.list_tasks(state, max(1, min(limit, 100_000)))
+
+    async def events(request: Request) -> Any:
+        task_id = request.path_params["id"]
+        r = svc.records.get(task_id)
+        if r is None:
+            raise TaskError(f"no active task {task_id}")
+
+        async def gen() -> AsyncIterator[str]:
+            last = None
+            while True:
+                snapshot = r.to_json()
+                key = (snapshot["state"], snapshot["waiting_reason"], len(snapshot["attempts"]))
+                if key != last:
+                    last = key
+                    yield f"event: task\ndata: {json.dumps(snapshot)}\n\n"
+                if r.state in ("done", "failed", "cancelled"):
+                    return
+                with trio.move_on_after(15):
+                    await r.changed.wait()
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    async def kinds(request: Request) -> Any:
+        return svc.kinds_json()
+
+    return [
+        Route("/v1/tasks", endpoint(submit), methods=["POST"]),
+        Route("/v1/tasks", endpoint(listing), methods=["GET"]),
+        Route("/v1/tasks/batch", endpoint(batch), methods=["POST"]),
+        Route("/v1/tasks/{id}", endpoint(show), methods=["GET"]),
+        Route("/v1/tasks/{id}/cancel", endpoint(cancel), methods=["POST"]),
+        Route("/v1/tasks/{id}/events", endpoint(events), methods=["GET"]),
+        Route("/v1/kinds", endpoint(kinds), methods=["GET"]),
+    ]
+
+
+async def _stream(records: list[TaskRecord], receive: trio.MemoryReceiveChannel[str],
+                  svc: TaskService) -> AsyncIterator[str]:
+    """One JSON line per task, in completion order, then the stream ends."""
+    remaining = {r.id for r in records}
+    for r in records:
+        if r.state in ("done", "failed", "cancelled"):
+            remaining.discard(r.id)
+            svc.unwatch(r)
+            yield json.dumps(r.to_json()) + "\n"
+    async with receive:
+        while remaining:
+            task_id = await receive.receive()
+            if task_id in remaining:
+                remaining.discard(task_id)
+                r = svc.records[task_id]
+                yield json.dumps(r.to_json()) + "\n"

@@ -1,0 +1,814 @@
+"""Task service, submitter side: accept, journal, route, retry, verify, finish.
+
+A submitted task is journaled before the API answers. The dispatcher then places it:
+local executor if this node runs the kind and has a free slot, else the best-scoring live
+peer with room (compatibility, latency, cost, health; weights from config), else it waits
+with a ``waiting_reason``. One long-lived stream per executor peer carries batches of
+assigns one way and signed result batches the other (see protocols/tasks.py), so the cost
+of a stream, a signature and a journal transaction is paid per batch, not per task.
+
+Retries: an attempt lost with its peer (stream reset, peer killed, refused) is retried
+elsewhere with exponential backoff and jitter, behind a per-peer circuit breaker. An
+attempt the executor *ran* and reported failed (bad input, limits) is final. The first
+verified result wins; any later one for the same id is ignored, so the client sees each
+task finish exactly once, even across kill -9 of either side (the journal replays
+unfinished tasks at start and executors return stored results for ids they already ran).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import json
+import logging
+import random
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from teammesh.protocols import tasks as tp
+from teammesh.protocols import wire
+from teammesh.protocols.errors import (
+    RemoteProtocolError,
+    ResultRejected,
+    TaskError,
+)
+from teammesh.protocols.tasks import TaskResult, TaskSpec
+
+from .executor import Executor, Job
+from .host import STREAM_ERRORS, DialError, MeshHost, Stream
+from .protocol_ids import TASKS
+from .taskserver import TaskServer
+
+if TYPE_CHECKING:
+    from .daemon import Node
+
+logger = logging.getLogger("teammesh.tasks")
+
+TERMINAL = frozenset({"done", "failed", "cancelled"})
+WHERE = ("any", "local", "peers", "bridge")
+MAX_INPUT = tp.MAX_INLINE_INPUT
+STARTUP_GRACE_S = 3.0  # before "nobody runs kind X" is final, let the first ads arrive
+RETRY_BASE_S = 0.1
+RETRY_MAX_S = 5.0
+BREAKER_THRESHOLD = 3
+BREAKER_BASE_S = 2.0
+TARGET_QUEUED_MS = 20.0  # pipeline about this much work per peer slot beyond the running one
+MAX_PIPELINE = 64
+DEFAULT_KIND_MS = 10.0
+MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
+
+
+def new_task_id() -> str:
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
+
+
+def json_safe(value: Any) -> Any:
+    """Task outputs may hold bytes; JSON shows them as {"$base64": ...}."""
+    if isinstance(value, bytes):
+        import base64
+
+        return {"$base64": base64.b64encode(value).decode()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(slots=True)
+class Attempt:
+    peer: str
+    started: float
+    ended: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"peer": self.peer, "started": self.started, "ended": self.ended,
+                "error": self.error}
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    id: str
+    kind: str
+    version: str
+    input: bytes
+    params: dict[str, Any]
+    priority: int = 0
+    where: str = "any"
+    replicas: int = 1
+    timeout_s: float | None = None
+    no_cache: bool = False
+    tag: Any = None
+    state: str = "queued"
+    executed_by: str | None = None
+    output: Any = None
+    error: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    submitted: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+    waiting_reason: str | None = None
+    cached: bool = False
+    # runtime only
+    inflight: dict[str, Attempt] = field(default_factory=dict)
+    replica_results: dict[str, TaskResult] = field(default_factory=dict)
+    excluded: set[str] = field(default_factory=set)
+    retries: int = 0
+    not_before: float = 0.0
+    deadline: float | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+    order: int = 0
+    runtime: dict[str, float] = field(default_factory=dict)
+
+    def __lt__(self, other: TaskRecord) -> bool:
+        return (-self.priority, self.order) < (-other.priority, other.order)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"priority": self.priority, "where": self.where, "replicas": self.replicas,
+                "timeout_s": self.timeout_s, "no_cache": self.no_cache, "tag": self.tag,
+                "cached": self.cached}
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "version": self.version, "state": self.state,
+            "executed_by": self.executed_by, "output": json_safe(self.output),
+            "error": self.error, "waiting_reason": self.waiting_reason,
+            "attempts": [a.to_json() for a in self.attempts], "priority": self.priority,
+            "where": self.where, "replicas": self.replicas, "tag": self.tag,
+            "cached": self.cached,
+            "timings": {"submitted": self.submitted, "started": self.started,
+                        "finished": self.finished, **self.runtime},
+        }
+
+
+@dataclass(slots=True)
+class Breaker:
+    failures: int = 0
+    open_until: float = 0.0
+
+    def allows(self, now: float) -> bool:
+        return now >= self.open_until
+
+    def success(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.failures >= BREAKER_THRESHOLD:
+            self.open_until = now + min(60.0, BREAKER_BASE_S * 2 ** (self.failures - BREAKER_THRESHOLD))
+
+
+@dataclass(slots=True)
+class PeerLink:
+    """The submitter's stream to one executor peer."""
+
+    peer: str
+    outgoing: list[TaskSpec] = field(default_factory=list)
+    control: list[bytes] = field(default_factory=list)
+    wake: trio.Event = field(default_factory=trio.Event)
+    inflight: dict[str, TaskRecord] = field(default_factory=dict)
+    sent_at: dict[str, float] = field(default_factory=dict)
+    alive: bool = True
+    rtt_ms: float = 5.0
+    successes: int = 0
+    failures: int = 0
+
+    def send(self, spec: TaskSpec, record: TaskRecord) -> None:
+        self.outgoing.append(spec)
+        self.inflight[spec.id] = record
+        self.wake.set()
+
+    def send_control(self, frame: bytes) -> None:
+        self.control.append(frame)
+        self.wake.set()
+
+    @property
+    def health(self) -> float:
+        return (self.successes + 1) / (self.successes + self.failures + 1)
+
+
+class TaskService:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        cfg = node.config
+        self.identity = node.identity
+        self.journal = node.journal
+        self.kinds = node.kinds
+        self.executor = Executor(node.capacity, allow=list(cfg.get("executor", "allow")),
+                                 memory_mb=cfg.get("executor", "memory_mb"),
+                                 cpu_s=cfg.get("executor", "cpu_s"),
+                                 timeout_s=cfg.get("executor", "timeout_s"))
+        self.server = TaskServer(self)
+        self.weights = dict(cfg.get("scheduler", "weights"))
+        self.max_attempts = int(cfg.get("scheduler", "max_attempts"))
+        self.cache_enabled = bool(cfg.get("scheduler", "cache"))
+        self.kind_limits: dict[str, int] = dict(cfg.get("scheduler", "kind_limits"))
+        self.default_timeout_s = float(cfg.get("executor", "timeout_s"))
+        self.records: OrderedDict[str, TaskRecord] = OrderedDict()
+        self.queue: list[TaskRecord] = []
+        self._order = itertools.count()
+        self.links: dict[str, PeerLink] = {}
+        self.breakers: dict[str, Breaker] = {}
+        self.kind_ms: dict[str, float] = {}
+        self.running_by_kind: dict[str, int] = {}
+        self._wake = trio.Event()
+        self._started_at = 0.0
+        self.host: MeshHost | None = None
+        self.watchers: dict[str, trio.MemorySendChannel[str]] = {}
+        self.counters = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
+                         "retries": 0, "rejected_results": 0, "cache_hits": 0}
+
+    # --- submission ---------------------------------------------------------------------
+    def _spec_from_request(self, body: dict[str, Any]) -> TaskRecord:
+        import base64
+
+        kind = body.get("kind")
+        if not isinstance(kind, str) or not kind:
+            raise TaskError("'kind' (string) is required")
+        raw = body.get("input_b64")
+        data = b""
+        if raw is not None:
+            if not isinstance(raw, str):
+                raise TaskError("'input_b64' must be a base64 string")
+            try:
+                data = base64.b64decode(raw, validate=True)
+            except ValueError as exc:
+                raise TaskError("'input_b64' is not valid base64") from exc
+        if len(data) > MAX_INPUT:
+            raise TaskError(f"input is {len(data)} bytes; inline inputs are limited to"
+                            f" {MAX_INPUT} bytes (share larger files by CID)")
+        params = body.get("params") or {}
+        if not isinstance(params, dict):
+            raise TaskError("'params' must be an object")
+        where = body.get("where", "any")
+        if where not in WHERE:
+            raise TaskError(f"'where' must be one of {', '.join(WHERE)}")
+        replicas = body.get("replicas", 1)
+        priority = body.get("priority", 0)
+        timeout = body.get("timeout_s")
+        if not isinstance(replicas, int) or not 1 <= replicas <= 16:
+            raise TaskError("'replicas' must be an integer from 1 to 16")
+        if not isinstance(priority, int):
+            raise TaskError("'priority' must be an integer")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise TaskError("'timeout_s' must be a positive number")
+        version = body.get("version") or self._known_version(kind) or "1"
+        return TaskRecord(
+            id=new_task_id(), kind=kind, version=str(version), input=data, params=params,
+            priority=priority, where=where, replicas=replicas,
+            timeout_s=float(timeout) if timeout else None,
+            no_cache=bool(body.get("no_cache", False)), tag=body.get("tag"),
+            submitted=time.time())
+
+    def _known_version(self, kind: str) -> str | None:
+        k = self.kinds.get(kind)
+        if k is not None:
+            return k.version
+        for e in self.node.mesh.table.live(trio.current_time()):
+            if kind in e.ad.kinds:
+                return e.ad.kinds[kind]
+        return None
+
+    def submit_many(self, bodies: list[dict[str, Any]]) -> list[TaskRecord]:
+        """Validate all, journal all in one transaction, then queue: all or nothing."""
+        records = [self._spec_from_request(b) for b in bodies]
+        now = trio.current_time()
+        hits: list[TaskRecord] = []
+        with self.journal.transaction() as db:
+            for r in records:
+                if self.cache_enabled and not r.no_cache and r.replicas == 1:
+                    row = db.execute("SELECT output, executed_by FROM cache WHERE key=?",
+                                     (self._cache_key(r),)).fetchone()
+                    if row is not None:
+                        out = wire.unpack(bytes(row[0]))
+                        r.state, r.output, r.executed_by = "done", out["output"], row[1]
+                        r.cached, r.started, r.finished = True, r.submitted, r.submitted
+                        hits.append(r)
+                db.execute(
+                    "INSERT INTO tasks(id, kind, version, input, params, options, state,"
+                    " executed_by, output, attempts, submitted, started, finished)"
+                    " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (r.id, r.kind, r.version, r.input, json.dumps(r.params),
+                     json.dumps(r.options), r.state, r.executed_by,
+                     wire.pack({"output": r.output}) if r.state == "done" else None, "[]",
+                     r.submitted, r.started, r.finished))
+        self.counters["submitted"] += len(records)
+        self.counters["cache_hits"] += len(hits)
+        for r in records:
+            self._remember(r)
+            if r.state == "queued":
+                if r.timeout_s:
+                    r.deadline = now + r.timeout_s
+                self._enqueue(r)
+        self._wake.set()
+        return records
+
+    def _cache_key(self, r: TaskRecord) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([r.kind, r.version, r.params], sort_keys=True,
+                            separators=(",", ":")).encode())
+        h.update(b"\0")
+        h.update(r.input)
+        return h.hexdigest()
+
+    def _remember(self, r: TaskRecord) -> None:
+        self.records[r.id] = r
+        while len(self.records) > MEMORY_KEEP:
+            oldest_id, oldest = next(iter(self.records.items()))
+            if oldest.state not in TERMINAL:
+                break
+            del self.records[oldest_id]
+
+    def _enqueue(self, r: TaskRecord) -> None:
+        r.order = next(self._order)
+        heapq.heappush(self.queue, r)
+
+    def get(self, task_id: str) -> TaskRecord | dict[str, Any] | None:
+        r = self.records.get(task_id)
+        if r is not None:
+            return r
+        row = self.journal.db.execute(
+            "SELECT id, kind, version, state, executed_by, output, error, attempts, options,"
+            " submitted, started, finished FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return None if row is None else _row_json(row)
+
+    def list_tasks(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        sql = ("SELECT id, kind, version, state, executed_by, output, error, attempts, options,"
+               " submitted, started, finished FROM tasks")
+        args: tuple[Any, ...] = ()
+        if state:
+            sql += " WHERE state=?"
+            args = (state,)
+        sql += " ORDER BY id DESC LIMIT ?"
+        out = []
+        for row in self.journal.db.execute(sql, (*args, limit)):
+            live = self.records.get(row[0])
+            out.append(live.to_json() if live is not None else _row_json(row))
+        return out
+
+    def cancel(self, task_id: str) -> TaskRecord:
+        r = self.records.get(task_id)
+        if r is None:
+            raise TaskError(f"no active task {task_id}")
+        if r.state in TERMINAL:
+            return r
+        for peer in list(r.inflight):
+            if peer == "local":
+                self.executor.cancel(r.id)
+            elif peer in self.links:
+                self.links[peer].send_control(tp.cancel([r.id]))
+                self.links[peer].inflight.pop(r.id, None)
+        self._finalise(r, "cancelled", error="cancelled by the user")
+        return r
+
+    # --- results ------------------------------------------------------------------------
+    def _finalise(self, r: TaskRecord, state: str, *, output: Any = None,
+                  error: str | None = None, executed_by: str | None = None,
+                  result: TaskResult | None = None, db: Any = None) -> None:
+        if r.state in TERMINAL:
+            return
+        r.state, r.output, r.error = state, output, error
+        r.executed_by = executed_by
+        r.finished = time.time()
+        r.waiting_reason = None
+        if result is not None:
+            r.runtime = {"wall_ms": result.wall_ms, "cpu_ms": result.cpu_ms}
+        for peer in r.inflight:
+            if peer in self.links:
+                self.links[peer].inflight.pop(r.id, None)
+        for a in r.inflight.values():
+            a.ended = r.finished
+        r.inflight.clear()
+        self._running_delta(r.kind, -1 if r.started else 0)
+        self.counters[state] = self.counters.get(state, 0) + 1
+        conn = db if db is not None else self.journal.db
+        conn.execute(
+            "UPDATE tasks SET state=?, executed_by=?, output=?, error=?, attempts=?, started=?,"
+            " finished=? WHERE id=?",
+            (state, executed_by, wire.pack({"output": output}), error,
+             json.dumps([a.to_json() for a in r.attempts]), r.started, r.finished, r.id))
+        if (state == "done" and self.cache_enabled and not r.no_cache and r.replicas == 1):
+            conn.execute("INSERT OR REPLACE INTO cache(key, output, executed_by, created)"
+                         " VALUES(?,?,?,?)", (self._cache_key(r), wire.pack({"output": output}),
+                                              executed_by, r.finished))
+        r.notify()
+        watcher = self.watchers.pop(r.id, None)
+        if watcher is not None:
+            watcher.send_nowait(r.id)  # sized to its batch: never blocks
+        self._wake.set()
+
+    def watch(self, r: TaskRecord, channel: trio.MemorySendChannel[str]) -> None:
+        if r.state not in TERMINAL:
+            self.watchers[r.id] = channel
+
+    def unwatch(self, r: TaskRecord) -> None:
+        self.watchers.pop(r.id, None)
+
+    def _running_delta(self, kind: str, delta: int) -> None:
+        self.running_by_kind[kind] = max(0, self.running_by_kind.get(kind, 0) + delta)
+
+    def apply_results(self, peer: str, results: list[TaskResult], db: Any) -> None:
+        """Verified results from ``peer`` ('local' for our executor)."""
+        for res in results:
+            r = self.records.get(res.id)
+            if r is None or r.state in TERMINAL or peer not in r.inflight:
+                continue
+            attempt = r.inflight.pop(peer)
+            attempt.ended = time.time()
+            if not res.ok:
+                attempt.error = res.error
+            old = self.kind_ms.get(r.kind, res.wall_ms)
+            self.kind_ms[r.kind] = 0.8 * old + 0.2 * res.wall_ms
+            if r.replicas == 1:
+                if res.ok:
+                    self._finalise(r, "done", output=res.output, executed_by=peer, result=res,
+                                   db=db)
+                else:
+                    self._finalise(r, "failed", error=f"{res.error} (on {peer})",
+                                   executed_by=peer, result=res, db=db)
+                continue
+            r.replica_results[peer] = res
+            if len(r.replica_results) >= r.replicas:
+                self._settle_replicas(r, db)
+
+    def _settle_replicas(self, r: TaskRecord, db: Any) -> None:
+        digests = {p: res.digest for p, res in r.replica_results.items()}
+        first = next(iter(r.replica_results.values()))
+        if len(set(digests.values())) == 1:
+            if first.ok:
+                self._finalise(r, "done", output=first.output,
+                               executed_by=",".join(r.replica_results), result=first, db=db)
+            else:
+                self._finalise(r, "failed", error=f"{first.error} (on all replicas)",
+                               executed_by=",".join(r.replica_results), db=db)
+            return
+        detail = "; ".join(f"{p} -> {d.hex()[:12]}" for p, d in digests.items())
+        self._finalise(r, "failed", error=f"replicas disagree: {detail}",
+                       executed_by=",".join(r.replica_results), db=db)
+
+    def attempt_lost(self, r: TaskRecord, peer: str, reason: str) -> None:
+        """An attempt ended without a result (peer gone, refused): retry elsewhere."""
+        attempt = r.inflight.pop(peer, None)
+        if attempt is not None:
+            attempt.ended = time.time()
+            attempt.error = reason
+        if r.state in TERMINAL:
+            return
+        r.excluded.add(peer)
+        r.retries += 1
+        self.counters["retries"] += 1
+        if r.retries >= self.max_attempts:
+            self._finalise(r, "failed", error=f"gave up after {r.retries} attempts; last: "
+                           f"{peer} failed with {reason}")
+            return
+        delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (r.retries - 1)) * random.uniform(0.5, 1.5)
+        r.not_before = trio.current_time() + delay
+        r.waiting_reason = (f"retry {r.retries + 1} of {self.max_attempts} in {delay:.1f} s "
+                            f"after {peer} failed with: {reason}")
+        if r.state == "running" and not r.inflight:
+            r.state = "queued"
+        if not r.inflight or len(r.inflight) < r.replicas:
+            self._enqueue(r)
+        r.notify()
+        self._wake.set()
+
+    # --- placement ----------------------------------------------------------------------
+    def _pipeline(self, kind: str) -> int:
+        ms = self.kind_ms.get(kind, DEFAULT_KIND_MS)
+        return int(min(MAX_PIPELINE, TARGET_QUEUED_MS / max(ms, 0.01)))
+
+    def _candidates(self, r: TaskRecord, now: float) -> tuple[list[tuple[float, str]], str]:
+        """Scored targets with room, and a reason if there are none."""
+        out: list[tuple[float, str]] = []
+        runners = 0
+        matching_slots = 0
+        taken = set(r.inflight) | set(r.replica_results)
+        w = self.weights
+        if r.where in ("any", "local") and r.kind in self.kinds and self.executor.slots > 0:
+            runners += 1
+            matching_slots += self.executor.slots
+            free = self.executor.slots - self.node.capacity.busy - self.node.capacity.queue
+            if free > 0 and "local" not in taken:
+                out.append((1e9, "local"))  # local with a free slot always wins
+        if r.where in ("any", "peers"):
+            for e in self.node.mesh.table.live(now):
+                ad = e.ad
+                if r.kind not in ad.kinds or ad.slots == 0:
+                    continue
+                runners += 1
+                matching_slots += ad.slots
+                peer = ad.peer_id
+                if peer in taken or peer in r.excluded:
+                    continue
+                br = self.breakers.get(peer)
+                if br is not None and not br.allows(now):
+                    continue
+                link = self.links.get(peer)
+                inflight = len(link.inflight) if link else 0
+                window = ad.slots * (1 + self._pipeline(r.kind))
+                if inflight >= window:
+                    continue
+                rtt = link.rtt_ms if link else 5.0
+                health = link.health if link else 1.0
+                score = (w.get("compatibility", 40) * (1.0 if ad.kinds[r.kind] == r.version
+                                                        else 0.5)
+                         + w.get("latency", 30) / (1 + rtt / 10)
+                         + w.get("cost", 20) / (1 + ad.cost)
+                         + w.get("health", 10) * health) * (1 - inflight / window)
+                out.append((score, peer))
+        if out:
+            return out, ""
+        if runners == 0:
+            if r.where == "local":
+                return [], f"this node does not run kind {r.kind} (or has no slots)"
+            return [], f"no member runs kind {r.kind}"
+        if r.excluded and len(r.excluded) >= runners:
+            return [], f"every member that runs {r.kind} failed this task"
+        return [], f"all {matching_slots} matching slots busy"
+
+    def _dispatch_once(self, nursery: trio.Nursery) -> None:
+        now = trio.current_time()
+        uptime = now - self._started_at
+        deferred: list[TaskRecord] = []
+        reasons_changed: list[TaskRecord] = []
+        local_batch: list[TaskRecord] = []
+        while self.queue:
+            r = heapq.heappop(self.queue)
+            if r.state in TERMINAL:
+                continue
+            if r.deadline is not None and now >= r.deadline:
+                self._finalise(r, "failed", error=f"deadline of {r.timeout_s:g} s exceeded")
+                continue
+            if r.not_before > now:
+                deferred.append(r)
+                continue
+            if r.where == "bridge":
+                self._finalise(r, "failed", error="no bridge configured for this node"
+                               " (set [bridge] url or use --bridge URL)")
+                continue
+            limit = self.kind_limits.get(r.kind)
+            if limit is not None and self.running_by_kind.get(r.kind, 0) >= limit:
+                deferred.append(r)
+                self._set_reason(r, f"kind limit: {limit} {r.kind} tasks already running",
+                                 reasons_changed)
+                continue
+            needed = r.replicas - len(r.inflight) - len(r.replica_results)
+            if needed <= 0:
+                continue
+            candidates, reason = self._candidates(r, now)
+            if not candidates:
+                if reason.startswith("no member runs") or reason.startswith("this node does"):
+                    if uptime > STARTUP_GRACE_S:
+                        self._finalise(r, "failed", error=reason + self._known_kinds_hint())
+                        continue
+                    reason += " (waiting for peers to announce themselves)"
+                deferred.append(r)
+                self._set_reason(r, reason, reasons_changed)
+                continue
+            candidates.sort(reverse=True)
+            chosen = [p for _, p in candidates[:needed]]
+            for peer in chosen:
+                self._assign(r, peer, nursery, local_batch)
+            if len(r.inflight) + len(r.replica_results) < r.replicas:
+                deferred.append(r)
+                self._set_reason(r, f"{len(r.inflight)} of {r.replicas} replicas placed;"
+                                 " waiting for more distinct members", reasons_changed)
+        for r in deferred:
+            heapq.heappush(self.queue, r)
+        for r in reasons_changed:
+            r.notify()
+        for r in local_batch:
+            self._run_local(r)
+
+    def _known_kinds_hint(self) -> str:
+        names: set[str] = set(self.kinds)
+        for e in self.node.mesh.table.live(trio.current_time()):
+            names.update(e.ad.kinds)
+        return f"; kinds the team runs: {', '.join(sorted(names)) or 'none'}"
+
+    def _set_reason(self, r: TaskRecord, reason: str, changed: list[TaskRecord]) -> None:
+        if r.waiting_reason != reason:
+            r.waiting_reason = reason
+            changed.append(r)
+
+    def _assign(self, r: TaskRecord, peer: str, nursery: trio.Nursery,
+                local_batch: list[TaskRecord]) -> None:
+        attempt = Attempt(peer, time.time())
+        r.attempts.append(attempt)
+        r.inflight[peer] = attempt
+        if r.state == "queued":
+            r.state = "running"
+            r.started = r.started or attempt.started
+            self._running_delta(r.kind, 1)
+        r.waiting_reason = None
+        if peer == "local":
+            local_batch.append(r)
+            return
+        link = self.links.get(peer)
+        if link is None or not link.alive:
+            link = PeerLink(peer)
+            self.links[peer] = link
+            nursery.start_soon(self._run_link, link)
+        timeout = r.timeout_s or self.default_timeout_s
+        link.send(TaskSpec(r.id, r.kind, r.version, r.input, r.params, int(timeout * 1000),
+                           r.priority), r)
+        link.sent_at[r.id] = trio.current_time()
+
+    def _run_local(self, r: TaskRecord) -> None:
+        timeout = r.timeout_s or self.default_timeout_s
+        spec = TaskSpec(r.id, r.kind, r.version, r.input, r.params, int(timeout * 1000),
+                        r.priority)
+        self.executor.submit_nowait(Job(spec, "local", self._local_done))
+        self.node.capacity.queue = max(self.node.capacity.queue, 0)
+
+    def _local_done(self, job: Job, result: TaskResult) -> None:
+        with self.journal.transaction() as db:
+            self.apply_results("local", [result], db)
+
+    # --- links to executor peers ----------------------------------------------------------
+    async def _run_link(self, link: PeerLink) -> None:
+        assert self.host is not None
+        reason = "connection lost"
+        try:
+            stream = await self.host.open_stream(link.peer, TASKS)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._link_writer, link, stream)
+                await self._link_reader(link, stream)
+                nursery.cancel_scope.cancel()
+            reason = "stream closed by the peer"
+        except DialError as exc:
+            reason = f"cannot reach it ({exc})"
+        except (RemoteProtocolError, ResultRejected) as exc:
+            reason = str(exc)
+            self.counters["rejected_results"] += isinstance(exc, ResultRejected)
+            logger.warning("dropping link to %s: %s", link.peer, exc)
+        except STREAM_ERRORS as exc:
+            reason = f"connection lost ({type(exc).__name__})"
+        finally:
+            link.alive = False
+            if self.links.get(link.peer) is link:
+                del self.links[link.peer]
+            now = trio.current_time()
+            self.breakers.setdefault(link.peer, Breaker()).failure(now)
+            for r in list(link.inflight.values()):
+                self.attempt_lost(r, link.peer, reason)
+            link.inflight.clear()
+            self._wake.set()
+
+    async def _link_writer(self, link: PeerLink, stream: Stream) -> None:
+        while True:
+            await link.wake.wait()
+            link.wake = trio.Event()
+            frames = link.control
+            link.control = []
+            if link.outgoing:
+                batch, link.outgoing = link.outgoing[:tp.MAX_BATCH], link.outgoing[tp.MAX_BATCH:]
+                frames.append(tp.assign(batch))
+                if link.outgoing:
+                    link.wake.set()
+            if frames:
+                await stream.write(b"".join(frames))
+
+    async def _link_reader(self, link: PeerLink, stream: Stream) -> None:
+        decoder = wire.FrameDecoder()
+        me = self.identity.peer_id
+        while True:
+            data = await stream.read()
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                m = wire.unpack(frame)
+                t = m["t"]
+                if t == "accepted":
+                    now = trio.current_time()
+                    for tid in tp.id_list(m):
+                        sent = link.sent_at.pop(tid, None)
+                        if sent is not None:
+                            link.rtt_ms = 0.9 * link.rtt_ms + 0.1 * (now - sent) * 1000
+                    for tid, code, message in tp.refused_list(m):
+                        link.sent_at.pop(tid, None)
+                        r = link.inflight.pop(tid, None)
+                        if r is not None:
+                            self.attempt_lost(r, link.peer, f"refused ({code}): {message}")
+                elif t == "results":
+                    results = tp.open_results(wire.field_bytes(m, "sealed"), link.peer, me)
+                    for res in results:
+                        link.inflight.pop(res.id, None)
+                        link.sent_at.pop(res.id, None)
+                    with self.journal.transaction() as db:
+                        self.apply_results(link.peer, results, db)
+                    link.successes += len(results)
+                    self.breakers.setdefault(link.peer, Breaker()).success()
+                    link.send_control(tp.ack([res.id for res in results]))
+                    self._wake.set()
+                elif t == "offer":
+                    self._wake.set()
+
+    # --- service --------------------------------------------------------------------------
+    def _resume_from_journal(self) -> int:
+        rows = self.journal.db.execute(
+            "SELECT id, kind, version, input, params, options, attempts, submitted, started"
+            " FROM tasks WHERE state IN ('queued', 'running')").fetchall()
+        now = trio.current_time()
+        for row in rows:
+            opts = json.loads(row[5])
+            r = TaskRecord(
+                id=row[0], kind=row[1], version=row[2], input=bytes(row[3]),
+                params=json.loads(row[4]), priority=opts.get("priority", 0),
+                where=opts.get("where", "any"), replicas=opts.get("replicas", 1),
+                timeout_s=opts.get("timeout_s"), no_cache=opts.get("no_cache", False),
+                tag=opts.get("tag"), submitted=row[7], started=row[8])
+            r.attempts = [Attempt(a["peer"], a["started"], a.get("ended"),
+                                  a.get("error") or "interrupted by a restart")
+                          for a in json.loads(row[6])]
+            if r.timeout_s:
+                r.deadline = now + r.timeout_s
+            self._remember(r)
+            self._enqueue(r)
+        return len(rows)
+
+    async def run(self, host: MeshHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.host = host
+        self._started_at = trio.current_time()
+        self.server.recover()
+        host.set_handler(TASKS, self.server.handle_stream)
+        resumed = self._resume_from_journal()
+        if resumed:
+            logger.info("resuming %d unfinished tasks from the journal", resumed)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.executor.run)
+            nursery.start_soon(self._dispatch_loop, nursery)
+            task_status.started()
+
+    async def _dispatch_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            self._dispatch_once(nursery)
+            timeout = 0.25
+            if self.queue:
+                soonest = min((r.not_before for r in self.queue), default=0.0)
+                timeout = max(0.01, min(timeout, soonest - trio.current_time()))
+            with trio.move_on_after(timeout):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            # a change in the peer table can open room: fold it into the same wake-up
+            with trio.move_on_after(0):
+                await self.node.mesh.peers_changed.wait()
+
+    async def wait(self, task_id: str) -> TaskRecord | dict[str, Any] | None:
+        """Until the task ends; callers bound it with move_on_after."""
+        r = self.records.get(task_id)
+        if r is None:
+            return self.get(task_id)
+        while r.state not in TERMINAL:
+            await r.changed.wait()
+        return r
+
+    def metrics_lines(self) -> list[str]:
+        lines = []
+        for k, v in self.counters.items():
+            lines += [f"# TYPE teammesh_tasks_{k}_total counter", f"teammesh_tasks_{k}_total {v}"]
+        lines += ["# TYPE teammesh_tasks_queued gauge", f"teammesh_tasks_queued {len(self.queue)}"]
+        return lines
+
+    def kinds_json(self) -> list[dict[str, Any]]:
+        table: dict[tuple[str, str], dict[str, Any]] = {}
+        for k in self.kinds.values():
+            table[(k.name, k.version)] = {"name": k.name, "version": k.version,
+                                          "description": k.description, "local": True,
+                                          "peers": 0, "portable": k.portable}
+        for e in self.node.mesh.table.live(trio.current_time()):
+            for name, ver in e.ad.kinds.items():
+                entry = table.setdefault((name, ver), {"name": name, "version": ver,
+                                                       "description": "", "local": False,
+                                                       "peers": 0, "portable": False})
+                entry["peers"] += 1
+        return sorted(table.values(), key=lambda d: (d["name"], d["version"]))
+
+    def routes(self, endpoint: Any) -> list[Any]:
+        from .taskapi import task_routes
+
+        return task_routes(self, endpoint)
+
+
+def _row_json(row: Any) -> dict[str, Any]:
+    opts = json.loads(row[8])
+    out = wire.unpack(bytes(row[5]))["output"] if row[5] is not None else None
+    return {"id": row[0], "kind": row[1], "version": row[2], "state": row[3],
+            "executed_by": row[4], "output": json_safe(out), "error": row[6],
+            "waiting_reason": None if row[3] in TERMINAL else "waiting to be resumed",
+            "attempts": json.loads(row[7]), "priority": opts.get("priority", 0),
+            "where": opts.get("where", "any"), "replicas": opts.get("replicas", 1),
+            "tag": opts.get("tag"), "cached": opts.get("cached", False),
+            "timings": {"submitted": row[9], "started": row[10], "finished": row[11]}}

@@ -1,0 +1,162 @@
+"""Task service, executor side: the handler for submitters' ``/teammesh/tasks`` streams.
+
+Every accepted assignment is journaled (table ``exec``) before it is acknowledged, and
+every result is journaled before it is sent, in one transaction per batch. An id we have
+already run is answered from the journal, never run again; results stay until the
+submitter acks them, so a submitter that restarts and re-assigns gets the same answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+from teammesh.protocols import tasks as tp
+from teammesh.protocols import wire
+from teammesh.protocols.tasks import TaskResult, TaskSpec
+
+from .executor import Job
+from .host import Stream
+
+if TYPE_CHECKING:
+    from .tasks import TaskService
+
+logger = logging.getLogger("teammesh.taskserver")
+
+
+class _Session:
+    """One submitter's stream: results waiting to be sealed and sent."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.results: list[TaskResult] = []
+        self.frames: list[bytes] = []
+        self.wake = trio.Event()
+        self.alive = True
+
+    def push_result(self, result: TaskResult) -> None:
+        self.results.append(result)
+        self.wake.set()
+
+    def push_frame(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.wake.set()
+
+
+class TaskServer:
+    def __init__(self, service: TaskService) -> None:
+        self.service = service
+        self.sessions: dict[str, _Session] = {}  # submitter -> its latest stream
+
+    def recover(self) -> None:
+        """After a restart, work that was accepted but not finished is lost: forget it so
+        a re-assign runs it again (the submitter re-dispatches it anyway)."""
+        self.service.journal.db.execute("DELETE FROM exec WHERE state != 'done'")
+
+    async def handle_stream(self, stream: Stream) -> None:
+        session = _Session(stream)
+        submitter = stream.peer_id
+        self.sessions[submitter] = session
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, session)
+                await self._reader(session, submitter)
+                nursery.cancel_scope.cancel()
+        finally:
+            session.alive = False
+            if self.sessions.get(submitter) is session:
+                del self.sessions[submitter]
+            await stream.close()
+
+    async def _reader(self, session: _Session, submitter: str) -> None:
+        decoder = wire.FrameDecoder()
+        while True:
+            data = await session.stream.read()
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                m = wire.unpack(frame)
+                if m["t"] == "assign":
+                    self._on_assign(session, submitter, m)
+                elif m["t"] == "cancel":
+                    for tid in tp.id_list(m):
+                        self.service.executor.cancel(tid)
+                elif m["t"] == "ack":
+                    ids = tp.id_list(m)
+                    with self.service.journal.transaction() as db:
+                        db.executemany("DELETE FROM exec WHERE id=? AND submitter=?",
+                                       [(i, submitter) for i in ids])
+
+    def _on_assign(self, session: _Session, submitter: str, m: wire.Message) -> None:
+        raw = wire.field_list(m, "tasks", max_len=tp.MAX_BATCH)
+        specs = [TaskSpec.from_wire(t) for t in raw]
+        executor = self.service.executor
+        kinds = self.service.kinds
+        accepted: list[str] = []
+        refused: list[tuple[str, str, str]] = []
+        replay: list[TaskResult] = []
+        room = executor.room
+        with self.service.journal.transaction() as db:
+            for spec in specs:
+                row = db.execute("SELECT state, result, submitter FROM exec WHERE id=?",
+                                 (spec.id,)).fetchone()
+                if row is not None:
+                    if row[2] != submitter:
+                        refused.append((spec.id, "duplicate", "task id used by another member"))
+                    elif row[0] == "done" and row[1] is not None:
+                        accepted.append(spec.id)
+                        replay.append(TaskResult.from_wire(wire.unpack(bytes(row[1]))))
+                    else:
+                        accepted.append(spec.id)  # already running here: its result will come
+                    continue
+                kind = kinds.get(spec.kind)
+                if kind is None:
+                    refused.append((spec.id, "unknown_kind",
+                                    f"this member does not run {spec.kind}"))
+                    continue
+                if kind.version != spec.version:
+                    refused.append((spec.id, "unknown_kind",
+                                    f"this member runs {spec.kind} {kind.version},"
+                                    f" not {spec.version}"))
+                    continue
+                if room <= 0:
+                    refused.append((spec.id, "busy", "all slots and queue places taken"))
+                    continue
+                room -= 1
+                db.execute("INSERT INTO exec(id, submitter, state, updated) VALUES(?,?,?,?)",
+                           (spec.id, submitter, "accepted", trio.current_time()))
+                accepted.append(spec.id)
+                executor.submit_nowait(Job(spec, submitter, self._done))
+        session.push_frame(tp.accepted(accepted, refused))
+        for res in replay:
+            session.push_result(res)
+
+    def _done(self, job: Job, result: TaskResult) -> None:
+        session = self.sessions.get(job.submitter)
+        if session is not None and session.alive:
+            session.push_result(result)
+        else:
+            # nobody to send it to now: keep it for the submitter's re-assign
+            self.service.journal.db.execute(
+                "UPDATE exec SET state='done', result=? WHERE id=?",
+                (wire.pack(result.to_wire()), job.spec.id))
+
+    async def _writer(self, session: _Session) -> None:
+        identity = self.service.identity
+        submitter = session.stream.peer_id
+        while True:
+            await session.wake.wait()
+            session.wake = trio.Event()
+            frames, session.frames = session.frames, []
+            results, session.results = session.results, []
+            if results:
+                with self.service.journal.transaction() as db:
+                    db.executemany(
+                        "UPDATE exec SET state='done', result=? WHERE id=?",
+                        [(wire.pack(r.to_wire()), r.id) for r in results])
+                for i in range(0, len(results), tp.MAX_BATCH):
+                    frames.append(tp.seal_results(identity, submitter,
+                                                  results[i:i + tp.MAX_BATCH]))
+            if frames:
+                await session.stream.write(b"".join(frames))

@@ -1,0 +1,171 @@
+"""Task protocol messages: assign, accepted, cancel, results, ack, call and offer.
+
+Theory of operation (the submitter is S, the executor is E, one long-lived stream from S
+to E on ``/teammesh/tasks/1.0.0`` carries both directions):
+
+- S → E ``assign``: a batch of tasks. Task ids are globally unique and make every step
+  idempotent: E runs an id at most once; a repeated assign for a finished id gets the
+  stored result again; a repeated result at S changes nothing.
+- E → S ``accepted``: which ids E queued and which it refused (busy, unknown kind, not
+  allowed), so S can route refused ones elsewhere at once.
+- E → S ``results``: a batch of results sealed (signed) once by E. Each result carries
+  the sha256 digest of its packed output; S checks the seal's signer is the peer at the
+  other end of the stream, and every digest, before it believes anything.
+- S → E ``ack``: S has journaled these results; E may forget them.
+- S → E ``cancel``: stop these ids if they have not finished.
+- Open calls (gossip, ``call``): "who can run kind K?"; members with free slots answer
+  with an ``offer`` on the tasks stream they open to the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from . import wire
+from .envelope import open_sealed, seal
+from .errors import MalformedMessage, ResultRejected
+from .identity import Identity
+
+DOMAIN_RESULTS = "results"
+MAX_BATCH = 4096
+MAX_INLINE_INPUT = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    id: str
+    kind: str
+    version: str
+    input: bytes
+    params: dict[str, Any]
+    timeout_ms: int
+    priority: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "ver": self.version, "input": self.input,
+                "params": self.params, "timeout": self.timeout_ms, "prio": self.priority}
+
+    @classmethod
+    def from_wire(cls, m: Any) -> TaskSpec:
+        if not isinstance(m, dict):
+            raise MalformedMessage("a task must be a map")
+        return cls(
+            id=wire.field_str(m, "id", max_len=64), kind=wire.field_str(m, "kind", max_len=128),
+            version=wire.field_str(m, "ver", max_len=32),
+            input=wire.field_bytes(m, "input", max_len=MAX_INLINE_INPUT),
+            params=wire.field_map(m, "params"), timeout_ms=wire.field_int(m, "timeout"),
+            priority=wire.field_int(m, "prio"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    id: str
+    ok: bool
+    output: Any
+    error: str | None
+    digest: bytes
+    wall_ms: float
+    cpu_ms: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "ok": self.ok, "output": self.output, "error": self.error,
+                "digest": self.digest, "wall": self.wall_ms, "cpu": self.cpu_ms}
+
+    @classmethod
+    def from_wire(cls, m: Any) -> TaskResult:
+        if not isinstance(m, dict):
+            raise MalformedMessage("a result must be a map")
+        ok = m.get("ok")
+        err = m.get("error")
+        if not isinstance(ok, bool) or not (err is None or isinstance(err, str)):
+            raise MalformedMessage("result fields 'ok'/'error' have the wrong types")
+        return cls(id=wire.field_str(m, "id", max_len=64), ok=ok, output=m.get("output"),
+                   error=err, digest=wire.field_bytes(m, "digest", max_len=32),
+                   wall_ms=wire.field_float(m, "wall"), cpu_ms=wire.field_float(m, "cpu"))
+
+
+def output_digest(ok: bool, output: Any, error: str | None) -> bytes:
+    return hashlib.sha256(wire.pack({"ok": ok, "output": output, "error": error})).digest()
+
+
+def make_result(task_id: str, ok: bool, output: Any, error: str | None, wall_ms: float,
+                cpu_ms: float) -> TaskResult:
+    return TaskResult(task_id, ok, output, error, output_digest(ok, output, error),
+                      round(wall_ms, 3), round(cpu_ms, 3))
+
+
+def assign(tasks: list[TaskSpec]) -> bytes:
+    return wire.frame_message({"t": "assign", "v": 1, "tasks": [t.to_wire() for t in tasks]})
+
+
+def accepted(ids: list[str], refused: list[tuple[str, str, str]]) -> bytes:
+    """``refused`` holds (id, code, message); code is busy, unknown_kind or not_allowed."""
+    return wire.frame_message({"t": "accepted", "v": 1, "ids": ids,
+                               "refused": [list(r) for r in refused]})
+
+
+def seal_results(identity: Identity, submitter: str, results: list[TaskResult]) -> bytes:
+    body = {"t": "resultset", "v": 1, "submitter": submitter, "executor": identity.peer_id,
+            "results": [r.to_wire() for r in results]}
+    return wire.frame_message({"t": "results", "v": 1, "sealed": seal(identity, DOMAIN_RESULTS,
+                                                                       body)})
+
+
+def open_results(sealed: bytes, executor: str, submitter: str) -> list[TaskResult]:
+    """Verify a sealed result batch from ``executor`` meant for ``submitter``."""
+    try:
+        opened = open_sealed(sealed, DOMAIN_RESULTS, max_bytes=wire.MAX_FRAME_BYTES)
+    except MalformedMessage as exc:
+        raise ResultRejected(f"result batch from {executor} is malformed: {exc}") from exc
+    except Exception as exc:  # BadSignature and friends: name the peer
+        raise ResultRejected(f"result batch from {executor} has a bad signature") from exc
+    if opened.signer != executor:
+        raise ResultRejected(f"result batch on {executor}'s stream signed by {opened.signer}")
+    body = opened.body
+    if body.get("t") != "resultset" or body.get("submitter") != submitter:
+        raise ResultRejected(f"result batch from {executor} is not addressed to us")
+    out: list[TaskResult] = []
+    for m in wire.field_list(body, "results", max_len=MAX_BATCH):
+        r = TaskResult.from_wire(m)
+        if output_digest(r.ok, r.output, r.error) != r.digest:
+            raise ResultRejected(f"result {r.id} from {executor} does not match its digest")
+        out.append(r)
+    return out
+
+
+def ack(ids: list[str]) -> bytes:
+    return wire.frame_message({"t": "ack", "v": 1, "ids": ids})
+
+
+def cancel(ids: list[str]) -> bytes:
+    return wire.frame_message({"t": "cancel", "v": 1, "ids": ids})
+
+
+def offer(call_id: str, kind: str, free: int) -> bytes:
+    return wire.frame_message({"t": "offer", "v": 1, "call": call_id, "kind": kind,
+                               "free": free})
+
+
+def call(call_id: str, kind: str, version: str, count: int) -> bytes:
+    """An open call, published on the team's tasks topic (no frame: gossip is a message)."""
+    return wire.pack({"t": "call", "v": 1, "call": call_id, "kind": kind, "ver": version,
+                      "n": count})
+
+
+def id_list(m: wire.Message, key: str = "ids") -> list[str]:
+    ids = wire.field_list(m, key, max_len=MAX_BATCH)
+    if not all(isinstance(i, str) and len(i) <= 64 for i in ids):
+        raise MalformedMessage(f"field {key!r} must be a list of task ids")
+    return ids
+
+
+def refused_list(m: wire.Message) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    for r in wire.field_list(m, "refused", max_len=MAX_BATCH):
+        if not (isinstance(r, list) and len(r) == 3 and all(isinstance(x, str) for x in r)):
+            raise MalformedMessage("field 'refused' must hold [id, code, message] triples")
+        out.append((r[0], r[1], r[2]))
+    return out
