@@ -290,6 +290,312 @@ def demo(ctx: Ctx, nodes: int, keep: bool, as_json: bool) -> None:
     emit(ctx, as_json, result, lambda: None)
 
 
+def _read_input(spec: str | None) -> bytes | None:
+    if spec is None:
+        return None
+    if spec == "-":
+        return sys.stdin.buffer.read()
+    path = Path(spec)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise TeammeshError(f"input file {spec} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise TeammeshError(f"input {spec} is a directory, not a file") from exc
+
+
+def _parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if params_json:
+        try:
+            loaded = json.loads(params_json)
+        except ValueError as exc:
+            raise TeammeshError(f"--params is not JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise TeammeshError("--params must be a JSON object")
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TeammeshError(f"--param {pair!r} must look like key=value")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def _print_task(task: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None)
+    for key in ("id", "kind", "state", "executed_by", "waiting_reason", "error"):
+        if task.get(key) is not None:
+            t.add_row(key, str(task[key]))
+    if task.get("attempts"):
+        t.add_row("attempts", "\n".join(
+            f"{a['peer']}: {a.get('error') or 'ok'}" for a in task["attempts"]))
+    if task.get("state") == "done":
+        t.add_row("output", json.dumps(task["output"])[:2000])
+    console().print(t)
+
+
+def _write_output(task: dict[str, Any], path: str) -> None:
+    import base64
+
+    out = task.get("output")
+    if isinstance(out, dict) and set(out) == {"$base64"}:
+        data = base64.b64decode(out["$base64"])
+    elif isinstance(out, str):
+        data = out.encode()
+    else:
+        data = json.dumps(out).encode()
+    tmp = Path(path + ".partial")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _finish(task: dict[str, Any]) -> None:
+    if task.get("state") == "failed":
+        raise TeammeshError(f"task {task['id']} failed: {task.get('error')}")
+    if task.get("state") == "cancelled":
+        raise TeammeshError(f"task {task['id']} was cancelled")
+
+
+@cli.command()
+@click.argument("kind")
+@click.option("--input", "input_spec", help="Input file, or - for stdin.")
+@click.option("--param", "params", multiple=True, help="key=value (value parsed as JSON).")
+@click.option("--params", "params_json", help="All params as a JSON object.")
+@click.option("--where", type=click.Choice(["any", "local", "peers", "bridge"]), default="any",
+              show_default=True)
+@click.option("--replicas", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--timeout", type=float, default=None, help="Deadline in seconds.")
+@click.option("--no-cache", is_flag=True, help="Run even if a cached result exists.")
+@click.option("--wait", is_flag=True, help="Wait for the result.")
+@click.option("-o", "--output", "output_path", help="With --wait: write the output to a file.")
+@json_option
+@pass_ctx
+def submit(ctx: Ctx, kind: str, input_spec: str | None, params: tuple[str, ...],
+           params_json: str | None, where: str, replicas: int, priority: int,
+           timeout: float | None, no_cache: bool, wait: bool, output_path: str | None,
+           as_json: bool) -> None:
+    """Submit a task of KIND; prints its id, or its result with --wait."""
+    data = _read_input(input_spec)
+    with ctx.client() as c:
+        c._http.timeout = httpx_timeout(None if wait else 30)
+        task = c.submit(kind, data, _parse_params(params, params_json), where=where,
+                        replicas=replicas, priority=priority, timeout_s=timeout,
+                        no_cache=no_cache or None, wait=True if wait else None)
+        if wait and task["state"] not in ("done", "failed", "cancelled"):
+            while task["state"] not in ("done", "failed", "cancelled"):
+                task = c.task(task["id"], wait=60)
+    if wait and output_path and task["state"] == "done":
+        _write_output(task, output_path)
+    if as_json or ctx.as_json:
+        click.echo(json.dumps(task, indent=2))
+    elif wait:
+        _print_task(task)
+    else:
+        click.echo(task["id"])
+    if wait:
+        _finish(task)
+
+
+def httpx_timeout(read: float | None) -> Any:
+    import httpx
+
+    return httpx.Timeout(30, read=read)
+
+
+@cli.group()
+def task() -> None:
+    """Show, wait for, cancel and list tasks."""
+
+
+@task.command("show")
+@click.argument("task_id")
+@json_option
+@pass_ctx
+def task_show(ctx: Ctx, task_id: str, as_json: bool) -> None:
+    """Show one task."""
+    with ctx.client() as c:
+        data = c.task(task_id)
+    emit(ctx, as_json, data, lambda: _print_task(data))
+
+
+@task.command("wait")
+@click.argument("task_id")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@json_option
+@pass_ctx
+def task_wait(ctx: Ctx, task_id: str, timeout: float | None, as_json: bool) -> None:
+    """Wait until a task ends; exit 1 if it failed."""
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with ctx.client() as c:
+        data = c.task(task_id)
+        while data["state"] not in ("done", "failed", "cancelled"):
+            left = 60.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TeammeshError(f"task {task_id} still {data['state']} after {timeout} s"
+                                    f" ({data.get('waiting_reason') or 'running'})")
+            data = c.task(task_id, wait=min(60.0, left))
+    emit(ctx, as_json, data, lambda: _print_task(data))
+    _finish(data)
+
+
+@task.command("cancel")
+@click.argument("task_id")
+@json_option
+@pass_ctx
+def task_cancel(ctx: Ctx, task_id: str, as_json: bool) -> None:
+    """Cancel a task that has not finished."""
+    with ctx.client() as c:
+        data = c.cancel(task_id)
+    emit(ctx, as_json, data, lambda: click.echo(f"{task_id}: {data['state']}"))
+
+
+@task.command("list")
+@click.option("--state", type=click.Choice(["queued", "running", "done", "failed",
+                                            "cancelled"]), default=None)
+@click.option("--limit", type=int, default=100, show_default=True)
+@json_option
+@pass_ctx
+def task_list(ctx: Ctx, state: str | None, limit: int, as_json: bool) -> None:
+    """List this node's tasks, newest first."""
+    with ctx.client() as c:
+        data = c.tasks(state=state, limit=limit) if state else c.tasks(limit=limit)
+
+    def human() -> None:
+        from rich.table import Table
+
+        t = Table("id", "kind", "state", "executed by", "note")
+        for d in data:
+            t.add_row(d["id"], d["kind"], d["state"], (d["executed_by"] or "")[-12:],
+                      d.get("error") or d.get("waiting_reason") or "")
+        console().print(t)
+
+    emit(ctx, as_json, data, human)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--parallel", type=click.IntRange(1, 100_000), default=10_000, show_default=True,
+              help="Tasks in flight at once.")
+@json_option
+@pass_ctx
+def batch(ctx: Ctx, file: Path, parallel: int, as_json: bool) -> None:
+    """Run every task in FILE.jsonl ({"kind", "input", "params", "tag"} per line)."""
+    import base64
+
+    from rich.progress import Progress
+
+    bodies: list[dict[str, Any]] = []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            spec = json.loads(line)
+        except ValueError as exc:
+            raise TeammeshError(f"{file}:{n}: not JSON ({exc})") from exc
+        if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+            raise TeammeshError(f"{file}:{n}: each line needs a \"kind\"")
+        body: dict[str, Any] = {"kind": spec["kind"], "params": spec.get("params") or {},
+                                "tag": spec.get("tag")}
+        if spec.get("input") is not None:
+            path = Path(spec["input"])
+            if not path.is_absolute():
+                path = file.parent / path
+            data = _read_input(str(path))
+            assert data is not None
+            body["input_b64"] = base64.b64encode(data).decode()
+        for key in ("where", "priority", "replicas", "timeout_s", "no_cache"):
+            if key in spec:
+                body[key] = spec[key]
+        bodies.append(body)
+    quiet = as_json or ctx.as_json
+    failed = 0
+    results: list[dict[str, Any]] = []
+    with ctx.client() as c, Progress(console=_stderr_console(), transient=quiet) as progress:
+        bar = progress.add_task(f"{file.name}", total=len(bodies))
+        for start in range(0, len(bodies), parallel):
+            for r in c.stream_batch(bodies[start:start + parallel]):
+                progress.advance(bar)
+                failed += r["state"] != "done"
+                line = {"tag": r["tag"], "id": r["id"], "kind": r["kind"], "state": r["state"],
+                        "executed_by": r["executed_by"], "output": r["output"],
+                        "error": r["error"]}
+                if quiet:
+                    click.echo(json.dumps(line))
+                else:
+                    results.append(line)
+    if not quiet:
+        done = len(bodies) - failed
+        click.echo(f"{done} done, {failed} failed of {len(bodies)}")
+    if failed:
+        sys.exit(1)
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@cli.group()
+def workflow() -> None:
+    """Run DAG workflows described in TOML."""
+
+
+@workflow.command("run")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+@pass_ctx
+def workflow_run(ctx: Ctx, file: Path, as_json: bool) -> None:
+    """Run FILE.toml: independent steps in parallel, dependent steps in order."""
+    from .workflow import load_workflow, run_workflow
+
+    wf = load_workflow(file)
+    with ctx.client() as c:
+        result = run_workflow(c, wf, quiet=as_json or ctx.as_json)
+
+    def human() -> None:
+        from rich.table import Table
+
+        t = Table("step", "state", "executed by", "output")
+        for name, r in result["steps"].items():
+            t.add_row(name, r["state"], (r["executed_by"] or "")[-12:],
+                      json.dumps(r["output"])[:80] if r["state"] == "done" else r["error"] or "")
+        console().print(t)
+
+    emit(ctx, as_json, result, human)
+    if result["state"] != "done":
+        sys.exit(1)
+
+
+@cli.command()
+@json_option
+@pass_ctx
+def kinds(ctx: Ctx, as_json: bool) -> None:
+    """Task kinds this node runs and the team offers."""
+    with ctx.client() as c:
+        data = c.kinds()
+
+    def human() -> None:
+        from rich.table import Table
+
+        t = Table("kind", "version", "here", "peers", "description")
+        for k in data:
+            t.add_row(k["name"], k["version"], "yes" if k["local"] else "", str(k["peers"]),
+                      k["description"][:60])
+        console().print(t)
+
+    emit(ctx, as_json, data, human)
+
+
 def parse_duration(text: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
