@@ -205,7 +205,9 @@ async def serve_api(node: Node, spec: str, *,
         await serve(app, cfg, task_status=_Started(task_status, url),  # type: ignore[arg-type]
                     mode="asgi")
     finally:
-        sock.close()
+        # hypercorn adopted the descriptor (fd://) and closes it; closing it again here
+        # could close an unrelated file that reused the number.
+        sock.detach()
 
 
 class _Started:

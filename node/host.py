@@ -136,6 +136,7 @@ class HostStats:
     refused_handshakes: int = 0
     refused_streams: int = 0
     bad_gossip_streams: int = 0
+    bad_gossip_messages: int = 0
     handler_errors: int = 0
     inbound_connections: int = 0
     inbound_peers: set[str] = field(default_factory=set)
@@ -223,6 +224,17 @@ class MeshHost:
                 await stream.reset()
             except TeammeshError as exc:
                 logger.warning("%s from %s: %s", protocol, stream.peer_id, exc)
+                await stream.reset()
+            except ExceptionGroup as group:
+                # handlers with their own nursery wrap what they raise
+                leaves = list(_leaves(group))
+                if all(isinstance(e, (*STREAM_ERRORS, TeammeshError)) for e in leaves):
+                    logger.warning("%s from %s: %s", protocol, stream.peer_id,
+                                   "; ".join(str(e) or type(e).__name__ for e in leaves))
+                else:
+                    self.stats.handler_errors += 1
+                    logger.error("%s handler failed for %s", protocol, stream.peer_id,
+                                 exc_info=group)
                 await stream.reset()
             except Exception:
                 self.stats.handler_errors += 1
@@ -315,6 +327,39 @@ def _guard_pubsub(host: Any, pubsub: Any, router: Any, stats: HostStats, gate: S
 
     for proto in router.get_protocols():
         host.set_stream_handler(proto, guarded)
+
+    # Each received message is processed by push_msg in a task of pubsub's service, where
+    # any exception stops the service and the host with it. Its signature check raises on
+    # a hostile message (an undecodable `key` field: protobuf DecodeError), so a member
+    # could kill us with one well-formed RPC. Drop such messages instead.
+    push_msg = pubsub.push_msg
+    own_id = pubsub.my_id
+
+    async def guarded_push(forwarder: Any, msg: Any) -> None:
+        if forwarder == own_id:  # our own publish: let its errors reach the caller
+            return await push_msg(forwarder, msg)
+        try:
+            await push_msg(forwarder, msg)
+        except STREAM_ERRORS:
+            logger.debug("forwarding gossip from %s failed", forwarder, exc_info=True)
+        except Exception:
+            stats.bad_gossip_messages += 1
+            logger.warning("dropped malformed gossip message from %s", forwarder)
+
+    pubsub.push_msg = guarded_push
+
+    # add_to_blacklist (our revocation path) runs _teardown_if_connected as a service task;
+    # it awaits stream.reset() and then `del peers[peer]`, but the reset lets the dead-peer
+    # handler delete the entry first: KeyError, and the service takes the host down.
+    teardown = pubsub._teardown_if_connected
+
+    async def guarded_teardown(peer_id: Any) -> None:
+        try:
+            await teardown(peer_id)
+        except KeyError:
+            pubsub._forget_all_subscriptions(peer_id)  # the step the KeyError skipped
+
+    pubsub._teardown_if_connected = guarded_teardown
 
 
 @asynccontextmanager

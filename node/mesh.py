@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import random
@@ -37,6 +38,7 @@ DIAL_BACKOFF_MIN_S = 0.25
 DIAL_BACKOFF_MAX_S = 30.0
 DIAL_TIMEOUT_S = 5.0
 CHANGE_COALESCE_S = 0.05
+GREET_DELAY_S = 1.2  # a bit over one gossipsub heartbeat
 
 
 @dataclass(slots=True)
@@ -185,8 +187,24 @@ class Mesh:
         if ad.addrs and ad.peer_id not in self.targets:
             self.targets[ad.peer_id] = _Target(list(ad.addrs))
             self._wake_dialer.set()
-        elif ad.addrs:
+            self._remember(ad.peer_id, list(ad.addrs))
+        elif ad.addrs and self.targets[ad.peer_id].addrs != list(ad.addrs):
             self.targets[ad.peer_id].addrs = list(ad.addrs)
+            self._remember(ad.peer_id, list(ad.addrs))
+
+    def _remember(self, peer_id: str, addrs: list[str]) -> None:
+        # Peer exchange across restarts: a node that comes back (the team's creator has no
+        # bootstrap address) dials the members it knew instead of waiting to be found.
+        journal = self.membership.journal
+        known = json.loads(journal.get("peers") or b"{}")
+        known[peer_id] = addrs
+        journal.put("peers", json.dumps(known).encode())
+
+    def load_known_peers(self) -> None:
+        known = json.loads(self.membership.journal.get("peers") or b"{}")
+        for peer, addrs in known.items():
+            if peer != self.identity.peer_id and self.membership.is_member(peer):
+                self.targets.setdefault(peer, _Target(list(addrs)))
 
     def forget(self, peer_id: str) -> None:
         self.table.remove(peer_id)
@@ -203,6 +221,7 @@ class Mesh:
         topic = caps_topic(team.team_id)
         host.set_validator(topic, self.validate)
         self.membership.on_revoked.append(self.forget)
+        self.load_known_peers()
         async with host.subscribe(topic) as messages, trio.open_nursery() as nursery:
             nursery.start_soon(self._publish_loop, host, topic)
             nursery.start_soon(self._expire_loop)
@@ -219,13 +238,28 @@ class Mesh:
             logger.debug("ad publish failed", exc_info=True)
 
     async def _publish_loop(self, host: MeshHost, topic: str) -> None:
+        known: set[str] = set()
+        next_periodic = 0.0
+        greet_at: float | None = None
         while True:
-            await self.publish_now(host, topic)
-            with trio.move_on_after(self.interval_s):
+            now = trio.current_time()
+            if now >= next_periodic or (greet_at is not None and now >= greet_at):
+                await self.publish_now(host, topic)
+                next_periodic = trio.current_time() + self.interval_s
+                greet_at = None
+            wake = min(next_periodic, greet_at or next_periodic, trio.current_time() + 0.5)
+            with trio.move_on_at(wake):
                 await self.capacity.changed.wait()
                 # Coalesce a burst of changes (a batch of tasks starting) into one ad.
                 await trio.sleep(CHANGE_COALESCE_S)
-            self.capacity.changed = trio.Event()
+                self.capacity.changed = trio.Event()
+                next_periodic = 0.0
+            # A member that just connected has none of our state: greet it once the gossip
+            # mesh has had a heartbeat to take it in, instead of after a full interval.
+            connected = set(host.connected_peers())
+            if connected - known and greet_at is None:
+                greet_at = trio.current_time() + GREET_DELAY_S
+            known = connected
 
     async def _expire_loop(self) -> None:
         while True:

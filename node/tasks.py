@@ -52,14 +52,13 @@ logger = logging.getLogger("teammesh.tasks")
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 WHERE = ("any", "local", "peers", "bridge")
 MAX_INPUT = tp.MAX_INLINE_INPUT
-STARTUP_GRACE_S = 3.0  # before "nobody runs kind X" is final, let the first ads arrive
 RETRY_BASE_S = 0.1
 RETRY_MAX_S = 5.0
 BREAKER_THRESHOLD = 3
 BREAKER_BASE_S = 2.0
 TARGET_QUEUED_MS = 20.0  # pipeline about this much work per peer slot beyond the running one
 MAX_PIPELINE = 64
-DEFAULT_KIND_MS = 10.0
+DEFAULT_KIND_MS = 1e9  # unknown duration: no pipelining until the first results teach us
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
 
 
@@ -225,6 +224,8 @@ class TaskService:
         self.running_by_kind: dict[str, int] = {}
         self._wake = trio.Event()
         self._started_at = 0.0
+        # before "nobody runs kind X" is final, every member has had time to advertise
+        self.startup_grace_s = float(cfg.get("gossip", "ad_interval_s")) + 1.0
         self.host: MeshHost | None = None
         self.watchers: dict[str, trio.MemorySendChannel[str]] = {}
         self.counters = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
@@ -292,8 +293,7 @@ class TaskService:
                     row = db.execute("SELECT output, executed_by FROM cache WHERE key=?",
                                      (self._cache_key(r),)).fetchone()
                     if row is not None:
-                        out = wire.unpack(bytes(row[0]))
-                        r.state, r.output, r.executed_by = "done", out["output"], row[1]
+                        r.state, r.output, r.executed_by = "done", _unpack_output(row[0]), row[1]
                         r.cached, r.started, r.finished = True, r.submitted, r.submitted
                         hits.append(r)
                 db.execute(
@@ -302,7 +302,7 @@ class TaskService:
                     " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (r.id, r.kind, r.version, r.input, json.dumps(r.params),
                      json.dumps(r.options), r.state, r.executed_by,
-                     wire.pack({"output": r.output}) if r.state == "done" else None, "[]",
+                     _pack_output(r.output) if r.state == "done" else None, "[]",
                      r.submitted, r.started, r.finished))
         self.counters["submitted"] += len(records)
         self.counters["cache_hits"] += len(hits)
@@ -397,11 +397,11 @@ class TaskService:
         conn.execute(
             "UPDATE tasks SET state=?, executed_by=?, output=?, error=?, attempts=?, started=?,"
             " finished=? WHERE id=?",
-            (state, executed_by, wire.pack({"output": output}), error,
+            (state, executed_by, _pack_output(output), error,
              json.dumps([a.to_json() for a in r.attempts]), r.started, r.finished, r.id))
         if (state == "done" and self.cache_enabled and not r.no_cache and r.replicas == 1):
             conn.execute("INSERT OR REPLACE INTO cache(key, output, executed_by, created)"
-                         " VALUES(?,?,?,?)", (self._cache_key(r), wire.pack({"output": output}),
+                         " VALUES(?,?,?,?)", (self._cache_key(r), _pack_output(output),
                                               executed_by, r.finished))
         r.notify()
         watcher = self.watchers.pop(r.id, None)
@@ -535,7 +535,10 @@ class TaskService:
                 return [], f"this node does not run kind {r.kind} (or has no slots)"
             return [], f"no member runs kind {r.kind}"
         if r.excluded and len(r.excluded) >= runners:
-            return [], f"every member that runs {r.kind} failed this task"
+            # Every runner failed it once: try them again (the retry budget still bounds
+            # this); a lost stream is usually a passing network event, not a bad peer.
+            r.excluded.clear()
+            return self._candidates(r, now)
         return [], f"all {matching_slots} matching slots busy"
 
     def _dispatch_once(self, nursery: trio.Nursery) -> None:
@@ -570,7 +573,7 @@ class TaskService:
             candidates, reason = self._candidates(r, now)
             if not candidates:
                 if reason.startswith("no member runs") or reason.startswith("this node does"):
-                    if uptime > STARTUP_GRACE_S:
+                    if uptime > self.startup_grace_s:
                         self._finalise(r, "failed", error=reason + self._known_kinds_hint())
                         continue
                     reason += " (waiting for peers to announce themselves)"
@@ -802,9 +805,17 @@ class TaskService:
         return task_routes(self, endpoint)
 
 
+def _pack_output(output: Any) -> bytes:
+    return wire.pack({"t": "output", "v": 1, "output": output})
+
+
+def _unpack_output(blob: Any) -> Any:
+    return wire.unpack(bytes(blob))["output"]
+
+
 def _row_json(row: Any) -> dict[str, Any]:
     opts = json.loads(row[8])
-    out = wire.unpack(bytes(row[5]))["output"] if row[5] is not None else None
+    out = _unpack_output(row[5]) if row[5] is not None else None
     return {"id": row[0], "kind": row[1], "version": row[2], "state": row[3],
             "executed_by": row[4], "output": json_safe(out), "error": row[6],
             "waiting_reason": None if row[3] in TERMINAL else "waiting to be resumed",

@@ -67,6 +67,11 @@ class TaskServer:
             session.alive = False
             if self.sessions.get(submitter) is session:
                 del self.sessions[submitter]
+            if session.results:
+                # finished but never sent: keep them for the submitter's re-assign
+                self.service.journal.db.executemany(
+                    "UPDATE exec SET state='done', result=? WHERE id=?",
+                    [(_pack_result(r), r.id) for r in session.results])
             await stream.close()
 
     async def _reader(self, session: _Session, submitter: str) -> None:
@@ -106,7 +111,7 @@ class TaskServer:
                         refused.append((spec.id, "duplicate", "task id used by another member"))
                     elif row[0] == "done" and row[1] is not None:
                         accepted.append(spec.id)
-                        replay.append(TaskResult.from_wire(wire.unpack(bytes(row[1]))))
+                        replay.append(_unpack_result(row[1]))
                     else:
                         accepted.append(spec.id)  # already running here: its result will come
                     continue
@@ -140,7 +145,7 @@ class TaskServer:
             # nobody to send it to now: keep it for the submitter's re-assign
             self.service.journal.db.execute(
                 "UPDATE exec SET state='done', result=? WHERE id=?",
-                (wire.pack(result.to_wire()), job.spec.id))
+                (_pack_result(result), job.spec.id))
 
     async def _writer(self, session: _Session) -> None:
         identity = self.service.identity
@@ -154,9 +159,18 @@ class TaskServer:
                 with self.service.journal.transaction() as db:
                     db.executemany(
                         "UPDATE exec SET state='done', result=? WHERE id=?",
-                        [(wire.pack(r.to_wire()), r.id) for r in results])
+                        [(_pack_result(r), r.id) for r in results])
                 for i in range(0, len(results), tp.MAX_BATCH):
                     frames.append(tp.seal_results(identity, submitter,
                                                   results[i:i + tp.MAX_BATCH]))
             if frames:
                 await session.stream.write(b"".join(frames))
+
+
+def _pack_result(result: TaskResult) -> bytes:
+    return wire.pack({"t": "result", "v": 1, **result.to_wire()})
+
+
+def _unpack_result(blob: object) -> TaskResult:
+    assert isinstance(blob, bytes)
+    return TaskResult.from_wire(wire.unpack(blob))

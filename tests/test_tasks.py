@@ -1,0 +1,167 @@
+"""Issue 5 acceptance: tasks across real daemons, failures, journal recovery."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from meshtools import mesh, run_cli, wait_for_full_mesh, wait_until
+
+from teammesh.client import Client
+
+
+def _sha_tasks(n: int, tag: str = "") -> tuple[list[bytes], list[dict[str, Any]]]:
+    inputs = [os.urandom(1024) for _ in range(n)]
+    bodies = [{"kind": "hash.sha256", "input_b64": base64.b64encode(x).decode(),
+               "tag": f"{tag}{i}", "no_cache": True} for i, x in enumerate(inputs)]
+    return inputs, bodies
+
+
+def test_200_tasks_spread_over_peers(tmp_path: Path) -> None:
+    with mesh(tmp_path, 3, slots=[0, 1, 1]) as nodes:
+        wait_for_full_mesh(nodes)
+        inputs, bodies = _sha_tasks(200)
+        with Client.from_home(nodes[0].home, timeout=120) as c:
+            results = c.request("POST", "/v1/tasks/batch", json={"tasks": bodies, "wait": True})
+        assert [r["output"] for r in results] == [hashlib.sha256(x).hexdigest() for x in inputs]
+        by = {r["executed_by"] for r in results}
+        assert by == {nodes[1].peer_id, nodes[2].peer_id}
+        # the journal has them all
+        listed = nodes[0].cli("task", "list", "--limit", "500")
+        assert len([t for t in listed if t["state"] == "done"]) == 200
+
+
+def test_local_first_then_kind_nobody_runs(tmp_path: Path) -> None:
+    with mesh(tmp_path, 2, slots=[1, 1]) as nodes:
+        wait_for_full_mesh(nodes)
+        data = tmp_path / "in.bin"
+        data.write_bytes(b"abc")
+        task = json.loads(run_cli(nodes[0].home, "submit", "hash.sha256", "--input", str(data),
+                                  "--wait", "--json").stdout)
+        assert task["output"] == hashlib.sha256(b"abc").hexdigest()
+        assert task["executed_by"] == "local"
+        t0 = time.monotonic()
+        proc = run_cli(nodes[0].home, "submit", "no.such.kind", "--wait", check=False)
+        assert proc.returncode == 1 and "no member runs kind no.such.kind" in proc.stderr
+        assert time.monotonic() - t0 < 5
+
+
+def test_sleep_beyond_slots_queues_and_finishes(tmp_path: Path) -> None:
+    with mesh(tmp_path, 3, slots=[0, 1, 1]) as nodes:
+        wait_for_full_mesh(nodes)
+        bodies = [{"kind": "sleep", "params": {"seconds": 1}, "no_cache": True, "tag": i}
+                  for i in range(5)]
+        with Client.from_home(nodes[0].home) as c:
+            first = c.submit_batch(bodies)
+            # with two 1-slot peers busy, someone waits and says why
+            wait_until(lambda: any((c.task(t["id"]).get("waiting_reason") or "")
+                                   for t in first), 5, what="a waiting reason")
+            reasons = {c.task(t["id"]).get("waiting_reason") for t in first} - {None}
+            assert any("slots busy" in r or "queued" in r for r in reasons), reasons
+            done = [c.task(t["id"], wait=20) for t in first]
+        assert all(t["state"] == "done" for t in done)
+        assert {t["executed_by"] for t in done} == {nodes[1].peer_id, nodes[2].peer_id}
+
+
+def test_kill_executor_mid_batch_every_task_once(tmp_path: Path) -> None:
+    with mesh(tmp_path, 3, slots=[0, 1, 1]) as nodes:
+        wait_for_full_mesh(nodes)
+        bodies = [{"kind": "sleep", "params": {"seconds": 0.2}, "no_cache": True, "tag": i}
+                  for i in range(30)]
+        with Client.from_home(nodes[0].home, timeout=120) as c:
+            submitted = c.submit_batch(bodies)
+            wait_until(lambda: sum(1 for t in c.tasks(limit=100) if t["state"] == "done") >= 3,
+                       20, what="some tasks to finish")
+            nodes[1].kill9()
+            final = [c.task(t["id"], wait=60) for t in submitted]
+        assert all(t["state"] == "done" for t in final), [t["error"] for t in final]
+        ids = [t["id"] for t in final]
+        assert len(set(ids)) == 30
+        # tasks that were on the killed node were retried on the survivor
+        retried = [t for t in final if len(t["attempts"]) > 1]
+        assert retried and all(t["executed_by"] == nodes[2].peer_id for t in retried)
+
+
+def test_kill_submitter_mid_batch_then_resume(tmp_path: Path) -> None:
+    with mesh(tmp_path, 2, slots=[0, 2]) as nodes:
+        wait_for_full_mesh(nodes)
+        bodies = [{"kind": "sleep", "params": {"seconds": 0.3}, "no_cache": True, "tag": i}
+                  for i in range(20)]
+        with Client.from_home(nodes[0].home) as c:
+            submitted = c.submit_batch(bodies)
+            wait_until(lambda: any(t["state"] == "done" for t in c.tasks(limit=100)), 20,
+                       what="a first result")
+        nodes[0].kill9()
+        nodes[0].start()
+        with Client.from_home(nodes[0].home, timeout=120) as c:
+            listed = {t["id"] for t in c.tasks(limit=100)}
+            assert {t["id"] for t in submitted} <= listed
+            final = [c.task(t["id"], wait=60) for t in submitted]
+        assert all(t["state"] == "done" for t in final), [t["error"] for t in final]
+
+
+def test_replicas_agree_and_cache(tmp_path: Path) -> None:
+    with mesh(tmp_path, 3, slots=[0, 1, 1]) as nodes:
+        wait_for_full_mesh(nodes)
+        with Client.from_home(nodes[0].home) as c:
+            t = c.submit("hash.sha256", b"replicated", replicas=2, wait=True)
+            assert t["state"] == "done"
+            assert set(t["executed_by"].split(",")) == {nodes[1].peer_id, nodes[2].peer_id}
+            a = c.submit("text.stats", b"one two two", wait=True)
+            b = c.submit("text.stats", b"one two two", wait=True)
+            assert b["cached"] and b["output"] == a["output"]
+            d = c.submit("text.stats", b"one two two", wait=True, no_cache=True)
+            assert not d["cached"]
+
+
+def test_task_limits_and_cancel(tmp_path: Path) -> None:
+    with mesh(tmp_path, 1, slots=[1]) as (node,):
+        with Client.from_home(node.home) as c:
+            t = c.submit("sleep", params={"seconds": 5}, timeout_s=0.5, wait=True)
+            assert t["state"] == "failed" and "timed out" in t["error"]
+            bad = c.submit("hash.blake2b", b"x", params={"digest_size": 999}, wait=True)
+            assert bad["state"] == "failed" and "digest_size" in bad["error"]
+            long = c.submit("sleep", params={"seconds": 30})
+            wait_until(lambda: c.task(long["id"])["state"] == "running", 5, what="running")
+            c.cancel(long["id"])
+            assert c.task(long["id"])["state"] == "cancelled"
+            # the node carries on
+            ok = c.submit("hash.sha256", b"after", wait=True)
+            assert ok["state"] == "done"
+
+
+def test_workflow_example_runs(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "workflow.toml"
+    with mesh(tmp_path, 2, slots=[0, 2]) as nodes:
+        wait_for_full_mesh(nodes)
+        out = json.loads(run_cli(nodes[0].home, "workflow", "run", str(example), "--json",
+                                 timeout=120).stdout)
+        assert out["state"] == "done"
+        assert out["steps"]["stats"]["output"]["mean"] == 4.0
+        assert out["steps"]["digest"]["output"] == hashlib.sha256(
+            (example.parent / "data.txt").read_bytes()).hexdigest()
+
+
+def test_batch_cli_streams_json_lines(tmp_path: Path) -> None:
+    with mesh(tmp_path, 2, slots=[0, 1]) as nodes:
+        wait_for_full_mesh(nodes)
+        (tmp_path / "x.txt").write_text("hello world")
+        lines = [{"kind": "hash.sha256", "input": "x.txt", "tag": "a"},
+                 {"kind": "text.stats", "input": "x.txt", "tag": {"n": 2}},
+                 {"kind": "np.stats", "params": {"values": [1, 2, 3]}, "tag": 3}]
+        f = tmp_path / "batch.jsonl"
+        f.write_text("\n".join(json.dumps(x) for x in lines))
+        proc = run_cli(nodes[0].home, "batch", str(f), "--json")
+        out = [json.loads(x) for x in proc.stdout.splitlines()]
+        by_tag = {json.dumps(o["tag"]): o for o in out}
+        assert by_tag['"a"']["output"] == hashlib.sha256(b"hello world").hexdigest()
+        assert by_tag['{"n": 2}']["output"]["words"] == 2
+        assert by_tag["3"]["output"]["mean"] == 2.0
+        assert all(o["executed_by"] == nodes[1].peer_id and o["state"] == "done" for o in out)
+
+
