@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from meshtools import mesh, wait_for_full_mesh  # noqa: E402
+from meshtools import mesh, wait_for_full_mesh
 
 
 def percentile(values: list[float], q: float) -> float:

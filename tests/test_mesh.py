@@ -18,8 +18,10 @@ def test_init_is_idempotent_and_private(tmp_path: Path) -> None:
     home = tmp_path / "h"
     first = json.loads(run_cli(home, "init", "--json").stdout)
     again = json.loads(run_cli(home, "init", "--json").stdout)
-    assert first["created"] is True and again["created"] is False
-    assert first["peer_id"] == again["peer_id"] and first["peer_id"].startswith("12D3KooW")
+    assert first["created"] is True
+    assert again["created"] is False
+    assert first["peer_id"] == again["peer_id"]
+    assert first["peer_id"].startswith("12D3KooW")
     for name in ("identity.key", "api.token"):
         mode = stat.S_IMODE((home / name).stat().st_mode)
         assert mode == 0o600, (name, oct(mode))
@@ -31,22 +33,28 @@ def test_config_errors_name_key_and_fix(tmp_path: Path) -> None:
     (home / "config.toml").write_text("[node]\nslots = \"many\"\n")
     proc = run_cli(home, "up", check=False, timeout=30)
     assert proc.returncode == 1
-    assert "node.slots" in proc.stderr and "integer" in proc.stderr
+    assert "node.slots" in proc.stderr
+    assert "integer" in proc.stderr
     assert "Traceback" not in proc.stderr
     (home / "config.toml").write_text("")
     env = {**os.environ, "TEAMMESH_NODE_SLOTS": "-3"}
     proc = subprocess.run([*CLI, "--home", str(home), "up"], capture_output=True, text=True,
                           env=env, timeout=30)
-    assert proc.returncode == 1 and "TEAMMESH_NODE_SLOTS" in proc.stderr
+    assert proc.returncode == 1
+    assert "TEAMMESH_NODE_SLOTS" in proc.stderr
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     home = init_home(tmp_path / "h")
     proc = run_cli(home, "status", check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip().count("\n") == 0 and "teammesh" in proc.stderr and "up" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert "teammesh" in proc.stderr
+    assert "up" in proc.stderr
     proc = run_cli(home, "join", "not-an-invite", check=False)
-    assert proc.returncode == 1 and "invite" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    assert "invite" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_three_nodes_form_a_team_mesh(tmp_path: Path) -> None:
@@ -62,9 +70,11 @@ def test_three_nodes_form_a_team_mesh(tmp_path: Path) -> None:
         st = nodes[1].cli("status")
         assert st["peer_id"] == nodes[1].peer_id
         assert all(a.endswith("/p2p/" + st["peer_id"]) for a in st["addrs"])
-        assert st["team"]["name"] == "testteam" and st["slots"] == 2
+        assert st["team"]["name"] == "testteam"
+        assert st["slots"] == 2
         assert st["api"].startswith("http://127.0.0.1:")
-        assert "reachable" in st["reachability"] and "observed_addrs" in st["reachability"]
+        assert "reachable" in st["reachability"]
+        assert "observed_addrs" in st["reachability"]
         # node 0 was dialled by the others: it has seen inbound connections
         assert nodes[0].cli("status")["reachability"]["inbound_connections"] >= 1
 
@@ -76,7 +86,8 @@ def test_invite_is_one_time_and_expires(tmp_path: Path) -> None:
         b = init_home(tmp_path / "b")
         run_cli(a, "join", invite)
         proc = run_cli(b, "join", invite, check=False)
-        assert proc.returncode == 1 and "already used" in proc.stderr
+        assert proc.returncode == 1
+        assert "already used" in proc.stderr
     # the admin is gone: a fresh invite cannot be redeemed
     c = init_home(tmp_path / "c")
     proc = run_cli(c, "join", invite, check=False)
@@ -90,7 +101,8 @@ def test_join_fails_clearly_when_admin_is_down(tmp_path: Path) -> None:
     t0 = time.monotonic()
     proc = run_cli(home, "join", invite, check=False)
     assert proc.returncode == 1
-    assert "no admin reachable" in proc.stderr and "teammesh up" in proc.stderr
+    assert "no admin reachable" in proc.stderr
+    assert "teammesh up" in proc.stderr
     assert time.monotonic() - t0 < 30
 
 
@@ -153,7 +165,8 @@ def test_api_requires_token_and_serves_openapi(tmp_path: Path) -> None:
         assert httpx.get(f"{url}/v1/status",
                          headers={"authorization": "Bearer wrong"}).status_code == 401
         spec = httpx.get(f"{url}/openapi.json").json()
-        assert "/v1/status" in spec["paths"] and "/v1/peers" in spec["paths"]
+        assert "/v1/status" in spec["paths"]
+        assert "/v1/peers" in spec["paths"]
         token = (node.home / "api.token").read_text().strip()
         r = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {token}"})
         assert "teammesh_peers_live" in r.text
