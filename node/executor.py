@@ -39,6 +39,7 @@ class Job:
     spec: TaskSpec
     submitter: str
     deliver: Callable[[Job, TaskResult], None]
+    on_start: Callable[[Job], None] | None = None
     cancelled: bool = False
     started: float | None = None
     order: int = 0
@@ -204,6 +205,8 @@ class Executor:
         for i, job in enumerate(batch):
             slot.current = job
             job.started = trio.current_time()
+            if job.on_start is not None:
+                job.on_start(job)
             self._update_capacity()
             timeout = (job.spec.timeout_ms / 1000) if job.spec.timeout_ms > 0 else \
                 self.default_timeout_s

@@ -41,7 +41,7 @@ from teammesh.protocols.tasks import TaskResult, TaskSpec
 
 from .executor import Executor, Job
 from .host import STREAM_ERRORS, DialError, MeshHost, Stream
-from .protocol_ids import TASKS
+from .protocol_ids import OFFER, TASKS, tasks_topic
 from .taskserver import TaskServer
 
 if TYPE_CHECKING:
@@ -228,8 +228,15 @@ class TaskService:
         self.startup_grace_s = float(cfg.get("gossip", "ad_interval_s")) + 1.0
         self.host: MeshHost | None = None
         self.watchers: dict[str, trio.MemorySendChannel[str]] = {}
+        self.offer_window_s = float(cfg.get("scheduler", "offer_window_s"))
+        self.offers: dict[str, tuple[str, int, float]] = {}  # peer -> (kind, free, until)
+        self.waiting_since: dict[tuple[str, str], float] = {}  # (kind, version) -> first wait
+        self.last_call: dict[tuple[str, str], float] = {}
+        self.calls_to_publish: list[tuple[str, str, int]] = []
+        self._calls_wake = trio.Event()
         self.counters = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
-                         "retries": 0, "rejected_results": 0, "cache_hits": 0}
+                         "retries": 0, "rejected_results": 0, "cache_hits": 0,
+                         "calls_published": 0, "offers_received": 0, "offers_sent": 0}
 
     # --- submission ---------------------------------------------------------------------
     def _spec_from_request(self, body: dict[str, Any]) -> TaskRecord:
@@ -518,6 +525,9 @@ class TaskService:
                 link = self.links.get(peer)
                 inflight = len(link.inflight) if link else 0
                 window = ad.slots * (1 + self._pipeline(r.kind))
+                offered = self._offered(peer, r.kind, now)
+                if offered:
+                    window = max(window, inflight + offered)
                 if inflight >= window:
                     continue
                 rtt = link.rtt_ms if link else 5.0
@@ -528,6 +538,17 @@ class TaskService:
                          + w.get("cost", 20) / (1 + ad.cost)
                          + w.get("health", 10) * health) * (1 - inflight / window)
                 out.append((score, peer))
+        if r.where in ("any", "peers"):
+            # members that answered an open call but whose ad we have not seen
+            for peer, (kind, free, until) in self.offers.items():
+                if kind != r.kind or until <= now or peer in taken or peer in r.excluded:
+                    continue
+                if self.node.mesh.table.get(peer, now) is not None:
+                    continue
+                runners += 1
+                link = self.links.get(peer)
+                if (len(link.inflight) if link else 0) < free:
+                    out.append((1.0, peer))
         if out:
             return out, ""
         if runners == 0:
@@ -579,7 +600,9 @@ class TaskService:
                     reason += " (waiting for peers to announce themselves)"
                 deferred.append(r)
                 self._set_reason(r, reason, reasons_changed)
+                self._note_waiting(r, now)
                 continue
+            self.waiting_since.pop((r.kind, r.version), None)
             candidates.sort(reverse=True)
             chosen = [p for _, p in candidates[:needed]]
             for peer in chosen:
@@ -594,6 +617,21 @@ class TaskService:
             r.notify()
         for r in local_batch:
             self._run_local(r)
+
+    def _offered(self, peer: str, kind: str, now: float) -> int:
+        offer = self.offers.get(peer)
+        if offer is None or offer[0] != kind or offer[2] <= now:
+            return 0
+        return offer[1]
+
+    def _note_waiting(self, r: TaskRecord, now: float) -> None:
+        """Tasks of a kind waited past the offer window: ask the team (open call)."""
+        key = (r.kind, r.version)
+        since = self.waiting_since.setdefault(key, now)
+        if now - since >= self.offer_window_s and now - self.last_call.get(key, -1e9) >= 1.0:
+            self.last_call[key] = now
+            self.calls_to_publish.append((r.kind, r.version, 1))
+            self._calls_wake.set()
 
     def _known_kinds_hint(self) -> str:
         names: set[str] = set(self.kinds)
@@ -627,6 +665,7 @@ class TaskService:
         timeout = r.timeout_s or self.default_timeout_s
         link.send(TaskSpec(r.id, r.kind, r.version, r.input, r.params, int(timeout * 1000),
                            r.priority), r)
+        r.waiting_reason = f"queued on {peer}" if r.replicas == 1 else None
         link.sent_at[r.id] = trio.current_time()
 
     def _run_local(self, r: TaskRecord) -> None:
@@ -716,8 +755,12 @@ class TaskService:
                     self.breakers.setdefault(link.peer, Breaker()).success()
                     link.send_control(tp.ack([res.id for res in results]))
                     self._wake.set()
-                elif t == "offer":
-                    self._wake.set()
+                elif t == "progress":
+                    for tid in tp.id_list(m):
+                        r = link.inflight.get(tid)
+                        if r is not None and r.state == "running":
+                            r.waiting_reason = None
+                            r.notify()
 
     # --- service --------------------------------------------------------------------------
     def _resume_from_journal(self) -> int:
@@ -750,10 +793,77 @@ class TaskService:
         resumed = self._resume_from_journal()
         if resumed:
             logger.info("resuming %d unfinished tasks from the journal", resumed)
-        async with trio.open_nursery() as nursery:
+        host.set_handler(OFFER, self._handle_offer)
+        team, _ = self.node.membership.require_team()
+        topic = tasks_topic(team.team_id)
+        host.set_validator(topic, self._validate_call)
+        async with host.subscribe(topic) as calls, trio.open_nursery() as nursery:
             await nursery.start(self.executor.run)
             nursery.start_soon(self._dispatch_loop, nursery)
+            nursery.start_soon(self._publish_calls, host, topic)
             task_status.started()
+            async for origin, data in calls:
+                self._on_call(origin, data, nursery)
+
+    # --- open calls and offers ---------------------------------------------------------------
+    def _validate_call(self, origin: str, forwarder: str, data: bytes) -> bool:
+        membership = self.node.membership
+        if not (membership.is_member(origin) and membership.is_member(forwarder)):
+            return False
+        try:
+            m = wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES)
+            return m["t"] == "call" and isinstance(m.get("kind"), str)
+        except RemoteProtocolError:
+            return False
+
+    def _on_call(self, origin: str, data: bytes, nursery: trio.Nursery) -> None:
+        if origin == self.identity.peer_id:
+            return
+        m = wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES)
+        kind = self.kinds.get(str(m.get("kind")))
+        cap = self.node.capacity
+        free = cap.slots - cap.busy - cap.queue
+        if kind is None or kind.version != m.get("ver") or free <= 0:
+            return
+        nursery.start_soon(self._send_offer, origin, str(m.get("call", "")), kind.name, free)
+
+    async def _send_offer(self, peer: str, call_id: str, kind: str, free: int) -> None:
+        assert self.host is not None
+        try:
+            with trio.fail_after(5):
+                stream = await self.host.open_stream(peer, OFFER)
+                await stream.write(tp.offer(call_id[:64], kind, free))
+                await stream.close()
+            self.counters["offers_sent"] += 1
+        except (DialError, trio.TooSlowError, *STREAM_ERRORS) as exc:
+            logger.debug("offer to %s failed: %s", peer, exc)
+
+    async def _handle_offer(self, stream: Stream) -> None:
+        from .membership import read_message
+
+        with trio.fail_after(5):
+            m = await read_message(stream, 4096)
+        await stream.close()
+        if m["t"] != "offer":
+            raise RemoteProtocolError("expected an offer")
+        kind = wire.field_str(m, "kind", max_len=128)
+        free = max(0, min(wire.field_int(m, "free"), 1024))
+        until = trio.current_time() + max(self.offer_window_s, 1.0)
+        self.offers[stream.peer_id] = (kind, free, until)
+        self.counters["offers_received"] += 1
+        self._wake.set()
+
+    async def _publish_calls(self, host: MeshHost, topic: str) -> None:
+        while True:
+            await self._calls_wake.wait()
+            self._calls_wake = trio.Event()
+            calls, self.calls_to_publish = self.calls_to_publish, []
+            for kind, version, count in calls:
+                try:
+                    await host.publish(topic, tp.call(new_task_id(), kind, version, count))
+                    self.counters["calls_published"] += 1
+                except STREAM_ERRORS:
+                    logger.debug("call publish failed", exc_info=True)
 
     async def _dispatch_loop(self, nursery: trio.Nursery) -> None:
         while True:

@@ -31,12 +31,17 @@ class _Session:
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.results: list[TaskResult] = []
+        self.started: list[str] = []
         self.frames: list[bytes] = []
         self.wake = trio.Event()
         self.alive = True
 
     def push_result(self, result: TaskResult) -> None:
         self.results.append(result)
+        self.wake.set()
+
+    def push_started(self, task_id: str) -> None:
+        self.started.append(task_id)
         self.wake.set()
 
     def push_frame(self, frame: bytes) -> None:
@@ -132,10 +137,15 @@ class TaskServer:
                 db.execute("INSERT INTO exec(id, submitter, state, updated) VALUES(?,?,?,?)",
                            (spec.id, submitter, "accepted", trio.current_time()))
                 accepted.append(spec.id)
-                executor.submit_nowait(Job(spec, submitter, self._done))
+                executor.submit_nowait(Job(spec, submitter, self._done, self._started))
         session.push_frame(tp.accepted(accepted, refused))
         for res in replay:
             session.push_result(res)
+
+    def _started(self, job: Job) -> None:
+        session = self.sessions.get(job.submitter)
+        if session is not None and session.alive:
+            session.push_started(job.spec.id)
 
     def _done(self, job: Job, result: TaskResult) -> None:
         session = self.sessions.get(job.submitter)
@@ -155,6 +165,11 @@ class TaskServer:
             session.wake = trio.Event()
             frames, session.frames = session.frames, []
             results, session.results = session.results, []
+            started, session.started = session.started, []
+            done_ids = {r.id for r in results}
+            started = [i for i in started if i not in done_ids]  # the result says more
+            if started:
+                frames.append(tp.progress(started, "running"))
             if results:
                 with self.service.journal.transaction() as db:
                     db.executemany(

@@ -11,10 +11,14 @@ to E on ``/teammesh/tasks/1.0.0`` carries both directions):
 - E → S ``results``: a batch of results sealed (signed) once by E. Each result carries
   the sha256 digest of its packed output; S checks the seal's signer is the peer at the
   other end of the stream, and every digest, before it believes anything.
+- E → S ``progress``: these ids started running on a worker (until then they wait in
+  E's queue); S shows it in the task's state.
 - S → E ``ack``: S has journaled these results; E may forget them.
 - S → E ``cancel``: stop these ids if they have not finished.
-- Open calls (gossip, ``call``): "who can run kind K?"; members with free slots answer
-  with an ``offer`` on the tasks stream they open to the caller.
+- Open calls (gossip, ``call``): "who can run kind K?", published when tasks have waited
+  longer than the offer window; members with free slots answer with an ``offer`` on a
+  ``/teammesh/offer/1.0.0`` stream they open to the caller. An offer is fresher than any
+  ad: the caller counts the offered slots as room for one offer window.
 """
 
 from __future__ import annotations
@@ -134,6 +138,11 @@ def open_results(sealed: bytes, executor: str, submitter: str) -> list[TaskResul
             raise ResultRejected(f"result {r.id} from {executor} does not match its digest")
         out.append(r)
     return out
+
+
+def progress(ids: list[str], state: str) -> bytes:
+    """E → S: these tasks changed state on the executor (``running``: a worker took them)."""
+    return wire.frame_message({"t": "progress", "v": 1, "ids": ids, "state": state})
 
 
 def ack(ids: list[str]) -> bytes:

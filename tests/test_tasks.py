@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from meshtools import mesh, run_cli, wait_for_full_mesh, wait_until
 
 from teammesh.client import Client
@@ -67,6 +68,11 @@ def test_sleep_beyond_slots_queues_and_finishes(tmp_path: Path) -> None:
             done = [c.task(t["id"], wait=20) for t in first]
         assert all(t["state"] == "done" for t in done)
         assert {t["executed_by"] for t in done} == {nodes[1].peer_id, nodes[2].peer_id}
+        # tasks waited longer than the offer window: the submitter asked the team
+        metrics = httpx.get(f"{nodes[0].api['url']}/metrics", headers={
+            "authorization": f"Bearer {(nodes[0].home / 'api.token').read_text().strip()}"}).text
+        assert "teammesh_tasks_calls_published_total 0" not in metrics
+        assert "teammesh_tasks_calls_published_total" in metrics
 
 
 def test_kill_executor_mid_batch_every_task_once(tmp_path: Path) -> None:
