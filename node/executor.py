@@ -208,8 +208,10 @@ class Executor:
             if job.on_start is not None:
                 job.on_start(job)
             self._update_capacity()
-            timeout = (job.spec.timeout_ms / 1000) if job.spec.timeout_ms > 0 else \
-                self.default_timeout_s
+            # a submitter may ask for less time than our operator allows, never more
+            timeout = self.default_timeout_s
+            if job.spec.timeout_ms > 0:
+                timeout = min(timeout, job.spec.timeout_ms / 1000)
             msg: wire.Message | None = None
             died: int | None = None
             with trio.CancelScope() as scope:

@@ -716,10 +716,8 @@ class TaskService:
             frames = link.control
             link.control = []
             if link.outgoing:
-                batch, link.outgoing = link.outgoing[:tp.MAX_BATCH], link.outgoing[tp.MAX_BATCH:]
-                frames.append(tp.assign(batch))
-                if link.outgoing:
-                    link.wake.set()
+                batch, link.outgoing = link.outgoing, []
+                frames.extend(tp.assign(part) for part in tp.chunks(batch, lambda t: t.size_hint))
             if frames:
                 await stream.write(b"".join(frames))
 

@@ -91,7 +91,9 @@ class TaskServer:
                     self._on_assign(session, submitter, m)
                 elif m["t"] == "cancel":
                     for tid in tp.id_list(m):
-                        self.service.executor.cancel(tid)
+                        job = self.service.executor.by_id.get(tid)
+                        if job is not None and job.submitter == submitter:  # only its own
+                            self.service.executor.cancel(tid)
                 elif m["t"] == "ack":
                     ids = tp.id_list(m)
                     with self.service.journal.transaction() as db:
@@ -175,9 +177,8 @@ class TaskServer:
                     db.executemany(
                         "UPDATE exec SET state='done', result=? WHERE id=?",
                         [(_pack_result(r), r.id) for r in results])
-                for i in range(0, len(results), tp.MAX_BATCH):
-                    frames.append(tp.seal_results(identity, submitter,
-                                                  results[i:i + tp.MAX_BATCH]))
+                for chunk in tp.chunks(results, lambda r: r.size_hint):
+                    frames.append(tp.seal_results(identity, submitter, chunk))
             if frames:
                 await session.stream.write(b"".join(frames))
 

@@ -24,8 +24,9 @@ to E on ``/teammesh/tasks/1.0.0`` carries both directions):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from . import wire
 from .envelope import open_sealed, seal
@@ -35,6 +36,23 @@ from .identity import Identity
 DOMAIN_RESULTS = "results"
 MAX_BATCH = 4096
 MAX_INLINE_INPUT = 4 * 1024 * 1024
+BATCH_BYTES = 2 * 1024 * 1024  # keep every frame well under wire.MAX_FRAME_BYTES
+T = TypeVar("T")
+
+
+def chunks(items: list[T], size: Callable[[T], int]) -> Iterator[list[T]]:
+    """Split a batch so each part holds at most MAX_BATCH items and about BATCH_BYTES."""
+    part: list[T] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if part and (len(part) >= MAX_BATCH or total + n > BATCH_BYTES):
+            yield part
+            part, total = [], 0
+        part.append(item)
+        total += n
+    if part:
+        yield part
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +64,10 @@ class TaskSpec:
     params: dict[str, Any]
     timeout_ms: int
     priority: int = 0
+
+    @property
+    def size_hint(self) -> int:
+        return len(self.input) + 256
 
     def to_wire(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "ver": self.version, "input": self.input,
@@ -73,6 +95,14 @@ class TaskResult:
     digest: bytes
     wall_ms: float
     cpu_ms: float
+
+    @property
+    def size_hint(self) -> int:
+        out = self.output
+        n = len(out) if isinstance(out, (bytes, str)) else 0
+        if n == 0 and out is not None and not isinstance(out, (int, float, bool)):
+            n = len(wire.pack({"o": out}))
+        return n + 256
 
     def to_wire(self) -> dict[str, Any]:
         return {"id": self.id, "ok": self.ok, "output": self.output, "error": self.error,

@@ -3,7 +3,8 @@
 Invariants:
 - A frame is an unsigned LEB128 varint length followed by that many bytes of msgpack.
 - Every message is a msgpack map with string keys, a ``t`` (type) string and a ``v``
-  (version) integer. Unknown types and versions are rejected here, not in handlers.
+  (version) integer. Unknown versions are rejected here; each protocol's handler decides
+  what an unknown ``t`` means (ignored on the tasks stream, rejected elsewhere).
 - Size limits are enforced before any allocation proportional to the claimed size.
 """
 
@@ -78,7 +79,8 @@ def unpack(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
         raise MalformedMessage("message is not a map")
     if not isinstance(obj.get("t"), str):
         raise MalformedMessage("message has no type field 't'")
-    if obj.get("v") != WIRE_VERSION:
+    v = obj.get("v")
+    if type(v) is not int or v != WIRE_VERSION:  # True and 1.0 are not versions
         raise MalformedMessage(f"unsupported message version {obj.get('v')!r}")
     return obj
 
