@@ -128,6 +128,14 @@ def build_app(node: Node) -> Starlette:
         node.mesh.forget(peer)
         return {"revoked": peer}
 
+    async def capacity(request: Request) -> Any:
+        body = await json_body(request)
+        slots = body.get("slots")
+        if not isinstance(slots, int) or not 0 <= slots <= 1024:
+            raise TeammeshError("slots must be an integer from 0 to 1024")
+        node.set_slots(slots)
+        return {"slots": node.capacity.slots}
+
     async def stop(request: Request) -> Any:
         node.stop_requested.set()
         return {"stopping": True}
@@ -166,6 +174,7 @@ def build_app(node: Node) -> Starlette:
         Route("/v1/team", endpoint(team)),
         Route("/v1/team/invite", endpoint(invite), methods=["POST"]),
         Route("/v1/team/revoke", endpoint(revoke), methods=["POST"]),
+        Route("/v1/capacity", endpoint(capacity), methods=["POST"]),
         Route("/v1/stop", endpoint(stop), methods=["POST"]),
     ]
     if node.tasks is not None:

@@ -71,6 +71,14 @@ class Node:
         self.stop_requested = trio.Event()
         self.tasks: Any = None  # the task service, when it is running
 
+    def set_slots(self, slots: int) -> None:
+        """Change the slots offered to the team (advertised at once)."""
+        if self.tasks is not None:
+            self.tasks.executor.resize(slots)
+        else:
+            self.capacity.slots = slots
+        self.capacity.notify()
+
     def status(self) -> dict[str, Any]:
         host = self.host
         assert host is not None

@@ -56,6 +56,7 @@ class _Slot:
     proc: Any = None
     decoder: wire.FrameDecoder = field(default_factory=wire.FrameDecoder)
     pending: list[wire.Message] = field(default_factory=list)
+    retired: bool = False
 
 
 class WorkerDied(Exception):
@@ -74,6 +75,7 @@ class Executor:
         self._order = itertools.count()
         self._wake = trio.Event()
         self._slots: list[_Slot] = []
+        self._resize = trio.Event()
         self.by_id: dict[str, Job] = {}
         self.completed = 0
         self.failed = 0
@@ -124,24 +126,41 @@ class Executor:
     def _fail(self, job: Job, error: str, wall_ms: float = 0.0) -> None:
         self._finish(job, make_result(job.spec.id, False, None, error, wall_ms, 0.0))
 
-    async def _take_batch(self) -> list[Job]:
-        while True:
+    async def _take_batch(self, slot: _Slot) -> list[Job]:
+        while not slot.retired:
             while self._heap and self._heap[0].cancelled:
                 self._fail(heapq.heappop(self._heap), "cancelled")
             if self._heap:
-                n = max(1, min(MAX_WORKER_BATCH, math.ceil(len(self._heap) / self.slots)))
+                n = max(1, min(MAX_WORKER_BATCH,
+                               math.ceil(len(self._heap) / max(1, self.slots))))
                 batch = [heapq.heappop(self._heap) for _ in range(min(n, len(self._heap)))]
                 return [j for j in batch if not j.cancelled or self._fail(j, "cancelled")]
             await self._wake.wait()
             self._wake = trio.Event()
+            if slot.retired:
+                self._wake.set()  # pass the wake-up on to a live slot
+        return []
+
+    def resize(self, slots: int) -> None:
+        """Grow or shrink the pool; a removed slot finishes its current batch first."""
+        self.capacity.slots = slots
+        self._resize.set()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            for i in range(self.slots):
-                slot = _Slot(i)
-                self._slots.append(slot)
-                nursery.start_soon(self._run_slot, slot)
             task_status.started()
+            while True:
+                while len(self._slots) < self.slots:
+                    slot = _Slot(len(self._slots))
+                    self._slots.append(slot)
+                    nursery.start_soon(self._run_slot, slot)
+                while len(self._slots) > self.slots:
+                    slot = self._slots.pop()
+                    slot.retired = True
+                self._wake.set()
+                await self._resize.wait()
+                self._resize = trio.Event()
+
 
     async def _spawn(self) -> Any:
         env = dict(os.environ)
@@ -184,8 +203,8 @@ class Executor:
 
     async def _run_slot(self, slot: _Slot) -> None:
         try:
-            while True:
-                batch = await self._take_batch()
+            while not slot.retired:
+                batch = await self._take_batch(slot)
                 if not batch:
                     continue
                 if slot.proc is None:

@@ -121,6 +121,7 @@ class TaskRecord:
     retries: int = 0
     not_before: float = 0.0
     deadline: float | None = None
+    waiting_since: float | None = None
     changed: trio.Event = field(default_factory=trio.Event)
     order: int = 0
     runtime: dict[str, float] = field(default_factory=dict)
@@ -229,6 +230,7 @@ class TaskService:
         self.host: MeshHost | None = None
         self.watchers: dict[str, trio.MemorySendChannel[str]] = {}
         self.offer_window_s = float(cfg.get("scheduler", "offer_window_s"))
+        self.bridge: Any = None  # BridgeClient, when the node has a bridge URL and key
         self.offers: dict[str, tuple[str, int, float]] = {}  # peer -> (kind, free, until)
         self.waiting_since: dict[tuple[str, str], float] = {}  # (kind, version) -> first wait
         self.last_call: dict[tuple[str, str], float] = {}
@@ -500,6 +502,7 @@ class TaskService:
         """Scored targets with room, and a reason if there are none."""
         out: list[tuple[float, str]] = []
         runners = 0
+        idle_runners = 0  # run the kind but offer no slots
         matching_slots = 0
         taken = set(r.inflight) | set(r.replica_results)
         w = self.weights
@@ -512,7 +515,10 @@ class TaskService:
         if r.where in ("any", "peers"):
             for e in self.node.mesh.table.live(now):
                 ad = e.ad
-                if r.kind not in ad.kinds or ad.slots == 0:
+                if r.kind not in ad.kinds:
+                    continue
+                if ad.slots == 0:
+                    idle_runners += 1
                     continue
                 runners += 1
                 matching_slots += ad.slots
@@ -551,6 +557,9 @@ class TaskService:
                     out.append((1.0, peer))
         if out:
             return out, ""
+        if runners == 0 and idle_runners and r.where != "local":
+            return [], (f"no member runs kind {r.kind} with free capacity: the {idle_runners}"
+                        " that run it offer 0 slots (no capacity)")
         if runners == 0:
             if r.where == "local":
                 return [], f"this node does not run kind {r.kind} (or has no slots)"
@@ -579,8 +588,12 @@ class TaskService:
                 deferred.append(r)
                 continue
             if r.where == "bridge":
-                self._finalise(r, "failed", error="no bridge configured for this node"
-                               " (set [bridge] url or use --bridge URL)")
+                if self.bridge is None:
+                    self._finalise(r, "failed", error="no bridge configured for this node"
+                                   " (set [bridge] url or use --bridge URL)")
+                    continue
+                if "bridge" not in r.inflight:
+                    self._escalate(r, nursery, now)
                 continue
             limit = self.kind_limits.get(r.kind)
             if limit is not None and self.running_by_kind.get(r.kind, 0) >= limit:
@@ -592,6 +605,9 @@ class TaskService:
             if needed <= 0:
                 continue
             candidates, reason = self._candidates(r, now)
+            if not candidates and self._should_escalate(r, reason, now, uptime):
+                self._escalate(r, nursery, now)
+                continue
             if not candidates:
                 if reason.startswith("no member runs") or reason.startswith("this node does"):
                     if uptime > self.startup_grace_s:
@@ -617,6 +633,89 @@ class TaskService:
             r.notify()
         for r in local_batch:
             self._run_local(r)
+
+    # --- escalation to the Cloudflare bridge ---------------------------------------------------
+    def _should_escalate(self, r: TaskRecord, reason: str, now: float, uptime: float) -> bool:
+        if self.bridge is None or r.where != "any" or r.replicas != 1 or "bridge" in r.inflight:
+            return False
+        br = self.breakers.get("bridge")
+        if br is not None and not br.allows(now):
+            return False
+        if r.waiting_since is None:
+            r.waiting_since = now
+        nobody = reason.startswith("no member runs")
+        if nobody and uptime <= self.startup_grace_s:
+            return False
+        # saturated or empty mesh: give peers one offer window to free up first
+        return nobody or now - r.waiting_since >= self.offer_window_s
+
+    def _escalate(self, r: TaskRecord, nursery: trio.Nursery, now: float) -> None:
+        attempt = Attempt("bridge", time.time())
+        r.attempts.append(attempt)
+        r.inflight["bridge"] = attempt
+        if r.state == "queued":
+            r.state = "running"
+            r.started = r.started or attempt.started
+            self._running_delta(r.kind, 1)
+        r.waiting_reason = "sent to the bridge"
+        r.notify()
+        nursery.start_soon(self._run_on_bridge, r)
+
+    async def _run_on_bridge(self, r: TaskRecord) -> None:
+        import base64
+
+        from .bridge import BridgeRejected, BridgeUnavailable
+
+        assert self.bridge is not None
+        body = {"id": r.id, "kind": r.kind, "version": r.version, "params": r.params,
+                "input_b64": base64.b64encode(r.input).decode(), "priority": r.priority,
+                "submitter": self.identity.peer_id}
+        breaker = self.breakers.setdefault("bridge", Breaker())
+        try:
+            task = await self.bridge.submit(body)
+            delay = 0.05
+            while task.get("state") not in TERMINAL and r.state not in TERMINAL:
+                r.waiting_reason = f"queued at the bridge ({task.get('state')})"
+                await trio.sleep(delay)
+                delay = min(2.0, delay * 1.5)
+                task = await self.bridge.get(r.id)
+        except BridgeRejected as exc:
+            breaker.success()
+            r.inflight.pop("bridge", None)
+            self._finalise(r, "failed", error=f"the bridge refused it: {exc}",
+                           executed_by="bridge")
+            return
+        except BridgeUnavailable as exc:
+            breaker.failure(trio.current_time())
+            # The bridge being down is not the task's fault: it waits (journaled) and is
+            # retried; it is never failed for this.
+            attempt = r.inflight.pop("bridge", None)
+            if attempt is not None:
+                attempt.ended, attempt.error = time.time(), str(exc)
+            if r.state not in TERMINAL:
+                wait = max(1.0, breaker.open_until - trio.current_time())
+                r.not_before = trio.current_time() + wait
+                r.waiting_reason = (f"no peer has capacity and the bridge is unreachable"
+                                    f" ({exc}); retrying in {wait:.0f} s")
+                if r.state == "running" and not r.inflight:
+                    r.state = "queued"
+                self._enqueue(r)
+                r.notify()
+                self._wake.set()
+            return
+        breaker.success()
+        if r.state in TERMINAL or "bridge" not in r.inflight:
+            return
+        r.inflight.pop("bridge").ended = time.time()
+        output = task.get("output")
+        if isinstance(output, dict) and set(output) == {"$base64"}:
+            output = base64.b64decode(output["$base64"])
+        with self.journal.transaction() as db:
+            if task.get("state") == "done":
+                self._finalise(r, "done", output=output, executed_by="bridge", db=db)
+            else:
+                self._finalise(r, "failed", error=f"{task.get('error')} (on the bridge)",
+                               executed_by="bridge", db=db)
 
     def _offered(self, peer: str, kind: str, now: float) -> int:
         offer = self.offers.get(peer)
