@@ -59,6 +59,7 @@ BREAKER_BASE_S = 2.0
 TARGET_QUEUED_MS = 20.0  # pipeline about this much work per peer slot beyond the running one
 MAX_PIPELINE = 64
 DEFAULT_KIND_MS = 1e9  # unknown duration: no pipelining until the first results teach us
+ACK_DELAY_S = 0.01
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
 
 
@@ -811,6 +812,12 @@ class TaskService:
     async def _link_writer(self, link: PeerLink, stream: Stream) -> None:
         while True:
             await link.wake.wait()
+            if not link.outgoing:
+                # acks are never urgent: let them ride with the next assign or a few more acks
+                with trio.move_on_after(ACK_DELAY_S):
+                    while not link.outgoing:
+                        link.wake = trio.Event()
+                        await link.wake.wait()
             link.wake = trio.Event()
             frames = link.control
             link.control = []
