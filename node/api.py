@@ -8,6 +8,7 @@ Served by hypercorn on trio inside the daemon's nursery. The OpenAPI document is
 from __future__ import annotations
 
 import hmac
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from teammesh.protocols.errors import (
     ConfigError,
     MembershipError,
     NoCapacity,
+    StorageError,
     TaskError,
     TeammeshError,
     UnknownKind,
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from .daemon import Node
 
 Handler = Callable[[Request], Awaitable[Response]]
+logger = logging.getLogger("teammesh.api")
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
@@ -50,6 +53,8 @@ def _status_for(exc: TeammeshError) -> tuple[int, str]:
         return 409, "membership"
     if isinstance(exc, TaskError):
         return 422, "task_error"
+    if isinstance(exc, StorageError):
+        return 404 if type(exc).__name__ == "NotFound" else 422, "storage"
     return 400, "bad_request"
 
 
@@ -85,6 +90,10 @@ def build_app(node: Node) -> Starlette:
             except TeammeshError as exc:
                 status, code = _status_for(exc)
                 return error(status, code, str(exc))
+            except Exception as exc:  # a bug answers 500 and is logged once
+                logger.exception("API %s %s failed", request.method, request.url.path)
+                return error(500, "internal", f"internal error ({type(exc).__name__}: {exc});"
+                             " see the node's log")
             if isinstance(result, Response):
                 return result
             return JSONResponse(result)
@@ -179,6 +188,10 @@ def build_app(node: Node) -> Starlette:
     ]
     if node.tasks is not None:
         routes += node.tasks.routes(endpoint)
+    if node.files is not None:
+        from .filesapi import files_routes
+
+        routes += files_routes(node.files, endpoint)
     return Starlette(routes=routes)
 
 

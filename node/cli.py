@@ -596,6 +596,114 @@ def kinds(ctx: Ctx, as_json: bool) -> None:
     emit(ctx, as_json, data, human)
 
 
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--mirror", is_flag=True, help="Also upload to the team's R2 mirror.")
+@json_option
+@pass_ctx
+def share(ctx: Ctx, file: Path, mirror: bool, as_json: bool) -> None:
+    """Add FILE to this node's store and print its CID (Kubo-identical)."""
+    if not file.is_file():
+        raise TeammeshError(f"{file} does not exist or is not a file")
+    with ctx.client() as c:
+        c._http.timeout = httpx_timeout(None)
+        data = c.request("POST", "/v1/files/share",
+                         json={"path": str(file.resolve()), "mirror": mirror})
+    emit(ctx, as_json, data, lambda: click.echo(data["cid"]))
+
+
+@cli.command()
+@click.argument("cid")
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
+              help="Where to write the file (default: ./CID).")
+@json_option
+@pass_ctx
+def get(ctx: Ctx, cid: str, output: Path | None, as_json: bool) -> None:
+    """Fetch CID (local store, team peers, external IPFS, R2 mirror) to a file."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    dest = (output or Path(cid)).resolve()
+    quiet = as_json or ctx.as_json
+    result: dict[str, Any] | None = None
+    with ctx.client() as c, Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                     console=_stderr_console(), transient=True,
+                                     disable=quiet) as progress:
+        bar = progress.add_task("fetch", total=None)
+        for line in c.stream_lines("POST", "/v1/files/get",
+                                   json={"cid": cid, "dest": str(dest)}):
+            if "progress" in line:
+                progress.update(bar, completed=line["progress"], total=line["total"] or None)
+            elif "error" in line:
+                raise TeammeshError(line["error"])
+            elif "done" in line:
+                result = line["done"]
+    if result is None:
+        raise TeammeshError("the node ended the transfer without a result")
+    emit(ctx, as_json, result, lambda: click.echo(
+        f"{result['path']} ({result['size']} bytes, from {result['source']})"))
+
+
+@cli.group()
+def files() -> None:
+    """List, pin, unpin and garbage-collect this node's files."""
+
+
+@files.command("list")
+@json_option
+@pass_ctx
+def files_list(ctx: Ctx, as_json: bool) -> None:
+    """Pinned files and store usage."""
+    with ctx.client() as c:
+        data = c.request("GET", "/v1/files")
+
+    def human() -> None:
+        from rich.table import Table
+
+        t = Table("cid", "size")
+        for f in data["files"]:
+            t.add_row(f["cid"], str(f["size"]))
+        console().print(t)
+        st = data["store"]
+        console().print(f"store: {st['used_bytes']} bytes used of"
+                        f" {st['limit_bytes'] or 'unlimited'}; mirror: {st['mirror']}"
+                        f" ({st['mirror_pending']} pending)")
+
+    emit(ctx, as_json, data, human)
+
+
+def _files_call(ctx: Ctx, path: str, body: dict[str, Any], as_json: bool, text: str) -> None:
+    with ctx.client() as c:
+        c._http.timeout = httpx_timeout(None)
+        data = c.request("POST", path, json=body)
+    emit(ctx, as_json, data, lambda: click.echo(text.format(**data)))
+
+
+@files.command("pin")
+@click.argument("cid")
+@json_option
+@pass_ctx
+def files_pin(ctx: Ctx, cid: str, as_json: bool) -> None:
+    """Keep CID in the store (fetching it from peers if needed)."""
+    _files_call(ctx, "/v1/files/pin", {"cid": cid}, as_json, "pinned {cid}")
+
+
+@files.command("unpin")
+@click.argument("cid")
+@json_option
+@pass_ctx
+def files_unpin(ctx: Ctx, cid: str, as_json: bool) -> None:
+    """Let gc remove CID."""
+    _files_call(ctx, "/v1/files/unpin", {"cid": cid}, as_json, "unpinned {cid}")
+
+
+@files.command("gc")
+@json_option
+@pass_ctx
+def files_gc(ctx: Ctx, as_json: bool) -> None:
+    """Delete blocks no pinned file needs."""
+    _files_call(ctx, "/v1/files/gc", {}, as_json, "freed {freed_bytes} bytes")
+
+
 def parse_duration(text: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:

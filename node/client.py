@@ -114,6 +114,20 @@ class Client:
         return dict(self.request("GET", f"/v1/tasks/{task_id}", params=params,
                                  timeout=timeout))
 
+    def stream_lines(self, method: str, path: str, **kw: Any) -> Iterator[dict[str, Any]]:
+        """An NDJSON response, one parsed line at a time (progress, then a result)."""
+        try:
+            with self._http.stream(method, path, timeout=httpx.Timeout(30, read=None),
+                                   **kw) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _raise_for(resp)
+                for line in resp.iter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise NodeNotRunning(f"lost the node at {self.url}: {exc}") from exc
+
     def stream_batch(self, tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Submit a batch; yield each task's JSON as it finishes (completion order)."""
         try:

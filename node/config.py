@@ -184,6 +184,27 @@ SCHEMA: dict[str, dict[str, tuple[Any, Check, str]]] = {
     },
     "bridge": {
         "url": ("", _is_str, 'the Worker URL, e.g. "https://teammesh.example.workers.dev"'),
+        "key": ("", _is_str, "the team bridge key as hex (normally received when joining)"),
+        "proxy": ("", _is_str, 'an HTTP(S) proxy URL, e.g. "http://proxy:3128"'),
+    },
+    "files": {
+        "limit_mb": (10240, _is_int(0), "an integer number of MiB (0 = no limit)"),
+        "fetch_order": (["local", "peers", "ipfs", "r2"], _is_str_list,
+                        'a list drawn from "local", "peers", "ipfs", "r2"'),
+        "serve": ("members", lambda v: v in ("members", "public"),
+                  '"members" (default) or "public"'),
+        "allow_peers": ([], _is_str_list, "a list of outside peer ids allowed to fetch blocks"),
+    },
+    "ipfs": {
+        "api": ("", _is_str, 'a Kubo RPC multiaddr, e.g. "/ip4/127.0.0.1/tcp/5001"'),
+    },
+    "r2": {
+        "endpoint": ("", _is_str, 'the S3 endpoint, e.g. "https://ACCOUNT.r2.cloudflarestorage.com"'),
+        "bucket": ("", _is_str, "the bucket name"),
+        "access_key_id": ("", _is_str, "the S3 access key id"),
+        "secret_access_key": ("", _is_str, "the S3 secret (prefer TEAMMESH_R2_SECRET_ACCESS_KEY)"),
+        "region": ("auto", _is_str, '"auto" for R2'),
+        "prefix": ("ipfs/", _is_str, "a key prefix"),
     },
 }
 
@@ -267,6 +288,10 @@ def load_config(home: Home, environ: Mapping[str, str] | None = None) -> Config:
         value = _env_value(text)
         _check(section, key, value, f"environment {name}")
         values[section][key] = value
+    r2 = values["r2"]
+    if r2["endpoint"] and not (r2["bucket"] and r2["access_key_id"] and r2["secret_access_key"]):
+        raise ConfigError("r2.endpoint is set but r2.bucket, r2.access_key_id or"
+                          " r2.secret_access_key is missing; set all four (or none)")
     if values["gossip"]["ad_ttl_s"] <= values["gossip"]["ad_interval_s"]:
         raise ConfigError("gossip.ad_ttl_s must be larger than gossip.ad_interval_s")
     return Config(values)

@@ -70,6 +70,7 @@ class Node:
         self.started_at = time.time()
         self.stop_requested = trio.Event()
         self.tasks: Any = None  # the task service, when it is running
+        self.files: Any = None  # the files service, when it is running
 
     def set_slots(self, slots: int) -> None:
         """Change the slots offered to the team (advertised at once)."""
@@ -130,6 +131,8 @@ class Node:
                 self.host = host
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.membership.run, host)
+                    if self.files is not None:
+                        await nursery.start(self.files.run, host)
                     if self.tasks is not None:
                         await nursery.start(self.tasks.run, host)
                     await nursery.start(self.mesh.run, host)
@@ -158,9 +161,11 @@ class Node:
 async def run_daemon(home: Home, config: Config, options: UpOptions,
                      ready: Any = None) -> None:
     """Run until SIGINT/SIGTERM; a signal ends the node cleanly (exit status 0)."""
+    from .files import FilesService
     from .tasks import TaskService
 
     node = Node(home, config, options)
+    node.files = FilesService(node)
     node.tasks = TaskService(node)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

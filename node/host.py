@@ -236,7 +236,7 @@ class MeshHost:
                     logger.error("%s handler failed for %s", protocol, stream.peer_id,
                                  exc_info=group)
                 await stream.reset()
-            except Exception:
+            except Exception:  # a handler bug must cost one stream, not the node
                 self.stats.handler_errors += 1
                 logger.exception("%s handler failed for %s", protocol, stream.peer_id)
                 await stream.reset()
@@ -251,7 +251,7 @@ class MeshHost:
             try:
                 origin = str(ID(msg.from_id))
                 return validator(origin, str(forwarder), bytes(msg.data))
-            except Exception:
+            except Exception:  # a validator bug rejects the message, nothing more
                 logger.warning("gossip validator failed", exc_info=True)
                 return False
 
@@ -271,7 +271,7 @@ class MeshHost:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 try:
                     await self._pubsub.unsubscribe(topic)
-                except Exception:
+                except Exception:  # shutdown is best effort
                     logger.debug("unsubscribe failed", exc_info=True)
 
     def gossip_peers(self, topic: str) -> list[str]:
@@ -320,7 +320,7 @@ def _guard_pubsub(host: Any, pubsub: Any, router: Any, stats: HostStats, gate: S
             await pubsub.stream_handler(stream)
         except STREAM_ERRORS:
             await Stream(stream, "/meshsub").reset()
-        except Exception:
+        except Exception:  # a hostile frame (e.g. protobuf DecodeError) costs one stream
             stats.bad_gossip_streams += 1
             logger.warning("dropped malformed gossip stream from %s", peer)
             await Stream(stream, "/meshsub").reset()
@@ -342,7 +342,7 @@ def _guard_pubsub(host: Any, pubsub: Any, router: Any, stats: HostStats, gate: S
             await push_msg(forwarder, msg)
         except STREAM_ERRORS:
             logger.debug("forwarding gossip from %s failed", forwarder, exc_info=True)
-        except Exception:
+        except Exception:  # see _guard_pubsub: never let pubsub's background task die
             stats.bad_gossip_messages += 1
             logger.warning("dropped malformed gossip message from %s", forwarder)
 
@@ -383,7 +383,7 @@ async def open_host(
     muxer_opt = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
     try:
         listen_addrs = [multiaddr.Multiaddr(a) for a in listen]
-    except Exception as exc:
+    except Exception as exc:  # multiaddr raises assorted types on bad text
         raise HostError(f"bad listen address in {listen!r}: {exc}") from exc
     host = new_host(
         key_pair=key_pair,

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 from teammesh.protocols import wire
+from teammesh.protocols.bitswap import BITSWAP_PROTOCOLS
 from teammesh.protocols.errors import (
     EnrollmentError,
     InviteError,
@@ -70,7 +71,8 @@ def error_reply(code: str, message: str) -> bytes:
 
 
 class Membership:
-    def __init__(self, home: Home, journal: Journal, identity: Identity) -> None:
+    def __init__(self, home: Home, journal: Journal, identity: Identity, *,
+                 bitswap_peers: set[str] | None = None, bitswap_public: bool = False) -> None:
         self.home = home
         self.journal = journal
         self.identity = identity
@@ -81,6 +83,9 @@ class Membership:
         self.root: Identity | None = None
         self.on_revoked: list[Callable[[str], None]] = []
         self.enroll_peers: set[str] = set()
+        # outside peers (or anyone, when public) admitted to Bitswap and nothing else
+        self.bitswap_peers: set[str] = set(bitswap_peers or ())
+        self.bitswap_public = bitswap_public
         # certificates and revocations to gossip on the next publish
         self.new_certs: list[bytes] = []
         self.pending_revocations: list[bytes] = []
@@ -117,12 +122,16 @@ class Membership:
         return self.roster is not None and self.roster.is_member(peer_id, now_s())
 
     def peer_gate(self, peer_id: str) -> bool:
-        return self.is_member(peer_id) or peer_id in self.enroll_peers
+        return (self.is_member(peer_id) or peer_id in self.enroll_peers
+                or self.bitswap_public or peer_id in self.bitswap_peers)
 
     def stream_gate(self, peer_id: str, protocol: str) -> bool:
         if protocol == ENROLL:
             return peer_id in self.enroll_peers
-        return self.is_member(peer_id)
+        if self.is_member(peer_id):
+            return True
+        return protocol in BITSWAP_PROTOCOLS and (
+            self.bitswap_public or peer_id in self.bitswap_peers)
 
     def summary(self) -> dict[str, Any] | None:
         if self.team is None or self.cert is None:

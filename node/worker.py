@@ -49,7 +49,7 @@ def run_one(kinds: dict[str, Any], task: dict[str, Any], cpu_s: int) -> dict[str
         ok, error = False, "memory limit exceeded (executor.memory_mb)"
     except RecursionError:
         ok, error = False, "recursion limit exceeded"
-    except Exception as exc:
+    except Exception as exc:  # a buggy kind fails its task, not the worker
         ok, error = False, f"{task['kind']} crashed: {type(exc).__name__}: {exc}"[:500]
     return {"t": "done", "v": 1, "id": task["id"], "ok": ok, "output": output, "error": error,
             "wall": (time.perf_counter() - t0) * 1000, "cpu": (_cpu_s() - c0) * 1000}
@@ -82,7 +82,7 @@ def main() -> None:
                 result = run_one(kinds, task, cpu_s)
                 try:
                     payload = wire.frame_message(result)
-                except Exception as exc:
+                except Exception as exc:  # an unserialisable output fails its task
                     result.update(ok=False, output=None,
                                   error=f"{task['kind']} returned an unserialisable value: {exc}")
                     payload = wire.frame_message(result)

@@ -1,0 +1,327 @@
+"""Bitswap service: serve our blocks to peers and fetch UnixFS DAGs from them.
+
+The rules live in protocols/bitswap.py; this module only moves bytes. Invariants:
+
+- Streams are one-way. We read only streams a peer opens to us and send every message on a
+  fresh stream we open and close (what Helia expects: it never reads the streams it
+  opens). A failed send is retried a few times; wants that still could not be sent go
+  to another peer.
+- Every received block is re-addressed by hashing (``readdress``) and routed to the fetch
+  that wants its multihash. A block nobody wants and that did not just arrive from
+  elsewhere is a bad block: counted in ``bad_blocks[peer]``, and the fetches move their
+  wants outstanding at that peer to other peers.
+- A fetch walks the DAG as blocks arrive (children are wanted as soon as their parent is
+  verified), keeps up to ``max_in_flight`` wants outstanding, and hands each block to
+  ``put_block`` at once: memory is bounded by the wants in flight, not the file size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from teammesh.protocols import bitswap as bs
+from teammesh.protocols.errors import RemoteProtocolError, StorageError
+from teammesh.storage.cid import DAG_PB, SHA2_256, Cid
+from teammesh.storage.unixfs import links_of
+
+from .host import STREAM_ERRORS, DialError, MeshHost, Stream
+
+logger = logging.getLogger("teammesh.bitswap")
+
+SEND_ATTEMPTS = 3
+SEND_TIMEOUT_S = 20.0  # one message, open + write + close
+SEND_BACKOFF_S = 0.2
+STREAM_IDLE_S = 60.0  # an incoming stream silent this long is closed
+MAX_MESSAGES_PER_STREAM = 1_000_000
+INBOX_MESSAGES = 16  # per fetch: at most this many received messages (x 4 MiB) queued
+RECENT_BLOCKS = 65_536  # multihashes remembered to tell late duplicates from bad blocks
+FETCH_MAX_EVENTS = 100_000_000
+
+
+class BlockNotFound(StorageError):
+    """No peer gave us a block within the fetch's give-up time."""
+
+
+@dataclass(frozen=True, slots=True)
+class BitswapConfig:
+    max_in_flight: int = 128  # wants outstanding per fetch
+    want_timeout_s: float = 10.0  # re-ask another peer when unanswered this long
+    give_up_s: float = 30.0  # BlockNotFound when every peer refused a block this long
+    max_bad_blocks: int = 3  # a peer that sent this many bad blocks is not asked again
+    serve: bool = True  # answer other peers' wantlists
+
+
+@dataclass(slots=True)
+class BitswapStats:
+    blocks_sent: int = 0
+    bytes_sent: int = 0
+    blocks_received: int = 0
+    bytes_received: int = 0
+    duplicate_blocks: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    send_failures: int = 0
+    bad_messages: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class _Blocks:
+    peer: str
+    blocks: list[tuple[bytes, bytes]]
+    presences: list[bs.Presence]
+
+
+@dataclass(frozen=True, slots=True)
+class _BadBlock:
+    peer: str
+
+
+_Event = _Blocks | _BadBlock
+
+
+@dataclass(eq=False, slots=True)
+class _Session:
+    manager: bs.WantManager
+    inbox: trio.MemorySendChannel[_Event]
+
+
+class BitswapService:
+    """Bitswap over a MeshHost. ``blockstore_get`` and ``blockstore_put`` must not block."""
+
+    def __init__(self, host: MeshHost, blockstore_get: Callable[[Cid], bytes | None],
+                 blockstore_put: Callable[[Cid, bytes], None],
+                 config: BitswapConfig | None = None) -> None:
+        self._host = host
+        self._get = blockstore_get
+        self._put = blockstore_put
+        self.config = config or BitswapConfig()
+        self.server = bs.Server()
+        self.stats = BitswapStats()
+        self.bad_blocks: Counter[str] = Counter()
+        self._sessions: set[_Session] = set()
+        self._wanted: dict[bytes, set[_Session]] = {}  # multihash -> fetches wanting it
+        self._recent: OrderedDict[bytes, None] = OrderedDict()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Register the Bitswap protocols and serve until cancelled."""
+        for proto in bs.BITSWAP_PROTOCOLS:
+            self._host.set_handler(proto, self._handle)
+        task_status.started(self)
+        await trio.sleep_forever()
+
+    # --- receiving ------------------------------------------------------------------------
+
+    async def _handle(self, stream: Stream) -> None:
+        peer = stream.peer_id
+        decoder = bs.FrameDecoder()
+        try:
+            for _ in range(MAX_MESSAGES_PER_STREAM):
+                with trio.move_on_after(STREAM_IDLE_S):
+                    chunk = await stream.read()
+                    if not chunk:
+                        break
+                    for raw in decoder.feed(chunk):
+                        await self._on_message(peer, bs.decode(raw))
+                    continue
+                break  # idle
+        except RemoteProtocolError as exc:
+            self.stats.bad_messages[peer] += 1
+            logger.warning("bad bitswap message from %s: %s", peer, exc)
+            await stream.reset()
+            return
+        await stream.close()
+
+    async def _on_message(self, peer: str, msg: bs.Message) -> None:
+        self.stats.messages_in += 1
+        if msg.has_wantlist and self.config.serve:
+            for reply in self.server.receive(peer, msg, self._lookup):
+                await self._send(peer, reply)
+        if not (msg.payload or msg.blocks or msg.presences):
+            return
+        blocks, unusable = bs.readdress(msg)
+        routed: dict[_Session, _Blocks] = {}
+        bad = unusable
+        for cid, data in blocks:
+            mh = bs.multihash_of(cid)
+            sessions = self._wanted.get(mh)
+            if sessions:
+                for s in sessions:
+                    routed.setdefault(s, _Blocks(peer, [], [])).blocks.append((cid, data))
+            elif mh in self._recent:
+                self.stats.duplicate_blocks += 1
+            else:
+                bad += 1
+        for pr in msg.presences:
+            try:
+                mh = bs.multihash_of(pr.cid)
+            except RemoteProtocolError:
+                continue
+            for s in self._wanted.get(mh, ()):
+                routed.setdefault(s, _Blocks(peer, [], [])).presences.append(pr)
+        for s, event in routed.items():
+            await self._deliver(s, event)
+        if bad:
+            self.bad_blocks[peer] += bad
+            logger.warning("%d bad block(s) from %s", bad, peer)
+            for s in list(self._sessions):
+                await self._deliver(s, _BadBlock(peer))
+
+    async def _deliver(self, session: _Session, event: _Event) -> None:
+        try:
+            await session.inbox.send(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # that fetch just ended
+
+    def _lookup(self, cid: bytes) -> bytes | None:
+        try:
+            c = Cid.from_bytes(cid)
+        except StorageError:
+            return None
+        data = self._get(c)
+        if data is None and c.codec == DAG_PB:  # Helia matches v0 and v1 wants by multihash
+            if c.version == 0:
+                data = self._get(c.to_v1())
+            elif c.hash_code == SHA2_256 and len(c.multihash) == 34:
+                data = self._get(Cid(0, DAG_PB, c.multihash))
+        if data is not None:
+            self.stats.blocks_sent += 1
+            self.stats.bytes_sent += len(data)
+        return data
+
+    # --- sending --------------------------------------------------------------------------
+
+    async def _send(self, peer: str, msg: bs.Message) -> bool:
+        """Send one message on a fresh stream, retrying; False if it never got through."""
+        data = bs.frame(msg)
+        for attempt in range(SEND_ATTEMPTS):
+            try:
+                with trio.fail_after(SEND_TIMEOUT_S):
+                    stream = await self._host.open_stream(peer, bs.BITSWAP_120)
+                    try:
+                        await stream.write(data)
+                    except BaseException:
+                        await stream.reset()
+                        raise
+                    await stream.close()
+                self.stats.messages_out += 1
+                return True
+            except (DialError, trio.TooSlowError, *STREAM_ERRORS) as exc:
+                logger.debug("bitswap send to %s failed (attempt %d): %s", peer, attempt + 1, exc)
+                await trio.sleep(SEND_BACKOFF_S * 2**attempt)
+        self.stats.send_failures += 1
+        logger.warning("could not send a bitswap message to %s", peer)
+        return False
+
+    async def _send_wants(self, session: _Session, effect: bs.Send) -> None:
+        if not await self._send(effect.peer, effect.message):
+            session.manager.send_failed(effect.peer, effect.message)
+            await self._deliver(session, _Blocks(effect.peer, [], []))  # wake the fetch
+
+    # --- fetching -------------------------------------------------------------------------
+
+    async def fetch(self, root: Cid, peers: list[str],
+                    put_block: Callable[[Cid, bytes], None],
+                    progress: Callable[[int, int], None] | None = None) -> None:
+        """Fetch the whole DAG under ``root`` from ``peers``.
+
+        Args:
+            root: the DAG's root (raw or dag-pb; CIDv0 or v1).
+            peers: peer ids to ask; they must be connected or dialable by the host.
+            put_block: called with each verified block as it arrives (any order).
+            progress: called as ``progress(blocks, bytes)`` after each block.
+
+        Raises:
+            BlockNotFound: a block was refused by every peer (or timed out) for
+                ``config.give_up_s``.
+            StorageError: a verified block is not valid dag-pb / uses an unknown codec.
+        """
+        cfg = self.config
+        manager = bs.WantManager(peers, max_in_flight=cfg.max_in_flight,
+                                 want_timeout_s=cfg.want_timeout_s, give_up_s=cfg.give_up_s,
+                                 max_bad_blocks=cfg.max_bad_blocks)
+        send, recv = trio.open_memory_channel[_Event](INBOX_MESSAGES)
+        session = _Session(manager, send)
+        self._sessions.add(session)
+        try:
+            await self._fetch_loop(session, root, recv, put_block, progress)
+        except BaseExceptionGroup as group:
+            # the loop raises inside its nursery; hand a lone error of ours back as itself
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], StorageError):
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            send.close()
+            self._sessions.discard(session)
+            for mh in [m for m, ss in self._wanted.items() if session in ss]:
+                self._unwant(session, mh)
+
+    async def _fetch_loop(self, session: _Session, root: Cid,
+                          recv: trio.MemoryReceiveChannel[_Event],
+                          put_block: Callable[[Cid, bytes], None],
+                          progress: Callable[[int, int], None] | None) -> None:
+        cfg = self.config
+        manager = session.manager
+        blocks = nbytes = 0
+        async with recv, trio.open_nursery() as nursery:
+            self._want(session, root.to_bytes())
+            for _ in range(FETCH_MAX_EVENTS):
+                now = trio.current_time()
+                for eff in manager.poll(now):
+                    if isinstance(eff, bs.Failed):
+                        raise BlockNotFound(
+                            f"no peer sent block {Cid.from_bytes(eff.cid)} of {root}"
+                            f" within {cfg.give_up_s:g} s ({eff.reason})")
+                    if isinstance(eff, bs.Send):
+                        nursery.start_soon(self._send_wants, session, eff)
+                if manager.done:
+                    break
+                event: _Event | None = None
+                with trio.move_on_at(manager.next_deadline(trio.current_time())):
+                    event = await recv.receive()
+                if isinstance(event, _BadBlock):
+                    manager.bad_block(event.peer)
+                    continue
+                if event is None:
+                    continue
+                for eff in manager.receive(event.peer, event.blocks, event.presences):
+                    if not isinstance(eff, bs.Received):
+                        continue
+                    cid = Cid.from_bytes(eff.cid)
+                    self._got(session, eff.cid, eff.data, nursery)
+                    put_block(cid, eff.data)
+                    blocks += 1
+                    nbytes += len(eff.data)
+                    for child in links_of(cid, eff.data):
+                        self._want(session, child.to_bytes())
+                    if progress is not None:
+                        progress(blocks, nbytes)
+            nursery.cancel_scope.cancel()
+
+    def _want(self, session: _Session, cid: bytes) -> None:
+        if session.manager.want(cid, trio.current_time()):
+            self._wanted.setdefault(bs.multihash_of(cid), set()).add(session)
+
+    def _unwant(self, session: _Session, mh: bytes) -> None:
+        sessions = self._wanted.get(mh)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._wanted[mh]
+
+    def _got(self, session: _Session, cid: bytes, data: bytes,
+             nursery: trio.Nursery) -> None:
+        mh = bs.multihash_of(cid)
+        self._unwant(session, mh)
+        self._recent[mh] = None
+        if len(self._recent) > RECENT_BLOCKS:
+            self._recent.popitem(last=False)
+        self.stats.blocks_received += 1
+        self.stats.bytes_received += len(data)
+        if self.config.serve:  # peers that asked us for this block before we had it
+            for peer, msg in self.server.block_added(cid, data):
+                nursery.start_soon(self._send, peer, msg)

@@ -1,0 +1,286 @@
+"""Files service: share, fetch, pin and mirror files by CID.
+
+Every node keeps an embedded block store (storage/blockstore.py) that chunks files exactly
+as ``ipfs add --cid-version=1`` does, serves its blocks to members over Bitswap 1.2.0 on
+its own libp2p host, and fetches in the configured order (default: local → team peers →
+external IPFS → R2 mirror). Blocking store and S3 calls run in worker threads so the trio
+loop never stalls; a mirror that is down is retried from a persistent queue and catches
+up, losing nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from teammesh.protocols.errors import StorageError, TeammeshError
+from teammesh.storage.blockstore import BlockNotFound, FsBlockstore
+from teammesh.storage.cid import Cid
+from teammesh.storage.mirrorqueue import MirrorQueue
+
+if TYPE_CHECKING:
+    from .daemon import Node
+    from .host import MeshHost
+
+logger = logging.getLogger("teammesh.files")
+
+Progress = Callable[[int, int], None]
+FETCH_SOURCES = ("local", "peers", "ipfs", "r2")
+MIRROR_POLL_S = 5.0
+
+
+class NotFound(StorageError):
+    pass
+
+
+def parse_cid(text: str) -> Cid:
+    try:
+        return Cid.parse(text.strip())
+    except StorageError as exc:
+        raise StorageError(f"{text[:80]!r} is not a CID ({exc})") from exc
+
+
+class FilesService:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        cfg = node.config
+        limit_mb = int(cfg.get("files", "limit_mb"))
+        self.store = FsBlockstore(node.home.path / "store",
+                                  limit_bytes=limit_mb * 1024 * 1024 if limit_mb else None)
+        self.fetch_order = [s for s in cfg.get("files", "fetch_order") if s in FETCH_SOURCES]
+        self.queue = MirrorQueue(node.home.path / "mirror-queue.db")
+        self.mirror: Any = None
+        endpoint = cfg.get("r2", "endpoint")
+        if endpoint:
+            from teammesh.storage.r2 import R2Mirror
+
+            self.mirror = R2Mirror(endpoint, cfg.get("r2", "bucket"),
+                                   cfg.get("r2", "access_key_id"),
+                                   cfg.get("r2", "secret_access_key"),
+                                   region=cfg.get("r2", "region"), prefix=cfg.get("r2", "prefix"))
+        self.kubo_api = cfg.get("ipfs", "api")
+        self.kubo: Any = None
+        self.bitswap: Any = None
+        self.host: MeshHost | None = None
+        self._mirror_wake = trio.Event()
+        self._jobs_send, self._jobs_receive = trio.open_memory_channel[
+            Callable[[], Awaitable[None]]](16)
+        self.mirror_state = "not configured" if self.mirror is None else "unknown"
+        self.stats = {"shared": 0, "fetched_local": 0, "fetched_peers": 0, "fetched_ipfs": 0,
+                      "fetched_r2": 0, "mirrored": 0, "mirror_failures": 0}
+
+    # --- store helpers (threads) --------------------------------------------------------
+    def get_block(self, cid: Cid) -> bytes | None:
+        try:
+            return self.store.get(cid)
+        except (BlockNotFound, StorageError):
+            return None
+
+    def put_block(self, cid: Cid, data: bytes) -> None:
+        self.store.put(cid, data)
+
+    def has_file(self, root: Cid) -> bool:
+        try:
+            from teammesh.storage.unixfs import FileExporter
+
+            for _ in FileExporter(root, self.store.get):
+                pass
+            return True
+        except StorageError:
+            return False
+
+    # --- operations ---------------------------------------------------------------------
+    async def share(self, path: Path, *, mirror: bool) -> dict[str, Any]:
+        path = path.expanduser().resolve()
+        if not path.is_file():
+            raise StorageError(f"{path} is not a file")
+        t0 = time.monotonic()
+        root, size = await trio.to_thread.run_sync(self.store.add_file, path)
+        self.stats["shared"] += 1
+        out: dict[str, Any] = {"cid": str(root), "size": size, "path": str(path),
+                               "seconds": round(time.monotonic() - t0, 3), "mirror": None,
+                               "ipfs": None}
+        if mirror:
+            if self.mirror is None:
+                raise StorageError("no R2 mirror configured: set [r2] endpoint, bucket and"
+                                   " credentials (or TEAMMESH_R2_* variables)")
+            self.queue.enqueue(root, path)
+            self._mirror_wake.set()
+            out["mirror"] = "queued"
+        if self.kubo is not None:
+            try:
+                await self.kubo.add_file(path)
+                out["ipfs"] = "added"
+            except StorageError as exc:
+                out["ipfs"] = f"skipped: {exc}"
+        return out
+
+    async def get(self, text: str, dest: Path, progress: Progress | None = None,
+                  peers: list[str] | None = None) -> dict[str, Any]:
+        """Fetch ``text`` (a CID) into ``dest``, trying each source in order."""
+        root = parse_cid(text)
+        dest = dest.expanduser().resolve()
+        if dest.is_dir():
+            dest = dest / str(root)
+        errors: list[str] = []
+        for source in self.fetch_order:
+            try:
+                if source == "local":
+                    if not await trio.to_thread.run_sync(self.has_file, root):
+                        errors.append("local: not in this node's store")
+                        continue
+                elif source == "peers":
+                    await self._fetch_from_peers(root, peers, progress)
+                elif source == "ipfs":
+                    if self.kubo is None:
+                        continue
+                    await self.kubo.cat_to(str(root), dest)
+                    self.stats["fetched_ipfs"] += 1
+                    return self._done(root, dest, "ipfs")
+                elif source == "r2":
+                    if self.mirror is None:
+                        continue
+                    await self._fetch_from_mirror(root, dest, progress)
+                    return self._done(root, dest, "r2")
+            except (StorageError, TeammeshError) as exc:
+                errors.append(f"{source}: {exc}")
+                continue
+            size = await trio.to_thread.run_sync(
+                lambda: self.store.export(root, dest, progress))
+            self.stats[f"fetched_{source}"] += 1
+            return {**self._done(root, dest, source), "size": size}
+        raise NotFound(f"cannot get {root}: " + "; ".join(errors or ["no source configured"]))
+
+    def _done(self, root: Cid, dest: Path, source: str) -> dict[str, Any]:
+        return {"cid": str(root), "path": str(dest), "source": source,
+                "size": dest.stat().st_size}
+
+    async def _fetch_from_peers(self, root: Cid, peers: list[str] | None,
+                                progress: Progress | None) -> None:
+        if self.bitswap is None or self.host is None:
+            raise StorageError("bitswap is not running")
+        candidates = list(peers or [])
+        for p in self.host.connected_peers():
+            if p not in candidates and self.node.membership.is_member(p):
+                candidates.append(p)
+        if not candidates:
+            raise StorageError("no team peer is connected")
+        await self.bitswap.fetch(root, candidates, self.put_block)
+
+    async def _fetch_from_mirror(self, root: Cid, dest: Path, progress: Progress | None) -> None:
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, 0)
+
+        await trio.to_thread.run_sync(lambda: self.mirror.download(root, dest, tick))
+        self.stats["fetched_r2"] += 1
+        # keep a local copy so this node can serve it to the team next time
+        try:
+            await trio.to_thread.run_sync(self.store.add_file, dest)
+        except StorageError as exc:
+            logger.warning("fetched %s from the mirror but could not store it: %s", root, exc)
+
+    def list_pins(self) -> list[dict[str, Any]]:
+        out = []
+        for root in self.store.pins():
+            try:
+                size = self.store.file_size(root)
+            except StorageError:
+                size = None
+            out.append({"cid": str(root), "size": size})
+        return out
+
+    async def pin(self, text: str) -> dict[str, Any]:
+        root = parse_cid(text)
+        if not await trio.to_thread.run_sync(self.has_file, root):
+            await self._fetch_from_peers(root, None, None)
+        await trio.to_thread.run_sync(self.store.pin, root)
+        return {"cid": str(root), "pinned": True}
+
+    async def unpin(self, text: str) -> dict[str, Any]:
+        root = parse_cid(text)
+        ok = await trio.to_thread.run_sync(self.store.unpin, root)
+        return {"cid": str(root), "pinned": False, "was_pinned": ok}
+
+    async def gc(self) -> dict[str, Any]:
+        freed = await trio.to_thread.run_sync(self.store.gc)
+        return {"freed_bytes": freed, "used_bytes": self.store.size_bytes,
+                "limit_bytes": self.store.limit_bytes}
+
+    def summary(self) -> dict[str, Any]:
+        return {"used_bytes": self.store.size_bytes, "limit_bytes": self.store.limit_bytes,
+                "pins": len(self.store.pins()), "mirror": self.mirror_state,
+                "mirror_pending": len(self.queue.pending()), "fetch_order": self.fetch_order,
+                **self.stats}
+
+    # --- service ------------------------------------------------------------------------
+    async def run(self, host: MeshHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.host = host
+        async with trio.open_nursery() as nursery:
+            try:
+                from .bitswap import BitswapService
+            except ImportError:  # pragma: no cover - bitswap lands separately
+                BitswapService = None
+            if BitswapService is not None:
+                self.bitswap = BitswapService(host, self.get_block, self.put_block)
+                await nursery.start(self.bitswap.run)
+            if self.mirror is not None:
+                nursery.start_soon(self._mirror_loop)
+            task_status.started()
+            async with self._jobs_receive:
+                async for job in self._jobs_receive:
+                    nursery.start_soon(job)
+
+    def start_job(self, job: Callable[[], Awaitable[None]]) -> None:
+        """Run a transfer for an API request in this service's nursery."""
+        try:
+            self._jobs_send.send_nowait(job)
+        except trio.WouldBlock as exc:
+            raise TeammeshError("too many transfers in progress; try again shortly") from exc
+
+    async def _mirror_loop(self) -> None:
+        """Drain the persistent upload queue; back off while the mirror is down."""
+        while True:
+            items = self.queue.due(time.time())
+            for item in items:
+                try:
+                    await trio.to_thread.run_sync(self._upload, item)
+                except StorageError as exc:
+                    self.queue.failed(item.cid, str(exc), time.time())
+                    self.stats["mirror_failures"] += 1
+                    if self.mirror_state != "down":
+                        logger.warning("R2 mirror unavailable (%s); uploads wait in the queue",
+                                       exc)
+                    self.mirror_state = "down"
+                    break
+                self.queue.done(item.cid)
+                self.stats["mirrored"] += 1
+                if self.mirror_state != "up":
+                    logger.info("R2 mirror reachable; %d uploads pending",
+                                len(self.queue.pending()))
+                self.mirror_state = "up"
+            with trio.move_on_after(MIRROR_POLL_S):
+                await self._mirror_wake.wait()
+            self._mirror_wake = trio.Event()
+        self._jobs_send, self._jobs_receive = trio.open_memory_channel[
+            Callable[[], Awaitable[None]]](16)
+
+    def _upload(self, item: Any) -> None:
+        path = Path(item.path)
+        if path.is_file():
+            self.mirror.upload_file(item.cid, path)
+            return
+        # the original moved or was deleted: upload from our own verified copy
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "file"
+            self.store.export(item.cid, copy)
+            self.mirror.upload_file(item.cid, copy)
