@@ -10,6 +10,7 @@ up, losing nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from teammesh.protocols.errors import StorageError, TeammeshError
+from teammesh.protocols.tasks import TaskSpec, is_cid_ref
 from teammesh.storage.blockstore import BlockNotFound, FsBlockstore
 from teammesh.storage.cid import Cid
 from teammesh.storage.mirrorqueue import MirrorQueue
@@ -188,6 +190,45 @@ class FilesService:
             await trio.to_thread.run_sync(self.store.add_file, dest)
         except StorageError as exc:
             logger.warning("fetched %s from the mirror but could not store it: %s", root, exc)
+
+    # --- tasks with files ------------------------------------------------------------------
+    async def materialise(self, text: str, peers: list[str]) -> bytes:
+        """The bytes of file ``text`` for a task, fetched into the store if needed."""
+        from teammesh.storage.unixfs import FileExporter
+
+        root = parse_cid(text)
+        if not await trio.to_thread.run_sync(self.has_file, root):
+            try:
+                await self._fetch_from_peers(root, peers, None)
+            except StorageError:
+                if self.mirror is None:
+                    raise
+                with tempfile.TemporaryDirectory() as tmp:
+                    await self._fetch_from_mirror(root, Path(tmp) / "f", None)
+        return await trio.to_thread.run_sync(
+            lambda: b"".join(FileExporter(root, self.store.get)))
+
+    async def resolve_spec(self, spec: TaskSpec, peers: list[str]) -> TaskSpec:
+        """Replace a task's input CID and {"$cid": ...} params with the files' bytes."""
+        data = spec.input
+        if spec.input_cid is not None:
+            data = await self.materialise(spec.input_cid, peers)
+        params = dict(spec.params)
+        for key, value in spec.params.items():
+            if is_cid_ref(value):
+                params[key] = await self.materialise(value["$cid"], peers)
+        return dataclasses.replace(spec, input=data, params=params, input_cid=None)
+
+    async def store_output(self, data: bytes) -> dict[str, Any]:
+        """Keep a large output as a file; the result carries its CID instead."""
+        def add() -> tuple[Cid, int]:
+            with tempfile.NamedTemporaryFile(dir=self.node.home.path) as f:
+                f.write(data)
+                f.flush()
+                return self.store.add_file(Path(f.name))
+
+        root, size = await trio.to_thread.run_sync(add)
+        return {"$cid": str(root), "size": size}
 
     def list_pins(self) -> list[dict[str, Any]]:
         out = []

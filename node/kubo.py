@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import Any, Final
 
 import trio
-
 from teammesh.protocols.errors import ConfigError, StorageError
 from teammesh.storage.cid import Cid
-from teammesh.storage.unixfs import CHUNK_SIZE, cid_of_file
+from teammesh.storage.unixfs import CHUNK_SIZE, FileImporter, cid_of_file
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -69,6 +68,7 @@ PROBE_TIMEOUT_S: Final = 2.5  # whole is_up() round trip
 WATCH_INTERVAL_S: Final = 10.0  # KuboWatch.run() polling period
 CAT_BUFFER_BYTES: Final = 1 << 20  # bytes gathered on the asyncio side per file write
 CHUNKER: Final = f"size-{CHUNK_SIZE}"
+HASH_READ_BYTES: Final = 4 << 20  # file read size while hashing in a thread
 
 
 class KuboError(StorageError):
@@ -164,14 +164,17 @@ class KuboBackend:
                 raise IsADirectoryError(f"{path} is a directory; add_file takes one file")
             raise FileNotFoundError(f"no such file: {path}")
         ours: list[Cid] = []
-        async with trio.open_nursery() as nursery:
-            if verify:
+        try:
+            async with trio.open_nursery() as nursery:
+                if verify:
 
-                async def hash_ours() -> None:
-                    ours.append(await trio.to_thread.run_sync(cid_of_file, path))
+                    async def hash_ours() -> None:
+                        ours.append(await trio.to_thread.run_sync(_hash_file, path))
 
-                nursery.start_soon(hash_ours)
-            text = await self._call("add", self._aio_add, str(path))
+                    nursery.start_soon(hash_ours)
+                text = await self._call("add", self._aio_add, str(path))
+        except BaseExceptionGroup as group:
+            raise _sole(group) from None
         try:
             theirs = Cid.parse(text)
         except StorageError as e:
@@ -266,13 +269,7 @@ class KuboBackend:
 
         try:
             result = await trio_asyncio.aio_as_trio(fn)(*args)
-        except (
-            aiohttp.ClientConnectionError,
-            aiohttp.ClientPayloadError,
-            aioipfs.IPFSConnectionError,
-            asyncio.TimeoutError,
-            _NoAnswer,
-        ) as e:
+        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aioipfs.IPFSConnectionError, _NoAnswer) as e:
             reason = _describe(e)
             self.watch.saw_down(reason)
             raise KuboUnavailable(
@@ -281,7 +278,7 @@ class KuboBackend:
             ) from None
         except aioipfs.APIError as e:
             self.watch.saw_up()  # it answered, so it is up
-            msg = e.message or type(e).__name__
+            msg = e.message or (e.code if isinstance(e.code, str) else type(e).__name__)
             raise KuboError(f"external IPFS at {self.address} refused {what}: {msg}") from None
         except aioipfs.RPCAccessDenied as e:
             self.watch.saw_up()
@@ -337,17 +334,49 @@ class KuboBackend:
         return str(info.get("Version", "?"))
 
 
+def _hash_file(path: Path) -> Cid:
+    """``cid_of_file(path)`` for a worker thread: stops early when the trio caller is
+    cancelled (e.g. the node is down and the add failed), so a big file is not hashed in vain.
+    """
+    imp = FileImporter(cid_version=1, keep_blocks=False)
+    buf = bytearray(HASH_READ_BYTES)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            trio.from_thread.check_cancelled()
+            imp.feed(view[:n])
+    return imp.finish()[0]
+
+
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error in a nursery's group (a failed add cancels the hash thread), so
+    callers can ``except KuboUnavailable``; the group itself when there are several."""
+    real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+    return real[0] if len(real) == 1 else group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
 class _NoAnswer(Exception):
     """aioipfs swallowed a connection error (its ``post`` returns ``None``)."""
 
 
 def _describe(e: BaseException) -> str:
     """One short line for a connection failure."""
+    import aioipfs
+
     if isinstance(e, asyncio.TimeoutError):
-        return f"timed out after {CONNECT_TIMEOUT_S:g} s" if not str(e) else str(e)
-    cause = getattr(e, "os_error", None) or e.__cause__
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror.lower()
+        return str(e) or f"timed out (connect limit {CONNECT_TIMEOUT_S:g} s)"
+    oserr = getattr(e, "os_error", None)
+    if isinstance(oserr, OSError) and oserr.errno:
+        return os.strerror(oserr.errno).lower()
+    if isinstance(e, _NoAnswer | aioipfs.IPFSConnectionError):
+        return "cannot connect"  # aioipfs hides the OS error in these cases
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:200]
 
@@ -394,16 +423,29 @@ async def open_kubo(api: str, *, watch: KuboWatch | None = None) -> AsyncIterato
     async def close_client(client: Any) -> None:
         await client.close()
 
-    async with trio_asyncio.open_loop():
-        try:
-            client = await trio_asyncio.aio_as_trio(make_client)()
-        except aioipfs.InvalidNodeAddressError as e:
-            raise ConfigError(
-                f"[ipfs] api = {api!r} is not an RPC API multiaddr like "
-                f"'/ip4/127.0.0.1/tcp/5001' ({e})"
-            ) from None
-        try:
-            yield KuboBackend(api, client, watch or KuboWatch(api))
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio_asyncio.aio_as_trio(close_client)(client)
+    try:
+        async with trio_asyncio.open_loop():
+            client = await _make_client(api, make_client)
+            try:
+                yield KuboBackend(api, client, watch or KuboWatch(api))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio_asyncio.aio_as_trio(close_client)(client)
+    except BaseExceptionGroup as group:
+        # open_loop runs the body in a nursery; give callers the body's own exception.
+        raise _sole(group) from None
+
+
+async def _make_client(api: str, make_client: Callable[[], Awaitable[Any]]) -> Any:
+    """Create the AsyncIPFS client inside the asyncio loop; a bad address is a ConfigError."""
+    import aioipfs
+    import trio_asyncio
+
+    try:
+        return await trio_asyncio.aio_as_trio(make_client)()
+    except aioipfs.InvalidNodeAddressError as e:
+        raise ConfigError(
+            f"[ipfs] api = {api!r} is not an RPC API multiaddr like "
+            f"'/ip4/127.0.0.1/tcp/5001' ({e})"
+        ) from None
+

@@ -17,6 +17,7 @@ unfinished tasks at start and executors return stored results for ids they alrea
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -36,8 +37,9 @@ from teammesh.protocols.errors import (
     RemoteProtocolError,
     ResultRejected,
     TaskError,
+    TeammeshError,
 )
-from teammesh.protocols.tasks import TaskResult, TaskSpec
+from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 
 from .executor import Executor, Job
 from .host import STREAM_ERRORS, DialError, MeshHost, Stream
@@ -60,6 +62,7 @@ TARGET_QUEUED_MS = 20.0  # pipeline about this much work per peer slot beyond th
 MAX_PIPELINE = 64
 DEFAULT_KIND_MS = 1e9  # unknown duration: no pipelining until the first results teach us
 ACK_DELAY_S = 0.01
+OUTPUT_INLINE_MAX = 1024 * 1024  # larger byte outputs are stored as files and sent by CID
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
 
 
@@ -105,6 +108,7 @@ class TaskRecord:
     timeout_s: float | None = None
     no_cache: bool = False
     tag: Any = None
+    input_cid: str | None = None
     state: str = "queued"
     executed_by: str | None = None
     output: Any = None
@@ -134,7 +138,7 @@ class TaskRecord:
     def options(self) -> dict[str, Any]:
         return {"priority": self.priority, "where": self.where, "replicas": self.replicas,
                 "timeout_s": self.timeout_s, "no_cache": self.no_cache, "tag": self.tag,
-                "cached": self.cached}
+                "cached": self.cached, "input_cid": self.input_cid}
 
     def notify(self) -> None:
         self.changed.set()
@@ -147,7 +151,7 @@ class TaskRecord:
             "error": self.error, "waiting_reason": self.waiting_reason,
             "attempts": [a.to_json() for a in self.attempts], "priority": self.priority,
             "where": self.where, "replicas": self.replicas, "tag": self.tag,
-            "cached": self.cached,
+            "cached": self.cached, "input_cid": self.input_cid,
             "timings": {"submitted": self.submitted, "started": self.started,
                         "finished": self.finished, **self.runtime},
         }
@@ -275,13 +279,22 @@ class TaskService:
             raise TaskError("'priority' must be an integer")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise TaskError("'timeout_s' must be a positive number")
+        input_cid = body.get("input_cid")
+        if input_cid is not None:
+            from .files import parse_cid
+
+            if not isinstance(input_cid, str):
+                raise TaskError("'input_cid' must be a CID string")
+            input_cid = str(parse_cid(input_cid))
+            if data:
+                raise TaskError("give either 'input_b64' or 'input_cid', not both")
         version = body.get("version") or self._known_version(kind) or "1"
         return TaskRecord(
             id=new_task_id(), kind=kind, version=str(version), input=data, params=params,
             priority=priority, where=where, replicas=replicas,
             timeout_s=float(timeout) if timeout else None,
             no_cache=bool(body.get("no_cache", False)), tag=body.get("tag"),
-            submitted=time.time())
+            input_cid=input_cid, submitted=time.time())
 
     def _known_version(self, kind: str) -> str | None:
         k = self.kinds.get(kind)
@@ -327,7 +340,7 @@ class TaskService:
 
     def _cache_key(self, r: TaskRecord) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([r.kind, r.version, r.params], sort_keys=True,
+        h.update(json.dumps([r.kind, r.version, r.params, r.input_cid], sort_keys=True,
                             separators=(",", ":")).encode())
         h.update(b"\0")
         h.update(r.input)
@@ -764,20 +777,41 @@ class TaskService:
             nursery.start_soon(self._run_link, link)
         timeout = r.timeout_s or self.default_timeout_s
         link.send(TaskSpec(r.id, r.kind, r.version, r.input, r.params, int(timeout * 1000),
-                           r.priority), r)
+                           r.priority, r.input_cid), r)
         r.waiting_reason = f"queued on {peer}" if r.replicas == 1 else None
         link.sent_at[r.id] = trio.current_time()
 
     def _run_local(self, r: TaskRecord) -> None:
         timeout = r.timeout_s or self.default_timeout_s
         spec = TaskSpec(r.id, r.kind, r.version, r.input, r.params, int(timeout * 1000),
-                        r.priority)
+                        r.priority, r.input_cid)
+        if spec.needs_files:
+            self.node.files.start_job(functools.partial(self._resolve_and_run, spec))
+            return
         self.executor.submit_nowait(Job(spec, "local", self._local_done))
-        self.node.capacity.queue = max(self.node.capacity.queue, 0)
 
-    def _local_done(self, job: Job, result: TaskResult) -> None:
+    async def _resolve_and_run(self, spec: TaskSpec) -> None:
+        try:
+            resolved = await self.node.files.resolve_spec(spec, [])
+        except TeammeshError as exc:
+            self._local_done(None, make_result(spec.id, False, None,
+                                               f"cannot read input file: {exc}", 0, 0))
+            return
+        self.executor.submit_nowait(Job(resolved, "local", self._local_done))
+
+    def _local_done(self, job: Job | None, result: TaskResult) -> None:
+        if result.ok and isinstance(result.output, bytes) and \
+                len(result.output) > OUTPUT_INLINE_MAX and self.node.files is not None:
+            self.node.files.start_job(functools.partial(self._store_local_output, result))
+            return
         with self.journal.transaction() as db:
             self.apply_results("local", [result], db)
+
+    async def _store_local_output(self, result: TaskResult) -> None:
+        ref = await self.node.files.store_output(result.output)
+        stored = make_result(result.id, True, ref, None, result.wall_ms, result.cpu_ms)
+        with self.journal.transaction() as db:
+            self.apply_results("local", [stored], db)
 
     # --- links to executor peers ----------------------------------------------------------
     async def _run_link(self, link: PeerLink) -> None:
@@ -879,7 +913,8 @@ class TaskService:
                 params=json.loads(row[4]), priority=opts.get("priority", 0),
                 where=opts.get("where", "any"), replicas=opts.get("replicas", 1),
                 timeout_s=opts.get("timeout_s"), no_cache=opts.get("no_cache", False),
-                tag=opts.get("tag"), submitted=row[7], started=row[8])
+                tag=opts.get("tag"), input_cid=opts.get("input_cid"), submitted=row[7],
+                started=row[8])
             r.attempts = [Attempt(a["peer"], a["started"], a.get("ended"),
                                   a.get("error") or "interrupted by a restart")
                           for a in json.loads(row[6])]

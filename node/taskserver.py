@@ -8,13 +8,15 @@ submitter acks them, so a submitter that restarts and re-assigns gets the same a
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
 import trio
 from teammesh.protocols import tasks as tp
 from teammesh.protocols import wire
-from teammesh.protocols.tasks import TaskResult, TaskSpec
+from teammesh.protocols.errors import TeammeshError
+from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 
 from .executor import Job
 from .host import Stream
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("teammesh.taskserver")
 
 COALESCE_S = 0.002
+OUTPUT_INLINE_MAX = 1024 * 1024  # larger byte outputs are stored as files and sent by CID
 
 
 class _Session:
@@ -141,10 +144,25 @@ class TaskServer:
                 db.execute("INSERT INTO exec(id, submitter, state, updated) VALUES(?,?,?,?)",
                            (spec.id, submitter, "accepted", trio.current_time()))
                 accepted.append(spec.id)
-                executor.submit_nowait(Job(spec, submitter, self._done, self._started))
+                if spec.needs_files and self.service.node.files is not None:
+                    self.service.node.files.start_job(
+                        functools.partial(self._resolve_and_run, spec, submitter))
+                else:
+                    executor.submit_nowait(Job(spec, submitter, self._done, self._started))
         session.push_frame(tp.accepted(accepted, refused))
         for res in replay:
             session.push_result(res)
+
+    async def _resolve_and_run(self, spec: TaskSpec, submitter: str) -> None:
+        """Fetch the task's input files (from the submitter first), then queue it."""
+        job = Job(spec, submitter, self._done, self._started)
+        try:
+            resolved = await self.service.node.files.resolve_spec(spec, [submitter])
+        except TeammeshError as exc:
+            self._done(job, make_result(spec.id, False, None,
+                                        f"cannot fetch input file: {exc}", 0, 0))
+            return
+        self.service.executor.submit_nowait(Job(resolved, submitter, self._done, self._started))
 
     def _started(self, job: Job) -> None:
         session = self.sessions.get(job.submitter)
@@ -152,6 +170,11 @@ class TaskServer:
             session.push_started(job.spec.id)
 
     def _done(self, job: Job, result: TaskResult) -> None:
+        files = self.service.node.files
+        if result.ok and isinstance(result.output, bytes) and files is not None and \
+                len(result.output) > OUTPUT_INLINE_MAX:
+            files.start_job(functools.partial(self._store_output, job, result))
+            return
         session = self.sessions.get(job.submitter)
         if session is not None and session.alive:
             session.push_result(result)
@@ -191,6 +214,11 @@ class TaskServer:
                     frames.append(tp.seal_results(identity, submitter, chunk))
             if frames:
                 await session.stream.write(b"".join(frames))
+
+
+    async def _store_output(self, job: Job, result: TaskResult) -> None:
+        ref = await self.service.node.files.store_output(result.output)
+        self._done(job, make_result(result.id, True, ref, None, result.wall_ms, result.cpu_ms))
 
 
 def _pack_result(result: TaskResult) -> bytes:

@@ -64,14 +64,18 @@ class TaskSpec:
     params: dict[str, Any]
     timeout_ms: int
     priority: int = 0
+    input_cid: str | None = None  # the input is this file (fetched by the executor)
 
     @property
     def size_hint(self) -> int:
         return len(self.input) + 256
 
     def to_wire(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "ver": self.version, "input": self.input,
-                "params": self.params, "timeout": self.timeout_ms, "prio": self.priority}
+        m = {"id": self.id, "kind": self.kind, "ver": self.version, "input": self.input,
+             "params": self.params, "timeout": self.timeout_ms, "prio": self.priority}
+        if self.input_cid is not None:
+            m["cid"] = self.input_cid
+        return m
 
     @classmethod
     def from_wire(cls, m: Any) -> TaskSpec:
@@ -83,7 +87,17 @@ class TaskSpec:
             input=wire.field_bytes(m, "input", max_len=MAX_INLINE_INPUT),
             params=wire.field_map(m, "params"), timeout_ms=wire.field_int(m, "timeout"),
             priority=wire.field_int(m, "prio"),
+            input_cid=wire.field_str(m, "cid", max_len=128) if "cid" in m else None,
         )
+
+    @property
+    def needs_files(self) -> bool:
+        return self.input_cid is not None or any(is_cid_ref(v) for v in self.params.values())
+
+
+def is_cid_ref(value: Any) -> bool:
+    """A param given as a file: ``{"$cid": "bafy..."}``."""
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("$cid"), str)
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,7 +91,18 @@ def _numbers(value: Any, name: str) -> list[float]:
 
 
 def _matrix(value: Any, name: str) -> npt.NDArray[np.float64]:
+    import io
+
     import numpy as np
+
+    if isinstance(value, bytes):  # a .npy file shared by CID
+        try:
+            arr = np.load(io.BytesIO(value), allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{name} is not a .npy file: {exc}") from exc
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D array, got {arr.ndim}-D")
+        return arr.astype(np.float64)
 
     if not isinstance(value, list) or not value or not all(isinstance(r, list) for r in value):
         raise ValueError(f"{name} must be a non-empty array of rows (arrays of numbers)")
@@ -214,7 +225,8 @@ KINDS: list[Kind] = [
         version="1",
         description="Matrix product a @ b in float64; a and b from a JSON input object or params.",
         fn=_matmul,
-        params_schema=params({"a": _MATRIX, "b": _MATRIX}),
+        params_schema=params({"a": {**_MATRIX, "x-file": "npy"},
+                              "b": {**_MATRIX, "x-file": "npy"}}),
         output_schema={"type": "array", "items": {"type": "array", "items": _FLOAT}},
         resources=Resources(cpu=1.0, memory_mb=512),
     ),

@@ -1,0 +1,206 @@
+"""Run the Cloudflare bridge Worker locally (``wrangler dev --local``, workerd on loopback).
+
+:func:`open_bridge_dev` is a trio async context manager for tests and the daemon;
+:func:`run_bridge_dev` is the blocking form behind ``teammesh bridge dev``.
+
+wrangler is started in its own session/process group (``setsid``): its process tree is
+wrangler.js -> cli.js -> workerd (+ esbuild), and killing only the top pid can leave
+workerd running, so stopping sends SIGTERM to the whole group and SIGKILL after 5 s.
+Telemetry and the cf.json fetch are turned off; nothing but 127.0.0.1 is contacted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+from teammesh.protocols.errors import TeammeshError
+
+__all__ = [
+    "BridgeDevError",
+    "default_bridge_dir",
+    "free_port",
+    "open_bridge_dev",
+    "run_bridge_dev",
+    "wrangler_command",
+    "wrangler_env",
+]
+
+STOP_GRACE_S = 5.0
+START_TIMEOUT_S = 90.0
+NPM_TIMEOUT_S = 600.0
+
+
+class BridgeDevError(TeammeshError):
+    """The local bridge could not be installed or started."""
+
+
+def default_bridge_dir() -> Path:
+    """bridge/ of this checkout (node/bridgedev.py -> ../bridge)."""
+    return Path(__file__).resolve().parent.parent / "bridge"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wrangler_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "WRANGLER_SEND_METRICS": "false",
+        "CLOUDFLARE_CF_FETCH_ENABLED": "false",
+        "WRANGLER_LOG": env.get("WRANGLER_LOG", "info"),
+        "NO_COLOR": "1",
+        "CI": env.get("CI", "1"),
+    })
+    # A developer's Cloudflare credentials are never needed for --local.
+    for name in ("CLOUDFLARE_API_TOKEN", "CLOUDFLARE_API_KEY", "CLOUDFLARE_ACCOUNT_ID"):
+        env.pop(name, None)
+    return env
+
+
+def wrangler_command(bridge_dir: Path, port: int, persist_dir: Path,
+                     extra_vars: dict[str, str] | None = None) -> list[str]:
+    node = shutil.which("node")
+    if node is None:
+        raise BridgeDevError("node is not installed; the bridge needs Node.js 20 (see docs/BRIDGE.md)")
+    cli = bridge_dir / "node_modules" / "wrangler" / "bin" / "wrangler.js"
+    cmd = [node, str(cli), "dev", "--local", "--ip", "127.0.0.1", "--port", str(port),
+           "--persist-to", str(persist_dir), "--show-interactive-dev-session=false"]
+    for name, value in (extra_vars or {}).items():
+        cmd += ["--var", f"{name}:{value}"]
+    return cmd
+
+
+def ensure_installed(bridge_dir: Path) -> None:
+    """``npm ci`` in bridge/ unless node_modules already has wrangler."""
+    if (bridge_dir / "node_modules" / "wrangler" / "bin" / "wrangler.js").exists():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        raise BridgeDevError("npm is not installed; the bridge needs Node.js 20 and npm")
+    try:
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=bridge_dir, check=True,
+                       timeout=NPM_TIMEOUT_S, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except subprocess.CalledProcessError as exc:
+        tail = (exc.stderr or b"").decode(errors="replace")[-500:]
+        raise BridgeDevError(f"`npm ci` in {bridge_dir} failed: {tail}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise BridgeDevError(f"`npm ci` in {bridge_dir} took longer than {NPM_TIMEOUT_S:g} s") from exc
+
+
+def write_dev_vars(bridge_dir: Path, key_hex: str) -> None:
+    bytes.fromhex(key_hex)  # raises ValueError on a bad key
+    path = bridge_dir / ".dev.vars"
+    text = f"BRIDGE_KEY={key_hex}\n"
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
+
+
+def _kill_group(proc: subprocess.Popen[bytes] | trio.Process, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _health_ok(port: int) -> bool:
+    import httpx
+
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0, trust_env=False)
+        return r.status_code == 200 and bool(r.json().get("ok"))
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+@contextlib.asynccontextmanager
+async def open_bridge_dev(bridge_dir: str | Path, port: int | None, key_hex: str,
+                          persist_dir: str | Path, *, extra_vars: dict[str, str] | None = None,
+                          log_path: str | Path | None = None,
+                          start_timeout: float = START_TIMEOUT_S) -> AsyncIterator[str]:
+    """Start the Worker on 127.0.0.1:``port`` and yield its base URL.
+
+    ``extra_vars`` override wrangler.jsonc vars (e.g. {"RATE_BURST": "1000"}). wrangler's
+    output goes to ``log_path`` (default: ``persist_dir``/wrangler.log).
+    """
+    bridge_dir = Path(bridge_dir)
+    persist_dir = Path(persist_dir)
+    persist_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    await trio.to_thread.run_sync(ensure_installed, bridge_dir)
+    write_dev_vars(bridge_dir, key_hex)
+    log_file = Path(log_path) if log_path else persist_dir / "wrangler.log"
+    with open(log_file, "ab") as log:
+        proc = await trio.lowlevel.open_process(
+            wrangler_command(bridge_dir, port, persist_dir, extra_vars), cwd=str(bridge_dir),
+            env=wrangler_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = trio.current_time() + start_timeout
+        while True:
+            if proc.returncode is not None:
+                tail = log_file.read_text(errors="replace")[-1500:]
+                raise BridgeDevError(f"wrangler dev exited with {proc.returncode}:\n{tail}")
+            if await trio.to_thread.run_sync(_health_ok, port):
+                break
+            if trio.current_time() > deadline:
+                raise BridgeDevError(f"the bridge did not answer /health on port {port} within "
+                                     f"{start_timeout:g} s (log: {log_file})")
+            await trio.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with trio.CancelScope(shield=True):
+            _kill_group(proc, signal.SIGTERM)
+            with trio.move_on_after(STOP_GRACE_S):
+                await proc.wait()
+            _kill_group(proc, signal.SIGKILL)  # stragglers (workerd) even if the top exited
+            with trio.move_on_after(2.0):
+                await proc.wait()
+
+
+def run_bridge_dev(bridge_dir: str | Path | None = None, port: int | None = None,
+                   key_hex: str | None = None, persist_dir: str | Path | None = None) -> int:
+    """Blocking: run the bridge until Ctrl-C or SIGTERM. For ``teammesh bridge dev``."""
+    bridge_dir = Path(bridge_dir) if bridge_dir else default_bridge_dir()
+    persist_dir = Path(persist_dir) if persist_dir else bridge_dir / ".wrangler" / "teammesh-dev"
+    if key_hex is None:
+        from .bridge import new_bridge_key
+
+        key_hex = new_bridge_key().hex()
+        print(f"no bridge key given; using a fresh one for this run: {key_hex}", flush=True)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with open_bridge_dev(bridge_dir, port, key_hex, persist_dir) as url:
+                print(f"bridge running at {url} (state in {persist_dir}); Ctrl-C stops it",
+                      flush=True)
+                async for _ in signals:
+                    break
+        print("bridge stopped", flush=True)
+
+    try:
+        trio.run(main)
+    except BridgeDevError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    t0 = time.monotonic()
+    sys.exit(run_bridge_dev(port=int(sys.argv[1]) if len(sys.argv) > 1 else None))
