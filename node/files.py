@@ -65,6 +65,7 @@ class FilesService:
                                    cfg.get("r2", "access_key_id"),
                                    cfg.get("r2", "secret_access_key"),
                                    region=cfg.get("r2", "region"), prefix=cfg.get("r2", "prefix"))
+        self._bucket_ready = False
         self.kubo_api = cfg.get("ipfs", "api")
         self.kubo: Any = None
         self.bitswap: Any = None
@@ -172,7 +173,11 @@ class FilesService:
                 candidates.append(p)
         if not candidates:
             raise StorageError("no team peer is connected")
-        await self.bitswap.fetch(root, candidates, self.put_block)
+        # blocks written inside a writing() session are safe from a concurrent gc until
+        # the pin that follows protects them
+        with self.store.writing():
+            await self.bitswap.fetch(root, candidates, self.put_block)
+            await trio.to_thread.run_sync(self.store.pin, root)
 
     async def _fetch_from_mirror(self, root: Cid, dest: Path, progress: Progress | None) -> None:
         done = 0
@@ -316,6 +321,9 @@ class FilesService:
             Callable[[], Awaitable[None]]](16)
 
     def _upload(self, item: Any) -> None:
+        if not self._bucket_ready:
+            self.mirror.ensure_bucket()
+            self._bucket_ready = True
         path = Path(item.path)
         if path.is_file():
             self.mirror.upload_file(item.cid, path)

@@ -165,7 +165,7 @@ class FsBlockstore:
             self._used -= size
         logger.warning("deleted corrupt block %s from %s", cid, self.root)
 
-    def put(self, cid: Cid, data: bytes | bytearray | memoryview) -> bool:
+    def put(self, cid: Cid, data: bytes | memoryview) -> bool:
         """Store a block after checking it against ``cid``; True if it was new.
 
         Raises:
@@ -229,7 +229,9 @@ class FsBlockstore:
             except StorageError:
                 continue  # a stray file, not a block
 
-    def __len__(self) -> int:
+    @property
+    def block_count(self) -> int:
+        """How many blocks are stored (a directory scan)."""
         return sum(1 for _ in self._scan())
 
     def _scan(self) -> Iterator[tuple[str, Path, int]]:
@@ -390,17 +392,20 @@ class FsBlockstore:
             The root CID and the file size in bytes.
 
         Raises:
-            StoreFull: the file does not fit under the limit (checked up front, after
-                one gc, with an estimate; and again block by block).
-            DiskFull: the disk filled up; the blocks written so far stay unpinned.
+            StoreFull: the file is larger than the limit, or its blocks do not fit even
+                after gc; the blocks written so far stay unpinned (gc removes them).
+            DiskFull: the disk filled up; likewise.
         """
         size = os.stat(path).st_size
-        # File bytes plus about 0.03% of dag-pb nodes; blocks already present (a file
-        # added twice) make this an over-estimate, so only the block-by-block check is
-        # strict.
-        self.ensure_room(min(size + size // 2048 + 4096, max(0, (self.limit_bytes or 0) - 1))
-                         if self.limit_bytes is not None and self._fits_dedup(size) else
-                         size + size // 2048 + 4096)
+        # File bytes plus about 0.03% of dag-pb nodes. Blocks already stored (a file
+        # added twice) make this an over-estimate, so it only decides whether to gc up
+        # front; the block-by-block check is the strict one.
+        estimate = size + size // 2048 + 4096
+        if self.limit_bytes is not None:
+            if size > self.limit_bytes:
+                raise self._full(estimate)
+            if self._used + estimate > self.limit_bytes:
+                self.gc()
         imp = FileImporter()
         buf = bytearray(READ_SIZE_BYTES)
         view = memoryview(buf)
@@ -414,9 +419,6 @@ class FsBlockstore:
                 self._put(cid, block, allow_gc=False)
             (self._pins / _name(root)).touch()
         return root, imp.bytes_fed
-
-    def _fits_dedup(self, size: int) -> bool:
-        return False
 
     def export(
         self,
