@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import time
 from pathlib import Path
 
 import boto3
 from meshtools import Daemon, init_home, mesh, run_cli, wait_until
 from s3server import seaweedfs_server
-
 from teammesh.storage.unixfs import cid_of_file
 
 
@@ -42,17 +39,20 @@ def test_share_prints_kubo_cid_and_get_is_atomic(tmp_path: Path) -> None:
         assert shared["cid"] == str(cid_of_file(f))
         out = tmp_path / "copy.bin"
         got = node.cli("get", shared["cid"], "-o", str(out))
-        assert got["source"] == "local" and _sha(out) == _sha(f)
+        assert got["source"] == "local"
+        assert _sha(out) == _sha(f)
         listed = node.cli("files", "list")
         assert any(x["cid"] == shared["cid"] for x in listed["files"])
         # a CID nobody has: clear error, no file under the final name
         missing = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
         proc = run_cli(node.home, "get", missing + "x", "-o", str(tmp_path / "nope"),
                        check=False)
-        assert proc.returncode == 1 and "not a CID" in proc.stderr
+        assert proc.returncode == 1
+        assert "not a CID" in proc.stderr
         assert not (tmp_path / "nope").exists()
         proc = run_cli(node.home, "share", str(tmp_path / "absent.bin"), check=False)
-        assert proc.returncode == 1 and "does not exist" in proc.stderr
+        assert proc.returncode == 1
+        assert "does not exist" in proc.stderr
 
 
 def test_r2_mirror_catches_up_and_serves_when_owner_is_offline(tmp_path: Path) -> None:
@@ -107,4 +107,5 @@ def test_r2_config_errors_are_clear(tmp_path: Path) -> None:
     cfg.write_text(cfg.read_text() + '\n[r2]\nendpoint = "http://127.0.0.1:9"\n')
     proc = run_cli(home, "up", check=False, timeout=30)
     assert proc.returncode == 1
-    assert "r2.bucket" in proc.stderr and "Traceback" not in proc.stderr
+    assert "r2.bucket" in proc.stderr
+    assert "Traceback" not in proc.stderr
