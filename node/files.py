@@ -287,9 +287,16 @@ class FilesService:
                     nursery.start_soon(job)
 
     def start_job(self, job: Callable[[], Awaitable[None]]) -> None:
-        """Run a transfer for an API request in this service's nursery."""
+        """Run a transfer for an API request or a task in this service's nursery."""
+
+        async def guarded() -> None:
+            try:
+                await job()
+            except TeammeshError as exc:  # a failed transfer must not stop the service
+                logger.warning("file job failed: %s", exc)
+
         try:
-            self._jobs_send.send_nowait(job)
+            self._jobs_send.send_nowait(guarded)
         except trio.WouldBlock as exc:
             raise TeammeshError("too many transfers in progress; try again shortly") from exc
 

@@ -441,6 +441,12 @@ async def open_host(
         raise rest from None
 
 
+def single_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The one exception inside ``group`` (however nested), or the group itself."""
+    leaves = list(_leaves(group))
+    return leaves[0] if len(leaves) == 1 else group
+
+
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         for e in exc.exceptions:

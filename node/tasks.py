@@ -42,7 +42,7 @@ from teammesh.protocols.errors import (
 from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 
 from .executor import Executor, Job
-from .host import STREAM_ERRORS, DialError, MeshHost, Stream
+from .host import STREAM_ERRORS, DialError, MeshHost, Stream, single_leaf
 from .protocol_ids import OFFER, TASKS, tasks_topic
 from .taskserver import TaskServer
 
@@ -819,10 +819,17 @@ class TaskService:
         reason = "connection lost"
         try:
             stream = await self.host.open_stream(link.peer, TASKS)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._link_writer, link, stream)
-                await self._link_reader(link, stream)
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._link_writer, link, stream)
+                    await self._link_reader(link, stream)
+                    nursery.cancel_scope.cancel()
+            except ExceptionGroup as group:
+                # One side of the link failed; judge it by what failed, below. A group of
+                # several, or a bug, propagates unchanged.
+                raise single_leaf(group) from None
+            finally:
+                await stream.reset()
             reason = "stream closed by the peer"
         except DialError as exc:
             reason = f"cannot reach it ({exc})"
@@ -958,7 +965,10 @@ class TaskService:
     def _on_call(self, origin: str, data: bytes, nursery: trio.Nursery) -> None:
         if origin == self.identity.peer_id:
             return
-        m = wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES)
+        try:
+            m = wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES)
+        except RemoteProtocolError:
+            return
         kind = self.kinds.get(str(m.get("kind")))
         cap = self.node.capacity
         free = cap.slots - cap.busy - cap.queue
