@@ -41,6 +41,7 @@ MAX_MESSAGES_PER_STREAM = 1_000_000
 INBOX_MESSAGES = 16  # per fetch: at most this many received messages (x 4 MiB) queued
 RECENT_BLOCKS = 65_536  # multihashes remembered to tell late duplicates from bad blocks
 FETCH_MAX_EVENTS = 100_000_000
+_SEND_ERRORS: tuple[type[BaseException], ...] = (DialError, trio.TooSlowError, *STREAM_ERRORS)
 
 
 class BlockNotFound(StorageError):
@@ -52,7 +53,7 @@ class BitswapConfig:
     max_in_flight: int = 128  # wants outstanding per fetch
     want_timeout_s: float = 10.0  # re-ask another peer when unanswered this long
     give_up_s: float = 30.0  # BlockNotFound when every peer refused a block this long
-    max_bad_blocks: int = 3  # a peer that sent this many bad blocks is not asked again
+    max_bad_blocks: int = 3  # after this many bad blocks a peer is asked only as a last resort
     serve: bool = True  # answer other peers' wantlists
 
 
@@ -210,7 +211,7 @@ class BitswapService:
                     await stream.close()
                 self.stats.messages_out += 1
                 return True
-            except (DialError, trio.TooSlowError, *STREAM_ERRORS) as exc:
+            except _SEND_ERRORS as exc:
                 logger.debug("bitswap send to %s failed (attempt %d): %s", peer, attempt + 1, exc)
                 await trio.sleep(SEND_BACKOFF_S * 2**attempt)
         self.stats.send_failures += 1

@@ -9,8 +9,9 @@ Every ``/v1`` request is signed with the team bridge key::
                           timestamp "\\n" nonce "\\n" hex(sha256(body))))
 
 The client uses ``httpx.AsyncClient``, which runs under trio. Connection failures,
-timeouts and 5xx answers raise :class:`BridgeUnavailable` (worth a retry or a circuit
-breaker); 4xx answers raise :class:`BridgeRejected` carrying the bridge's error code and
+timeouts, 5xx and 429 answers raise :class:`BridgeUnavailable` (worth a retry or a
+circuit breaker; 429 as its subclass :class:`BridgeRateLimited` with ``retry_after``); other
+4xx answers raise :class:`BridgeRejected` carrying the bridge's error code and
 message (retrying the same request will not help).
 
 The bridge key is a random 32-byte secret the team admin creates with
@@ -34,6 +35,7 @@ __all__ = [
     "BRIDGE_KEY_BYTES",
     "BridgeClient",
     "BridgeError",
+    "BridgeRateLimited",
     "BridgeRejected",
     "BridgeUnavailable",
     "new_bridge_key",
@@ -50,6 +52,14 @@ class BridgeError(TeammeshError):
 
 class BridgeUnavailable(BridgeError):
     """The bridge could not be reached, timed out, or answered 5xx: try later."""
+
+
+class BridgeRateLimited(BridgeUnavailable):
+    """429: this peer sent too many requests; wait ``retry_after`` seconds and retry."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BridgeRejected(BridgeError):
@@ -150,6 +160,13 @@ class BridgeClient:
             message = _error_message(payload) or resp.text[:200] or resp.reason_phrase
             if resp.status_code >= 500:
                 raise BridgeUnavailable(f"bridge {self.url} answered {resp.status_code}: {message}")
+        if resp.status_code == 429:
+            try:
+                retry_after = float(resp.headers.get("Retry-After", "1"))
+            except ValueError:
+                retry_after = 1.0
+            raise BridgeRateLimited(
+                f"bridge {self.url} rate-limited this peer: {_error_message(payload)}", retry_after)
         if resp.status_code >= 400:
             err = payload.get("error") if isinstance(payload, dict) else None
             code = str(err.get("code", "error")) if isinstance(err, dict) else "error"
@@ -187,7 +204,7 @@ class BridgeClient:
         tasks: list[dict[str, Any]] = result["tasks"]
         return tasks
 
-    async def lease(self, kinds: list[str] | dict[str, str], max: int = 1,  # noqa: A002
+    async def lease(self, kinds: list[str] | dict[str, str], max: int = 1,
                     lease_s: float = 60.0) -> list[dict[str, Any]]:
         """``POST /v1/lease``: up to ``max`` queued tasks of these kinds, highest priority
         first, each with ``input_b64`` and ``params``; finish them with :meth:`complete`

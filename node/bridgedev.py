@@ -144,12 +144,15 @@ async def open_bridge_dev(bridge_dir: str | Path, port: int | None, key_hex: str
     await trio.to_thread.run_sync(ensure_installed, bridge_dir)
     write_dev_vars(bridge_dir, key_hex)
     log_file = Path(log_path) if log_path else persist_dir / "wrangler.log"
-    with open(log_file, "ab") as log:
+    log = await trio.to_thread.run_sync(open, log_file, "ab")
+    try:
         proc = await trio.lowlevel.open_process(
             wrangler_command(bridge_dir, port, persist_dir, extra_vars), cwd=str(bridge_dir),
             env=wrangler_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    finally:
+        log.close()  # the child has its own copy of the descriptor
     try:
         deadline = trio.current_time() + start_timeout
         while True:

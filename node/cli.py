@@ -704,6 +704,36 @@ def files_gc(ctx: Ctx, as_json: bool) -> None:
     _files_call(ctx, "/v1/files/gc", {}, as_json, "freed {freed_bytes} bytes")
 
 
+@cli.group()
+def bridge() -> None:
+    """The team's Cloudflare bridge (Worker)."""
+
+
+@bridge.command("dev")
+@click.option("--port", type=int, default=None, help="Port on 127.0.0.1 (default: free).")
+@click.option("--state", "state", type=click.Path(path_type=Path), default=None,
+              help="Where the local Worker keeps its queue, cache and R2 data.")
+@pass_ctx
+def bridge_dev(ctx: Ctx, port: int | None, state: Path | None) -> None:
+    """Run the Worker locally (workerd, no Cloudflare account) with this team's key."""
+    from .bridgedev import run_bridge_dev
+    from .config import load_config
+    from .journal import Journal
+
+    key_hex = load_config(ctx.home).get("bridge", "key")
+    if not key_hex:
+        journal = Journal(ctx.home.journal_file)
+        try:
+            raw = journal.get("bridge_key")
+        finally:
+            journal.close()
+        if raw is None:
+            raise TeammeshError("this node has no bridge key: create or join a team first")
+        key_hex = raw.hex()
+    sys.exit(run_bridge_dev(port=port, key_hex=key_hex,
+                            persist_dir=state or ctx.home.path / "bridge-dev"))
+
+
 def parse_duration(text: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from teammesh.protocols.errors import ConfigError
 
 import teammesh
 
@@ -48,7 +49,10 @@ class Node:
         self.options = options
         self.identity = home.identity()
         self.journal = Journal(home.journal_file)
-        self.membership = Membership(home, self.journal, self.identity)
+        self.membership = Membership(
+            home, self.journal, self.identity,
+            bitswap_peers=set(config.get("files", "allow_peers")),
+            bitswap_public=config.get("files", "serve") == "public")
         self.membership.require_team()
         slots = options.slots if options.slots is not None else config.get("node", "slots")
         self.capacity = Capacity(slots=slots, cost=config.get("node", "cost"),
@@ -71,6 +75,7 @@ class Node:
         self.stop_requested = trio.Event()
         self.tasks: Any = None  # the task service, when it is running
         self.files: Any = None  # the files service, when it is running
+        self.bridge: Any = None  # BridgeClient, when a bridge URL and key are known
 
     def set_slots(self, slots: int) -> None:
         """Change the slots offered to the team (advertised at once)."""
@@ -136,6 +141,10 @@ class Node:
                     if self.tasks is not None:
                         await nursery.start(self.tasks.run, host)
                     await nursery.start(self.mesh.run, host)
+                    if self.options.pull and self.bridge is not None and self.tasks:
+                        from .pull import PullWorker
+
+                        await nursery.start(PullWorker(self, self.bridge).run)
                     self.api_url = await nursery.start(serve_api, self, self.options.api)
                     self._write_api_file()
                     logger.info("node %s ready: %s; api %s", self.identity.peer_id,
@@ -167,6 +176,19 @@ async def run_daemon(home: Home, config: Config, options: UpOptions,
     node = Node(home, config, options)
     node.files = FilesService(node)
     node.tasks = TaskService(node)
+    key_hex = config.get("bridge", "key")
+    key = bytes.fromhex(key_hex) if key_hex else node.membership.bridge_key
+    if options.bridge:
+        if key is None:
+            raise ConfigError("a bridge URL is set but this node has no bridge key: set"
+                              " [bridge] key (hex) or TEAMMESH_BRIDGE_KEY, or re-join the team")
+        from .bridge import BridgeClient
+
+        node.bridge = BridgeClient(options.bridge, key, node.identity.peer_id,
+                                   proxy=config.get("bridge", "proxy") or None)
+        node.tasks.bridge = node.bridge
+    elif options.pull:
+        raise ConfigError("--pull needs a bridge: give --bridge URL or set [bridge] url")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             watch_scope = trio.CancelScope()

@@ -119,7 +119,7 @@ class KuboWatch:
         kubo: KuboBackend,
         *,
         interval_s: float = WATCH_INTERVAL_S,
-        task_status: trio.TaskStatus[KuboWatch] = trio.TASK_STATUS_IGNORED,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Poll ``kubo.is_up()`` every ``interval_s`` until cancelled (state goes to this watch)."""
         await kubo.is_up()
@@ -172,7 +172,7 @@ class KuboBackend:
                         ours.append(await trio.to_thread.run_sync(_hash_file, path))
 
                     nursery.start_soon(hash_ours)
-                text = await self._call("add", self._aio_add, str(path))
+                text = str(await self._call("add", self._aio_add, str(path)))
         except BaseExceptionGroup as group:
             raise _sole(group) from None
         try:
@@ -228,7 +228,7 @@ class KuboBackend:
             await trio.Path(partial).replace(dest)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await trio.Path(partial).unlink(missing_ok=True)
+                await trio.to_thread.run_sync(lambda: partial.unlink(missing_ok=True))
             raise
 
     async def pin(self, cid: str | Cid) -> None:
@@ -245,7 +245,7 @@ class KuboBackend:
         Raises:
             KuboUnavailable, KuboError.
         """
-        return await self._call("version", self._aio_version)
+        return str(await self._call("version", self._aio_version))
 
     async def is_up(self) -> bool:
         """True when the node answers ``version`` within ``PROBE_TIMEOUT_S``. Never raises
@@ -408,7 +408,9 @@ async def open_kubo(api: str, *, watch: KuboWatch | None = None) -> AsyncIterato
 
         def get_session(self, conn_timeout: float = 0, read_timeout: float = 0) -> Any:
             return aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                connector=aiohttp.TCPConnector(limit=0),
+                # 1 MiB reads: fewer, larger pieces cross the trio-asyncio bridge on cat.
+                read_bufsize=CAT_BUFFER_BYTES,
                 timeout=aiohttp.ClientTimeout(
                     total=None,
                     connect=CONNECT_TIMEOUT_S,

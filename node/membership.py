@@ -168,8 +168,14 @@ class Membership:
         with self.journal.transaction():
             self.journal.put("team", json.dumps(team.to_dict()).encode())
             self.journal.save_cert(self.identity.peer_id, cert.packed())
+            # the team's bridge key: members get it when they enroll (docs/BRIDGE.md)
+            self.journal.put("bridge_key", secrets.token_bytes(32))
         self._load(team)
         return team
+
+    @property
+    def bridge_key(self) -> bytes | None:
+        return self.journal.get("bridge_key")
 
     def accept_enrollment(self, team: TeamInfo, cert_data: bytes, certs: list[bytes],
                           revocations: list[bytes]) -> None:
@@ -265,10 +271,13 @@ class Membership:
         cert = issue_certificate(self.root, team, peer, (ROLE_MEMBER,), now, CERT_TTL_S)
         self._apply([cert.packed()], [])
         certs, revocations = roster.export()
-        await stream.write(wire.frame_message({
+        reply: dict[str, Any] = {
             "t": "enrolled", "v": 1, "cert": cert.packed(), "team": team.to_dict(),
             "certs": certs, "revocations": revocations,
-        }))
+        }
+        if self.bridge_key is not None:
+            reply["bridge_key"] = self.bridge_key  # the stream is Noise-encrypted
+        await stream.write(wire.frame_message(reply))
         await stream.close()
         logger.info("enrolled new member %s", peer)
         self.new_certs.append(cert.packed())
@@ -383,6 +392,9 @@ async def join(home: Home, journal: Journal, identity: Identity, invite_text: st
                 [c for c in wire.field_list(reply, "certs") if isinstance(c, bytes)],
                 [r for r in wire.field_list(reply, "revocations") if isinstance(r, bytes)])
             journal.put("bootstrap", json.dumps(list(invite.addrs)).encode())
+            key = reply.get("bridge_key")
+            if isinstance(key, bytes) and len(key) == 32:
+                journal.put("bridge_key", key)
             return invite.team
     raise EnrollmentError(
         f"no admin reachable at {', '.join(invite.addrs)} ({last_error}); is the inviting"

@@ -724,12 +724,14 @@ class TaskService:
         output = task.get("output")
         if isinstance(output, dict) and set(output) == {"$base64"}:
             output = base64.b64decode(output["$base64"])
+        # "bridge" when the Worker ran it, a pull-mode member's peer id when one did
+        by = str(task.get("executed_by") or "bridge")
         with self.journal.transaction() as db:
             if task.get("state") == "done":
-                self._finalise(r, "done", output=output, executed_by="bridge", db=db)
+                self._finalise(r, "done", output=output, executed_by=by, db=db)
             else:
-                self._finalise(r, "failed", error=f"{task.get('error')} (on the bridge)",
-                               executed_by="bridge", db=db)
+                self._finalise(r, "failed", error=f"{task.get('error')} (on {by})",
+                               executed_by=by, db=db)
 
     def _offered(self, peer: str, kind: str, now: float) -> int:
         offer = self.offers.get(peer)

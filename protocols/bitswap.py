@@ -19,7 +19,8 @@ Theory of operation (https://specs.ipfs.tech/bitswap-protocol/):
   ledger; a ``full`` wantlist replaces it.
 * ``WantManager`` is the client side of one fetch: which blocks we want, at which peer
   each is outstanding, and when to ask again. It keeps at most ``max_in_flight`` wants
-  outstanding, gives each to the least loaded peer that has not refused it, re-asks
+  outstanding, gives each to the least loaded peer that has not refused it (peers that
+  sent ``max_bad_blocks`` bad blocks only when no other is left), re-asks
   another peer after DONT_HAVE, a timeout, a failed send or a bad block from the peer
   that held it, cancels duplicates when a block arrives, and gives up on a block once
   every peer refused it for ``give_up_s``.
@@ -675,13 +676,16 @@ class WantManager:
             w = self._wants.get(mh)
             if w is None or w.asked:
                 continue
-            peers = [p for p in self.peers if p not in w.refused
-                     and self.bad_blocks.get(p, 0) < self.max_bad_blocks]
+            peers = [p for p in self.peers if p not in w.refused]
+            # peers that sent bad blocks are asked only when no other peer is left: a
+            # lone peer behind a flaky link must not be banned for good
+            trusted = [p for p in peers if self.bad_blocks.get(p, 0) < self.max_bad_blocks]
+            peers = trusted or peers
             if not peers:
                 if now - w.created >= self.give_up_s:
                     del self._wants[mh]
                     why = "; ".join(f"{p}: {r}" for p, r in w.history.items())
-                    effects.append(Failed(w.cid, why or "every peer sent bad blocks"))
+                    effects.append(Failed(w.cid, why or "no peer answered"))
                 else:  # every peer said no: give them all another round after a pause
                     w.not_before = now + self.retry_backoff_s
                     self._parked.append(mh)

@@ -1,0 +1,109 @@
+"""Pull mode: a node nobody can dial takes work from the team's bridge.
+
+`teammesh up --pull` leases queued tasks of the kinds this node runs (up to its free
+slots), runs them in its own executor, and posts the results. A lease that is not
+completed in time returns to the bridge's queue, so a pull node that dies loses nothing.
+Long-polling is approximated by a short back-off when the queue is empty.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+from teammesh.protocols.tasks import TaskResult, TaskSpec
+
+from .bridge import BridgeError, BridgeRateLimited, BridgeRejected, BridgeUnavailable
+from .executor import Job
+from .tasks import json_safe
+
+if TYPE_CHECKING:
+    from .daemon import Node
+
+logger = logging.getLogger("teammesh.pull")
+
+LEASE_S = 120.0
+IDLE_BACKOFF_MAX_S = 2.0
+
+
+class PullWorker:
+    def __init__(self, node: Node, bridge: Any) -> None:
+        self.node = node
+        self.bridge = bridge
+        self.completed = 0
+        self.failed_posts = 0
+        self._results: trio.MemorySendChannel[tuple[str, TaskResult]]
+        self._results_in: trio.MemoryReceiveChannel[tuple[str, TaskResult]]
+        self._results, self._results_in = trio.open_memory_channel(1024)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._poster)
+            task_status.started()
+            await self._lease_loop()
+
+    async def _lease_loop(self) -> None:
+        executor = self.node.tasks.executor
+        kinds = {k.name: k.version for k in self.node.kinds.values()}
+        idle = 0.05
+        unreachable = False
+        while True:
+            cap = self.node.capacity
+            free = cap.slots - cap.busy - cap.queue
+            if free <= 0 or not kinds:
+                await trio.sleep(0.05)
+                continue
+            try:
+                leased = await self.bridge.lease(kinds, max=free, lease_s=LEASE_S)
+                if unreachable:
+                    logger.warning("bridge reachable again; pulling work")
+                unreachable = False
+            except BridgeRateLimited as exc:
+                await trio.sleep(max(exc.retry_after, 0.1))
+                continue
+            except BridgeError as exc:
+                if not unreachable:
+                    logger.warning("cannot pull from the bridge (%s); retrying", exc)
+                unreachable = True
+                await trio.sleep(min(10.0, idle * 4))
+                idle = min(IDLE_BACKOFF_MAX_S, idle * 2)
+                continue
+            if not leased:
+                await trio.sleep(idle)
+                idle = min(IDLE_BACKOFF_MAX_S, idle * 1.5)
+                continue
+            idle = 0.05
+            for t in leased:
+                spec = TaskSpec(
+                    id=str(t["id"]), kind=str(t["kind"]), version=str(t.get("version", "1")),
+                    input=base64.b64decode(t.get("input_b64") or ""),
+                    params=dict(t.get("params") or {}), timeout_ms=int(LEASE_S * 900),
+                    priority=int(t.get("priority") or 0))
+                executor.submit_nowait(Job(spec, "bridge", self._done))
+
+    def _done(self, job: Job, result: TaskResult) -> None:
+        try:
+            self._results.send_nowait((job.spec.id, result))
+        except trio.WouldBlock:
+            # the poster is far behind; the lease will expire and the task be re-queued
+            logger.warning("dropping result of %s: too many results waiting", job.spec.id)
+
+    async def _poster(self) -> None:
+        async for task_id, result in self._results_in:
+            body = {"ok": result.ok, "output": json_safe(result.output), "error": result.error,
+                    "executor": self.node.identity.peer_id}
+            for attempt in range(5):
+                try:
+                    await self.bridge.complete(task_id, body)
+                    self.completed += 1
+                    break
+                except BridgeRejected as exc:
+                    logger.warning("bridge refused the result of %s: %s", task_id, exc)
+                    self.failed_posts += 1
+                    break
+                except BridgeUnavailable:
+                    await trio.sleep(0.2 * 2 ** attempt)
+            else:
+                self.failed_posts += 1
