@@ -206,9 +206,6 @@ def up(ctx: Ctx, listen: tuple[str, ...], bootstrap: tuple[str, ...], api: str |
         listen=list(listen) or ([] if pull else list(config.get("node", "listen"))),
         bootstrap=list(bootstrap), api=api or config.get("node", "api"), slots=slots,
         pull=pull, bridge=bridge or config.get("bridge", "url") or None)
-    if pull and not options.listen:
-        options = UpOptions(["/ip4/127.0.0.1/tcp/0"], options.bootstrap, options.api,
-                            options.slots, True, options.bridge)
 
     def ready(node: Any) -> None:
         click.echo(f"teammesh node {node.identity.peer_id} up", err=True)
