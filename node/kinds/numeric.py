@@ -102,7 +102,8 @@ def _matrix(value: Any, name: str) -> npt.NDArray[np.float64]:
             raise ValueError(f"{name} is not a .npy file: {exc}") from exc
         if arr.ndim != 2:
             raise ValueError(f"{name} must be a 2-D array, got {arr.ndim}-D")
-        return arr.astype(np.float64)
+        matrix: npt.NDArray[np.float64] = np.asarray(arr, dtype=np.float64)
+        return matrix
 
     if not isinstance(value, list) or not value or not all(isinstance(r, list) for r in value):
         raise ValueError(f"{name} must be a non-empty array of rows (arrays of numbers)")
