@@ -161,7 +161,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Check, str]]] = {
         "api": ("127.0.0.1:0", _is_str, 'HOST:PORT on loopback, e.g. "127.0.0.1:7117"'),
         "slots": (_CORES, _is_int(0, 1024), "an integer from 0 to 1024"),
         "cost": (1.0, _is_num(0), "a number >= 0 (relative price of this node's slots)"),
-        "max_peers": (32, _is_int(1, 1000), "an integer from 1 to 1000"),
+        "max_peers": (8, _is_int(1, 1000), "an integer from 1 to 1000"),
     },
     "gossip": {
         "ad_interval_s": (5.0, _is_num(0.2), "a number of seconds >= 0.2"),

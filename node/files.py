@@ -266,7 +266,8 @@ class FilesService:
         return {"used_bytes": self.store.size_bytes, "limit_bytes": self.store.limit_bytes,
                 "pins": len(self.store.pins()), "mirror": self.mirror_state,
                 "mirror_pending": len(self.queue.pending()), "fetch_order": self.fetch_order,
-                **self.stats}
+                "bad_blocks": dict(self.bitswap.bad_blocks) if self.bitswap else {},
+                "corrupt_local_blocks": self.store.corrupt_blocks, **self.stats}
 
     # --- service ------------------------------------------------------------------------
     async def run(self, host: MeshHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

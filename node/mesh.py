@@ -39,6 +39,7 @@ DIAL_BACKOFF_MAX_S = 30.0
 DIAL_TIMEOUT_S = 5.0
 CHANGE_COALESCE_S = 0.05
 GREET_DELAY_S = 1.2  # a bit over one gossipsub heartbeat
+TEAM_ADS_PER_S = 2.0
 
 
 @dataclass(slots=True)
@@ -120,8 +121,21 @@ class Mesh:
         self.peers_changed = trio.Event()
         self._wake_dialer = trio.Event()
         self.host: MeshHost | None = None
+        self._last_publish = -1e9
 
     # --- ads --------------------------------------------------------------------------
+    @property
+    def effective_interval_s(self) -> float:
+        """The refresh period, stretched in big teams so the whole team sends about two
+        periodic ads a second (every node relays every ad, so this is what caps gossip
+        CPU); changes are still published at once."""
+        n = len(self.table.entries) + 1
+        return max(self.interval_s, n / TEAM_ADS_PER_S)
+
+    @property
+    def effective_ttl_s(self) -> float:
+        return max(self.ttl_s, 3 * self.effective_interval_s)
+
     def own_ad(self, host: MeshHost) -> CapabilityAd:
         team, _ = self.membership.require_team()
         assert self.membership.cert is not None
@@ -133,7 +147,8 @@ class Mesh:
             cores=self.cores, slots=c.slots, free_slots=c.free_slots,
             memory_bytes=self.memory_bytes, gpus=(), kinds=dict(c.kinds), queue=c.queue,
             cost=c.cost, storage=c.storage, software=teammesh.__version__, seq=self.seq,
-            ttl_ms=int(self.ttl_s * 1000), cert=self.membership.cert.packed(), pull=c.pull,
+            ttl_ms=int(self.effective_ttl_s * 1000), cert=self.membership.cert.packed(),
+            pull=c.pull,
         )
 
     def _verify(self, data: bytes) -> CapabilityAd:
@@ -232,6 +247,7 @@ class Mesh:
 
     async def publish_now(self, host: MeshHost, topic: str) -> None:
         try:
+            self._last_publish = trio.current_time()
             await host.publish(topic, self.own_ad(host).sealed(self.identity))
             self.ads_published += 1
         except STREAM_ERRORS:
@@ -245,15 +261,15 @@ class Mesh:
             now = trio.current_time()
             if now >= next_periodic or (greet_at is not None and now >= greet_at):
                 await self.publish_now(host, topic)
-                next_periodic = trio.current_time() + self.interval_s
+                next_periodic = trio.current_time() + self.effective_interval_s
                 greet_at = None
             wake = min(next_periodic, greet_at or next_periodic, trio.current_time() + 0.5)
             with trio.move_on_at(wake):
                 await self.capacity.changed.wait()
-                # Coalesce a burst of changes (a batch of tasks starting) into one ad.
-                await trio.sleep(CHANGE_COALESCE_S)
                 self.capacity.changed = trio.Event()
-                next_periodic = 0.0
+                # A change goes out at once unless an ad left in the last 50 ms; then a
+                # burst (a batch of tasks starting) is folded into one ad at most 50 ms on.
+                next_periodic = min(next_periodic, self._last_publish + CHANGE_COALESCE_S)
             # A member that just connected has none of our state: greet it once the gossip
             # mesh has had a heartbeat to take it in, instead of after a full interval.
             connected = set(host.connected_peers())
