@@ -8,6 +8,7 @@ or stopped node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -134,8 +135,16 @@ class Node:
                                  peer_gate=self.membership.peer_gate,
                                  stream_gate=self.membership.stream_gate) as host:
                 self.host = host
-                async with trio.open_nursery() as nursery:
+                async with contextlib.AsyncExitStack() as stack, \
+                        trio.open_nursery() as nursery:
                     await nursery.start(self.membership.run, host)
+                    api = self.config.get("ipfs", "api")
+                    if self.files is not None and api:
+                        from .kubo import open_kubo
+
+                        kubo = await stack.enter_async_context(open_kubo(api))
+                        self.files.kubo = kubo
+                        await nursery.start(kubo.watch.run, kubo)
                     if self.files is not None:
                         await nursery.start(self.files.run, host)
                     if self.tasks is not None:
