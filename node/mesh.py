@@ -37,6 +37,7 @@ logger = logging.getLogger("teammesh.mesh")
 DIAL_BACKOFF_MIN_S = 0.25
 DIAL_BACKOFF_MAX_S = 30.0
 DIAL_TIMEOUT_S = 5.0
+DIAL_IDLE_S = 2.0  # nothing to retry: look for lost connections this often
 CHANGE_COALESCE_S = 0.05
 GREET_DELAY_S = 1.2  # a bit over one gossipsub heartbeat
 TEAM_ADS_PER_S = 2.0
@@ -263,7 +264,7 @@ class Mesh:
                 await self.publish_now(host, topic)
                 next_periodic = trio.current_time() + self.effective_interval_s
                 greet_at = None
-            wake = min(next_periodic, greet_at or next_periodic, trio.current_time() + 0.5)
+            wake = min(next_periodic, greet_at or next_periodic, trio.current_time() + 1.0)
             with trio.move_on_at(wake):
                 await self.capacity.changed.wait()
                 self.capacity.changed = trio.Event()
@@ -279,7 +280,10 @@ class Mesh:
 
     async def _expire_loop(self) -> None:
         while True:
-            await trio.sleep(0.5)
+            # sleep until the next ad can expire (idle CPU matters with many nodes)
+            now = trio.current_time()
+            soonest = min((e.expires for e in self.table.entries.values()), default=now + 5)
+            await trio.sleep(max(0.05, min(5.0, soonest - now + 0.01)))
             if self.table.expire(trio.current_time()):
                 self.peers_changed.set()
                 self.peers_changed = trio.Event()
@@ -299,7 +303,8 @@ class Mesh:
                 target.dialing = True
                 budget -= 1
                 nursery.start_soon(self._dial, host, peer, target)
-            with trio.move_on_after(0.5):
+            pending = any(t.next_at > trio.current_time() for t in self.targets.values())
+            with trio.move_on_after(0.5 if pending else DIAL_IDLE_S):
                 await self._wake_dialer.wait()
             self._wake_dialer = trio.Event()
 
