@@ -157,3 +157,43 @@ def test_corrupt_block_in_a_peer_store_is_skipped(tmp_path: Path) -> None:
         got = c.cli("get", cid, "-o", str(out), timeout=300)
         assert got["source"] == "peers"
         assert _sha(out) == _sha(f)
+
+
+def test_tasks_read_and_write_files_across_the_mesh(tmp_path: Path) -> None:
+    """The submitter shares inputs; the executor (another daemon) fetches them by CID over
+    Bitswap, runs the kinds, and returns a large output by CID."""
+    import base64
+
+    import numpy as np
+
+    from teammesh.client import Client
+
+    with mesh(tmp_path, 2, slots=[0, 1]) as (a, b):
+        wait_until(lambda: len(a.peers()) == 1, 20, what="the mesh")
+        csv = tmp_path / "data.csv"
+        rows = "\n".join(f"{i},{i * 2.5},{'x' if i % 3 else 'y'}" for i in range(50_000))
+        csv.write_text("n,v,label\n" + rows + "\n")
+        np.save(tmp_path / "a.npy", np.arange(6, dtype=float).reshape(2, 3))
+        np.save(tmp_path / "b.npy", np.ones((3, 2)))
+        cid_csv = a.cli("share", str(csv))["cid"]
+        cid_a = a.cli("share", str(tmp_path / "a.npy"))["cid"]
+        cid_b = a.cli("share", str(tmp_path / "b.npy"))["cid"]
+        with Client.from_home(a.home, timeout=120) as c:
+            s = c.submit("csv.summary", input_cid=cid_csv, wait=True)
+            assert s["state"] == "done", s["error"]
+            assert s["executed_by"] == b.peer_id
+            assert s["output"]["rows"] == 50_000
+            assert s["output"]["columns"]["v"]["max"] == 49_999 * 2.5
+            m = c.submit("np.matmul", params={"a": {"$cid": cid_a}, "b": {"$cid": cid_b}},
+                         wait=True)
+            assert m["state"] == "done", m["error"]
+            assert m["output"] == [[3.0, 3.0], [12.0, 12.0]]
+            big = os.urandom(2 * 1024 * 1024)
+            d = c.submit("base64.decode", base64.b64encode(big), wait=True, no_cache=True)
+            assert d["state"] == "done", d["error"]
+            ref = d["output"]
+            assert set(ref) == {"$cid", "size"}
+            assert ref["size"] == len(big)
+        out = tmp_path / "decoded.bin"
+        a.cli("get", ref["$cid"], "-o", str(out))
+        assert out.read_bytes() == big
