@@ -26,6 +26,9 @@ Message = dict[str, Any]
 
 
 def encode_varint(n: int) -> bytes:
+    """Unsigned LEB128 (protobuf, multiformats); the one varint encoder of the project."""
+    if 0 <= n < 0x80:
+        return bytes((n,))
     if n < 0:
         raise LocalProtocolError("varint must be non-negative")
     out = bytearray()

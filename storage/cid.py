@@ -25,6 +25,7 @@ from typing import Final
 
 import base58
 from teammesh.protocols.errors import StorageError
+from teammesh.protocols.wire import encode_varint
 
 __all__ = [
     "BLAKE2B_256",
@@ -51,20 +52,6 @@ BLAKE2B_256: Final = 0xB220
 _CODEC_NAMES: Final[dict[int, str]] = {RAW: "raw", DAG_PB: "dag-pb"}
 _MAX_VARINT_BYTES: Final = 9  # unsigned-varint spec: at most 63 bits
 _MAX_CID_STRING: Final = 4096
-
-
-def encode_varint(value: int) -> bytes:
-    """Encode a non-negative integer as an unsigned LEB128 varint (protobuf/multiformats)."""
-    if value < 0:
-        raise ValueError(f"varint must be non-negative, got {value}")
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def decode_varint(buf: bytes | memoryview, pos: int = 0) -> tuple[int, int]:

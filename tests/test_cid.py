@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from teammesh.protocols.errors import StorageError
+from teammesh.protocols.errors import LocalProtocolError, StorageError
 from teammesh.storage.cid import DAG_PB, RAW, Cid, decode_varint, encode_varint
 from teammesh.storage.dagpb import (
     UNIXFS_DIRECTORY,
@@ -431,7 +431,7 @@ def test_varint_rejects() -> None:
         decode_varint(b"\x80\x00")  # non-minimal
     with pytest.raises(StorageError):
         decode_varint(b"\xff" * 10)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(LocalProtocolError, match="non-negative"):
         encode_varint(-1)
 
 
