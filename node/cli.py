@@ -362,6 +362,8 @@ def _finish(task: dict[str, Any]) -> None:
 @cli.command()
 @click.argument("kind")
 @click.option("--input", "input_spec", help="Input file, or - for stdin.")
+@click.option("--input-cid", "input_cid", default=None,
+              help="Input by CID: a file shared with `teammesh share` (fetched by the executor).")
 @click.option("--param", "params", multiple=True, help="key=value (value parsed as JSON).")
 @click.option("--params", "params_json", help="All params as a JSON object.")
 @click.option("--where", type=click.Choice(["any", "local", "peers", "bridge"]), default="any",
@@ -374,7 +376,8 @@ def _finish(task: dict[str, Any]) -> None:
 @click.option("-o", "--output", "output_path", help="With --wait: write the output to a file.")
 @json_option
 @pass_ctx
-def submit(ctx: Ctx, kind: str, input_spec: str | None, params: tuple[str, ...],
+def submit(ctx: Ctx, kind: str, input_spec: str | None, input_cid: str | None,
+           params: tuple[str, ...],
            params_json: str | None, where: str, replicas: int, priority: int,
            timeout: float | None, no_cache: bool, wait: bool, output_path: str | None,
            as_json: bool) -> None:
@@ -384,7 +387,8 @@ def submit(ctx: Ctx, kind: str, input_spec: str | None, params: tuple[str, ...],
         c._http.timeout = httpx_timeout(None if wait else 30)
         task = c.submit(kind, data, _parse_params(params, params_json), where=where,
                         replicas=replicas, priority=priority, timeout_s=timeout,
-                        no_cache=no_cache or None, wait=True if wait else None)
+                        no_cache=no_cache or None, wait=True if wait else None,
+                        input_cid=input_cid)
         if wait and task["state"] not in ("done", "failed", "cancelled"):
             while task["state"] not in ("done", "failed", "cancelled"):
                 task = c.task(task["id"], wait=60)
