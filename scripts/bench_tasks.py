@@ -20,15 +20,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from bench_baselines import percentile
 from meshtools import mesh, wait_for_full_mesh
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def one_run(n_tasks: int, n_seq: int) -> dict[str, Any]:
@@ -66,7 +59,7 @@ def one_run(n_tasks: int, n_seq: int) -> dict[str, Any]:
                     raise RuntimeError(f"sequential task failed: {r}")
             client.close()
         return {"tasks_per_s": n_tasks / elapsed, "p50_ms": statistics.median(lat),
-                "p99_ms": percentile(lat, 0.99), "start_s": start_s, "spread": by}
+                "p99_ms": percentile(lat, 99), "start_s": start_s, "spread": by}
 
 
 def bench_teammesh(n_tasks: int, n_seq: int, runs: int) -> list[dict[str, Any]]:
