@@ -42,6 +42,9 @@ def _start(home: Path, slots: int) -> subprocess.Popen[bytes]:
     deadline = time.monotonic() + 60  # generous: a loaded 2-core machine starts slowly
     while not (home / "api.json").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:  # never leave a half-started node behind
+                proc.kill()
+                proc.wait()
             raise TeammeshError(f"demo node in {home} did not start; see {home}/daemon.log")
         time.sleep(0.05)
     return proc
