@@ -338,11 +338,11 @@ def _print_task(task: dict[str, Any]) -> None:
 
 
 def _write_output(task: dict[str, Any], path: str) -> None:
-    import base64
+    from .client import decode_output
 
-    out = task.get("output")
-    if isinstance(out, dict) and set(out) == {"$base64"}:
-        data = base64.b64decode(out["$base64"])
+    out = decode_output(task.get("output"))
+    if isinstance(out, bytes):
+        data = out
     elif isinstance(out, str):
         data = out.encode()
     else:

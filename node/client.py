@@ -55,6 +55,13 @@ def _raise_for(resp: httpx.Response) -> Any:
     return body
 
 
+def decode_output(value: Any) -> Any:
+    """Undo the task JSON convention for bytes: {"$base64": ...} back to bytes."""
+    if isinstance(value, dict) and set(value) == {"$base64"}:
+        return base64.b64decode(value["$base64"])
+    return value
+
+
 def encode_input(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode()
 

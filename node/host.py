@@ -466,12 +466,9 @@ async def open_host(
         )[1]
         if rest is None:
             return
-        leaves = list(_leaves(rest))
         # py-libp2p's nurseries wrap whatever the body raised; hand a lone error back as
         # itself so callers can catch it by type.
-        if len(leaves) == 1:
-            raise leaves[0] from None
-        raise rest from None
+        raise single_leaf(rest) from None
 
 
 def single_leaf(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -41,6 +41,7 @@ from teammesh.protocols.errors import (
 )
 from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 
+from .client import decode_output
 from .executor import Executor, Job
 from .host import STREAM_ERRORS, DialError, MeshHost, Stream, single_leaf
 from .protocol_ids import OFFER, TASKS, tasks_topic
@@ -62,7 +63,6 @@ TARGET_QUEUED_MS = 20.0  # pipeline about this much work per peer slot beyond th
 MAX_PIPELINE = 64
 DEFAULT_KIND_MS = 1e9  # unknown duration: no pipelining until the first results teach us
 ACK_DELAY_S = 0.01
-OUTPUT_INLINE_MAX = 1024 * 1024  # larger byte outputs are stored as files and sent by CID
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
 
 
@@ -721,9 +721,7 @@ class TaskService:
         if r.state in TERMINAL or "bridge" not in r.inflight:
             return
         r.inflight.pop("bridge").ended = time.time()
-        output = task.get("output")
-        if isinstance(output, dict) and set(output) == {"$base64"}:
-            output = base64.b64decode(output["$base64"])
+        output = decode_output(task.get("output"))
         # "bridge" when the Worker ran it, a pull-mode member's peer id when one did
         by = str(task.get("executed_by") or "bridge")
         with self.journal.transaction() as db:
@@ -803,7 +801,7 @@ class TaskService:
 
     def _local_done(self, job: Job | None, result: TaskResult) -> None:
         if result.ok and isinstance(result.output, bytes) and \
-                len(result.output) > OUTPUT_INLINE_MAX and self.node.files is not None:
+                len(result.output) > tp.OUTPUT_INLINE_MAX and self.node.files is not None:
             self.node.files.start_job(functools.partial(self._store_local_output, result))
             return
         with self.journal.transaction() as db:

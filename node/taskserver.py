@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("teammesh.taskserver")
 
 COALESCE_S = 0.002
-OUTPUT_INLINE_MAX = 1024 * 1024  # larger byte outputs are stored as files and sent by CID
 
 
 class _Session:
@@ -172,7 +171,7 @@ class TaskServer:
     def _done(self, job: Job, result: TaskResult) -> None:
         files = self.service.node.files
         if result.ok and isinstance(result.output, bytes) and files is not None and \
-                len(result.output) > OUTPUT_INLINE_MAX:
+                len(result.output) > tp.OUTPUT_INLINE_MAX:
             files.start_job(functools.partial(self._store_output, job, result))
             return
         session = self.sessions.get(job.submitter)

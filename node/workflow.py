@@ -19,7 +19,6 @@ step it depends on is done; a failed step fails the steps after it (they are ski
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import tomllib
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from teammesh.protocols.errors import TeammeshError
+
+from .client import decode_output
 
 STEP_KEYS = {"kind", "input", "input_from", "params", "params_from", "after", "where",
              "priority", "replicas", "timeout_s", "no_cache"}
@@ -101,8 +102,9 @@ def _check_acyclic(steps: dict[str, Step], path: Path) -> None:
 
 
 def _as_bytes(output: Any) -> bytes:
-    if isinstance(output, dict) and set(output) == {"$base64"}:
-        return base64.b64decode(output["$base64"])
+    output = decode_output(output)
+    if isinstance(output, bytes):
+        return output
     if isinstance(output, str):
         return output.encode()
     return json.dumps(output).encode()

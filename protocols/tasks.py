@@ -36,6 +36,7 @@ from .identity import Identity
 DOMAIN_RESULTS = "results"
 MAX_BATCH = 4096
 MAX_INLINE_INPUT = 4 * 1024 * 1024
+OUTPUT_INLINE_MAX = 1024 * 1024  # larger byte outputs are stored as files and sent by CID
 BATCH_BYTES = 2 * 1024 * 1024  # keep every frame well under wire.MAX_FRAME_BYTES
 T = TypeVar("T")
 
