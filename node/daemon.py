@@ -72,6 +72,7 @@ class Node:
                          max_peers=config.get("node", "max_peers"))
         self.host: MeshHost | None = None
         self.api_url = ""
+        self.api_socket: str | None = None
         self.started_at = time.time()
         self.stop_requested = trio.Event()
         self.tasks: Any = None  # the task service, when it is running
@@ -154,6 +155,10 @@ class Node:
                         from .pull import PullWorker
 
                         await nursery.start(PullWorker(self, self.bridge).run)
+                    if self.tasks is not None:
+                        from .ctlsock import serve_control_socket
+
+                        self.api_socket = await nursery.start(serve_control_socket, self)
                     self.api_url = await nursery.start(serve_api, self, self.options.api)
                     self._write_api_file()
                     logger.info("node %s ready: %s; api %s", self.identity.peer_id,
@@ -170,7 +175,7 @@ class Node:
     def _write_api_file(self) -> None:
         assert self.host is not None
         data = {"url": self.api_url, "pid": os.getpid(), "peer_id": self.identity.peer_id,
-                "addrs": self.host.addrs}
+                "addrs": self.host.addrs, "socket": self.api_socket}
         tmp = self.home.api_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(self.home.api_file)

@@ -327,6 +327,46 @@ def _cache_sender_records() -> None:
     gs_mod.maybe_consume_signed_record = cached
 
 
+YAMUX_WINDOW_BYTES = 4 * 1024 * 1024
+
+
+def _lean_yamux_windows() -> None:
+    """Send yamux WINDOW_UPDATEs as go-yamux does: once half the window is consumed.
+
+    py-libp2p 0.8.1 answers every read that leaves any slack with a WINDOW_UPDATE frame
+    (its "partial slack" branch), so each task message costs a second Noise message and a
+    second send() each way, which showed up as a sixth of a submitter's CPU on sequential
+    tasks. Its writer also polls every 10 ms once the window is empty; a 4 MiB window per
+    stream (go-yamux grows to 16 MiB) keeps bulk Bitswap transfers clear of that poll,
+    and only an authenticated member can fill it.
+    """
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    if getattr(YamuxStream, "_teammesh_lean", False):
+        return
+
+    async def update(self: Any, *, bytes_read: int = 0) -> None:
+        async with self.window_lock:
+            if self.target_recv_window < YAMUX_WINDOW_BYTES:
+                self.target_recv_window = YAMUX_WINDOW_BYTES
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            delta = self.target_recv_window - (self.recv_window + buffered)
+            if delta <= 0 or delta < self.target_recv_window // 2:
+                return
+            self.recv_window += delta
+        await self.send_window_update(delta, skip_lock=True)
+
+    async def write_frame(self: Any, data: bytes) -> None:
+        # the library's version formats a debug line (flags, names, f-strings) for every
+        # frame, logged or not, then yields once more after the write
+        async with self._write_lock:
+            await self.secured_conn.write(data)
+
+    YamuxStream._auto_tune_and_send_window_update = update
+    Yamux._write_frame = write_frame
+    YamuxStream._teammesh_lean = True
+
+
 def _patch_observations(host: Any, stats: HostStats) -> None:
     manager = getattr(host, "_observed_addr_manager", None)
     if manager is None:
@@ -426,6 +466,7 @@ async def open_host(
     )
     _patch_inbound_release(host.get_network(), stats)
     _cache_sender_records()
+    _lean_yamux_windows()
     _patch_observations(host, stats)
     # Pubsub registers a connection notifee whose queue only drains while its service
     # runs: constructing it for a gossip-less host would block every dial.

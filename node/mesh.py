@@ -17,6 +17,7 @@ import os
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,11 @@ DIAL_BACKOFF_MAX_S = 30.0
 DIAL_TIMEOUT_S = 5.0
 DIAL_IDLE_S = 2.0  # nothing to retry: look for lost connections this often
 CHANGE_COALESCE_S = 0.05
+# Load (busy/queued slots) flips on every task; announcing each flip costs every node a
+# gossip relay per task, which profiles showed as most of a worker's CPU during a run of
+# short tasks. Load goes out only if it still differs after settling; submitters already
+# count what they assigned themselves.
+LOAD_SETTLE_S = 0.25
 GREET_DELAY_S = 1.2  # a bit over one gossipsub heartbeat
 TEAM_ADS_PER_S = 2.0
 
@@ -62,6 +68,12 @@ class Capacity:
 
     def notify(self) -> None:
         self.changed.set()
+
+    def config_key(self) -> tuple[Any, ...]:
+        return (self.slots, tuple(sorted(self.kinds.items())), self.cost, self.storage, self.pull)
+
+    def load_key(self) -> tuple[int, int]:
+        return (self.free_slots, self.queue)
 
 
 @dataclass(slots=True)
@@ -120,9 +132,19 @@ class Mesh:
         self.ads_rejected = 0
         self.ads_published = 0
         self.peers_changed = trio.Event()
+        # called on every change too: the task scheduler wakes on it without a poll
+        self.on_peers_changed: list[Callable[[], None]] = []
         self._wake_dialer = trio.Event()
         self.host: MeshHost | None = None
         self._last_publish = -1e9
+        self._published_config: tuple[Any, ...] | None = None
+        self._published_load: tuple[int, int] | None = None
+
+    def _peers_changed(self) -> None:
+        self.peers_changed.set()
+        self.peers_changed = trio.Event()
+        for hook in self.on_peers_changed:
+            hook()
 
     # --- ads --------------------------------------------------------------------------
     @property
@@ -198,8 +220,7 @@ class Mesh:
         if not self.membership.is_member(ad.peer_id):
             return
         if self.table.update(ad, trio.current_time()):
-            self.peers_changed.set()
-            self.peers_changed = trio.Event()
+            self._peers_changed()
         if ad.addrs and ad.peer_id not in self.targets:
             self.targets[ad.peer_id] = _Target(list(ad.addrs))
             self._wake_dialer.set()
@@ -249,6 +270,8 @@ class Mesh:
     async def publish_now(self, host: MeshHost, topic: str) -> None:
         try:
             self._last_publish = trio.current_time()
+            self._published_config = self.capacity.config_key()
+            self._published_load = self.capacity.load_key()
             await host.publish(topic, self.own_ad(host).sealed(self.identity))
             self.ads_published += 1
         except STREAM_ERRORS:
@@ -258,19 +281,29 @@ class Mesh:
         known: set[str] = set()
         next_periodic = 0.0
         greet_at: float | None = None
+        load_due: float | None = None
         while True:
             now = trio.current_time()
+            if load_due is not None and now >= load_due:
+                load_due = None
+                if self.capacity.load_key() != self._published_load:
+                    next_periodic = now
             if now >= next_periodic or (greet_at is not None and now >= greet_at):
                 await self.publish_now(host, topic)
                 next_periodic = trio.current_time() + self.effective_interval_s
                 greet_at = None
-            wake = min(next_periodic, greet_at or next_periodic, trio.current_time() + 1.0)
+            wake = min(next_periodic, greet_at or next_periodic, load_due or next_periodic,
+                       trio.current_time() + 1.0)
             with trio.move_on_at(wake):
                 await self.capacity.changed.wait()
                 self.capacity.changed = trio.Event()
-                # A change goes out at once unless an ad left in the last 50 ms; then a
-                # burst (a batch of tasks starting) is folded into one ad at most 50 ms on.
-                next_periodic = min(next_periodic, self._last_publish + CHANGE_COALESCE_S)
+                if self.capacity.config_key() != self._published_config:
+                    # A change goes out at once unless an ad left in the last 50 ms; then
+                    # a burst is folded into one ad at most 50 ms on.
+                    next_periodic = min(next_periodic,
+                                        self._last_publish + CHANGE_COALESCE_S)
+                elif load_due is None and self.capacity.load_key() != self._published_load:
+                    load_due = trio.current_time() + LOAD_SETTLE_S
             # A member that just connected has none of our state: greet it once the gossip
             # mesh has had a heartbeat to take it in, instead of after a full interval.
             connected = set(host.connected_peers())
@@ -285,8 +318,7 @@ class Mesh:
             soonest = min((e.expires for e in self.table.entries.values()), default=now + 5)
             await trio.sleep(max(0.05, min(5.0, soonest - now + 0.01)))
             if self.table.expire(trio.current_time()):
-                self.peers_changed.set()
-                self.peers_changed = trio.Event()
+                self._peers_changed()
 
     async def _dial_loop(self, host: MeshHost, nursery: trio.Nursery) -> None:
         while True:

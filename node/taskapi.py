@@ -36,49 +36,65 @@ def _wait_arg(request: Request, default: float | None = None) -> float | None:
         raise TaskError("wait must be a number of seconds") from exc
 
 
+async def op_submit(svc: TaskService, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /v1/tasks, also served on the control socket."""
+    (record,) = svc.submit_many([body])
+    wait = body.get("wait")
+    if wait:
+        limit = float(wait) if not isinstance(wait, bool) else MAX_WAIT_S
+        with trio.move_on_after(min(limit, MAX_WAIT_S)):
+            await svc.wait(record.id)
+    return record.to_json()
+
+
+def _batch_bodies(body: dict[str, Any]) -> list[dict[str, Any]]:
+    bodies = body.get("tasks")
+    if not isinstance(bodies, list) or not all(isinstance(b, dict) for b in bodies):
+        raise TaskError("'tasks' must be a list of task objects")
+    if len(bodies) > MAX_BATCH_TASKS:
+        raise TaskError(f"at most {MAX_BATCH_TASKS} tasks per batch")
+    return bodies
+
+
+async def op_batch(svc: TaskService, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST /v1/tasks/batch without streaming, also served on the control socket."""
+    records = svc.submit_many(_batch_bodies(body))
+    if body.get("wait"):
+        with trio.move_on_after(MAX_WAIT_S):
+            for r in records:
+                await svc.wait(r.id)
+        return [r.to_json() for r in records]
+    return [{"id": r.id, "state": r.state, "tag": r.tag} for r in records]
+
+
+async def op_show(svc: TaskService, task_id: str, wait: float | None) -> dict[str, Any]:
+    r = svc.get(task_id)
+    if wait:
+        with trio.move_on_after(min(MAX_WAIT_S, max(0.0, wait))):
+            r = await svc.wait(task_id)
+    if r is None:
+        raise TaskError(f"no task {task_id}")
+    return _as_json(r)
+
+
 def task_routes(svc: TaskService, endpoint: Any) -> list[Route]:
     async def submit(request: Request) -> Any:
-        body = await json_body(request)
-        (record,) = svc.submit_many([body])
-        wait = body.get("wait")
-        if wait:
-            limit = float(wait) if not isinstance(wait, bool) else MAX_WAIT_S
-            with trio.move_on_after(min(limit, MAX_WAIT_S)):
-                await svc.wait(record.id)
-        return record.to_json()
+        return await op_submit(svc, await json_body(request))
 
     async def batch(request: Request) -> Any:
         body = await json_body(request)
-        bodies = body.get("tasks")
-        if not isinstance(bodies, list) or not all(isinstance(b, dict) for b in bodies):
-            raise TaskError("'tasks' must be a list of task objects")
-        if len(bodies) > MAX_BATCH_TASKS:
-            raise TaskError(f"at most {MAX_BATCH_TASKS} tasks per batch")
         if body.get("stream"):
+            bodies = _batch_bodies(body)
             send, receive = trio.open_memory_channel[str](max(1, len(bodies)))
             records = svc.submit_many(bodies)
             for r in records:
                 svc.watch(r, send)
             return StreamingResponse(_stream(records, receive, svc),
                                      media_type="application/x-ndjson")
-        records = svc.submit_many(bodies)
-        if body.get("wait"):
-            with trio.move_on_after(MAX_WAIT_S):
-                for r in records:
-                    await svc.wait(r.id)
-            return [r.to_json() for r in records]
-        return [{"id": r.id, "state": r.state, "tag": r.tag} for r in records]
+        return await op_batch(svc, body)
 
     async def show(request: Request) -> Any:
-        task_id = request.path_params["id"]
-        wait = _wait_arg(request)
-        r = svc.get(task_id)
-        if wait:
-            with trio.move_on_after(wait):
-                r = await svc.wait(task_id)
-        if r is None:
-            raise TaskError(f"no task {task_id}")
-        return _as_json(r)
+        return await op_show(svc, request.path_params["id"], _wait_arg(request))
 
     async def cancel(request: Request) -> Any:
         return svc.cancel(request.path_params["id"]).to_json()

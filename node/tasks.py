@@ -655,8 +655,12 @@ class TaskService:
         br = self.breakers.get("bridge")
         if br is not None and not br.allows(now):
             return False
-        if r.waiting_since is None:
-            r.waiting_since = now
+        # The clock is the kind's: once tasks of a kind have found no room for a whole
+        # window, the next one need not wait another (sustained saturation escalates in
+        # milliseconds, not one window per task). Placing any task of the kind resets it.
+        kind_since = self.waiting_since.get((r.kind, r.version), now)
+        r.waiting_since = min(r.waiting_since if r.waiting_since is not None else now,
+                              kind_since)
         nobody = reason.startswith("no member runs")
         if nobody and uptime <= self.startup_grace_s:
             return False
@@ -943,6 +947,8 @@ class TaskService:
         team, _ = self.node.membership.require_team()
         topic = tasks_topic(team.team_id)
         host.set_validator(topic, self._validate_call)
+        # a peer with room (or a new peer) can place waiting tasks: wake the dispatcher
+        self.node.mesh.on_peers_changed.append(lambda: self._wake.set())
         async with host.subscribe(topic) as calls, trio.open_nursery() as nursery:
             await nursery.start(self.executor.run)
             nursery.start_soon(self._dispatch_loop, nursery)
@@ -1017,16 +1023,22 @@ class TaskService:
     async def _dispatch_loop(self, nursery: trio.Nursery) -> None:
         while True:
             self._dispatch_once(nursery)
-            timeout = 0.25
-            if self.queue:
-                soonest = min((r.not_before for r in self.queue), default=0.0)
-                timeout = max(0.01, min(timeout, soonest - trio.current_time()))
-            with trio.move_on_after(timeout):
+            # Results, new links, offers and peer-table changes set _wake; time itself
+            # only matters for retries (not_before), deadlines and the end of an offer
+            # window. Sleep until the first of those instead of polling a waiting queue.
+            now = trio.current_time()
+            soonest = now + 0.25
+            for r in self.queue:
+                if r.not_before > now:
+                    soonest = min(soonest, r.not_before)
+                if r.deadline is not None:
+                    soonest = min(soonest, r.deadline)
+                if r.waiting_since is not None and self.bridge is not None \
+                        and r.waiting_since + self.offer_window_s > now:
+                    soonest = min(soonest, r.waiting_since + self.offer_window_s)
+            with trio.move_on_at(max(soonest, now + 0.001)):
                 await self._wake.wait()
             self._wake = trio.Event()
-            # a change in the peer table can open room: fold it into the same wake-up
-            with trio.move_on_after(0):
-                await self.node.mesh.peers_changed.wait()
 
     async def wait(self, task_id: str) -> TaskRecord | dict[str, Any] | None:
         """Until the task ends; callers bound it with move_on_after."""

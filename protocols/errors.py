@@ -101,3 +101,19 @@ class ResultRejected(TaskError):
 
 class StorageError(TeammeshError):
     pass
+
+
+class MirrorError(StorageError):
+    """The mirror refused a request."""
+
+
+class MirrorUnavailable(MirrorError):
+    """The mirror's endpoint cannot be reached."""
+
+
+class MirrorAuthError(MirrorError):
+    """The mirror rejected our credentials."""
+
+
+class MirrorCorrupt(MirrorError):
+    """An object's bytes do not hash to the CID it is stored under."""

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
+from teammesh.protocols.errors import MirrorError, MirrorUnavailable
+
 from .cid import Cid
-from .r2 import MirrorError, MirrorUnavailable
 
 if TYPE_CHECKING:
     from types import TracebackType

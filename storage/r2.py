@@ -36,7 +36,13 @@ import botocore.exceptions as bx
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from teammesh.protocols.errors import StorageError
+from teammesh.protocols.errors import (
+    MirrorAuthError,
+    MirrorCorrupt,
+    MirrorError,
+    MirrorUnavailable,
+    StorageError,
+)
 
 from .cid import Cid
 from .unixfs import FileImporter
@@ -78,22 +84,6 @@ _UNREACHABLE: Final = (
     bx.ConnectionClosedError,
     bx.ResponseStreamingError,
 )
-
-
-class MirrorError(StorageError):
-    """The mirror refused a request."""
-
-
-class MirrorUnavailable(MirrorError):
-    """The mirror's endpoint cannot be reached."""
-
-
-class MirrorAuthError(MirrorError):
-    """The mirror rejected our credentials."""
-
-
-class MirrorCorrupt(MirrorError):
-    """An object's bytes do not hash to the CID it is stored under."""
 
 
 def _code(e: bx.ClientError) -> str:

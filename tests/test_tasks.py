@@ -176,3 +176,57 @@ def test_batch_cli_streams_json_lines(tmp_path: Path) -> None:
         assert all(o["executed_by"] == nodes[1].peer_id and o["state"] == "done" for o in out)
 
 
+
+
+def _error_of(client: Client, body: dict[str, Any]) -> tuple[str, str]:
+    try:
+        client.request("POST", "/v1/tasks", json=body)
+    except Exception as exc:  # noqa: BLE001 - the type is what we compare
+        return type(exc).__name__, str(exc)
+    raise AssertionError(f"{body} was accepted")
+
+
+def test_control_socket_matches_http_and_refuses_strangers(tmp_path: Path) -> None:
+    import socket as socketlib
+    import stat
+
+    from teammesh.protocols import wire
+
+    with mesh(tmp_path, 2, slots=[0, 1]) as nodes:
+        wait_for_full_mesh(nodes)
+        home = nodes[0].home
+        sock_path = nodes[0].api["socket"]
+        assert sock_path == str(home / "api.sock")
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+        x = os.urandom(1024)
+        with Client.from_home(home) as fast:
+            assert fast._ctl is not None
+            done = fast.submit("hash.sha256", x, wait=True, no_cache=True)
+            assert done["output"] == hashlib.sha256(x).hexdigest()
+            assert done["executed_by"] == nodes[1].peer_id
+            # show and cancel go the same way; errors keep their HTTP meaning
+            assert fast.task(done["id"])["state"] == "done"
+            failed = fast.submit("no.such.kind", b"", wait=True)
+            assert failed["state"] == "failed" and "no.such.kind" in failed["error"]
+            fast_error = _error_of(fast, {"kind": "hash.sha256", "priority": "high"})
+        os.environ["TEAMMESH_API_TRANSPORT"] = "http"
+        try:
+            with Client.from_home(home) as slow:
+                assert slow._ctl is None
+                over_http = slow.task(done["id"])
+                assert _error_of(slow, {"kind": "hash.sha256", "priority": "high"}) == fast_error
+        finally:
+            del os.environ["TEAMMESH_API_TRANSPORT"]
+        assert over_http["output"] == done["output"]
+        # a wrong token, then garbage: each connection is dropped, the daemon keeps going
+        for first in (wire.frame_message({"t": "hello", "v": 1, "token": "nope"}),
+                      b"\x05garbage", wire.frame(b"\xc1")):
+            with socketlib.socket(socketlib.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(sock_path)
+                s.sendall(first)
+                reply = s.recv(65536)
+                assert b"err" in reply or reply == b""
+                assert s.recv(65536) == b""  # closed by the daemon
+        with Client.from_home(home) as again:
+            assert again.submit("hash.sha256", x, wait=True, no_cache=True)["state"] == "done"
