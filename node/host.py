@@ -21,6 +21,7 @@ Everything above this speaks peer ids as base58 strings, multiaddrs as strings, 
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import IOException
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
+from libp2p.network.stream.net_stream import StreamState
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
@@ -41,8 +44,10 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE as YAMUX_HEADER_SIZE
+from libp2p.stream_muxer.yamux.yamux import MAX_MESSAGE_SIZE as YAMUX_MAX_MESSAGE_SIZE
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import YAMUX_HEADER_FORMAT, Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 from teammesh.protocols.errors import TeammeshError
 
@@ -54,6 +59,11 @@ GOSSIP_HEARTBEAT_S = 1.0
 MAX_GOSSIP_RPC_BYTES = 1024 * 1024
 
 # Exceptions that mean "this stream or connection is gone", as opposed to our bugs.
+_YAMUX_DATA = struct.Struct(YAMUX_HEADER_FORMAT)
+_YAMUX_MAX_DATA = YAMUX_MAX_MESSAGE_SIZE - YAMUX_HEADER_SIZE
+_NOT_WRITABLE = (StreamState.ERROR, StreamState.RESET, StreamState.CLOSE_WRITE,
+                 StreamState.CLOSE_BOTH)
+
 STREAM_ERRORS: tuple[type[BaseException], ...] = (
     StreamEOF, StreamReset, StreamClosed, StreamError, ConnectionError, OSError,
 )
@@ -90,7 +100,23 @@ class Stream:
             return b""
 
     async def write(self, data: bytes) -> None:
-        await self._s.write(data)
+        # Fast path for a message that fits the yamux send window: one frame, straight to
+        # the connection's writer. py-libp2p's path (NetStream state lock, the stream's
+        # read-write lock and window lock, each a trip through trio's scheduler) cost
+        # more than the Noise encryption itself. The check and the window debit have no
+        # await between them, so they are atomic under trio.
+        s = self._s
+        ms = getattr(s, "muxed_stream", None)
+        n = len(data)
+        if type(ms) is YamuxStream and 0 < n <= _YAMUX_MAX_DATA and n <= ms.send_window \
+                and s._state not in _NOT_WRITABLE and not ms.send_closed and not ms.closed:
+            ms.send_window -= n
+            try:
+                await ms.conn._write_frame(_YAMUX_DATA.pack(0, 0, 0, ms.stream_id, n) + data)
+            except IOException as exc:
+                raise StreamError(f"stream write failed: {exc}") from exc
+            return
+        await s.write(data)
 
     async def close_write(self) -> None:
         await self._s.close_write()

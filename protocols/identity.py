@@ -10,6 +10,8 @@ for one purpose (a certificate, an ad, a result) can never be replayed as anothe
 
 from __future__ import annotations
 
+import functools
+
 import base58
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -36,6 +38,7 @@ def peer_id_from_public(pub: bytes) -> str:
     return base58.b58encode(peer_id_bytes_from_public(pub)).decode()
 
 
+@functools.lru_cache(maxsize=4096)
 def public_from_peer_id(peer_id: str) -> bytes:
     """The Ed25519 public key inlined in a peer id; raises MalformedMessage otherwise."""
     try:
@@ -55,12 +58,18 @@ def is_peer_id(value: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(pub: bytes) -> Ed25519PublicKey:
+    # decoding the curve point costs about a third of a verification; a team has few keys
+    return Ed25519PublicKey.from_public_bytes(pub)
+
+
 def verify(pub: bytes, domain: str, body: bytes, sig: bytes) -> None:
     """Raise BadSignature unless ``sig`` is pub's signature of body under domain."""
     if len(sig) != SIGNATURE_BYTES:
         raise BadSignature("signature must be 64 bytes")
     try:
-        Ed25519PublicKey.from_public_bytes(pub).verify(sig, _message(domain, body))
+        _public_key(pub).verify(sig, _message(domain, body))
     except (InvalidSignature, ValueError) as exc:
         raise BadSignature(f"bad {domain} signature") from exc
 
