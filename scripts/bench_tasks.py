@@ -3,7 +3,8 @@
 One submitter daemon with 0 slots and two worker daemons with 1 slot each, all separate
 processes on 127.0.0.1 (the shape of Dask's LocalCluster(2 workers x 1 thread) and Ray's
 num_cpus=2). Throughput: N sha256-of-1-KiB tasks in one batch request (wait for all);
-latency: M sequential submit-and-wait round trips through the Python client.
+latency: M sequential submit-and-wait round trips through the Python client (over the
+control socket, then the same over HTTP as `p50_http_ms`).
 """
 
 from __future__ import annotations
@@ -58,15 +59,30 @@ def one_run(n_tasks: int, n_seq: int) -> dict[str, Any]:
                 if r["state"] != "done":
                     raise RuntimeError(f"sequential task failed: {r}")
             client.close()
+            # the same round trips over HTTP (what curl or another language pays)
+            os.environ["TEAMMESH_API_TRANSPORT"] = "http"
+            try:
+                http = Client.from_home(nodes[0].home, timeout=300)
+            finally:
+                del os.environ["TEAMMESH_API_TRANSPORT"]
+            lat_http = []
+            for x in inputs[:n_seq]:
+                ts = time.perf_counter()
+                r = http.submit("hash.sha256", x, wait=True, no_cache=True)
+                lat_http.append((time.perf_counter() - ts) * 1000)
+                if r["state"] != "done":
+                    raise RuntimeError(f"sequential task failed: {r}")
+            http.close()
         return {"tasks_per_s": n_tasks / elapsed, "p50_ms": statistics.median(lat),
-                "p99_ms": percentile(lat, 99), "start_s": start_s, "spread": by}
+                "p99_ms": percentile(lat, 99), "p50_http_ms": statistics.median(lat_http),
+                "start_s": start_s, "spread": by}
 
 
 def bench_teammesh(n_tasks: int, n_seq: int, runs: int) -> list[dict[str, Any]]:
     rs = [one_run(n_tasks, n_seq) for _ in range(runs)]
     out = []
     for key, unit in (("tasks_per_s", "tasks/s"), ("p50_ms", "ms"), ("p99_ms", "ms"),
-                      ("start_s", "s")):
+                      ("p50_http_ms", "ms"), ("start_s", "s")):
         vals = [float(r[key]) for r in rs]
         out.append({"figure": f"teammesh_{key}", "value": statistics.median(vals), "unit": unit,
                     "runs": vals, "min": min(vals), "max": max(vals), "n_tasks": n_tasks,
