@@ -591,7 +591,15 @@ class TaskService:
         deferred: list[TaskRecord] = []
         reasons_changed: list[TaskRecord] = []
         local_batch: list[TaskRecord] = []
+        no_room: dict[tuple[str, str], str] = {}
+        hits = 0
         while self.queue:
+            if hits >= 32:
+                # A long run of tasks with no room: stop if the rest of the queue can only
+                # be the same (a heap pop per waiting task per result was most of the cost)
+                hits = 0
+                if self._rest_waits(no_room, now):
+                    break
             r = heapq.heappop(self.queue)
             if r.state in TERMINAL:
                 continue
@@ -618,7 +626,20 @@ class TaskService:
             needed = r.replicas - len(r.inflight) - len(r.replica_results)
             if needed <= 0:
                 continue
-            candidates, reason = self._candidates(r, now)
+            # In a pass, a task that is neither placed, retried nor replicated gets the same
+            # answer as the last such task of its kind and placement when that answer was
+            # "no room" (placing others only takes room). Without this, a queue of 2,000
+            # waiting tasks cost 2,000 candidate scans per result, most of a submitter's CPU.
+            plain = not r.inflight and not r.replica_results and not r.excluded
+            key = (r.kind, r.where)
+            if plain and key in no_room:
+                candidates, reason = [], no_room[key]
+                hits += 1
+            else:
+                hits = 0
+                candidates, reason = self._candidates(r, now)
+                if not candidates and plain:
+                    no_room[key] = reason
             if not candidates and self._should_escalate(r, reason, now, uptime):
                 self._escalate(r, nursery, now)
                 continue
@@ -641,12 +662,31 @@ class TaskService:
                 deferred.append(r)
                 self._set_reason(r, f"{len(r.inflight)} of {r.replicas} replicas placed;"
                                  " waiting for more distinct members", reasons_changed)
-        for r in deferred:
-            heapq.heappush(self.queue, r)
+        if self.queue:
+            for r in deferred:
+                heapq.heappush(self.queue, r)
+        else:
+            self.queue = deferred  # popped in order: a sorted list is already a heap
         for r in reasons_changed:
             r.notify()
         for r in local_batch:
             self._run_local(r)
+
+    def _rest_waits(self, no_room: dict[tuple[str, str], str], now: float) -> bool:
+        """Would every task still queued just wait again (no room for its kind, nothing
+        to fail, time out or escalate)?"""
+        if self.bridge is not None:
+            return False
+        for reason in no_room.values():
+            if reason.startswith(("no member runs", "this node does")):
+                return False
+        for t in self.queue:
+            if t.state in TERMINAL:
+                continue
+            if (t.kind, t.where) not in no_room or t.inflight or t.replica_results \
+                    or t.excluded or (t.deadline is not None and t.deadline <= now):
+                return False
+        return True
 
     # --- escalation to the Cloudflare bridge ---------------------------------------------------
     def _should_escalate(self, r: TaskRecord, reason: str, now: float, uptime: float) -> bool:
