@@ -113,7 +113,7 @@ class Executor:
         queued = len(self._heap)
         if (busy, queued) != (self.capacity.busy, self.capacity.queue):
             self.capacity.busy, self.capacity.queue = busy, queued
-            self.capacity.notify()
+            self.capacity.notify_load()
 
     def _finish(self, job: Job, result: TaskResult) -> None:
         self.by_id.pop(job.spec.id, None)

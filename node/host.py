@@ -39,7 +39,7 @@ from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamErro
 from libp2p.network.stream.net_stream import StreamState
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -497,7 +497,10 @@ async def open_host(
     # Pubsub registers a connection notifee whose queue only drains while its service
     # runs: constructing it for a gossip-less host would block every dial.
     router = GossipSub(
-        protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+        # v1.1: py-libp2p's v1.2 sends an IDONTWANT control RPC to every mesh peer for
+        # every message it forwards, whatever its size (go only above 1 KiB); for our
+        # sub-KiB ads that doubled the gossip RPCs each node handles
+        protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=4, degree_low=3, degree_high=6,  # fewer duplicate copies; teams are small
         heartbeat_interval=GOSSIP_HEARTBEAT_S,  # type: ignore[arg-type]
         heartbeat_initial_delay=0.1,

@@ -61,6 +61,8 @@ class Capacity:
     storage: tuple[str, ...] = ("local",)
     pull: bool = False
     changed: trio.Event = field(default_factory=trio.Event)
+    # set while a load change is settling: further load changes need not wake anyone
+    load_pending: bool = False
 
     @property
     def free_slots(self) -> int:
@@ -68,6 +70,11 @@ class Capacity:
 
     def notify(self) -> None:
         self.changed.set()
+
+    def notify_load(self) -> None:
+        if not self.load_pending:
+            self.load_pending = True
+            self.changed.set()
 
     def config_key(self) -> tuple[Any, ...]:
         return (self.slots, tuple(sorted(self.kinds.items())), self.cost, self.storage, self.pull)
@@ -272,6 +279,7 @@ class Mesh:
             self._last_publish = trio.current_time()
             self._published_config = self.capacity.config_key()
             self._published_load = self.capacity.load_key()
+            self.capacity.load_pending = False  # this ad carries the current load
             await host.publish(topic, self.own_ad(host).sealed(self.identity))
             self.ads_published += 1
         except STREAM_ERRORS:
@@ -286,6 +294,7 @@ class Mesh:
             now = trio.current_time()
             if load_due is not None and now >= load_due:
                 load_due = None
+                self.capacity.load_pending = False
                 if self.capacity.load_key() != self._published_load:
                     next_periodic = now
             if now >= next_periodic or (greet_at is not None and now >= greet_at):
@@ -304,6 +313,8 @@ class Mesh:
                                         self._last_publish + CHANGE_COALESCE_S)
                 elif load_due is None and self.capacity.load_key() != self._published_load:
                     load_due = trio.current_time() + LOAD_SETTLE_S
+                elif load_due is None:
+                    self.capacity.load_pending = False  # back to what we announced
             # A member that just connected has none of our state: greet it once the gossip
             # mesh has had a heartbeat to take it in, instead of after a full interval.
             connected = set(host.connected_peers())

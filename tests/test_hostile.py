@@ -28,7 +28,7 @@ from teammesh.node.protocol_ids import ROSTER_SYNC, caps_topic
 from teammesh.protocols import wire
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-MESHSUB = ("/meshsub/1.1.0", "/meshsub/1.2.0")
+MESHSUB = ("/meshsub/1.1.0", "/meshsub/1.0.0")
 STORM_CYCLES = 500
 STORM_BUDGET_S = 120.0
 
