@@ -60,7 +60,8 @@ MAX_GOSSIP_RPC_BYTES = 1024 * 1024
 
 # Exceptions that mean "this stream or connection is gone", as opposed to our bugs.
 _YAMUX_DATA = struct.Struct(YAMUX_HEADER_FORMAT)
-_YAMUX_MAX_DATA = YAMUX_MAX_MESSAGE_SIZE - YAMUX_HEADER_SIZE
+# one yamux frame per Noise transport message (65535 bytes with a 16-byte tag)
+_YAMUX_MAX_DATA = min(YAMUX_MAX_MESSAGE_SIZE, 65535 - 16) - YAMUX_HEADER_SIZE
 _NOT_WRITABLE = (StreamState.ERROR, StreamState.RESET, StreamState.CLOSE_WRITE,
                  StreamState.CLOSE_BOTH)
 
@@ -100,23 +101,32 @@ class Stream:
             return b""
 
     async def write(self, data: bytes) -> None:
-        # Fast path for a message that fits the yamux send window: one frame, straight to
-        # the connection's writer. py-libp2p's path (NetStream state lock, the stream's
-        # read-write lock and window lock, each a trip through trio's scheduler) cost
-        # more than the Noise encryption itself. The check and the window debit have no
+        # Fast path while the yamux send window allows: frames straight to the connection
+        # writer. py-libp2p's path (NetStream state lock, the stream's read-write lock and
+        # window lock, each a trip through trio's scheduler) cost more than the Noise
+        # encryption itself, and its 64 KiB frames are 12 bytes too big for one Noise
+        # message, so every bulk frame went out as two. Check and window debit have no
         # await between them, so they are atomic under trio.
         s = self._s
         ms = getattr(s, "muxed_stream", None)
-        n = len(data)
-        if type(ms) is YamuxStream and 0 < n <= _YAMUX_MAX_DATA and n <= ms.send_window \
-                and s._state not in _NOT_WRITABLE and not ms.send_closed and not ms.closed:
+        if type(ms) is not YamuxStream:
+            await s.write(data)
+            return
+        view = memoryview(data)
+        pos, total = 0, len(data)
+        while pos < total:
+            n = min(total - pos, _YAMUX_MAX_DATA)
+            if n > ms.send_window or s._state in _NOT_WRITABLE or ms.send_closed \
+                    or ms.closed:
+                await s.write(bytes(view[pos:]))  # waits for window, raises when closed
+                return
             ms.send_window -= n
             try:
-                await ms.conn._write_frame(_YAMUX_DATA.pack(0, 0, 0, ms.stream_id, n) + data)
+                await ms.conn._write_frame(
+                    _YAMUX_DATA.pack(0, 0, 0, ms.stream_id, n) + view[pos:pos + n])
             except IOException as exc:
                 raise StreamError(f"stream write failed: {exc}") from exc
-            return
-        await s.write(data)
+            pos += n
 
     async def close_write(self) -> None:
         await self._s.close_write()
@@ -388,8 +398,16 @@ def _lean_yamux_windows() -> None:
         async with self._write_lock:
             await self.secured_conn.write(data)
 
+    from libp2p.security.noise.io import NoiseTransportReadWriter
+
+    async def read_msg(self: Any, prefix_encoded: bool = False) -> bytes:
+        # as the library's, without formatting two debug lines per message
+        data = await self.read_writer.read_msg()
+        return self.decrypt(data[len(self.prefix):] if prefix_encoded else data)
+
     YamuxStream._auto_tune_and_send_window_update = update
     Yamux._write_frame = write_frame
+    NoiseTransportReadWriter.read_msg = read_msg
     YamuxStream._teammesh_lean = True
 
 

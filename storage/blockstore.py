@@ -165,15 +165,18 @@ class FsBlockstore:
             self._used -= size
         logger.warning("deleted corrupt block %s from %s", cid, self.root)
 
-    def put(self, cid: Cid, data: bytes | memoryview) -> bool:
+    def put(self, cid: Cid, data: bytes | memoryview, *, verified: bool = False) -> bool:
         """Store a block after checking it against ``cid``; True if it was new.
+
+        ``verified=True`` skips the hash for bytes the caller has just checked against
+        ``cid`` itself (Bitswap verifies every block it accepts).
 
         Raises:
             CorruptBlock: ``data`` does not hash to ``cid`` (nothing is written).
             StoreFull: storing it would exceed ``limit_bytes`` even after gc.
             DiskFull: the disk is full.
         """
-        if len(data) > MAX_BLOCK_BYTES or not cid.verify(data):
+        if len(data) > MAX_BLOCK_BYTES or not (verified or cid.verify(data)):
             raise CorruptBlock(f"refusing block {cid}: its bytes do not match the CID")
         return self._put(cid, data, allow_gc=True)
 
@@ -428,8 +431,10 @@ class FsBlockstore:
     ) -> int:
         """Write the file ``root`` to ``dest``, every block verified; return its size.
 
-        The bytes go to ``dest + ".partial"``, which is fsynced and renamed to ``dest``
-        only when complete: ``dest`` never holds a partial file. ``progress(done, total)``
+        The bytes go to ``dest + ".partial"``, renamed to ``dest`` only when complete:
+        ``dest`` never holds a partial file. Not fsynced (as cp, curl or ``ipfs get``):
+        the pinned blocks stay in the store, and forcing 256 MiB to disk cost as much as
+        fetching it. ``progress(done, total)``
         is called after each block.
 
         Raises:
@@ -449,8 +454,6 @@ class FsBlockstore:
                     done += len(piece)
                     if progress is not None:
                         progress(done, total)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(partial, dest)
         except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
