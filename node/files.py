@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -139,7 +140,9 @@ class FilesService:
                         errors.append("local: not in this node's store")
                         continue
                 elif source == "peers":
-                    await self._fetch_from_peers(root, peers, progress)
+                    size = await self._fetch_and_export(root, peers, dest, progress)
+                    self.stats["fetched_peers"] += 1
+                    return {**self._done(root, dest, source), "size": size}
                 elif source == "ipfs":
                     if self.kubo is None:
                         continue
@@ -164,8 +167,63 @@ class FilesService:
         return {"cid": str(root), "path": str(dest), "source": source,
                 "size": dest.stat().st_size}
 
+    async def _fetch_and_export(self, root: Cid, peers: list[str] | None, dest: Path,
+                                progress: Progress | None) -> int:
+        """Fetch over Bitswap and write ``dest`` at the same time.
+
+        The exporter (a thread) walks the file in order while Bitswap brings blocks in
+        roughly that order; it waits for a block still in flight. Writing the file after
+        the fetch instead took a sixth of a 256 MiB get.
+        """
+        arrived = threading.Condition()
+        over = False
+
+        def get_block(cid: Cid) -> bytes:
+            while True:
+                try:
+                    return self.store.get(cid)
+                except BlockNotFound:
+                    with arrived:
+                        if over:
+                            raise
+                        arrived.wait(0.25)
+
+        def put_block(cid: Cid, data: bytes) -> None:
+            self.put_block(cid, data)
+            with arrived:
+                arrived.notify_all()
+
+        size = 0
+        fetch_error: BaseException | None = None
+        export_error: BaseException | None = None
+
+        async def export() -> None:
+            nonlocal size, export_error
+            try:
+                size = await trio.to_thread.run_sync(
+                    lambda: self.store.export(root, dest, progress, get_block=get_block))
+            except TeammeshError as exc:
+                export_error = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(export)
+            try:
+                await self._fetch_from_peers(root, peers, None, put_block=put_block)
+            except TeammeshError as exc:
+                fetch_error = exc  # raised below, not from the nursery (an ExceptionGroup)
+            finally:
+                with arrived:
+                    over = True
+                    arrived.notify_all()
+        if fetch_error is not None:
+            raise fetch_error
+        if export_error is not None:
+            raise export_error
+        return size
+
     async def _fetch_from_peers(self, root: Cid, peers: list[str] | None,
-                                progress: Progress | None) -> None:
+                                progress: Progress | None,
+                                put_block: Callable[[Cid, bytes], None] | None = None) -> None:
         if self.bitswap is None or self.host is None:
             raise StorageError("bitswap is not running")
         candidates = list(peers or [])
@@ -177,7 +235,7 @@ class FilesService:
         # blocks written inside a writing() session are safe from a concurrent gc until
         # the pin that follows protects them
         with self.store.writing():
-            await self.bitswap.fetch(root, candidates, self.put_block)
+            await self.bitswap.fetch(root, candidates, put_block or self.put_block)
             await trio.to_thread.run_sync(self.store.pin, root)
 
     async def _fetch_from_mirror(self, root: Cid, dest: Path, progress: Progress | None) -> None:

@@ -428,8 +428,11 @@ class FsBlockstore:
         root: Cid,
         dest: Path,
         progress: Callable[[int, int], None] | None = None,
+        get_block: Callable[[Cid], bytes] | None = None,
     ) -> int:
         """Write the file ``root`` to ``dest``, every block verified; return its size.
+
+        ``get_block`` replaces :meth:`get` (a caller that waits for blocks in flight).
 
         The bytes go to ``dest + ".partial"``, renamed to ``dest`` only when complete:
         ``dest`` never holds a partial file. Not fsynced (as cp, curl or ``ipfs get``):
@@ -444,7 +447,7 @@ class FsBlockstore:
         """
         dest = Path(dest)
         partial = dest.with_name(dest.name + ".partial")
-        exporter = FileExporter(root, self.get)
+        exporter = FileExporter(root, get_block or self.get)
         total = exporter.size()
         done = 0
         try:
