@@ -25,6 +25,18 @@ from bench_baselines import percentile
 from meshtools import mesh, wait_for_full_mesh
 
 
+def _sequential(client: Any, inputs: list[bytes]) -> list[float]:
+    """Submit-and-wait one task at a time; milliseconds per round trip."""
+    lat = []
+    for x in inputs:
+        ts = time.perf_counter()
+        r = client.submit("hash.sha256", x, wait=True, no_cache=True)
+        lat.append((time.perf_counter() - ts) * 1000)
+        if r["state"] != "done":
+            raise RuntimeError(f"sequential task failed: {r}")
+    return lat
+
+
 def one_run(n_tasks: int, n_seq: int) -> dict[str, Any]:
     from teammesh.client import Client
 
@@ -51,13 +63,7 @@ def one_run(n_tasks: int, n_seq: int) -> dict[str, Any]:
             by = {}
             for r in results:
                 by[r["executed_by"]] = by.get(r["executed_by"], 0) + 1
-            lat = []
-            for x in inputs[:n_seq]:
-                ts = time.perf_counter()
-                r = client.submit("hash.sha256", x, wait=True, no_cache=True)
-                lat.append((time.perf_counter() - ts) * 1000)
-                if r["state"] != "done":
-                    raise RuntimeError(f"sequential task failed: {r}")
+            lat = _sequential(client, inputs[:n_seq])
             client.close()
             # the same round trips over HTTP (what curl or another language pays)
             os.environ["TEAMMESH_API_TRANSPORT"] = "http"
@@ -65,13 +71,7 @@ def one_run(n_tasks: int, n_seq: int) -> dict[str, Any]:
                 http = Client.from_home(nodes[0].home, timeout=300)
             finally:
                 del os.environ["TEAMMESH_API_TRANSPORT"]
-            lat_http = []
-            for x in inputs[:n_seq]:
-                ts = time.perf_counter()
-                r = http.submit("hash.sha256", x, wait=True, no_cache=True)
-                lat_http.append((time.perf_counter() - ts) * 1000)
-                if r["state"] != "done":
-                    raise RuntimeError(f"sequential task failed: {r}")
+            lat_http = _sequential(http, inputs[:n_seq])
             http.close()
         return {"tasks_per_s": n_tasks / elapsed, "p50_ms": statistics.median(lat),
                 "p99_ms": percentile(lat, 99), "p50_http_ms": statistics.median(lat_http),
