@@ -114,6 +114,18 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def figure(name: str, vals: list[float], unit: str, **extra: Any) -> dict[str, Any]:
+    """One benchmark figure: the median over runs, with every run and the min/max.
+    A NaN run (not measured) is reported as None and left out of the statistics."""
+    ok = [v for v in vals if v == v]  # a NaN never equals itself
+    if not ok:
+        return {"figure": name, "value": None, "unit": unit, "runs": [None] * len(vals),
+                "min": None, "max": None, **extra}
+    return {"figure": name, "value": statistics.median(ok), "unit": unit,
+            "runs": [v if v == v else None for v in vals], "min": min(ok), "max": max(ok),
+            **extra}
+
+
 def _is_loopback(addr: str) -> bool:
     try:
         ip = ipaddress.ip_address(addr.split("%", 1)[0])
@@ -430,17 +442,7 @@ def aggregate(framework: str, run_results: list[dict[str, Any]]) -> list[dict[st
     version = run_results[0].get("version", "") if run_results else ""
     for key, suffix, unit in _FIGURES:
         vals = [float(r[key]) for r in run_results]
-        figures.append(
-            {
-                "figure": f"{framework}_{suffix}",
-                "value": statistics.median(vals),
-                "unit": unit,
-                "runs": vals,
-                "min": min(vals),
-                "max": max(vals),
-                "version": version,
-            }
-        )
+        figures.append(figure(f"{framework}_{suffix}", vals, unit, version=version))
     return figures
 
 

@@ -49,7 +49,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_baselines import percentile
+from bench_baselines import figure, percentile
 from meshtools import Daemon, init_home, run_cli, wait_for_full_mesh, wait_until
 
 BRIDGE_DIR = Path(__file__).resolve().parent.parent / "bridge"
@@ -338,11 +337,6 @@ def one_run(n_tasks: int) -> dict[str, Any]:
 
 
 # --- figures ------------------------------------------------------------------------------
-def _fig(name: str, vals: list[float], unit: str, **extra: Any) -> dict[str, Any]:
-    return {"figure": name, "value": statistics.median(vals), "unit": unit, "runs": vals,
-            "min": min(vals), "max": max(vals), **extra}
-
-
 def bench_escalation(n_tasks: int, runs: int,
                      emit: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
     """Figures (see the module docstring), each also passed to ``emit`` once all runs are
@@ -355,13 +349,13 @@ def bench_escalation(n_tasks: int, runs: int,
     figures: list[dict[str, Any]] = []
     for name, (unit, what) in SERIES.items():
         for q in (50, 90):
-            figures.append(_fig(f"{name}_p{q}_ms", [percentile(r[name], q) for r in rs], unit,
+            figures.append(figure(f"{name}_p{q}_ms", [percentile(r[name], q) for r in rs], unit,
                                 n_tasks=n_tasks, what=what))
     window = rs[0]["offer_window_ms"]
-    figures.append(_fig("submitter_cpu_ms_per_task",
+    figures.append(figure("submitter_cpu_ms_per_task",
                         [r["submitter_cpu_ms_per_task"] for r in rs], "ms",
                         what="submitter daemon user+system CPU per escalated task"))
-    figures.append(_fig("submitter_cpu_pct", [r["submitter_cpu_pct"] for r in rs],
+    figures.append(figure("submitter_cpu_pct", [r["submitter_cpu_pct"] for r in rs],
                         "% of one core", what="submitter daemon CPU over the measured tasks"))
     figures.append({"figure": "machine",
                     "value": f"{platform.machine()} {platform.python_version()}"

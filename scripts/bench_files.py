@@ -37,7 +37,6 @@ import platform
 import queue
 import select
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_baselines import figure  # noqa: E402
 from bench_mesh import print_table  # noqa: E402
 from meshtools import Daemon, mesh, run_cli, wait_for_full_mesh  # noqa: E402
 
@@ -326,8 +326,7 @@ def cid_aleph(data: bytes) -> tuple[float, str]:
 
 
 def _fig(name: str, vals: list[float], unit: str, **extra: Any) -> Figure:
-    return {"figure": name, "value": statistics.median(vals), "unit": unit,
-            "runs": [round(v, 3) for v in vals], "min": min(vals), "max": max(vals), **extra}
+    return {**figure(name, vals, unit, **extra), "runs": [round(v, 3) for v in vals]}
 
 
 def _ratio(name: str, num: list[float], den: list[float], **extra: Any) -> Figure:

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,6 +144,9 @@ UNITS = {"_s": "s", "_pct": "% of one core", "_mib": "MiB", "_threads": "threads
 
 def bench_footprint(runs: int | None = None, quick: bool = False,
                     idle_s: float | None = None) -> list[dict[str, Any]]:
+    # here, not at the top: the bare-host child runs this file and must import nothing extra
+    from bench_baselines import figure
+
     runs = runs or (2 if quick else 3)
     idle_s = idle_s or (10.0 if quick else 20.0)
     rs = [one_run(idle_s) for _ in range(runs)]
@@ -152,8 +154,7 @@ def bench_footprint(runs: int | None = None, quick: bool = False,
     for key in rs[0]:
         vals = [r[key] for r in rs]
         unit = next(u for suffix, u in UNITS.items() if key.endswith(suffix))
-        out.append({"figure": f"footprint_{key}", "value": statistics.median(vals), "unit": unit,
-                    "runs": vals, "min": min(vals), "max": max(vals), "idle_s": idle_s})
+        out.append(figure(f"footprint_{key}", vals, unit, idle_s=idle_s))
     return out
 
 

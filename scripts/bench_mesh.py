@@ -47,19 +47,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_baselines import figure
+from bench_baselines import percentile as base_percentile
+
 CLI = [sys.executable, "-m", "teammesh.node.cli"]
 HOST = "127.0.0.1"
 
 
 def percentile(values: list[float], q: float) -> float:
-    """q in [0, 1], linear interpolation."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """q in [0, 1]; NaN when nothing was measured (see bench_baselines.percentile)."""
+    return base_percentile(values, q * 100) if values else float("nan")
 
 
 def free_ports(n: int) -> list[int]:
@@ -427,49 +425,39 @@ def one_run(n: int, *, changes: int, idle_s: float, settle_s: float = 3.0, slots
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fig(name: str, vals: list[float], unit: str, **extra: Any) -> dict[str, Any]:
-    ok = [v for v in vals if v == v]  # a NaN (not measured) never equals itself
-    if not ok:
-        return {"figure": name, "value": None, "unit": unit, "runs": [None] * len(vals),
-                "min": None, "max": None, **extra}
-    return {"figure": name, "value": statistics.median(ok), "unit": unit,
-            "runs": [v if v == v else None for v in vals], "min": min(ok), "max": max(ok),
-            **extra}
-
-
 def summarise(n: int, rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     p = f"mesh{n}_"
     out = [
-        _fig(p + "form_s", [r["form_s"] for r in rs], "s",
+        figure(p + "form_s", [r["form_s"] for r in rs], "s",
              note="first `up` -> every node lists N-1 peers"),
-        _fig(p + "nodes_full_at_end", [float(r["nodes_full"]) for r in rs], "nodes",
+        figure(p + "nodes_full_at_end", [float(r["nodes_full"]) for r in rs], "nodes",
              note="nodes listing all N-1 others when formation ended (= N if formed)"),
-        _fig(p + "form_flaps", [float(r["form_flaps"]) for r in rs], "node-drops",
+        figure(p + "form_flaps", [float(r["form_flaps"]) for r in rs], "node-drops",
              note="a node listing all others lost one again before the mesh was formed"),
-        _fig(p + "all_ready_s", [r["all_ready_s"] for r in rs], "s",
+        figure(p + "all_ready_s", [r["all_ready_s"] for r in rs], "s",
              note="first `up` -> last node's API ready"),
-        _fig(p + "start_to_ready_p50_s", [statistics.median(r["start_to_ready_s"]) for r in rs],
+        figure(p + "start_to_ready_p50_s", [statistics.median(r["start_to_ready_s"]) for r in rs],
              "s"),
-        _fig(p + "prop_p50_ms", [percentile(r["lat_ms"], 0.5) for r in rs], "ms",
+        figure(p + "prop_p50_ms", [percentile(r["lat_ms"], 0.5) for r in rs], "ms",
              samples=[len(r["lat_ms"]) for r in rs]),
-        _fig(p + "prop_p99_ms", [percentile(r["lat_ms"], 0.99) for r in rs], "ms",
+        figure(p + "prop_p99_ms", [percentile(r["lat_ms"], 0.99) for r in rs], "ms",
              samples=[len(r["lat_ms"]) for r in rs]),
-        _fig(p + "prop_max_ms", [max(r["lat_ms"], default=float("nan")) for r in rs], "ms"),
-        _fig(p + "prop_missing", [float(r["missing"]) for r in rs], "node-changes"),
-        _fig(p + "prop_seq_mismatch", [float(r["seq_mismatch"]) for r in rs], "node-changes"),
-        _fig(p + "poll_rtt_p50_ms", [percentile(r["rtt_ms"], 0.5) for r in rs], "ms",
+        figure(p + "prop_max_ms", [max(r["lat_ms"], default=float("nan")) for r in rs], "ms"),
+        figure(p + "prop_missing", [float(r["missing"]) for r in rs], "node-changes"),
+        figure(p + "prop_seq_mismatch", [float(r["seq_mismatch"]) for r in rs], "node-changes"),
+        figure(p + "poll_rtt_p50_ms", [percentile(r["rtt_ms"], 0.5) for r in rs], "ms",
              note="upper bound of the arrival-time error"),
-        _fig(p + "idle_cpu_pct_median", [statistics.median(r["cpu_pct"]) for r in rs],
+        figure(p + "idle_cpu_pct_median", [statistics.median(r["cpu_pct"]) for r in rs],
              "% of one core"),
-        _fig(p + "idle_cpu_pct_max", [max(r["cpu_pct"]) for r in rs], "% of one core"),
-        _fig(p + "idle_cpu_pct_total", [sum(r["cpu_pct"]) for r in rs], "% of one core",
+        figure(p + "idle_cpu_pct_max", [max(r["cpu_pct"]) for r in rs], "% of one core"),
+        figure(p + "idle_cpu_pct_total", [sum(r["cpu_pct"]) for r in rs], "% of one core",
              note="all N daemons together; the machine has 200 %"),
-        _fig(p + "rss_mib_median", [statistics.median(r["rss_mib"]) for r in rs], "MiB"),
-        _fig(p + "rss_mib_max", [max(r["rss_mib"]) for r in rs], "MiB"),
-        _fig(p + "child_rss_mib_max", [max(r["child_rss_mib"]) for r in rs], "MiB"),
-        _fig(p + "setup_s", [r["setup_s"] for r in rs], "s",
+        figure(p + "rss_mib_median", [statistics.median(r["rss_mib"]) for r in rs], "MiB"),
+        figure(p + "rss_mib_max", [max(r["rss_mib"]) for r in rs], "MiB"),
+        figure(p + "child_rss_mib_max", [max(r["child_rss_mib"]) for r in rs], "MiB"),
+        figure(p + "setup_s", [r["setup_s"] for r in rs], "s",
              note="homes, team, N-1 invites and joins (not part of form_s)"),
-        _fig(p + "wall_s", [r["wall_s"] for r in rs], "s"),
+        figure(p + "wall_s", [r["wall_s"] for r in rs], "s"),
     ]
     return out
 

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench_baselines import percentile
+from bench_baselines import figure, percentile
 from meshtools import mesh, wait_for_full_mesh
 
 
@@ -84,9 +84,7 @@ def bench_teammesh(n_tasks: int, n_seq: int, runs: int) -> list[dict[str, Any]]:
     for key, unit in (("tasks_per_s", "tasks/s"), ("p50_ms", "ms"), ("p99_ms", "ms"),
                       ("p50_http_ms", "ms"), ("start_s", "s")):
         vals = [float(r[key]) for r in rs]
-        out.append({"figure": f"teammesh_{key}", "value": statistics.median(vals), "unit": unit,
-                    "runs": vals, "min": min(vals), "max": max(vals), "n_tasks": n_tasks,
-                    "n_seq": n_seq})
+        out.append(figure(f"teammesh_{key}", vals, unit, n_tasks=n_tasks, n_seq=n_seq))
     out.append({"figure": "teammesh_spread", "value": rs[-1]["spread"], "unit": "tasks/peer",
                 "runs": [], "min": 0, "max": 0})
     return out
