@@ -66,7 +66,7 @@ def _bind(path: Path) -> socket.socket:
 async def serve_control_socket(node: Node, *,
                                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     path = socket_path(node.home.path)
-    if path is None or node.tasks is None:
+    if path is None:
         logger.info("no control socket (home path too long); clients use HTTP")
         task_status.started(None)
         await trio.sleep_forever()

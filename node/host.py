@@ -58,13 +58,13 @@ for _name in ("libp2p", "multiaddr"):
 GOSSIP_HEARTBEAT_S = 1.0
 MAX_GOSSIP_RPC_BYTES = 1024 * 1024
 
-# Exceptions that mean "this stream or connection is gone", as opposed to our bugs.
 _YAMUX_DATA = struct.Struct(YAMUX_HEADER_FORMAT)
 # one yamux frame per Noise transport message (65535 bytes with a 16-byte tag)
 _YAMUX_MAX_DATA = min(YAMUX_MAX_MESSAGE_SIZE, 65535 - 16) - YAMUX_HEADER_SIZE
 _NOT_WRITABLE = (StreamState.ERROR, StreamState.RESET, StreamState.CLOSE_WRITE,
                  StreamState.CLOSE_BOTH)
 
+# Exceptions that mean "this stream or connection is gone", as opposed to our bugs.
 STREAM_ERRORS: tuple[type[BaseException], ...] = (
     StreamEOF, StreamReset, StreamClosed, StreamError, ConnectionError, OSError,
 )
@@ -376,8 +376,6 @@ def _lean_yamux_windows() -> None:
     stream (go-yamux grows to 16 MiB) keeps bulk Bitswap transfers clear of that poll,
     and only an authenticated member can fill it.
     """
-    from libp2p.stream_muxer.yamux.yamux import YamuxStream
-
     if getattr(YamuxStream, "_teammesh_lean", False):
         return
 

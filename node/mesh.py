@@ -138,8 +138,7 @@ class Mesh:
         self.ads_received = 0
         self.ads_rejected = 0
         self.ads_published = 0
-        self.peers_changed = trio.Event()
-        # called on every change too: the task scheduler wakes on it without a poll
+        # called when the live-peer table changes (the task scheduler wakes on it)
         self.on_peers_changed: list[Callable[[], None]] = []
         self._wake_dialer = trio.Event()
         self.host: MeshHost | None = None
@@ -148,8 +147,6 @@ class Mesh:
         self._published_load: tuple[int, int] | None = None
 
     def _peers_changed(self) -> None:
-        self.peers_changed.set()
-        self.peers_changed = trio.Event()
         for hook in self.on_peers_changed:
             hook()
 
