@@ -2,10 +2,13 @@
 
 The rules live in protocols/bitswap.py; this module only moves bytes. Invariants:
 
-- Streams are one-way. We read only streams a peer opens to us and send every message on a
-  fresh stream we open and close (what Helia expects: it never reads the streams it
-  opens). A failed send is retried a few times; wants that still could not be sent go
-  to another peer.
+- Streams are one-way. We read only streams a peer opens to us (many messages each) and
+  send on streams we open (what Helia and Kubo expect: they never read the streams they
+  open). Each peer has one outgoing stream, kept open while there is traffic and closed
+  after ``SENDER_IDLE_S`` of silence; messages queued while a write is under way go out
+  together in the next write. Opening a stream per message cost a multistream-select
+  negotiation per block and per want. A failed write is retried on a fresh stream a few
+  times; wants that still could not be sent go to another peer.
 - Every received block is re-addressed by hashing (``readdress``) and routed to the fetch
   that wants its multihash. A block nobody wants and that did not just arrive from
   elsewhere is a bad block: counted in ``bad_blocks[peer]``, and the fetches move their
@@ -18,8 +21,8 @@ The rules live in protocols/bitswap.py; this module only moves bytes. Invariants
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,9 @@ MAX_MESSAGES_PER_STREAM = 1_000_000
 INBOX_MESSAGES = 16  # per fetch: at most this many received messages (x 4 MiB) queued
 RECENT_BLOCKS = 65_536  # multihashes remembered to tell late duplicates from bad blocks
 FETCH_MAX_EVENTS = 100_000_000
+SENDER_IDLE_S = 10.0  # an outgoing stream with nothing to send this long is closed
+OUTBOX_BYTES = 8 * 1024 * 1024  # per peer: a sender waits while more than this is queued
+WRITE_BYTES = 4 * 1024 * 1024  # queued messages joined into one write up to this size
 _SEND_ERRORS: tuple[type[BaseException], ...] = (DialError, trio.TooSlowError, *STREAM_ERRORS)
 
 
@@ -86,6 +92,22 @@ _Event = _Blocks | _BadBlock
 
 
 @dataclass(eq=False, slots=True)
+class _Outgoing:
+    data: bytes  # one framed message
+    on_fail: Callable[[], Awaitable[None]] | None
+
+
+@dataclass(eq=False, slots=True)
+class _Outbox:
+    """One peer's queued messages; a sender task in the service's nursery drains it."""
+
+    items: deque[_Outgoing] = field(default_factory=deque)
+    nbytes: int = 0
+    wakeup: trio.Event = field(default_factory=trio.Event)
+    drained: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False, slots=True)
 class _Session:
     manager: bs.WantManager
     inbox: trio.MemorySendChannel[_Event]
@@ -107,13 +129,20 @@ class BitswapService:
         self._sessions: set[_Session] = set()
         self._wanted: dict[bytes, set[_Session]] = {}  # multihash -> fetches wanting it
         self._recent: OrderedDict[bytes, None] = OrderedDict()
+        self._outboxes: dict[str, _Outbox] = {}
+        self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Register the Bitswap protocols and serve until cancelled."""
-        for proto in bs.BITSWAP_PROTOCOLS:
-            self._host.set_handler(proto, self._handle)
-        task_status.started(self)
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:  # owns the per-peer sender tasks
+            self._nursery = nursery
+            for proto in bs.BITSWAP_PROTOCOLS:
+                self._host.set_handler(proto, self._handle)
+            task_status.started(self)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     # --- receiving ------------------------------------------------------------------------
 
@@ -196,32 +225,85 @@ class BitswapService:
 
     # --- sending --------------------------------------------------------------------------
 
-    async def _send(self, peer: str, msg: bs.Message) -> bool:
-        """Send one message on a fresh stream, retrying; False if it never got through."""
+    async def _send(self, peer: str, msg: bs.Message,
+                    on_fail: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Queue one message for ``peer``; ``on_fail`` runs if it never gets through.
+
+        Returns once queued; waits only while the peer's outbox holds over OUTBOX_BYTES, so
+        a slow reader slows the handler that feeds it instead of growing memory.
+        """
+        if self._nursery is None:
+            raise RuntimeError("BitswapService is not running")
+        box = self._outboxes.get(peer)
+        while box is not None and box.nbytes > OUTBOX_BYTES:
+            await box.drained.wait()
+            box = self._outboxes.get(peer)
+        if box is None:
+            box = self._outboxes[peer] = _Outbox()
+            self._nursery.start_soon(self._sender, peer, box)
         data = bs.frame(msg)
+        box.items.append(_Outgoing(data, on_fail))
+        box.nbytes += len(data)
+        box.wakeup.set()
+
+    async def _sender(self, peer: str, box: _Outbox) -> None:
+        stream: Stream | None = None
+        try:
+            while True:
+                if not box.items:
+                    box.wakeup = trio.Event()
+                    with trio.move_on_after(SENDER_IDLE_S):
+                        await box.wakeup.wait()
+                    if not box.items:
+                        break  # idle: the stream is closed below
+                batch, size = [], 0
+                while box.items and size < WRITE_BYTES:
+                    item = box.items.popleft()
+                    batch.append(item)
+                    size += len(item.data)
+                box.nbytes -= size
+                box.drained.set()
+                box.drained = trio.Event()
+                stream = await self._write(peer, stream, batch, size)
+        finally:
+            if self._outboxes.get(peer) is box:
+                del self._outboxes[peer]
+            box.drained.set()
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(SEND_BACKOFF_S):
+                    await stream.close()
+
+    async def _write(self, peer: str, stream: Stream | None, batch: list[_Outgoing],
+                     size: int) -> Stream | None:
+        """Write ``batch`` on ``stream`` (opened if None); the stream to use next."""
+        data = batch[0].data if len(batch) == 1 else b"".join(o.data for o in batch)
         for attempt in range(SEND_ATTEMPTS):
             try:
                 with trio.fail_after(SEND_TIMEOUT_S):
-                    stream = await self._host.open_stream(peer, bs.BITSWAP_120)
-                    try:
-                        await stream.write(data)
-                    except BaseException:
-                        await stream.reset()
-                        raise
-                    await stream.close()
-                self.stats.messages_out += 1
-                return True
+                    if stream is None:
+                        stream = await self._host.open_stream(peer, bs.BITSWAP_120)
+                    await stream.write(data)
+                self.stats.messages_out += len(batch)
+                return stream
             except _SEND_ERRORS as exc:
                 logger.debug("bitswap send to %s failed (attempt %d): %s", peer, attempt + 1, exc)
+                if stream is not None:
+                    await stream.reset()  # the peer drops a half-read frame with the stream
+                    stream = None
                 await trio.sleep(SEND_BACKOFF_S * 2**attempt)
-        self.stats.send_failures += 1
-        logger.warning("could not send a bitswap message to %s", peer)
-        return False
+        self.stats.send_failures += len(batch)
+        logger.warning("could not send %d bitswap message(s) to %s", len(batch), peer)
+        for o in batch:
+            if o.on_fail is not None:
+                await o.on_fail()
+        return None
 
     async def _send_wants(self, session: _Session, effect: bs.Send) -> None:
-        if not await self._send(effect.peer, effect.message):
+        async def failed() -> None:
             session.manager.send_failed(effect.peer, effect.message)
             await self._deliver(session, _Blocks(effect.peer, [], []))  # wake the fetch
+
+        await self._send(effect.peer, effect.message, failed)
 
     # --- fetching -------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,10 +53,23 @@ def files_routes(svc: FilesService, endpoint: Any) -> list[Route]:
                     except trio.WouldBlock:
                         pass  # the client is slow to read progress: skip a tick
 
+            hopped = 0.0
+
+            def report(done: int, total: int) -> None:
+                # the exporter thread calls this per block: a trip into trio for each one
+                # held both threads up, so only a tick that will be shown makes the trip
+                nonlocal hopped
+                if not _in_thread():
+                    progress(done, total)
+                    return
+                now = time.monotonic()
+                if now - hopped >= 0.1 or done == total:
+                    hopped = now
+                    trio.from_thread.run_sync(progress, done, total)
+
             async with send:
                 try:
-                    result = await svc.get(cid, dest, lambda d, t: trio.from_thread.run_sync(
-                        progress, d, t) if _in_thread() else progress(d, t))
+                    result = await svc.get(cid, dest, report)
                     await send.send(json.dumps({"done": result}) + "\n")
                 except (StorageError, TeammeshError) as exc:
                     await send.send(json.dumps({"error": str(exc)}) + "\n")
