@@ -46,7 +46,7 @@ CHANGE_COALESCE_S = 0.05
 # count what they assigned themselves.
 LOAD_SETTLE_S = 0.25
 GREET_DELAY_S = 1.2  # a bit over one gossipsub heartbeat
-TEAM_ADS_PER_S = 2.0
+TEAM_ADS_PER_S = 1.0
 
 
 @dataclass(slots=True)
