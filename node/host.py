@@ -14,6 +14,8 @@ Everything above this speaks peer ids as base58 strings, multiaddrs as strings, 
 - Every inbound connection holds a slot of the swarm's inbound limiter until the host
   stops; the wrapper releases it when the connection closes, so reconnect storms and
   laptops that come and go do not exhaust it.
+- py-libp2p's AutoConnector is off: it dialled every peer in the peerstore (aiming at 150
+  connections); the Mesh dialer keeps ``node.max_peers``.
 - ``max_connections_per_peer=1`` (else every dial waits 250 ms), gossipsub heartbeat 1 s,
   and its adaptive/spam/eclipse protections off (they silently drop or slow our traffic).
 """
@@ -56,7 +58,6 @@ for _name in ("libp2p", "multiaddr"):
     logging.getLogger(_name).setLevel(logging.CRITICAL)
 
 GOSSIP_HEARTBEAT_S = 1.0
-GOSSIP_LAZY = 2  # peers outside the mesh told of recent ids per heartbeat (IHAVE)
 MAX_GOSSIP_RPC_BYTES = 1024 * 1024
 
 _YAMUX_DATA = struct.Struct(YAMUX_HEADER_FORMAT)
@@ -143,19 +144,6 @@ class Stream:
             await self._s.reset()
         except STREAM_ERRORS:
             pass
-
-
-class TeamGossipSub(GossipSub):  # type: ignore[misc]
-    """GossipSub with a small gossip degree (D_lazy).
-
-    py-libp2p fixes D_lazy at max(6, a quarter of the topic's peers): every heartbeat with
-    a message id in the gossip window sent IHAVE to six peers. In a team mesh the ads reach
-    everyone through the mesh (D=4) and are re-sent periodically anyway, so IHAVE repairs
-    little; at 20 idle daemons it was the largest share of the RPCs each one sent.
-    """
-
-    def _get_adaptive_gossip_peers_count(self, topic: str, total_peers: int) -> int:
-        return min(GOSSIP_LAZY, max(total_peers, 0))
 
 
 class GatedNoise(NoiseTransport):  # type: ignore[misc]
@@ -326,6 +314,21 @@ class MeshHost:
 
     def gossip_peers(self, topic: str) -> list[str]:
         return [str(p) for p in self._pubsub.peer_topics.get(topic, ())]
+
+
+def _disable_auto_connector(swarm: Any) -> None:
+    """Our Mesh dialer owns outbound connections (``node.max_peers``).
+
+    py-libp2p's AutoConnector aims at the middle of its watermarks (150 connections) and,
+    every 10-30 s, dials up to 32 not-connected peers from the peerstore, which identify
+    and gossip fill with every member: at 20-50 loopback daemons each node drifted to
+    dozens of connections, each one more gossipsub peer to heartbeat and gossip to.
+    """
+
+    async def no_auto_connect() -> None:
+        return None
+
+    swarm.auto_connector.maybe_connect = no_auto_connect
 
 
 def _patch_inbound_release(swarm: Any, stats: HostStats) -> None:
@@ -521,12 +524,13 @@ async def open_host(
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
     _patch_inbound_release(host.get_network(), stats)
+    _disable_auto_connector(host.get_network())
     _cache_sender_records()
     _lean_yamux_windows()
     _patch_observations(host, stats)
     # Pubsub registers a connection notifee whose queue only drains while its service
     # runs: constructing it for a gossip-less host would block every dial.
-    router = TeamGossipSub(
+    router = GossipSub(
         # v1.1: py-libp2p's v1.2 sends an IDONTWANT control RPC to every mesh peer for
         # every message it forwards, whatever its size (go only above 1 KiB); for our
         # sub-KiB ads that doubled the gossip RPCs each node handles
