@@ -114,7 +114,8 @@ class _Session:
 
 
 class BitswapService:
-    """Bitswap over a MeshHost. ``blockstore_get`` and ``blockstore_put`` must not block."""
+    """Bitswap over a MeshHost. ``blockstore_put`` must not block; ``blockstore_get`` runs on
+    worker threads and must be thread-safe."""
 
     def __init__(self, host: MeshHost, blockstore_get: Callable[[Cid], bytes | None],
                  blockstore_put: Callable[[Cid, bytes], None],
@@ -169,7 +170,13 @@ class BitswapService:
     async def _on_message(self, peer: str, msg: bs.Message) -> None:
         self.stats.messages_in += 1
         if msg.has_wantlist and self.config.serve:
-            for reply in self.server.receive(peer, msg, self._lookup):
+            # Read (and hash-check) the wanted blocks on a worker thread: hashing releases
+            # the GIL, so the trio thread keeps writing the previous replies meanwhile.
+            wanted = [e.cid for e in msg.wantlist if not e.cancel]
+            found: dict[bytes, bytes | None] = {}
+            if wanted:
+                found = await trio.to_thread.run_sync(self._read_blocks, wanted)
+            for reply in self.server.receive(peer, msg, lambda c: self._served(found.get(c))):
                 await self._send(peer, reply)
         if not (msg.payload or msg.blocks or msg.presences):
             return
@@ -207,6 +214,16 @@ class BitswapService:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # that fetch just ended
 
+    def _read_blocks(self, cids: list[bytes]) -> dict[bytes, bytes | None]:
+        """(worker thread) The blocks we hold among ``cids``; None for the others."""
+        return {cid: self._lookup(cid) for cid in cids}
+
+    def _served(self, data: bytes | None) -> bytes | None:
+        if data is not None:
+            self.stats.blocks_sent += 1
+            self.stats.bytes_sent += len(data)
+        return data
+
     def _lookup(self, cid: bytes) -> bytes | None:
         try:
             c = Cid.from_bytes(cid)
@@ -218,9 +235,6 @@ class BitswapService:
                 data = self._get(c.to_v1())
             elif c.hash_code == SHA2_256 and len(c.multihash) == 34:
                 data = self._get(Cid(0, DAG_PB, c.multihash))
-        if data is not None:
-            self.stats.blocks_sent += 1
-            self.stats.bytes_sent += len(data)
         return data
 
     # --- sending --------------------------------------------------------------------------
