@@ -38,7 +38,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.io.exceptions import IOException
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
-from libp2p.network.stream.net_stream import StreamState
+from libp2p.network.stream.net_stream import NetStream, StreamState
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
@@ -65,6 +65,7 @@ _YAMUX_DATA = struct.Struct(YAMUX_HEADER_FORMAT)
 _YAMUX_MAX_DATA = min(YAMUX_MAX_MESSAGE_SIZE, 65535 - 16) - YAMUX_HEADER_SIZE
 _NOT_WRITABLE = (StreamState.ERROR, StreamState.RESET, StreamState.CLOSE_WRITE,
                  StreamState.CLOSE_BOTH)
+_ORIGINAL_NETSTREAM_WRITE = NetStream.write
 
 # Exceptions that mean "this stream or connection is gone", as opposed to our bugs.
 STREAM_ERRORS: tuple[type[BaseException], ...] = (
@@ -103,32 +104,7 @@ class Stream:
             return b""
 
     async def write(self, data: bytes) -> None:
-        # Fast path while the yamux send window allows: frames straight to the connection
-        # writer. py-libp2p's path (NetStream state lock, the stream's read-write lock and
-        # window lock, each a trip through trio's scheduler) cost more than the Noise
-        # encryption itself, and its 64 KiB frames are 12 bytes too big for one Noise
-        # message, so every bulk frame went out as two. Check and window debit have no
-        # await between them, so they are atomic under trio.
-        s = self._s
-        ms = getattr(s, "muxed_stream", None)
-        if type(ms) is not YamuxStream:
-            await s.write(data)
-            return
-        view = memoryview(data)
-        pos, total = 0, len(data)
-        while pos < total:
-            n = min(total - pos, _YAMUX_MAX_DATA)
-            if n > ms.send_window or s._state in _NOT_WRITABLE or ms.send_closed \
-                    or ms.closed:
-                await s.write(bytes(view[pos:]))  # waits for window, raises when closed
-                return
-            ms.send_window -= n
-            try:
-                await ms.conn._write_frame(
-                    _YAMUX_DATA.pack(0, 0, 0, ms.stream_id, n) + view[pos:pos + n])
-            except IOException as exc:
-                raise StreamError(f"stream write failed: {exc}") from exc
-            pos += n
+        await _fast_write(self._s, data, _ORIGINAL_NETSTREAM_WRITE)
 
     async def close_write(self) -> None:
         await self._s.close_write()
@@ -144,6 +120,50 @@ class Stream:
             await self._s.reset()
         except STREAM_ERRORS:
             pass
+
+
+async def _fast_write(s: Any, data: bytes, slow: Callable[[Any, bytes], Awaitable[None]]) -> None:
+    """Write on a NetStream, straight to the connection writer while the window allows.
+
+    py-libp2p's path (NetStream state lock, the yamux stream's read-write lock and window
+    lock, each a trip through trio's scheduler) cost more than the Noise encryption
+    itself, and its 64 KiB frames are 12 bytes too big for one Noise message, so every
+    bulk frame went out as two. Check and window debit have no await between them, so
+    they are atomic under trio; frames reach ``_write_frame`` (FIFO lock) in the order
+    their writers got there, as on py-libp2p's path. Anything else (no window, closed,
+    not yamux) takes py-libp2p's path, which waits or raises.
+    """
+    ms = getattr(s, "muxed_stream", None)
+    if type(ms) is not YamuxStream:
+        await slow(s, data)
+        return
+    view = memoryview(data)
+    pos, total = 0, len(data)
+    while pos < total:
+        n = min(total - pos, _YAMUX_MAX_DATA)
+        if n > ms.send_window or s._state in _NOT_WRITABLE or ms.send_closed or ms.closed:
+            await slow(s, bytes(view[pos:]))  # waits for window, raises when closed
+            return
+        ms.send_window -= n
+        try:
+            await ms.conn._write_frame(
+                _YAMUX_DATA.pack(0, 0, 0, ms.stream_id, n) + view[pos:pos + n])
+        except IOException as exc:
+            raise StreamError(f"stream write failed: {exc}") from exc
+        pos += n
+
+
+def _fast_netstream_writes() -> None:
+    """Give py-libp2p's own writers (gossipsub RPCs, identify) the same fast path: each
+    gossip RPC an idle team relays paid the three locks too."""
+    if getattr(NetStream.write, "_teammesh_fast", False):
+        return
+
+    async def write(self: Any, data: bytes) -> None:
+        await _fast_write(self, data, _ORIGINAL_NETSTREAM_WRITE)
+
+    write._teammesh_fast = True  # type: ignore[attr-defined]
+    NetStream.write = write
 
 
 class GatedNoise(NoiseTransport):  # type: ignore[misc]
@@ -527,6 +547,7 @@ async def open_host(
     _disable_auto_connector(host.get_network())
     _cache_sender_records()
     _lean_yamux_windows()
+    _fast_netstream_writes()
     _patch_observations(host, stats)
     # Pubsub registers a connection notifee whose queue only drains while its service
     # runs: constructing it for a gossip-less host would block every dial.
