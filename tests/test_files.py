@@ -128,6 +128,35 @@ def test_node_to_node_fetch_200_mib_over_bitswap(tmp_path: Path) -> None:
         print(f"200 MiB node to node: {200 / elapsed:.1f} MiB/s")
 
 
+def test_get_into_a_full_store_fails_cleanly_and_the_node_keeps_serving(
+        tmp_path: Path) -> None:
+    """Blocks are written by the fetch's writer thread: its StoreFull must reach the user
+    as one clear error, leave no output behind, and leave the daemon running."""
+    with mesh(tmp_path, 2) as (a, b):
+        wait_until(lambda: len(b.peers()) == 1, 20, what="the mesh")
+        f = _random_file(tmp_path / "f.bin", 4 * 1024 * 1024)
+        cid = a.cli("share", str(f))["cid"]
+        b.stop()
+        cfg = b.home / "config.toml"
+        cfg.write_text(cfg.read_text() + "\n[files]\nlimit_mb = 1\n")
+        b.start()
+        wait_until(lambda: len(b.peers()) == 1, 30, interval=0.5, what="B to rejoin")
+        out = tmp_path / "b.bin"
+        proc = run_cli(b.home, "get", cid, "-o", str(out), check=False, timeout=120)
+        assert proc.returncode == 1
+        err = proc.stderr.strip().splitlines()
+        assert len(err) == 1 and "is full" in err[0], proc.stderr
+        assert not out.exists()
+        assert not out.with_name(out.name + ".partial").exists()
+        assert b.alive()
+        # the daemon still serves: a small file fits and arrives intact
+        small = _random_file(tmp_path / "small.bin", 100_000)
+        small_cid = a.cli("share", str(small))["cid"]
+        got = b.cli("get", small_cid, "-o", str(tmp_path / "small.out"))
+        assert got["source"] == "peers"
+        assert _sha(tmp_path / "small.out") == _sha(small)
+
+
 def test_corrupt_block_in_a_peer_store_is_skipped(tmp_path: Path) -> None:
     with mesh(tmp_path, 3) as (a, b, c):
         wait_until(lambda: len(c.peers()) == 2, 20, what="the mesh")
