@@ -278,7 +278,10 @@ class BitswapService:
                 box.nbytes -= size
                 box.drained.set()
                 box.drained = trio.Event()
-                stream = await self._write(peer, stream, batch, size)
+                stream, sent = await self._write(peer, stream, batch)
+                if not sent and not self._host.is_connected(peer):
+                    await self._drop_outbox(peer, box)
+                    break
         finally:
             if self._outboxes.get(peer) is box:
                 del self._outboxes[peer]
@@ -287,9 +290,26 @@ class BitswapService:
                 with trio.CancelScope(shield=True), trio.move_on_after(SEND_BACKOFF_S):
                     await stream.close()
 
-    async def _write(self, peer: str, stream: Stream | None, batch: list[_Outgoing],
-                     size: int) -> Stream | None:
-        """Write ``batch`` on ``stream`` (opened if None); the stream to use next."""
+    async def _drop_outbox(self, peer: str, box: _Outbox) -> None:
+        """``peer`` left: fail everything queued for it at once (wants go elsewhere)
+        instead of retrying each message against a peer that is not there."""
+        if self._outboxes.get(peer) is box:
+            del self._outboxes[peer]  # a later send starts afresh
+        rest = list(box.items)
+        box.items.clear()
+        box.nbytes = 0
+        box.drained.set()
+        if rest:
+            self.stats.send_failures += len(rest)
+            logger.info("dropped %d queued bitswap message(s) for %s: not connected",
+                        len(rest), peer)
+        for o in rest:
+            if o.on_fail is not None:
+                await o.on_fail()
+
+    async def _write(self, peer: str, stream: Stream | None,
+                     batch: list[_Outgoing]) -> tuple[Stream | None, bool]:
+        """Write ``batch`` on ``stream`` (opened if None): (the stream to use next, sent)."""
         data = batch[0].data if len(batch) == 1 else b"".join(o.data for o in batch)
         for attempt in range(SEND_ATTEMPTS):
             try:
@@ -298,19 +318,21 @@ class BitswapService:
                         stream = await self._host.open_stream(peer, bs.BITSWAP_120)
                     await stream.write(data)
                 self.stats.messages_out += len(batch)
-                return stream
+                return stream, True
             except _SEND_ERRORS as exc:
                 logger.debug("bitswap send to %s failed (attempt %d): %s", peer, attempt + 1, exc)
                 if stream is not None:
                     await stream.reset()  # the peer drops a half-read frame with the stream
                     stream = None
+                if not self._host.is_connected(peer):
+                    break  # gone: retrying would only dial a peer that left
                 await trio.sleep(SEND_BACKOFF_S * 2**attempt)
         self.stats.send_failures += len(batch)
         logger.warning("could not send %d bitswap message(s) to %s", len(batch), peer)
         for o in batch:
             if o.on_fail is not None:
                 await o.on_fail()
-        return None
+        return None, False
 
     async def _send_wants(self, session: _Session, effect: bs.Send) -> None:
         async def failed() -> None:

@@ -537,6 +537,42 @@ async def test_missing_block_raises_block_not_found() -> None:
                                    lambda c, b: None)
 
 
+async def test_a_peer_that_stops_reading_holds_bounded_memory_and_blocks_no_one() -> None:
+    """Replies go through a per-peer outbox: a peer that asks for 24 MiB and never reads
+    our stream fills its yamux window and then its outbox, and no more; another peer is
+    served meanwhile."""
+    from teammesh.node.bitswap import OUTBOX_BYTES
+
+    data = os.urandom(24 * MiB)
+    root, blocks = import_bytes(data)
+
+    async def never_read(stream: Any) -> None:
+        await trio.sleep_forever()
+
+    async with open_node(blocks) as srv, open_node() as client:
+        async with open_node() as staller:
+            staller.host.set_handler(bs.BITSWAP_120, never_read)
+            await staller.host.connect(srv.host.addrs[0])
+            wants = tuple(bs.Entry(c.to_bytes(), want_type=bs.WantType.BLOCK) for c in blocks)
+            stream = await staller.host.open_stream(srv.host.peer_id, bs.BITSWAP_120)
+            await stream.write(bs.frame(bs.Message(wantlist=wants)))
+            peer = staller.host.peer_id
+            for _ in range(600):  # 30 s
+                box = srv.svc._outboxes.get(peer)
+                if box is not None and box.nbytes > OUTBOX_BYTES:
+                    break
+                await trio.sleep(0.05)
+            else:
+                raise AssertionError("the outbox of a peer that does not read never filled")
+            # the staller holds the server's replies; a second peer is still served
+            await client.host.connect(srv.host.addrs[0])
+            got, _ = await py_fetch(client, root, [srv.host.peer_id])
+            assert sha(got) == sha(data)
+            box = srv.svc._outboxes[peer]
+            assert box.nbytes <= OUTBOX_BYTES + bs.MESSAGE_TARGET_BYTES + MiB
+            await stream.close()
+
+
 async def test_py_to_py_64mib_and_a_corrupting_peer(capsys: pytest.CaptureFixture[str]) -> None:
     data = os.urandom(BENCH_MIB * MiB)
     root, blocks = import_bytes(data)

@@ -145,7 +145,8 @@ def test_get_into_a_full_store_fails_cleanly_and_the_node_keeps_serving(
         proc = run_cli(b.home, "get", cid, "-o", str(out), check=False, timeout=120)
         assert proc.returncode == 1
         err = proc.stderr.strip().splitlines()
-        assert len(err) == 1 and "is full" in err[0], proc.stderr
+        assert len(err) == 1, proc.stderr
+        assert "is full" in err[0], proc.stderr
         assert not out.exists()
         assert not out.with_name(out.name + ".partial").exists()
         assert b.alive()
