@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
-from teammesh.protocols.errors import StorageError, TeammeshError
+from teammesh.protocols.errors import StorageError, TeammeshError, leaves
 from teammesh.protocols.tasks import TaskSpec, is_cid_ref
 from teammesh.storage.blockstore import BlockNotFound, FsBlockstore
 from teammesh.storage.cid import Cid
@@ -48,12 +48,6 @@ def parse_cid(text: str) -> Cid:
         return Cid.parse(text.strip())
     except StorageError as exc:
         raise StorageError(f"{text[:80]!r} is not a CID ({exc})") from exc
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 class _BlockWriter:
@@ -418,7 +412,7 @@ class FilesService:
             try:
                 await job()
             except* TeammeshError as group:  # a failed transfer must not stop the service
-                logger.warning("file job failed: %s", "; ".join(map(str, _leaves(group))))
+                logger.warning("file job failed: %s", "; ".join(map(str, leaves(group))))
 
         try:
             self._jobs_send.send_nowait(guarded)

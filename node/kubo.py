@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import trio
-from teammesh.protocols.errors import ConfigError, StorageError
+from teammesh.protocols.errors import ConfigError, StorageError, leaves
 from teammesh.storage.cid import Cid
 from teammesh.storage.unixfs import CHUNK_SIZE, FileImporter, cid_of_file
 
@@ -351,15 +351,8 @@ def _hash_file(path: Path) -> Cid:
 def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one real error in a nursery's group (a failed add cancels the hash thread), so
     callers can ``except KuboUnavailable``; the group itself when there are several."""
-    real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+    real = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
     return real[0] if len(real) == 1 else group
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
 
 
 class _NoAnswer(Exception):

@@ -117,3 +117,11 @@ class MirrorAuthError(MirrorError):
 
 class MirrorCorrupt(MirrorError):
     """An object's bytes do not hash to the CID it is stored under."""
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc`` however deeply trio's nurseries grouped them
+    (``[exc]`` for a plain exception), so callers can judge the errors one by one."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
