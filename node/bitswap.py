@@ -283,27 +283,33 @@ class BitswapService:
                     await self._drop_outbox(peer, box)
                     break
         finally:
-            if self._outboxes.get(peer) is box:
-                del self._outboxes[peer]
-            box.drained.set()
+            self._detach(peer, box)
             if stream is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(SEND_BACKOFF_S):
                     await stream.close()
 
+    def _detach(self, peer: str, box: _Outbox) -> None:
+        """Stop queueing on ``box``: a later send starts a fresh outbox and sender, and
+        anyone waiting for room looks again."""
+        if self._outboxes.get(peer) is box:
+            del self._outboxes[peer]
+        box.drained.set()
+
     async def _drop_outbox(self, peer: str, box: _Outbox) -> None:
         """``peer`` left: fail everything queued for it at once (wants go elsewhere)
         instead of retrying each message against a peer that is not there."""
-        if self._outboxes.get(peer) is box:
-            del self._outboxes[peer]  # a later send starts afresh
+        self._detach(peer, box)  # before any await: nothing new lands in this box
         rest = list(box.items)
         box.items.clear()
         box.nbytes = 0
-        box.drained.set()
         if rest:
-            self.stats.send_failures += len(rest)
             logger.info("dropped %d queued bitswap message(s) for %s: not connected",
                         len(rest), peer)
-        for o in rest:
+        await self._failed(rest)
+
+    async def _failed(self, items: list[_Outgoing]) -> None:
+        self.stats.send_failures += len(items)
+        for o in items:
             if o.on_fail is not None:
                 await o.on_fail()
 
@@ -327,11 +333,8 @@ class BitswapService:
                 if not self._host.is_connected(peer):
                     break  # gone: retrying would only dial a peer that left
                 await trio.sleep(SEND_BACKOFF_S * 2**attempt)
-        self.stats.send_failures += len(batch)
         logger.warning("could not send %d bitswap message(s) to %s", len(batch), peer)
-        for o in batch:
-            if o.on_fail is not None:
-                await o.on_fail()
+        await self._failed(batch)
         return None, False
 
     async def _send_wants(self, session: _Session, effect: bs.Send) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +51,7 @@ from libp2p.stream_muxer.yamux.yamux import MAX_MESSAGE_SIZE as YAMUX_MAX_MESSAG
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import YAMUX_HEADER_FORMAT, Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
-from teammesh.protocols.errors import TeammeshError
+from teammesh.protocols.errors import TeammeshError, leaves
 
 logger = logging.getLogger("teammesh.host")
 for _name in ("libp2p", "multiaddr"):
@@ -104,7 +104,7 @@ class Stream:
             return b""
 
     async def write(self, data: bytes) -> None:
-        await _fast_write(self._s, data, _ORIGINAL_NETSTREAM_WRITE)
+        await _fast_write(self._s, data)
 
     async def close_write(self) -> None:
         await self._s.close_write()
@@ -122,7 +122,7 @@ class Stream:
             pass
 
 
-async def _fast_write(s: Any, data: bytes, slow: Callable[[Any, bytes], Awaitable[None]]) -> None:
+async def _fast_write(s: Any, data: bytes) -> None:
     """Write on a NetStream, straight to the connection writer while the window allows.
 
     py-libp2p's path (NetStream state lock, the yamux stream's read-write lock and window
@@ -135,14 +135,14 @@ async def _fast_write(s: Any, data: bytes, slow: Callable[[Any, bytes], Awaitabl
     """
     ms = getattr(s, "muxed_stream", None)
     if type(ms) is not YamuxStream:
-        await slow(s, data)
+        await _ORIGINAL_NETSTREAM_WRITE(s, data)
         return
     view = memoryview(data)
     pos, total = 0, len(data)
     while pos < total:
         n = min(total - pos, _YAMUX_MAX_DATA)
         if n > ms.send_window or s._state in _NOT_WRITABLE or ms.send_closed or ms.closed:
-            await slow(s, bytes(view[pos:]))  # waits for window, raises when closed
+            await _ORIGINAL_NETSTREAM_WRITE(s, bytes(view[pos:]))  # waits, or raises when closed
             return
         ms.send_window -= n
         try:
@@ -160,7 +160,7 @@ def _fast_netstream_writes() -> None:
         return
 
     async def write(self: Any, data: bytes) -> None:
-        await _fast_write(self, data, _ORIGINAL_NETSTREAM_WRITE)
+        await _fast_write(self, data)
 
     write._teammesh_fast = True  # type: ignore[attr-defined]
     NetStream.write = write
@@ -285,10 +285,10 @@ class MeshHost:
                 await stream.reset()
             except ExceptionGroup as group:
                 # handlers with their own nursery wrap what they raise
-                leaves = list(_leaves(group))
-                if all(isinstance(e, (*STREAM_ERRORS, TeammeshError)) for e in leaves):
+                errors = leaves(group)
+                if all(isinstance(e, (*STREAM_ERRORS, TeammeshError)) for e in errors):
                     logger.warning("%s from %s: %s", protocol, stream.peer_id,
-                                   "; ".join(str(e) or type(e).__name__ for e in leaves))
+                                   "; ".join(str(e) or type(e).__name__ for e in errors))
                 else:
                     self.stats.handler_errors += 1
                     logger.error("%s handler failed for %s", protocol, stream.peer_id,
@@ -598,15 +598,7 @@ async def open_host(
 
 def single_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     """The one exception inside ``group`` (however nested), or the group itself."""
-    leaves = list(_leaves(group))
-    return leaves[0] if len(leaves) == 1 else group
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for e in exc.exceptions:
-            yield from _leaves(e)
-    else:
-        yield exc
+    errors = leaves(group)
+    return errors[0] if len(errors) == 1 else group
 
 
