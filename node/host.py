@@ -22,8 +22,11 @@ Everything above this speaks peer ids as base58 strings, multiaddrs as strings, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -321,7 +324,7 @@ class MeshHost:
 
         async def messages() -> AsyncIterator[tuple[str, bytes]]:
             async for msg in sub:
-                yield str(ID(msg.from_id)), bytes(msg.data)
+                yield _peer_b58(bytes(msg.from_id)), bytes(msg.data)
 
         try:
             yield messages()
@@ -366,6 +369,47 @@ def _patch_inbound_release(swarm: Any, stats: HostStats) -> None:
         raise ConnectionError("inbound connection closed")
 
     swarm.upgrade_inbound_raw_conn = upgrade_and_release
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer_b58(raw: bytes) -> str:
+    # A fresh ID per message computes its base58 form anew (pure Python, ~14 % of an idle
+    # daemon's CPU at 50 nodes, py-spy); a team has few senders.
+    return str(ID(raw))
+
+
+LOCAL_RECORD_REUSE_S = 5.0
+
+
+def _cache_local_record() -> None:
+    """Build our signed peer record once every few seconds, not for every gossip RPC.
+
+    py-libp2p attaches it to every pubsub RPC it sends and rebuilds it each time from
+    ``host.get_addrs()`` (a getsockname per listener, multiaddr and netaddr parsing) before
+    re-marshalling the same envelope. Listen addresses change only when a listener starts
+    or stops, and a record a few seconds stale is harmless: teammesh dials from its own
+    signed capability ads. Identify, which announces address changes, keeps the original.
+    """
+    import libp2p.pubsub.gossipsub as gs_mod
+    import libp2p.pubsub.pubsub as ps_mod
+
+    original = ps_mod.env_to_send_in_RPC
+    if getattr(original, "_teammesh_cached", False):
+        return
+    made: weakref.WeakKeyDictionary[Any, tuple[float, bytes]] = weakref.WeakKeyDictionary()
+
+    def cached(host: Any) -> tuple[bytes, bool]:
+        now = time.monotonic()
+        hit = made.get(host)
+        if hit is not None and now - hit[0] < LOCAL_RECORD_REUSE_S:
+            return hit[1], False
+        envelope, fresh = original(host)
+        made[host] = (now, envelope)
+        return envelope, fresh
+
+    cached._teammesh_cached = True  # type: ignore[attr-defined]
+    ps_mod.env_to_send_in_RPC = cached
+    gs_mod.env_to_send_in_RPC = cached
 
 
 def _cache_sender_records() -> None:
@@ -546,6 +590,7 @@ async def open_host(
     _patch_inbound_release(host.get_network(), stats)
     _disable_auto_connector(host.get_network())
     _cache_sender_records()
+    _cache_local_record()
     _lean_yamux_windows()
     _fast_netstream_writes()
     _patch_observations(host, stats)

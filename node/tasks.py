@@ -23,6 +23,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import random
 import secrets
 import time
@@ -1067,7 +1068,9 @@ class TaskService:
             # only matters for retries (not_before), deadlines and the end of an offer
             # window. Sleep until the first of those instead of polling a waiting queue.
             now = trio.current_time()
-            soonest = now + 0.25
+            # a waiting queue is re-checked four times a second (start-up grace, room that
+            # frees without a wake-up); an empty one sleeps until something arrives
+            soonest = now + 0.25 if self.queue else math.inf
             for r in self.queue:
                 if r.not_before > now:
                     soonest = min(soonest, r.not_before)
