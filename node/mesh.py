@@ -5,7 +5,9 @@
 - Validates every ad before gossipsub forwards it: the origin must be a member (or show a
   valid certificate in the ad) and must have signed it. Non-members' ads go nowhere.
 - Dials bootstrap addresses and the addresses in members' ads, with exponential backoff
-  and jitter per target, and exchanges rosters with each member it connects to.
+  and jitter per target, and exchanges rosters and ad tables with each member it dials
+  (so a node that starts knows the whole team at its first connection, however seldom
+  a big team's periodic ads go out).
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from typing import Any
 
 import psutil
 import trio
+from teammesh.protocols import wire
 from teammesh.protocols.capability import CapabilityAd, PeerTable, open_ad
 from teammesh.protocols.errors import RemoteProtocolError
 from teammesh.protocols.identity import Identity
 
 import teammesh
 
-from .host import STREAM_ERRORS, DialError, MeshHost
-from .membership import Membership
-from .protocol_ids import caps_topic
+from .host import STREAM_ERRORS, DialError, MeshHost, Stream
+from .membership import Membership, read_message
+from .protocol_ids import ADS_SYNC, caps_topic
 
 logger = logging.getLogger("teammesh.mesh")
 
@@ -46,7 +49,9 @@ CHANGE_COALESCE_S = 0.05
 # count what they assigned themselves.
 LOAD_SETTLE_S = 0.25
 GREET_DELAY_S = 1.2  # a bit over one gossipsub heartbeat
-TEAM_ADS_PER_S = 1.0
+TEAM_ADS_PER_S = 0.5
+ADS_SYNC_TIMEOUT_S = 10.0
+ADS_SYNC_MAX = 1024  # ads taken from one sync message (a team's table, with room)
 
 
 @dataclass(slots=True)
@@ -135,6 +140,9 @@ class Mesh:
             if peer and peer != identity.peer_id:
                 self.targets.setdefault(peer, _Target([])).addrs.append(addr)
         self._verified: OrderedDict[bytes, CapabilityAd] = OrderedDict()
+        # the signed bytes behind each table entry, and our own latest: what ad sync sends
+        self._sealed: dict[str, bytes] = {}
+        self._own_sealed: bytes | None = None
         self.ads_received = 0
         self.ads_rejected = 0
         self.ads_published = 0
@@ -214,7 +222,7 @@ class Mesh:
                 return False
         return True
 
-    def on_ad(self, origin: str, data: bytes) -> None:
+    def on_ad(self, origin: str, data: bytes, age: float = 0.0) -> None:
         if origin == self.identity.peer_id:
             return
         try:
@@ -224,7 +232,8 @@ class Mesh:
         self.ads_received += 1
         if not self.membership.is_member(ad.peer_id):
             return
-        if self.table.update(ad, trio.current_time()):
+        if self.table.update(ad, trio.current_time(), age):
+            self._sealed[ad.peer_id] = data
             self._peers_changed()
         if ad.addrs and ad.peer_id not in self.targets:
             self.targets[ad.peer_id] = _Target(list(ad.addrs))
@@ -250,7 +259,64 @@ class Mesh:
 
     def forget(self, peer_id: str) -> None:
         self.table.remove(peer_id)
+        self._sealed.pop(peer_id, None)
         self.targets.pop(peer_id, None)
+
+    # --- ad sync (/teammesh/ads/1.0.0) -------------------------------------------------
+    def _ads_message(self) -> bytes:
+        now = trio.current_time()
+        ads: list[list[Any]] = []
+        if self._own_sealed is not None:
+            ads.append([self._own_sealed, 0])
+        for e in self.table.live(now):
+            data = self._sealed.get(e.ad.peer_id)
+            if data is not None:
+                ads.append([data, int((now - e.received) * 1000)])
+        return wire.frame_message({"t": "ads", "v": 1, "ads": ads})
+
+    def apply_ads(self, sender: str, m: wire.Message) -> int:
+        """Take the ads a member sent us, each checked as if it had come over gossip
+        with ``sender`` as the forwarder; return how many were accepted."""
+        if m.get("t") != "ads":
+            raise RemoteProtocolError("expected an ads message")
+        accepted = 0
+        for item in wire.field_list(m, "ads")[:ADS_SYNC_MAX]:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], bytes)
+                    and isinstance(item[1], int)):
+                self.ads_rejected += 1
+                continue
+            data, age_ms = item
+            try:
+                origin = self._verify(data).peer_id
+            except RemoteProtocolError:
+                self.ads_rejected += 1
+                continue
+            if origin != self.identity.peer_id and self.validate(origin, sender, data):
+                self.on_ad(origin, data, age_ms / 1000)
+                accepted += 1
+        return accepted
+
+    async def handle_ads_sync(self, stream: Stream) -> None:
+        try:
+            with trio.fail_after(ADS_SYNC_TIMEOUT_S):
+                request = await read_message(stream, wire.MAX_FRAME_BYTES)
+        except trio.TooSlowError:
+            raise RemoteProtocolError("ad sync: no request within 10 s") from None
+        self.apply_ads(stream.peer_id, request)  # a malformed request gets no answer
+        await stream.write(self._ads_message())
+        await stream.close()
+
+    async def sync_ads_with(self, host: MeshHost, peer_id: str) -> None:
+        """Exchange ad tables with a member we just dialed."""
+        try:
+            stream = await host.open_stream(peer_id, ADS_SYNC)
+            await stream.write(self._ads_message())
+            with trio.fail_after(ADS_SYNC_TIMEOUT_S):
+                reply = await read_message(stream)
+            await stream.close()
+            self.apply_ads(peer_id, reply)
+        except (DialError, RemoteProtocolError, trio.TooSlowError, *STREAM_ERRORS) as exc:
+            logger.debug("ad sync with %s failed: %s", peer_id, exc)
 
     def live_peers(self) -> list[dict[str, Any]]:
         now = trio.current_time()
@@ -262,6 +328,7 @@ class Mesh:
         self.host = host
         topic = caps_topic(team.team_id)
         host.set_validator(topic, self.validate)
+        host.set_handler(ADS_SYNC, self.handle_ads_sync)
         self.membership.on_revoked.append(self.forget)
         self.load_known_peers()
         async with host.subscribe(topic) as messages, trio.open_nursery() as nursery:
@@ -278,7 +345,8 @@ class Mesh:
             self._published_config = self.capacity.config_key()
             self._published_load = self.capacity.load_key()
             self.capacity.load_pending = False  # this ad carries the current load
-            await host.publish(topic, self.own_ad(host).sealed(self.identity))
+            self._own_sealed = self.own_ad(host).sealed(self.identity)
+            await host.publish(topic, self._own_sealed)
             self.ads_published += 1
         except STREAM_ERRORS:
             logger.debug("ad publish failed", exc_info=True)
@@ -326,7 +394,10 @@ class Mesh:
             now = trio.current_time()
             soonest = min((e.expires for e in self.table.entries.values()), default=now + 5)
             await trio.sleep(max(0.05, min(5.0, soonest - now + 0.01)))
-            if self.table.expire(trio.current_time()):
+            gone = self.table.expire(trio.current_time())
+            for peer in gone:
+                self._sealed.pop(peer, None)
+            if gone:
                 self._peers_changed()
 
     async def _dial_loop(self, host: MeshHost, nursery: trio.Nursery) -> None:
@@ -364,6 +435,7 @@ class Mesh:
                 target.delay = DIAL_BACKOFF_MIN_S
                 target.failures = 0
                 await self.membership.sync_with(host, peer)
+                await self.sync_ads_with(host, peer)
                 return
             target.failures += 1
             target.next_at = trio.current_time() + target.delay * random.uniform(0.8, 1.2)

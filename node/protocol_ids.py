@@ -4,6 +4,7 @@ from __future__ import annotations
 
 ENROLL = "/teammesh/enroll/1.0.0"
 ROSTER_SYNC = "/teammesh/roster/1.0.0"
+ADS_SYNC = "/teammesh/ads/1.0.0"
 TASKS = "/teammesh/tasks/1.0.0"
 OFFER = "/teammesh/offer/1.0.0"
 

@@ -127,12 +127,19 @@ class PeerTable:
 
     entries: dict[str, PeerEntry] = field(default_factory=dict)
 
-    def update(self, ad: CapabilityAd, now: float) -> bool:
-        """Store ``ad`` if newer than what we hold; return True if the table changed."""
+    def update(self, ad: CapabilityAd, now: float, age: float = 0.0) -> bool:
+        """Store ``ad`` if newer than what we hold; return True if the table changed.
+
+        ``age`` (seconds) is how long ago a relaying peer received it (ad sync): the ad
+        lives ``ttl`` from then, not from now, so relays cannot keep a gone peer alive."""
+        received = now - min(max(age, 0.0), ad.ttl_ms / 1000)
+        expires = received + ad.ttl_ms / 1000
+        if expires <= now:
+            return False
         old = self.entries.get(ad.peer_id)
         if old is not None and old.ad.seq >= ad.seq and old.expires > now:
             return False
-        self.entries[ad.peer_id] = PeerEntry(ad, now, now + ad.ttl_ms / 1000)
+        self.entries[ad.peer_id] = PeerEntry(ad, received, expires)
         return True
 
     def expire(self, now: float) -> list[str]:

@@ -19,13 +19,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 from libp2p.pubsub.pb import rpc_pb2
 from meshtools import Daemon, init_home, mesh, run_cli, wait_for_full_mesh, wait_until
 from teammesh.node.host import STREAM_ERRORS, DialError, MeshHost, Stream, open_host
-from teammesh.node.protocol_ids import ROSTER_SYNC, caps_topic
+from teammesh.node.protocol_ids import ADS_SYNC, ROSTER_SYNC, caps_topic
 from teammesh.protocols import wire
+from teammesh.protocols.capability import open_ad
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 MESHSUB = ("/meshsub/1.1.0", "/meshsub/1.0.0")
@@ -260,6 +262,65 @@ def test_malformed_gossip_and_roster_frames_do_not_kill_the_daemon(team: Team) -
     # enrollment on the attacked admin still works
     fresh = init_home(team.tmp / "fresh")
     run_cli(fresh, "join", run_cli(target.home, "team", "invite").stdout.strip())
+    assert_team_healthy(team)
+
+
+def ads_rejected(d: Daemon) -> int:
+    token = (d.home / "api.token").read_text().strip()
+    r = httpx.get(f"{d.api['url']}/metrics", headers={"authorization": f"Bearer {token}"})
+    line = next(x for x in r.text.splitlines() if x.startswith("teammesh_ads_rejected_total"))
+    return int(line.split()[1])
+
+
+async def ads_round_trip(host: MeshHost, peer_id: str, request: dict) -> wire.Message:
+    stream = await host.open_stream(peer_id, ADS_SYNC)
+    await stream.write(wire.frame_message(request))
+    decoder = wire.FrameDecoder()
+    with trio.fail_after(5):
+        for _ in range(1000):
+            chunk = await stream.read()
+            assert chunk, "ads stream ended without a reply"
+            frames = decoder.feed(chunk)
+            if frames:
+                await stream.close()
+                return wire.unpack(frames[0])
+    raise AssertionError("no ads reply")
+
+
+def test_ad_sync_answers_members_and_takes_only_genuine_ads(team: Team) -> None:
+    target = team.nodes[0]
+    before = ads_rejected(target)
+    addr, peer_id = target.addr, target.peer_id
+    genuine: list[bytes] = []
+
+    async def attack() -> None:
+        async with in_process_host(team.member_seed) as host:
+            with trio.fail_after(10):
+                await host.connect(addr)
+            reply = await ads_round_trip(host, peer_id, {"t": "ads", "v": 1, "ads": []})
+            assert reply["t"] == "ads"
+            opened = {open_ad(data).peer_id: data for data, _age in reply["ads"]}
+            assert set(opened) == {d.peer_id for d in team.nodes}  # its own ad and its table
+            genuine.extend(opened.values())
+            for f in (wire.frame(b"\xc1 not msgpack"), wire.encode_varint(2**40),
+                      wire.frame_message({"t": "roster", "v": 1, "certs": [],
+                                          "revocations": []}),
+                      wire.frame_message({"t": "ads", "v": 1, "ads": "no"})):
+                stream = await host.open_stream(peer_id, ADS_SYNC)
+                try:
+                    await stream.write(f)
+                except STREAM_ERRORS:
+                    pass
+                with trio.fail_after(5):
+                    await expect_dropped(stream)
+            good = genuine[-1]
+            forged = good[:-3] + bytes(b ^ 0xFF for b in good[-3:])
+            reply = await ads_round_trip(host, peer_id, {"t": "ads", "v": 1, "ads": [
+                [forged, 0], [b"junk", 0], "not a pair", [good, "not an age"], [good, 0]]})
+            assert len(reply["ads"]) == 3
+
+    trio.run(attack)
+    assert ads_rejected(target) == before + 4  # the genuine ad was taken, nothing else
     assert_team_healthy(team)
 
 

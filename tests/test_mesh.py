@@ -79,6 +79,31 @@ def test_three_nodes_form_a_team_mesh(tmp_path: Path) -> None:
         assert nodes[0].cli("status")["reachability"]["inbound_connections"] >= 1
 
 
+def test_a_starting_node_learns_the_whole_team_from_its_first_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Periodic ads a minute apart and one outbound connection per node: n2 and n1 both
+    # dial only n0 and never each other, and n1's last ad has left gossipsub's message
+    # cache (5 s) before n2 starts, so n2 can learn n1 within seconds only from the ad
+    # table n0 hands it when it connects (/teammesh/ads/1.0.0).
+    monkeypatch.setenv("TEAMMESH_GOSSIP_AD_INTERVAL_S", "60")
+    monkeypatch.setenv("TEAMMESH_GOSSIP_AD_TTL_S", "300")
+    monkeypatch.setenv("TEAMMESH_NODE_MAX_PEERS", "1")
+    with mesh(tmp_path, 2, slots=[1, 2]) as nodes:
+        wait_for_full_mesh(nodes, timeout=10)
+        home = init_home(tmp_path / "n2")
+        run_cli(home, "join", run_cli(nodes[0].home, "team", "invite").stdout.strip())
+        time.sleep(7)
+        nodes.append(Daemon(home, ["--slots", "3"]).start())
+        wait_for_full_mesh(nodes, timeout=10)
+        assert nodes[2].cli("status")["connected_peers"] == 1  # n0 only, as intended
+        n1_in_n2 = next(p for p in nodes[2].peers() if p["peer_id"] == nodes[1].peer_id)
+        assert n1_in_n2["slots"] == 2
+        # relayed, not re-dated: the entry is as old as n0's copy, not fresh from the sync
+        n1_in_n0 = next(p for p in nodes[0].peers() if p["peer_id"] == nodes[1].peer_id)
+        assert n1_in_n2["age_s"] >= n1_in_n0["age_s"] - 1.0
+        assert n1_in_n2["expires_in_s"] <= n1_in_n0["expires_in_s"] + 1.0
+
+
 def test_invite_is_one_time_and_expires(tmp_path: Path) -> None:
     with mesh(tmp_path, 1) as (admin,):
         invite = run_cli(admin.home, "team", "invite").stdout.strip()

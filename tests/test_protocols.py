@@ -489,6 +489,20 @@ def test_peer_table_keeps_newest_seq_and_expires_on_receiver_clock(team: TeamInf
     assert json["peer"] == a.peer_id
 
 
+def test_a_relayed_ad_lives_ttl_from_when_the_relay_heard_it(team: TeamInfo) -> None:
+    a = ident(11)
+    table = PeerTable()
+    # heard 4 s ago by the peer that synced it to us: 6 s left of a 10 s ttl
+    assert table.update(make_ad(a, team, seq=5, ttl_ms=10_000), now=100.0, age=4.0)
+    entry = table.get(a.peer_id, 100.0)
+    assert (entry.received, entry.expires) == (96.0, 106.0)
+    assert table.get(a.peer_id, 106.0) is None
+    # an ad the relay held for longer than its ttl is already gone; a negative age is 0
+    assert not table.update(make_ad(a, team, seq=6, ttl_ms=10_000), now=100.0, age=10.0)
+    assert table.update(make_ad(a, team, seq=7, ttl_ms=10_000), now=100.0, age=-50.0)
+    assert table.get(a.peer_id, 100.0).expires == 110.0
+
+
 @settings(max_examples=500)
 @given(st.binary(max_size=1024))
 def test_open_ad_fuzz_bytes(data: bytes) -> None:
