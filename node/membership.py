@@ -66,6 +66,17 @@ async def read_message(stream: Stream, max_bytes: int = wire.MAX_FRAME_BYTES) ->
             return wire.unpack(frames[0], max_bytes=max_bytes)
 
 
+async def request_reply(host: MeshHost, peer_id: str, protocol: str, request: bytes,
+                        timeout_s: float) -> wire.Message:
+    """Open a stream, send one framed request, read one framed reply (within timeout_s)."""
+    stream = await host.open_stream(peer_id, protocol)
+    await stream.write(request)
+    with trio.fail_after(timeout_s):
+        reply = await read_message(stream)
+    await stream.close()
+    return reply
+
+
 def error_reply(code: str, message: str) -> bytes:
     return wire.frame_message({"t": "error", "v": 1, "code": code, "message": message})
 
@@ -305,12 +316,8 @@ class Membership:
     async def sync_with(self, host: MeshHost, peer_id: str) -> None:
         """Exchange rosters with a member we just connected to."""
         try:
-            stream = await host.open_stream(peer_id, ROSTER_SYNC)
-            await stream.write(self._roster_message())
-            with trio.fail_after(ENROLL_TIMEOUT_S):
-                reply = await read_message(stream)
-            await stream.close()
-            self._merge_wire(reply)
+            self._merge_wire(await request_reply(host, peer_id, ROSTER_SYNC,
+                                                 self._roster_message(), ENROLL_TIMEOUT_S))
         except (DialError, RemoteProtocolError, trio.TooSlowError, *STREAM_ERRORS) as exc:
             logger.debug("roster sync with %s failed: %s", peer_id, exc)
 

@@ -33,7 +33,7 @@ from teammesh.protocols.identity import Identity
 import teammesh
 
 from .host import STREAM_ERRORS, DialError, MeshHost, Stream
-from .membership import Membership, read_message
+from .membership import Membership, read_message, request_reply
 from .protocol_ids import ADS_SYNC, caps_topic
 
 logger = logging.getLogger("teammesh.mesh")
@@ -309,12 +309,8 @@ class Mesh:
     async def sync_ads_with(self, host: MeshHost, peer_id: str) -> None:
         """Exchange ad tables with a member we just dialed."""
         try:
-            stream = await host.open_stream(peer_id, ADS_SYNC)
-            await stream.write(self._ads_message())
-            with trio.fail_after(ADS_SYNC_TIMEOUT_S):
-                reply = await read_message(stream)
-            await stream.close()
-            self.apply_ads(peer_id, reply)
+            self.apply_ads(peer_id, await request_reply(host, peer_id, ADS_SYNC,
+                                                        self._ads_message(), ADS_SYNC_TIMEOUT_S))
         except (DialError, RemoteProtocolError, trio.TooSlowError, *STREAM_ERRORS) as exc:
             logger.debug("ad sync with %s failed: %s", peer_id, exc)
 

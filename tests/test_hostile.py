@@ -87,21 +87,26 @@ async def expect_dropped(stream: Stream) -> None:
     raise AssertionError("the daemon kept answering a malformed stream")
 
 
-async def roster_round_trip(host: MeshHost, peer_id: str) -> wire.Message:
-    """A well-formed roster sync: proves the daemon still serves this connection."""
-    stream = await host.open_stream(peer_id, ROSTER_SYNC)
-    await stream.write(wire.frame_message({"t": "roster", "v": 1, "certs": [],
-                                           "revocations": []}))
+async def round_trip(host: MeshHost, peer_id: str, protocol: str,
+                     request: dict) -> wire.Message:
+    """One framed request, one framed reply: proves the daemon serves this connection."""
+    stream = await host.open_stream(peer_id, protocol)
+    await stream.write(wire.frame_message(request))
     decoder = wire.FrameDecoder()
     with trio.fail_after(5):
         for _ in range(1000):
             chunk = await stream.read()
-            assert chunk, "roster stream ended without a reply"
+            assert chunk, f"{protocol} stream ended without a reply"
             frames = decoder.feed(chunk)
             if frames:
                 await stream.close()
                 return wire.unpack(frames[0])
-    raise AssertionError("no roster reply")
+    raise AssertionError(f"no {protocol} reply")
+
+
+async def roster_round_trip(host: MeshHost, peer_id: str) -> wire.Message:
+    return await round_trip(host, peer_id, ROSTER_SYNC,
+                            {"t": "roster", "v": 1, "certs": [], "revocations": []})
 
 
 def status(d: Daemon) -> dict:
@@ -272,21 +277,6 @@ def ads_rejected(d: Daemon) -> int:
     return int(line.split()[1])
 
 
-async def ads_round_trip(host: MeshHost, peer_id: str, request: dict) -> wire.Message:
-    stream = await host.open_stream(peer_id, ADS_SYNC)
-    await stream.write(wire.frame_message(request))
-    decoder = wire.FrameDecoder()
-    with trio.fail_after(5):
-        for _ in range(1000):
-            chunk = await stream.read()
-            assert chunk, "ads stream ended without a reply"
-            frames = decoder.feed(chunk)
-            if frames:
-                await stream.close()
-                return wire.unpack(frames[0])
-    raise AssertionError("no ads reply")
-
-
 def test_ad_sync_answers_members_and_takes_only_genuine_ads(team: Team) -> None:
     target = team.nodes[0]
     before = ads_rejected(target)
@@ -297,7 +287,7 @@ def test_ad_sync_answers_members_and_takes_only_genuine_ads(team: Team) -> None:
         async with in_process_host(team.member_seed) as host:
             with trio.fail_after(10):
                 await host.connect(addr)
-            reply = await ads_round_trip(host, peer_id, {"t": "ads", "v": 1, "ads": []})
+            reply = await round_trip(host, peer_id, ADS_SYNC, {"t": "ads", "v": 1, "ads": []})
             assert reply["t"] == "ads"
             opened = {open_ad(data).peer_id: data for data, _age in reply["ads"]}
             assert set(opened) == {d.peer_id for d in team.nodes}  # its own ad and its table
@@ -315,7 +305,7 @@ def test_ad_sync_answers_members_and_takes_only_genuine_ads(team: Team) -> None:
                     await expect_dropped(stream)
             good = genuine[-1]
             forged = good[:-3] + bytes(b ^ 0xFF for b in good[-3:])
-            reply = await ads_round_trip(host, peer_id, {"t": "ads", "v": 1, "ads": [
+            reply = await round_trip(host, peer_id, ADS_SYNC, {"t": "ads", "v": 1, "ads": [
                 [forged, 0], [b"junk", 0], "not a pair", [good, "not an age"], [good, 0]]})
             assert len(reply["ads"]) == 3
 
