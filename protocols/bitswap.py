@@ -41,7 +41,7 @@ from typing import Final
 
 from .errors import FrameTooLarge, LocalProtocolError, MalformedMessage
 from .wire import FrameDecoder as _WireFrameDecoder
-from .wire import encode_varint
+from .wire import encode_varint, read_varint
 
 __all__ = [
     "BITSWAP_100",
@@ -207,35 +207,19 @@ def frame(msg: Message) -> bytes:
     return encode_varint(len(body)) + body
 
 
-def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        if pos >= end:
-            raise MalformedMessage("truncated varint in bitswap message")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise MalformedMessage("varint longer than 10 bytes in bitswap message")
-
-
 def _fields(buf: memoryview, start: int, end: int) -> Iterable[tuple[int, int, int | memoryview]]:
     """Yield (field number, wire type, value): ints for varints, views for LEN fields."""
     pos = start
     while pos < end:
-        key, pos = _varint(buf, pos, end)
+        key, pos = read_varint(buf, pos, end)
         num, wt = key >> 3, key & 7
         if num == 0:
             raise MalformedMessage("protobuf field number 0")
         if wt == _VARINT:
-            value, pos = _varint(buf, pos, end)
+            value, pos = read_varint(buf, pos, end)
             yield num, wt, value
         elif wt == _LEN:
-            n, pos = _varint(buf, pos, end)
+            n, pos = read_varint(buf, pos, end)
             if n > end - pos:
                 raise MalformedMessage("protobuf field runs past the end of its message")
             yield num, wt, buf[pos : pos + n]
@@ -362,13 +346,13 @@ def _split_cid(cid: bytes) -> tuple[int, int, bytes]:
     buf = memoryview(cid)
     if len(cid) == 34 and cid[0] == SHA2_256 and cid[1] == 32:
         return 0, DAG_PB, cid
-    version, pos = _varint(buf, 0, len(buf))
+    version, pos = read_varint(buf, 0, len(buf))
     if version != 1:
         raise MalformedMessage(f"CID version {version} is not 0 or 1")
-    codec, pos = _varint(buf, pos, len(buf))
+    codec, pos = read_varint(buf, pos, len(buf))
     mh = cid[pos:]
-    _, p2 = _varint(buf, pos, len(buf))
-    length, p3 = _varint(buf, p2, len(buf))
+    _, p2 = read_varint(buf, pos, len(buf))
+    length, p3 = read_varint(buf, p2, len(buf))
     if len(cid) - p3 != length:
         raise MalformedMessage("CID multihash length does not match its digest")
     return 1, codec, mh
@@ -392,17 +376,17 @@ class Prefix:
     def of_cid(cls, cid: bytes) -> Prefix:
         version, codec, mh = _split_cid(cid)
         buf = memoryview(mh)
-        code, pos = _varint(buf, 0, len(buf))
-        length, _ = _varint(buf, pos, len(buf))
+        code, pos = read_varint(buf, 0, len(buf))
+        length, _ = read_varint(buf, pos, len(buf))
         return cls(version, codec, code, length)
 
     @classmethod
     def decode(cls, data: bytes) -> Prefix:
         buf = memoryview(data)
-        version, pos = _varint(buf, 0, len(buf))
-        codec, pos = _varint(buf, pos, len(buf))
-        code, pos = _varint(buf, pos, len(buf))
-        length, pos = _varint(buf, pos, len(buf))
+        version, pos = read_varint(buf, 0, len(buf))
+        codec, pos = read_varint(buf, pos, len(buf))
+        code, pos = read_varint(buf, pos, len(buf))
+        length, pos = read_varint(buf, pos, len(buf))
         if pos != len(data):
             raise MalformedMessage("trailing bytes after a CID prefix")
         if version not in (0, 1):

@@ -42,19 +42,42 @@ def encode_varint(n: int) -> bytes:
             return bytes(out)
 
 
-def decode_varint(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int] | None:
-    """Return (value, next_pos), or None if the buffer ends inside the varint."""
+def read_varint(buf: bytes | bytearray | memoryview, pos: int = 0, end: int | None = None,
+                *, max_bytes: int = _MAX_VARINT_BYTES, minimal: bool = False) -> tuple[int, int]:
+    """Decode the unsigned varint at ``buf[pos:end]``; return ``(value, position after it)``.
+
+    The one varint reader (frames, Bitswap, CIDs and dag-pb): raises MalformedMessage if the
+    data ends inside the number, if it runs over ``max_bytes``, or (``minimal``, as
+    multiformats require) if it has a redundant trailing zero byte."""
+    if end is None:
+        end = len(buf)
     result = 0
     shift = 0
-    for i in range(pos, min(len(buf), pos + _MAX_VARINT_BYTES)):
-        b = buf[i]
+    start = pos
+    while True:
+        if pos >= end:
+            raise MalformedMessage("truncated varint: the data ends in the middle of a number")
+        b = buf[pos]
+        pos += 1
         result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i + 1
+        if b < 0x80:
+            if minimal and b == 0 and pos - start > 1:
+                raise MalformedMessage("non-minimal varint: trailing zero byte")
+            return result, pos
         shift += 7
-    if len(buf) - pos >= _MAX_VARINT_BYTES:
-        raise MalformedMessage("varint longer than 10 bytes")
-    return None
+        if pos - start >= max_bytes:
+            raise MalformedMessage(f"varint longer than {max_bytes} bytes")
+
+
+def decode_varint(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int] | None:
+    """Return (value, next_pos), or None if the buffer ends inside the varint (a stream
+    decoder waits for more bytes then)."""
+    try:
+        return read_varint(buf, pos)
+    except MalformedMessage:
+        if len(buf) - pos < _MAX_VARINT_BYTES:
+            return None
+        raise
 
 
 def pack(msg: Mapping[str, Any]) -> bytes:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Final
 
 import base58
-from teammesh.protocols.errors import StorageError
-from teammesh.protocols.wire import encode_varint
+from teammesh.protocols.errors import MalformedMessage, StorageError
+from teammesh.protocols.wire import encode_varint, read_varint
 
 __all__ = [
     "BLAKE2B_256",
@@ -57,25 +57,13 @@ _MAX_CID_STRING: Final = 4096
 def decode_varint(buf: bytes | memoryview, pos: int = 0) -> tuple[int, int]:
     """Decode an unsigned varint at ``buf[pos:]``; return ``(value, position after it)``.
 
-    Rejects truncated and over-long (more than 9 bytes) varints with ``StorageError``.
+    Rejects truncated, non-minimal and over-long (more than 9 bytes, the multiformats
+    limit) varints with ``StorageError``.
     """
-    result = 0
-    shift = 0
-    end = len(buf)
-    start = pos
-    while True:
-        if pos >= end:
-            raise StorageError("truncated varint: the data ends in the middle of a number")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            if byte == 0 and pos - start > 1:
-                raise StorageError("non-minimal varint: trailing zero byte")
-            return result, pos
-        shift += 7
-        if pos - start >= _MAX_VARINT_BYTES:
-            raise StorageError("varint longer than 9 bytes")
+    try:
+        return read_varint(buf, pos, max_bytes=_MAX_VARINT_BYTES, minimal=True)
+    except MalformedMessage as exc:
+        raise StorageError(str(exc)) from None
 
 
 def multihash_sha256(data: bytes | memoryview) -> bytes:

@@ -79,6 +79,17 @@ def test_varint_rejects_negative_and_endless() -> None:
     assert wire.decode_varint(b"\xff" * 9) is None
 
 
+def test_read_varint_is_strict_where_asked() -> None:
+    assert wire.read_varint(b"\x05\xac\x02\x07", 1, 3) == (300, 3)
+    with pytest.raises(MalformedMessage, match="truncated"):
+        wire.read_varint(b"\xac\x02", 0, 1)  # the end bound counts, not len(buf)
+    with pytest.raises(MalformedMessage, match="longer than 9 bytes"):
+        wire.read_varint(b"\x80" * 9 + b"\x01", max_bytes=9)
+    assert wire.read_varint(b"\x80\x00") == (0, 2)  # allowed on the wire...
+    with pytest.raises(MalformedMessage, match="non-minimal"):
+        wire.read_varint(b"\x80\x00", minimal=True)  # ...but not in a CID
+
+
 def test_frame_decoder_byte_by_byte() -> None:
     msgs = [{"t": "a", "v": 1, "n": i, "blob": b"x" * (i * 50)} for i in range(6)]
     stream = b"".join(wire.frame_message(m) for m in msgs)
