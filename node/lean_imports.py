@@ -2,17 +2,18 @@
 
 `import libp2p` executes the package's ``__init__``, which imports every transport,
 security protocol and service the library ships — QUIC (aioquic), TLS and AutoTLS (an
-ACME client), circuit relay, WebSocket, mDNS (zeroconf), and dnspython's DNS-over-QUIC — whether or not a host uses them. That is about half of a
-daemon's start-up time (docs/BENCHMARKS.md, "Footprint"). A node uses TCP, Noise, yamux,
-identify and gossipsub only, and the modules import one another in a cycle, so they
-cannot be loaded one by one either.
+ACME client), circuit relay, WebSocket, mDNS (zeroconf), and dnspython's DNS-over-QUIC —
+whether or not a host uses them. That was about half of a daemon's start-up time
+(docs/BENCHMARKS.md, "Footprint"). A node uses TCP, Noise, yamux, identify and gossipsub
+only, and the modules import one another in a cycle, so they cannot be loaded one by one.
 
 `install()` therefore answers imports of the unused subsystems with placeholder modules:
-any name taken from one is an inert exception class that refuses to be called, so ``from libp2p.transport.quic.transport import
-QUICTransport`` still succeeds and ``isinstance(conn, QUICConnection)`` is simply False —
-which is true for every connection a node makes. dnspython's DNS-over-QUIC is switched
-off through dnspython's own switch. A py-libp2p release other than the one this was checked against
-(`CHECKED_VERSION`) gets the full import, and so does ``TEAMMESH_FULL_IMPORTS=1``.
+any name taken from one is an inert exception class that refuses to be called, so
+``from libp2p.transport.quic.transport import QUICTransport`` still succeeds and
+``isinstance(conn, QUICConnection)`` is simply False — which is true for every connection
+a node makes. dnspython's DNS-over-QUIC is switched off through dnspython's own switch.
+A py-libp2p release other than the one this was checked against (`CHECKED_VERSION`) gets
+the full import, and so does ``TEAMMESH_FULL_IMPORTS=1``.
 """
 
 from __future__ import annotations
