@@ -262,18 +262,7 @@ class Client:
 
     def stream_batch(self, tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Submit a batch; yield each task's JSON as it finishes (completion order)."""
-        try:
-            with self._http.stream("POST", "/v1/tasks/batch",
-                                   json={"tasks": tasks, "stream": True},
-                                   timeout=httpx.Timeout(30, read=None)) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    _raise_for(resp)
-                for line in resp.iter_lines():
-                    if line:
-                        yield json.loads(line)
-        except httpx.TransportError as exc:
-            raise NodeNotRunning(f"lost the node at {self.url}: {exc}") from exc
+        return self.stream_lines("POST", "/v1/tasks/batch", json={"tasks": tasks, "stream": True})
 
     def tasks(self, **filters: Any) -> list[dict[str, Any]]:
         return list(self.request("GET", "/v1/tasks", params=filters))

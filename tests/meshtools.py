@@ -5,6 +5,7 @@ Every process started here is ended here, by its PID (SIGTERM, then SIGKILL).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 CLI = [sys.executable, "-m", "teammesh.node.cli"]
@@ -146,3 +148,15 @@ def wait_for_full_mesh(daemons: list[Daemon], timeout: float = 10.0) -> None:
         return True
 
     wait_until(full, timeout, interval=0.2, what="every node to list every other")
+
+
+def load_script(name: str) -> ModuleType:
+    """Import scripts/<name>.py (the bench scripts are not a package) as module ``name``."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, mod)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from meshtools import load_script
 
 if TYPE_CHECKING:
     from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_mesh.py"
-
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_mesh", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_mesh", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_mesh")
 
 
 def test_percentile() -> None:
