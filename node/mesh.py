@@ -140,8 +140,7 @@ class Mesh:
             if peer and peer != identity.peer_id:
                 self.targets.setdefault(peer, _Target([])).addrs.append(addr)
         self._verified: OrderedDict[bytes, CapabilityAd] = OrderedDict()
-        # the signed bytes behind each table entry, and our own latest: what ad sync sends
-        self._sealed: dict[str, bytes] = {}
+        # our latest signed ad: ad sync sends it with the table's
         self._own_sealed: bytes | None = None
         self.ads_received = 0
         self.ads_rejected = 0
@@ -162,9 +161,9 @@ class Mesh:
     @property
     def effective_interval_s(self) -> float:
         """The refresh period, stretched in big teams so the whole team sends about one
-        periodic ad a second (every node relays every ad, so this is what caps gossip
-        CPU: two a second kept 50 idle daemons at 1.5 % each); changes are still
-        published at once."""
+        periodic ad every two seconds (every node relays every ad, so this is what caps
+        gossip CPU: one a second kept 50 idle daemons at 1.0 % each, two at 1.5 %);
+        changes are still published at once, and joining nodes get the table by ad sync."""
         n = len(self.table.entries) + 1
         return max(self.interval_s, n / TEAM_ADS_PER_S)
 
@@ -232,8 +231,7 @@ class Mesh:
         self.ads_received += 1
         if not self.membership.is_member(ad.peer_id):
             return
-        if self.table.update(ad, trio.current_time(), age):
-            self._sealed[ad.peer_id] = data
+        if self.table.update(ad, trio.current_time(), age, data):
             self._peers_changed()
         if ad.addrs and ad.peer_id not in self.targets:
             self.targets[ad.peer_id] = _Target(list(ad.addrs))
@@ -259,7 +257,6 @@ class Mesh:
 
     def forget(self, peer_id: str) -> None:
         self.table.remove(peer_id)
-        self._sealed.pop(peer_id, None)
         self.targets.pop(peer_id, None)
 
     # --- ad sync (/teammesh/ads/1.0.0) -------------------------------------------------
@@ -269,9 +266,8 @@ class Mesh:
         if self._own_sealed is not None:
             ads.append([self._own_sealed, 0])
         for e in self.table.live(now):
-            data = self._sealed.get(e.ad.peer_id)
-            if data is not None:
-                ads.append([data, int((now - e.received) * 1000)])
+            if e.sealed:
+                ads.append([e.sealed, int((now - e.received) * 1000)])
         return wire.frame_message({"t": "ads", "v": 1, "ads": ads})
 
     def apply_ads(self, sender: str, m: wire.Message) -> int:
@@ -390,10 +386,7 @@ class Mesh:
             now = trio.current_time()
             soonest = min((e.expires for e in self.table.entries.values()), default=now + 5)
             await trio.sleep(max(0.05, min(5.0, soonest - now + 0.01)))
-            gone = self.table.expire(trio.current_time())
-            for peer in gone:
-                self._sealed.pop(peer, None)
-            if gone:
+            if self.table.expire(trio.current_time()):
                 self._peers_changed()
 
     async def _dial_loop(self, host: MeshHost, nursery: trio.Nursery) -> None:

@@ -108,6 +108,7 @@ class PeerEntry:
     ad: CapabilityAd
     received: float  # receiver's monotonic clock, seconds
     expires: float
+    sealed: bytes = b""  # the ad as its author signed it, for relaying (ad sync)
 
     def to_json(self, now: float) -> dict[str, Any]:
         a = self.ad
@@ -127,7 +128,8 @@ class PeerTable:
 
     entries: dict[str, PeerEntry] = field(default_factory=dict)
 
-    def update(self, ad: CapabilityAd, now: float, age: float = 0.0) -> bool:
+    def update(self, ad: CapabilityAd, now: float, age: float = 0.0,
+               sealed: bytes = b"") -> bool:
         """Store ``ad`` if newer than what we hold; return True if the table changed.
 
         ``age`` (seconds) is how long ago a relaying peer received it (ad sync): the ad
@@ -139,7 +141,7 @@ class PeerTable:
         old = self.entries.get(ad.peer_id)
         if old is not None and old.ad.seq >= ad.seq and old.expires > now:
             return False
-        self.entries[ad.peer_id] = PeerEntry(ad, received, expires)
+        self.entries[ad.peer_id] = PeerEntry(ad, received, expires, sealed)
         return True
 
     def expire(self, now: float) -> list[str]:
