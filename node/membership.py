@@ -54,8 +54,22 @@ def now_s() -> int:
     return int(time.time())
 
 
-async def read_message(stream: Stream, max_bytes: int = wire.MAX_FRAME_BYTES) -> wire.Message:
-    """Read exactly one framed message from a request/response stream."""
+async def read_message(stream: Stream, max_bytes: int = wire.MAX_FRAME_BYTES,
+                       timeout_s: float | None = None) -> wire.Message:
+    """Read exactly one framed message from a request/response stream.
+
+    With ``timeout_s``, a peer that has not sent it by then is a RemoteProtocolError (a
+    stream handler reports it as the peer's fault, not as a bug of ours)."""
+    if timeout_s is None:
+        return await _read_one(stream, max_bytes)
+    try:
+        with trio.fail_after(timeout_s):
+            return await _read_one(stream, max_bytes)
+    except trio.TooSlowError:
+        raise RemoteProtocolError(f"no complete message within {timeout_s:g} s") from None
+
+
+async def _read_one(stream: Stream, max_bytes: int) -> wire.Message:
     decoder = wire.FrameDecoder(max_bytes)
     while True:
         chunk = await stream.read()
@@ -71,8 +85,7 @@ async def request_reply(host: MeshHost, peer_id: str, protocol: str, request: by
     """Open a stream, send one framed request, read one framed reply (within timeout_s)."""
     stream = await host.open_stream(peer_id, protocol)
     await stream.write(request)
-    with trio.fail_after(timeout_s):
-        reply = await read_message(stream)
+    reply = await read_message(stream, timeout_s=timeout_s)
     await stream.close()
     return reply
 
@@ -259,8 +272,7 @@ class Membership:
     async def handle_enroll(self, stream: Stream) -> None:
         team, roster = self.require_team()
         enroll_peer = stream.peer_id
-        with trio.fail_after(ENROLL_TIMEOUT_S):
-            request = await read_message(stream, 4096)
+        request = await read_message(stream, 4096, ENROLL_TIMEOUT_S)
         record = self.journal.invite(enroll_peer)
         now = now_s()
         if self.root is None or record is None:
@@ -295,8 +307,7 @@ class Membership:
         self.changed.set()
 
     async def handle_roster_sync(self, stream: Stream) -> None:
-        with trio.fail_after(ENROLL_TIMEOUT_S):
-            request = await read_message(stream, wire.MAX_FRAME_BYTES)
+        request = await read_message(stream, wire.MAX_FRAME_BYTES, ENROLL_TIMEOUT_S)
         self._merge_wire(request)
         await stream.write(self._roster_message())
         await stream.close()
@@ -318,7 +329,7 @@ class Membership:
         try:
             self._merge_wire(await request_reply(host, peer_id, ROSTER_SYNC,
                                                  self._roster_message(), ENROLL_TIMEOUT_S))
-        except (DialError, RemoteProtocolError, trio.TooSlowError, *STREAM_ERRORS) as exc:
+        except (DialError, RemoteProtocolError, *STREAM_ERRORS) as exc:
             logger.debug("roster sync with %s failed: %s", peer_id, exc)
 
     def gossip_validator(self, origin: str, forwarder: str, data: bytes) -> bool:

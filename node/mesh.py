@@ -293,11 +293,7 @@ class Mesh:
         return accepted
 
     async def handle_ads_sync(self, stream: Stream) -> None:
-        try:
-            with trio.fail_after(ADS_SYNC_TIMEOUT_S):
-                request = await read_message(stream, wire.MAX_FRAME_BYTES)
-        except trio.TooSlowError:
-            raise RemoteProtocolError("ad sync: no request within 10 s") from None
+        request = await read_message(stream, wire.MAX_FRAME_BYTES, ADS_SYNC_TIMEOUT_S)
         self.apply_ads(stream.peer_id, request)  # a malformed request gets no answer
         await stream.write(self._ads_message())
         await stream.close()
@@ -307,7 +303,7 @@ class Mesh:
         try:
             self.apply_ads(peer_id, await request_reply(host, peer_id, ADS_SYNC,
                                                         self._ads_message(), ADS_SYNC_TIMEOUT_S))
-        except (DialError, RemoteProtocolError, trio.TooSlowError, *STREAM_ERRORS) as exc:
+        except (DialError, RemoteProtocolError, *STREAM_ERRORS) as exc:
             logger.debug("ad sync with %s failed: %s", peer_id, exc)
 
     def live_peers(self) -> list[dict[str, Any]]:

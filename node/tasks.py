@@ -1037,8 +1037,7 @@ class TaskService:
     async def _handle_offer(self, stream: Stream) -> None:
         from .membership import read_message
 
-        with trio.fail_after(5):
-            m = await read_message(stream, 4096)
+        m = await read_message(stream, 4096, 5)
         await stream.close()
         if m["t"] != "offer":
             raise RemoteProtocolError("expected an offer")
