@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import struct
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,10 +37,8 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.io.exceptions import IOException
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
-from libp2p.network.stream.net_stream import NetStream, StreamState
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
@@ -49,12 +46,12 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE as YAMUX_HEADER_SIZE
-from libp2p.stream_muxer.yamux.yamux import MAX_MESSAGE_SIZE as YAMUX_MAX_MESSAGE_SIZE
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import YAMUX_HEADER_FORMAT, Yamux, YamuxStream
+from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from teammesh.protocols.errors import TeammeshError, leaves
+
+from . import yamux_io
 
 logger = logging.getLogger("teammesh.host")
 for _name in ("libp2p", "multiaddr"):
@@ -63,12 +60,6 @@ for _name in ("libp2p", "multiaddr"):
 GOSSIP_HEARTBEAT_S = 1.0
 MAX_GOSSIP_RPC_BYTES = 1024 * 1024
 
-_YAMUX_DATA = struct.Struct(YAMUX_HEADER_FORMAT)
-# one yamux frame per Noise transport message (65535 bytes with a 16-byte tag)
-_YAMUX_MAX_DATA = min(YAMUX_MAX_MESSAGE_SIZE, 65535 - 16) - YAMUX_HEADER_SIZE
-_NOT_WRITABLE = (StreamState.ERROR, StreamState.RESET, StreamState.CLOSE_WRITE,
-                 StreamState.CLOSE_BOTH)
-_ORIGINAL_NETSTREAM_WRITE = NetStream.write
 
 # Exceptions that mean "this stream or connection is gone", as opposed to our bugs.
 STREAM_ERRORS: tuple[type[BaseException], ...] = (
@@ -101,13 +92,10 @@ class Stream:
 
     async def read(self, n: int = 65536) -> bytes:
         """Up to n bytes; b"" at end of stream."""
-        try:
-            return bytes(await self._s.read(n))
-        except StreamEOF:
-            return b""
+        return await yamux_io.read_stream(self._s, n)
 
     async def write(self, data: bytes) -> None:
-        await _fast_write(self._s, data)
+        await yamux_io.write_stream(self._s, data)
 
     async def close_write(self) -> None:
         await self._s.close_write()
@@ -123,50 +111,6 @@ class Stream:
             await self._s.reset()
         except STREAM_ERRORS:
             pass
-
-
-async def _fast_write(s: Any, data: bytes) -> None:
-    """Write on a NetStream, straight to the connection writer while the window allows.
-
-    py-libp2p's path (NetStream state lock, the yamux stream's read-write lock and window
-    lock, each a trip through trio's scheduler) cost more than the Noise encryption
-    itself, and its 64 KiB frames are 12 bytes too big for one Noise message, so every
-    bulk frame went out as two. Check and window debit have no await between them, so
-    they are atomic under trio; frames reach ``_write_frame`` (FIFO lock) in the order
-    their writers got there, as on py-libp2p's path. Anything else (no window, closed,
-    not yamux) takes py-libp2p's path, which waits or raises.
-    """
-    ms = getattr(s, "muxed_stream", None)
-    if type(ms) is not YamuxStream:
-        await _ORIGINAL_NETSTREAM_WRITE(s, data)
-        return
-    view = memoryview(data)
-    pos, total = 0, len(data)
-    while pos < total:
-        n = min(total - pos, _YAMUX_MAX_DATA)
-        if n > ms.send_window or s._state in _NOT_WRITABLE or ms.send_closed or ms.closed:
-            await _ORIGINAL_NETSTREAM_WRITE(s, bytes(view[pos:]))  # waits, or raises when closed
-            return
-        ms.send_window -= n
-        try:
-            await ms.conn._write_frame(
-                _YAMUX_DATA.pack(0, 0, 0, ms.stream_id, n) + view[pos:pos + n])
-        except IOException as exc:
-            raise StreamError(f"stream write failed: {exc}") from exc
-        pos += n
-
-
-def _fast_netstream_writes() -> None:
-    """Give py-libp2p's own writers (gossipsub RPCs, identify) the same fast path: each
-    gossip RPC an idle team relays paid the three locks too."""
-    if getattr(NetStream.write, "_teammesh_fast", False):
-        return
-
-    async def write(self: Any, data: bytes) -> None:
-        await _fast_write(self, data)
-
-    write._teammesh_fast = True  # type: ignore[attr-defined]
-    NetStream.write = write
 
 
 class GatedNoise(NoiseTransport):  # type: ignore[misc]
@@ -444,52 +388,6 @@ def _cache_sender_records() -> None:
     gs_mod.maybe_consume_signed_record = cached
 
 
-YAMUX_WINDOW_BYTES = 4 * 1024 * 1024
-
-
-def _lean_yamux_windows() -> None:
-    """Send yamux WINDOW_UPDATEs as go-yamux does: once half the window is consumed.
-
-    py-libp2p 0.8.1 answers every read that leaves any slack with a WINDOW_UPDATE frame
-    (its "partial slack" branch), so each task message costs a second Noise message and a
-    second send() each way, which showed up as a sixth of a submitter's CPU on sequential
-    tasks. Its writer also polls every 10 ms once the window is empty; a 4 MiB window per
-    stream (go-yamux grows to 16 MiB) keeps bulk Bitswap transfers clear of that poll,
-    and only an authenticated member can fill it.
-    """
-    if getattr(YamuxStream, "_teammesh_lean", False):
-        return
-
-    async def update(self: Any, *, bytes_read: int = 0) -> None:
-        async with self.window_lock:
-            if self.target_recv_window < YAMUX_WINDOW_BYTES:
-                self.target_recv_window = YAMUX_WINDOW_BYTES
-            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-            delta = self.target_recv_window - (self.recv_window + buffered)
-            if delta <= 0 or delta < self.target_recv_window // 2:
-                return
-            self.recv_window += delta
-        await self.send_window_update(delta, skip_lock=True)
-
-    async def write_frame(self: Any, data: bytes) -> None:
-        # the library's version formats a debug line (flags, names, f-strings) for every
-        # frame, logged or not, then yields once more after the write
-        async with self._write_lock:
-            await self.secured_conn.write(data)
-
-    from libp2p.security.noise.io import NoiseTransportReadWriter
-
-    async def read_msg(self: Any, prefix_encoded: bool = False) -> bytes:
-        # as the library's, without formatting two debug lines per message
-        data = await self.read_writer.read_msg()
-        return self.decrypt(data[len(self.prefix):] if prefix_encoded else data)
-
-    YamuxStream._auto_tune_and_send_window_update = update
-    Yamux._write_frame = write_frame
-    NoiseTransportReadWriter.read_msg = read_msg
-    YamuxStream._teammesh_lean = True
-
-
 def _patch_observations(host: Any, stats: HostStats) -> None:
     manager = getattr(host, "_observed_addr_manager", None)
     if manager is None:
@@ -591,8 +489,7 @@ async def open_host(
     _disable_auto_connector(host.get_network())
     _cache_sender_records()
     _cache_local_record()
-    _lean_yamux_windows()
-    _fast_netstream_writes()
+    yamux_io.install()
     _patch_observations(host, stats)
     # Pubsub registers a connection notifee whose queue only drains while its service
     # runs: constructing it for a gossip-less host would block every dial.

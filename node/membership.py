@@ -134,6 +134,11 @@ class Membership:
         return self.root is not None
 
     def require_team(self) -> tuple[TeamInfo, Roster]:
+        if self.team is not None and self.roster is not None and \
+                self.identity.peer_id in self.roster.revocations:
+            raise MembershipError(
+                f"this node was revoked from team {self.team.name!r} by an admin; ask an"
+                " admin for a new invite and run `teammesh join INVITE`")
         if self.team is None or self.roster is None or self.cert is None:
             raise MembershipError(
                 "this node is in no team; run `teammesh team create NAME` or"

@@ -215,7 +215,8 @@ class TaskService:
         self.executor = Executor(node.capacity, allow=list(cfg.get("executor", "allow")),
                                  memory_mb=cfg.get("executor", "memory_mb"),
                                  cpu_s=cfg.get("executor", "cpu_s"),
-                                 timeout_s=cfg.get("executor", "timeout_s"))
+                                 timeout_s=cfg.get("executor", "timeout_s"),
+                                 kinds=node.kinds)
         self.server = TaskServer(self)
         self.weights = dict(cfg.get("scheduler", "weights"))
         self.max_attempts = int(cfg.get("scheduler", "max_attempts"))

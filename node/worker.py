@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 from teammesh.protocols import wire
-from teammesh.protocols.errors import TaskError
 
 
 def _cpu_s() -> float:
@@ -34,23 +33,16 @@ def _arm_cpu_limit(cpu_s: int) -> None:
 
 
 def run_one(kinds: dict[str, Any], task: dict[str, Any], cpu_s: int) -> dict[str, Any]:
-    from teammesh.node.kinds import get_kind, run_kind
+    from teammesh.node.kinds import run_guarded
 
     t0 = time.perf_counter()
     c0 = _cpu_s()
-    ok, output, error = True, None, None
     try:
         _arm_cpu_limit(cpu_s)
-        kind = get_kind(kinds, task["kind"])
-        output = run_kind(kind, task["input"], task["params"])
-    except TaskError as exc:
-        ok, error = False, str(exc)
-    except MemoryError:
-        ok, error = False, "memory limit exceeded (executor.memory_mb)"
-    except RecursionError:
-        ok, error = False, "recursion limit exceeded"
-    except Exception as exc:  # a buggy kind fails its task, not the worker
-        ok, error = False, f"{task['kind']} crashed: {type(exc).__name__}: {exc}"[:500]
+    except (ValueError, OSError) as exc:
+        ok, output, error = False, None, f"cannot set the CPU time limit: {exc}"
+    else:
+        ok, output, error = run_guarded(kinds, task["kind"], task["input"], task["params"])
     return {"t": "done", "v": 1, "id": task["id"], "ok": ok, "output": output, "error": error,
             "wall": (time.perf_counter() - t0) * 1000, "cpu": (_cpu_s() - c0) * 1000}
 
