@@ -107,10 +107,15 @@ class Executor:
         self._update_capacity()
         self._wake.set()
 
+    def runs_inline(self, kind_name: str, input_bytes: int) -> bool:
+        """Would a task of this kind and input size run at once, without a slot?"""
+        kind = self.kinds.get(kind_name)
+        return kind is not None and 0 < kind.inline_max_bytes and \
+            input_bytes <= kind.inline_max_bytes
+
     def _run_inline(self, job: Job) -> bool:
         spec = job.spec
-        kind = self.kinds.get(spec.kind)
-        if kind is None or kind.inline_max_bytes <= 0 or len(spec.input) > kind.inline_max_bytes:
+        if not self.runs_inline(spec.kind, len(spec.input)):
             return False
         t0 = time.perf_counter()
         c0 = time.thread_time()

@@ -526,8 +526,10 @@ class TaskService:
             runners += 1
             matching_slots += self.executor.slots
             free = self.executor.slots - self.node.capacity.busy - self.node.capacity.queue
-            if free > 0 and "local" not in taken:
-                out.append((1e9, "local"))  # local with a free slot always wins
+            # local with a free slot always wins, and so does a task that runs at once
+            inline = not r.input_cid and self.executor.runs_inline(r.kind, len(r.input))
+            if (free > 0 or inline) and "local" not in taken:
+                out.append((1e9, "local"))
         if r.where in ("any", "peers"):
             for e in self.node.mesh.table.live(now):
                 ad = e.ad

@@ -146,6 +146,32 @@ def test_task_limits_and_cancel(tmp_path: Path) -> None:
             assert ok["state"] == "done"
 
 
+def test_small_hashes_run_on_the_daemon_beside_a_busy_slot(tmp_path: Path) -> None:
+    """Hash kinds run inputs up to 64 KiB on the executing daemon (no worker process):
+    with the only slot busy a small hash finishes at once, with the same checks and
+    messages as in a worker; a bigger input waits for the slot."""
+    with mesh(tmp_path, 1, slots=[1]) as (node,):
+        with Client.from_home(node.home) as c:
+            long = c.submit("sleep", params={"seconds": 30}, no_cache=True)
+            wait_until(lambda: c.task(long["id"])["state"] == "running", 5, what="running")
+            small = os.urandom(64 * 1024)
+            t = c.submit("hash.sha256", small, wait=10, no_cache=True)
+            assert t["state"] == "done"
+            assert t["output"] == hashlib.sha256(small).hexdigest()
+            bad = c.submit("hash.blake2b", b"x", params={"digest_size": 999}, wait=10)
+            assert bad["state"] == "failed"
+            assert "param 'digest_size'" in bad["error"]
+            big = os.urandom(64 * 1024 + 1)
+            queued = c.submit("hash.sha256", big, no_cache=True)
+            time.sleep(1)
+            assert c.task(queued["id"])["state"] != "done"
+            assert c.task(long["id"])["state"] == "running"
+            c.cancel(long["id"])
+            finished = c.task(queued["id"], wait=20)
+            assert finished["state"] == "done"
+            assert finished["output"] == hashlib.sha256(big).hexdigest()
+
+
 def test_workflow_example_runs(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parent.parent / "examples" / "workflow.toml"
     with mesh(tmp_path, 2, slots=[0, 2]) as nodes:
