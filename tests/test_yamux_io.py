@@ -97,6 +97,7 @@ async def test_many_small_messages_arrive_in_order() -> None:
 async def test_a_reset_stream_ends_the_reader_and_the_connection_lives() -> None:
     async with two_hosts() as (server, client, peer):
         reader_saw: list[str] = []
+        ended = trio.Event()
 
         async def hold(stream: Stream) -> None:
             try:
@@ -105,6 +106,7 @@ async def test_a_reset_stream_ends_the_reader_and_the_connection_lives() -> None
                 reader_saw.append("eof")
             except STREAM_ERRORS as exc:
                 reader_saw.append(type(exc).__name__)
+            ended.set()
 
         server.set_handler("/test/hold/1", hold)
         stream = await client.open_stream(peer, "/test/hold/1")
@@ -112,8 +114,8 @@ async def test_a_reset_stream_ends_the_reader_and_the_connection_lives() -> None
         await trio.sleep(0.2)
         await stream.reset()
         with trio.fail_after(10):
-            while not reader_saw:
-                await trio.sleep(0.05)
+            await ended.wait()
+        assert reader_saw
         # the connection still carries new streams
         again = await client.open_stream(peer, ECHO)
         await again.write(b"still here")
