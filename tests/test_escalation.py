@@ -86,7 +86,8 @@ def test_saturated_mesh_escalates_to_bridge(tmp_path: Path) -> None:
                                            and not c.task(h["id"])["waiting_reason"]
                                            for h in holds), 20, what="both slots busy")
                 data = tmp_path / "in.bin"
-                data.write_bytes(os.urandom(1024))
+                # over 64 KiB: a smaller hash would run at once on a's own daemon, slot or not
+                data.write_bytes(os.urandom(96 * 1024))
                 t0 = time.monotonic()
                 task = json.loads(run_cli(a.home, "submit", "hash.sha256", "--input", str(data),
                                           "--wait", "--json").stdout)

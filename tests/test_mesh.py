@@ -170,11 +170,12 @@ def test_revocation_spreads(tmp_path: Path) -> None:
     with mesh(tmp_path, 3) as nodes:
         wait_for_full_mesh(nodes)
         target = nodes[2]
-        nodes[0].cli("team", "revoke", target.peer_id)
-        wait_until(lambda: all(target.peer_id not in {p["peer_id"] for p in d.peers()}
+        target_id = target.peer_id  # read now: a node that learns it was revoked stops
+        nodes[0].cli("team", "revoke", target_id)
+        wait_until(lambda: all(target_id not in {p["peer_id"] for p in d.peers()}
                                for d in nodes[:2]), 10, what="revocation to spread")
         members = nodes[1].cli("team", "members")["members"]
-        assert any(m["peer_id"] == target.peer_id and m["revoked"] for m in members)
+        assert any(m["peer_id"] == target_id and m["revoked"] for m in members)
         # It cannot come back. Restarted, it refuses to start if the revocation reached it
         # before the others cut it off (a race), or starts and is refused by the team.
         target.stop()
@@ -188,7 +189,7 @@ def test_revocation_spreads(tmp_path: Path) -> None:
         else:
             time.sleep(3)
             for d in nodes[:2]:
-                assert target.peer_id not in {p["peer_id"] for p in d.peers()}
+                assert target_id not in {p["peer_id"] for p in d.peers()}
 
 
 def test_api_requires_token_and_serves_openapi(tmp_path: Path) -> None:
