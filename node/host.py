@@ -325,7 +325,22 @@ def _peer_b58(raw: bytes) -> str:
 LOCAL_RECORD_REUSE_S = 5.0
 
 
-def _cache_local_record() -> None:
+def _wrap_pubsub_helper(name: str, wrap: Callable[[Any], Any]) -> None:
+    """Replace py-libp2p's pubsub helper function ``name`` with ``wrap(original)``, once
+    per process; pubsub and gossipsub each import it by name, so both are patched."""
+    import libp2p.pubsub.gossipsub as gs_mod
+    import libp2p.pubsub.pubsub as ps_mod
+
+    original = getattr(ps_mod, name)
+    if getattr(original, "_teammesh_wrapped", False):
+        return
+    wrapped = wrap(original)
+    wrapped._teammesh_wrapped = True
+    setattr(ps_mod, name, wrapped)
+    setattr(gs_mod, name, wrapped)
+
+
+def _cache_local_record(original: Any) -> Any:
     """Build our signed peer record once every few seconds, not for every gossip RPC.
 
     py-libp2p attaches it to every pubsub RPC it sends and rebuilds it each time from
@@ -334,12 +349,6 @@ def _cache_local_record() -> None:
     or stops, and a record a few seconds stale is harmless: teammesh dials from its own
     signed capability ads. Identify, which announces address changes, keeps the original.
     """
-    import libp2p.pubsub.gossipsub as gs_mod
-    import libp2p.pubsub.pubsub as ps_mod
-
-    original = ps_mod.env_to_send_in_RPC
-    if getattr(original, "_teammesh_cached", False):
-        return
     made: weakref.WeakKeyDictionary[Any, tuple[float, bytes]] = weakref.WeakKeyDictionary()
 
     def cached(host: Any) -> tuple[bytes, bool]:
@@ -351,24 +360,16 @@ def _cache_local_record() -> None:
         made[host] = (now, envelope)
         return envelope, fresh
 
-    cached._teammesh_cached = True  # type: ignore[attr-defined]
-    ps_mod.env_to_send_in_RPC = cached
-    gs_mod.env_to_send_in_RPC = cached
+    return cached
 
 
-def _cache_sender_records() -> None:
+def _cache_sender_records(original: Any) -> Any:
     """Verify each peer's signed peer record once, not on every gossip RPC.
 
     py-libp2p attaches the sender's signed record to every pubsub RPC and verifies it on
     receipt (about 7 % of a node's gossip CPU, measured). A record that verified once is
     the same bytes next time; remember it.
     """
-    import libp2p.pubsub.gossipsub as gs_mod
-    import libp2p.pubsub.pubsub as ps_mod
-
-    original = ps_mod.maybe_consume_signed_record
-    if getattr(original, "_teammesh_cached", False):
-        return
     seen: dict[tuple[str, bytes], bool] = {}
 
     def cached(msg: Any, host: Any, peer_id: Any) -> bool:
@@ -383,9 +384,7 @@ def _cache_sender_records() -> None:
             seen[key] = ok
         return ok
 
-    cached._teammesh_cached = True  # type: ignore[attr-defined]
-    ps_mod.maybe_consume_signed_record = cached
-    gs_mod.maybe_consume_signed_record = cached
+    return cached
 
 
 def _patch_observations(host: Any, stats: HostStats) -> None:
@@ -487,8 +486,8 @@ async def open_host(
     )
     _patch_inbound_release(host.get_network(), stats)
     _disable_auto_connector(host.get_network())
-    _cache_sender_records()
-    _cache_local_record()
+    _wrap_pubsub_helper("maybe_consume_signed_record", _cache_sender_records)
+    _wrap_pubsub_helper("env_to_send_in_RPC", _cache_local_record)
     yamux_io.install()
     _patch_observations(host, stats)
     # Pubsub registers a connection notifee whose queue only drains while its service
