@@ -606,3 +606,20 @@ def test_timeseries() -> None:
     assert run("data.timeseries", "[1, 2]")["column"] == "value"
     assert "window 9 is longer" in fails("data.timeseries", "[1, 2, 3]", window=9)
     assert "missing value at row 1" in fails("data.timeseries", "[1, null, 3]")
+
+
+def test_empty_params_shortcut_agrees_with_jsonschema() -> None:
+    """validate_params accepts ``{}`` without jsonschema only where jsonschema would."""
+    from teammesh.node.kinds import _empty_is_valid
+
+    schemas = [k.params_schema for k in builtin_kinds().values() if k.params_schema]
+    schemas += [{"type": "object", "required": ["a"], "properties": {"a": {}}},
+                {"type": "object", "minProperties": 1},
+                {"type": "object", "allOf": [{"required": ["x"]}]},
+                {"type": "array"}]
+    for schema in schemas:
+        cls = validators.validator_for(schema, default=validators.Draft202012Validator)
+        if _empty_is_valid(schema):
+            assert cls(schema).is_valid({}), schema
+    assert _empty_is_valid(builtin_kinds()["hash.sha256"].params_schema or {})
+    assert not _empty_is_valid(schemas[-2])
