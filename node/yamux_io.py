@@ -66,7 +66,8 @@ _NOT_WRITABLE = (StreamState.ERROR, StreamState.RESET, StreamState.CLOSE_WRITE,
                  StreamState.CLOSE_BOTH)
 _RECEIVE_BYTES = 65536
 
-_ORIGINAL_READ_EXACTLY = _yamux.read_exactly
+_YAMUX_MODULE: Any = _yamux  # its read_exactly is an import we replace, not an export
+_ORIGINAL_READ_EXACTLY = _YAMUX_MODULE.read_exactly
 _ORIGINAL_HANDLE_INCOMING = Yamux.handle_incoming
 _ORIGINAL_NETSTREAM_WRITE = NetStream.write
 
@@ -122,13 +123,12 @@ class _Channel:
 
     async def send(self, data: bytes) -> None:
         """Encrypt and send ``data``; the caller holds the connection's write lock."""
-        out = bytearray()
+        parts: list[bytes] = []
         for pos in range(0, len(data), MAX_PLAINTEXT_LENGTH):
             sealed = self.noise.encrypt(data[pos:pos + MAX_PLAINTEXT_LENGTH])
-            out += len(sealed).to_bytes(2, "big")
-            out += sealed
+            parts += (len(sealed).to_bytes(2, "big"), sealed)
         try:
-            await self.tcp.send_all(out)
+            await self.tcp.send_all(b"".join(parts))
         except trio.BrokenResourceError as exc:  # as py-libp2p's TrioTCPStream.write
             raise ConnectionClosedError(f"TCP connection reset by remote peer: {exc}",
                                         transport="tcp") from exc
@@ -176,7 +176,7 @@ class _FrameFilter:
                 end = HEADER_SIZE + length
                 if len(self.buf) < end:
                     # py-libp2p bounds a frame body's arrival the same way
-                    with trio.fail_after(_yamux._yamux_data_read_timeout()):
+                    with trio.fail_after(_YAMUX_MODULE._yamux_data_read_timeout()):
                         await self._fill(end)
                 stream = mux.streams.get(sid)
                 buffer = mux.stream_buffers.get(sid)
@@ -192,11 +192,11 @@ class _FrameFilter:
 
 
 async def _read_exactly(reader: Any, n: int, *args: Any) -> bytes:
-    frames = getattr(reader, "_teammesh_frames", None)
+    frames: _FrameFilter | None = getattr(reader, "_teammesh_frames", None)
     if frames is None:
-        return await _ORIGINAL_READ_EXACTLY(reader, n, *args)
-    result: bytes = await frames.read_exactly(n)
-    return result
+        data: bytes = await _ORIGINAL_READ_EXACTLY(reader, n, *args)
+        return data
+    return await frames.read_exactly(n)
 
 
 async def _handle_incoming(self: Any) -> None:
@@ -242,7 +242,8 @@ async def _update_window(self: Any, *, bytes_read: int = 0) -> None:
 async def _noise_read_msg(self: Any, prefix_encoded: bool = False) -> bytes:
     # as the library's (handshake and non-yamux use), without two debug lines per message
     data = await self.read_writer.read_msg()
-    return self.decrypt(data[len(self.prefix):] if prefix_encoded else data)
+    plain: bytes = self.decrypt(data[len(self.prefix):] if prefix_encoded else data)
+    return plain
 
 
 async def read_stream(s: NetStream, n: int) -> bytes:
@@ -309,11 +310,11 @@ async def _netstream_write(self: Any, data: bytes) -> None:
 def install() -> None:
     """Patch py-libp2p's classes (once per process); py-libp2p's own users (gossipsub,
     identify) take the same paths."""
-    if _yamux.read_exactly is _read_exactly:
+    if _YAMUX_MODULE.read_exactly is _read_exactly:
         return
-    _yamux.read_exactly = _read_exactly
-    Yamux.handle_incoming = _handle_incoming
-    Yamux._write_frame = _write_frame
-    YamuxStream._auto_tune_and_send_window_update = _update_window
-    NoiseTransportReadWriter.read_msg = _noise_read_msg
-    NetStream.write = _netstream_write
+    _YAMUX_MODULE.read_exactly = _read_exactly
+    Yamux.handle_incoming = _handle_incoming  # type: ignore[method-assign]
+    Yamux._write_frame = _write_frame  # type: ignore[method-assign]
+    YamuxStream._auto_tune_and_send_window_update = _update_window  # type: ignore[method-assign]
+    NoiseTransportReadWriter.read_msg = _noise_read_msg  # type: ignore[method-assign]
+    NetStream.write = _netstream_write  # type: ignore[method-assign]
