@@ -203,7 +203,6 @@ async def _handle_incoming(self: Any) -> None:
     session = self.secured_conn
     channel = _Channel.attach(session)
     session._teammesh_frames = _FrameFilter(self, session, channel)
-    session._teammesh_channel = channel
     await _ORIGINAL_HANDLE_INCOMING(self)
 
 
@@ -216,24 +215,30 @@ async def _write_frame(self: Any, data: bytes) -> None:
     else:
         lock.acquire_nowait()
     try:
-        channel = getattr(self.secured_conn, "_teammesh_channel", None)
-        if channel is not None:
-            await channel.send(data)
+        frames: _FrameFilter | None = getattr(self.secured_conn, "_teammesh_frames", None)
+        if frames is not None and frames.channel is not None:
+            await frames.channel.send(data)
         else:
             await self.secured_conn.write(data)
     finally:
         lock.release()
 
 
+def _window_credit(ms: Any) -> int:
+    """The WINDOW_UPDATE a yamux stream owes its peer now: 0 until half its window (grown
+    to ``YAMUX_WINDOW_BYTES``) is consumed, as go-yamux does. py-libp2p 0.8.1 sent one
+    after every read that left any slack (its "partial slack" branch): a second Noise
+    message and send() per task message."""
+    target = max(ms.target_recv_window, YAMUX_WINDOW_BYTES)
+    delta: int = target - (ms.recv_window + len(ms.conn.stream_buffers.get(ms.stream_id, b"")))
+    return delta if delta > 0 and delta >= target // 2 else 0
+
+
 async def _update_window(self: Any, *, bytes_read: int = 0) -> None:
-    # py-libp2p 0.8.1 answers every read that leaves any slack with a WINDOW_UPDATE (its
-    # "partial slack" branch): a second Noise message and send() per task message
     async with self.window_lock:
-        if self.target_recv_window < YAMUX_WINDOW_BYTES:
-            self.target_recv_window = YAMUX_WINDOW_BYTES
-        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-        delta = self.target_recv_window - (self.recv_window + buffered)
-        if delta <= 0 or delta < self.target_recv_window // 2:
+        self.target_recv_window = max(self.target_recv_window, YAMUX_WINDOW_BYTES)
+        delta = _window_credit(self)
+        if not delta:
             return
         self.recv_window += delta
     await self.send_window_update(delta, skip_lock=True)
@@ -261,9 +266,8 @@ async def read_stream(s: NetStream, n: int) -> bytes:
             if buffer:
                 data = bytes(buffer[:n])
                 del buffer[:n]
-                target = ms.target_recv_window
-                if target < YAMUX_WINDOW_BYTES or \
-                        target - (ms.recv_window + len(buffer)) >= target // 2:
+                # only await the window lock when there is a window to grow or credit
+                if ms.target_recv_window < YAMUX_WINDOW_BYTES or _window_credit(ms):
                     await ms._auto_tune_and_send_window_update(bytes_read=len(data))
                 return data
             await event.wait()

@@ -40,8 +40,8 @@ def _channel_in_use(host: MeshHost, peer: str) -> bool:
 
     conns = host._host.get_network().connections.get(ID.from_base58(peer))
     conns = conns if isinstance(conns, list) else [conns]
-    return all(getattr(c.muxed_conn.secured_conn, "_teammesh_channel", None) is not None
-               for c in conns)
+    frames = [getattr(c.muxed_conn.secured_conn, "_teammesh_frames", None) for c in conns]
+    return all(f is not None and f.channel is not None for f in frames)
 
 
 async def _read_exactly(stream: Stream, n: int) -> bytes:
