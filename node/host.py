@@ -157,6 +157,8 @@ class MeshHost:
         self.stats = stats
         self._stream_gate = stream_gate
         self.peer_id = str(host.get_id())
+        # inbound streams being served, by peer: a revoked peer's are reset at once
+        self._inbound: dict[str, set[Stream]] = {}
 
     @property
     def listen_addrs(self) -> list[str]:
@@ -204,7 +206,21 @@ class MeshHost:
             logger.debug("disconnect %s failed", peer_id, exc_info=True)
 
     def blacklist(self, peer_id: str) -> None:
-        self._pubsub.add_to_blacklist(ID.from_base58(peer_id))
+        if self._pubsub is not None:
+            self._pubsub.add_to_blacklist(ID.from_base58(peer_id))
+
+    def inbound_streams(self, peer_id: str) -> int:
+        """How many of ``peer_id``'s inbound streams a handler is serving now."""
+        return len(self._inbound.get(peer_id, ()))
+
+    async def drop_peer(self, peer_id: str) -> None:
+        """Cut a peer off now: reset every stream of it we serve, close its connections
+        and stop relaying its gossip. The gates must already refuse it (a revocation is
+        in the roster before this runs), so it cannot come straight back."""
+        self.blacklist(peer_id)
+        for stream in list(self._inbound.get(peer_id, ())):
+            await stream.reset()
+        await self.disconnect(peer_id)
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         try:
@@ -223,6 +239,8 @@ class MeshHost:
                 logger.warning("refused %s stream from non-member %s", protocol, stream.peer_id)
                 await stream.reset()
                 return
+            served = self._inbound.setdefault(stream.peer_id, set())
+            served.add(stream)
             try:
                 await handler(stream)
             except STREAM_ERRORS:
@@ -245,6 +263,10 @@ class MeshHost:
                 self.stats.handler_errors += 1
                 logger.exception("%s handler failed for %s", protocol, stream.peer_id)
                 await stream.reset()
+            finally:
+                served.discard(stream)
+                if not served:
+                    self._inbound.pop(stream.peer_id, None)
 
         self._host.set_stream_handler(TProtocol(protocol), guarded)
 

@@ -106,6 +106,9 @@ class Membership:
         self.cert: Certificate | None = None
         self.root: Identity | None = None
         self.on_revoked: list[Callable[[str], None]] = []
+        # revoked peers whose connections and streams the run loop has yet to cut
+        self._to_drop: list[str] = []
+        self._drop_wanted = trio.Event()
         self.enroll_peers: set[str] = set()
         # outside peers (or anyone, when public) admitted to Bitswap and nothing else
         self.bitswap_peers: set[str] = set(bitswap_peers or ())
@@ -150,11 +153,20 @@ class Membership:
             return True
         return self.roster is not None and self.roster.is_member(peer_id, now_s())
 
+    def is_revoked(self, peer_id: str) -> bool:
+        return self.roster is not None and peer_id in self.roster.revocations
+
     def peer_gate(self, peer_id: str) -> bool:
+        # A revoked member is refused even where outsiders are let in (serve = "public"):
+        # the team said no to this peer by name.
+        if self.is_revoked(peer_id):
+            return False
         return (self.is_member(peer_id) or peer_id in self.enroll_peers
                 or self.bitswap_public or peer_id in self.bitswap_peers)
 
     def stream_gate(self, peer_id: str, protocol: str) -> bool:
+        if self.is_revoked(peer_id):
+            return False
         if protocol == ENROLL:
             return peer_id in self.enroll_peers
         if self.is_member(peer_id):
@@ -265,6 +277,8 @@ class Membership:
                     self.journal.save_revocation(p, self.roster.revocations[p].packed())
         for p in revoked:
             logger.warning("member %s revoked", p)
+            self._to_drop.append(p)
+            self._drop_wanted.set()
             for cb in self.on_revoked:
                 cb(p)
         return added, revoked
@@ -353,15 +367,30 @@ class Membership:
         host.set_handler(ROSTER_SYNC, self.handle_roster_sync)
         topic = roster_topic(team.team_id)
         host.set_validator(topic, self.gossip_validator)
-        self.on_revoked.append(host.blacklist)
         async with host.subscribe(topic) as messages, trio.open_nursery() as nursery:
             nursery.start_soon(self._publish_loop, host, topic)
+            nursery.start_soon(self._drop_loop, host)
             task_status.started()
             async for _origin, data in messages:
                 try:
                     self._merge_wire(wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES))
                 except RemoteProtocolError as exc:
                     logger.warning("bad roster gossip: %s", exc)
+
+    async def _drop_loop(self, host: MeshHost) -> None:
+        """Cut off every peer revoked since the last pass, however the revocation came
+        (gossip, roster sync, our own `team revoke`): its open task, Bitswap and sync
+        streams are reset and its connection closed, on every member alike."""
+        while True:
+            await self._drop_wanted.wait()
+            self._drop_wanted = trio.Event()
+            peers, self._to_drop = self._to_drop, []
+            for peer in peers:
+                if peer == self.identity.peer_id:
+                    continue
+                n = host.inbound_streams(peer)
+                await host.drop_peer(peer)
+                logger.warning("cut off revoked member %s (%d open streams reset)", peer, n)
 
     async def _publish_loop(self, host: MeshHost, topic: str) -> None:
         while True:

@@ -1,0 +1,136 @@
+"""Revocation for real (issue 15.4): every member cuts a revoked peer off at once.
+
+A 3-node team of real daemons plus a fourth enrolled member that runs in this process
+(``open_host`` with its seed). It holds open streams on a non-admin member, n1, and has
+put its ad in n1's table; the admin, n0, revokes it. n1 must reset those streams, refuse
+new connections and streams from it, and stop listing it, without any admin action on n1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from meshtools import Daemon, init_home, mesh, run_cli, wait_for_full_mesh, wait_until
+from teammesh.node.config import Home
+from teammesh.node.host import STREAM_ERRORS, DialError, MeshHost, Stream, open_host
+from teammesh.node.journal import Journal
+from teammesh.node.membership import Membership
+from teammesh.node.protocol_ids import ADS_SYNC, TASKS
+from teammesh.protocols import wire
+from teammesh.protocols.bitswap import BITSWAP_120
+from teammesh.protocols.capability import CapabilityAd
+from teammesh.protocols.identity import Identity
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+CUT_OFF_BOUND_S = 20.0  # far below what the daemon would otherwise keep these streams
+
+
+@dataclass
+class Team:
+    tmp: Path
+    nodes: list[Daemon]
+    member_home: Path  # enrolled, never started: this process plays it
+
+
+@pytest.fixture
+def team(tmp_path: Path) -> Iterator[Team]:
+    with mesh(tmp_path, 3) as nodes:
+        member = init_home(tmp_path / "member")
+        run_cli(member, "join", run_cli(nodes[0].home, "team", "invite").stdout.strip())
+        wait_for_full_mesh(nodes, timeout=15)
+        yield Team(tmp_path, nodes, member)
+
+
+@asynccontextmanager
+async def member_host(seed: bytes) -> AsyncIterator[MeshHost]:
+    async with open_host(seed, [LOOPBACK], peer_gate=lambda p: True,
+                         stream_gate=lambda p, proto: False, gossip=False) as host:
+        yield host
+
+
+def member_ad(home: Path, team_id: str) -> bytes:
+    """The member's own signed capability ad, carrying its certificate."""
+    identity = Identity((home / "identity.key").read_bytes())
+    journal = Journal(home / "journal.db")
+    try:
+        cert = Membership(Home(home), journal, identity).cert
+    finally:
+        journal.close()
+    assert cert is not None
+    ad = CapabilityAd(
+        peer_id=identity.peer_id, team_id=team_id, addrs=(), cores=1, slots=1, free_slots=1,
+        memory_bytes=1 << 30, gpus=(), kinds={"hash.sha256": "1"}, queue=0, cost=1.0,
+        storage=("local",), software="test", seq=int(time.time() * 1000), ttl_ms=600_000,
+        cert=cert.packed())
+    return ad.sealed(identity)
+
+
+async def push_ad(host: MeshHost, peer_id: str, sealed: bytes) -> None:
+    stream = await host.open_stream(peer_id, ADS_SYNC)
+    await stream.write(wire.frame_message({"t": "ads", "v": 1, "ads": [[sealed, 0]]}))
+    decoder = wire.FrameDecoder()
+    with trio.fail_after(10):
+        while not decoder.feed(await stream.read()):
+            pass
+    await stream.close()
+
+
+async def ended(stream: Stream) -> bool:
+    """True once the daemon ends the stream (EOF or reset); False if it sent data."""
+    try:
+        return not await stream.read()
+    except STREAM_ERRORS:
+        return True
+
+
+async def refused(host: MeshHost, addr: str, peer_id: str) -> bool:
+    """Dial and open a task stream: True if the daemon refuses at either step."""
+    try:
+        await host.connect(addr)
+        stream = await host.open_stream(peer_id, TASKS)
+    except DialError:
+        return True
+    return await ended(stream)
+
+
+def peer_ids(d: Daemon) -> set[str]:
+    return {p["peer_id"] for p in d.peers()}
+
+
+@pytest.mark.slow
+async def test_revoked_member_is_cut_off_by_non_admin_members(team: Team) -> None:
+    admin, n1 = team.nodes[0], team.nodes[1]
+    team_id = admin.cli("status")["team"]["id"]
+    seed = (team.member_home / "identity.key").read_bytes()
+    member_id = Identity(seed).peer_id
+    async with member_host(seed) as host:
+        await host.connect(n1.addr)
+        await push_ad(host, n1.peer_id, member_ad(team.member_home, team_id))
+        await trio.to_thread.run_sync(lambda: wait_until(
+            lambda: member_id in peer_ids(n1), 10, what="n1 to list the member"))
+        # long-lived streams a member may hold: a task session and a Bitswap session
+        held = [await host.open_stream(n1.peer_id, TASKS),
+                await host.open_stream(n1.peer_id, BITSWAP_120)]
+
+        await trio.to_thread.run_sync(lambda: admin.cli("team", "revoke", member_id))
+
+        with trio.fail_after(CUT_OFF_BOUND_S):
+            for stream in held:
+                assert await ended(stream)
+        # no way back in: a new dial is refused at the handshake, and if a connection
+        # survived somehow, a new stream on it is refused too
+        with trio.fail_after(CUT_OFF_BOUND_S):
+            assert await refused(host, n1.addr, n1.peer_id)
+    wait_until(lambda: member_id not in peer_ids(n1), 10, what="n1 to drop the member's ad")
+    log = n1.log.read_text() if n1.log else ""
+    assert f"cut off revoked member {member_id}" in log
+    assert "Traceback" not in log
+    for d in team.nodes:
+        assert d.alive()
+
