@@ -6,12 +6,16 @@ Invariants:
   (version) integer. Unknown versions are rejected here; each protocol's handler decides
   what an unknown ``t`` means (ignored on the tasks stream, rejected elsewhere).
 - Size limits are enforced before any allocation proportional to the claimed size.
+- What one message may allocate is bounded too, not only its byte size: msgpack turns one
+  byte into a 64-byte empty dict, so ``unpack`` caps the maps and lists (one per
+  ``CONTAINER_BYTES`` bytes of the limit), the items they hold (one per ``ELEMENT_BYTES``)
+  and the nesting depth (``MAX_DEPTH``), and refuses with MalformedMessage past any of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 
@@ -21,6 +25,10 @@ WIRE_VERSION = 1
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # direct streams; inline task data rides here
 MAX_GOSSIP_BYTES = 64 * 1024  # capability ads, roster entries, open calls
 _MAX_VARINT_BYTES = 10
+MAX_DEPTH = 32  # maps and lists nested in a message, the message map itself included
+CONTAINER_BYTES = 32  # one map or list allowed per this many bytes of the size limit
+ELEMENT_BYTES = 8  # one item (list entry or map pair) per this many bytes of the limit
+_SMALL_MESSAGE_BYTES = 16 * 1024  # below this, count header bytes instead of wrapping
 
 Message = dict[str, Any]
 
@@ -88,19 +96,102 @@ def pack(msg: Mapping[str, Any]) -> bytes:
         raise LocalProtocolError(f"cannot encode message: {exc}") from exc
 
 
+class _Budget:
+    """Counts the maps and lists msgpack builds and stops it at the first one over budget.
+
+    msgpack calls the hooks as each container closes, so at most one container's items
+    (``max_array_len``/``max_map_len`` bound those) are allocated beyond the budget."""
+
+    __slots__ = ("containers", "elements", "limit_bytes")
+
+    def __init__(self, containers: int, elements: int, limit_bytes: int) -> None:
+        self.containers = containers
+        self.elements = elements
+        self.limit_bytes = limit_bytes
+
+    def hook(self, obj: Any) -> Any:
+        self.containers -= 1
+        self.elements -= len(obj)
+        if self.containers < 0 or self.elements < 0:
+            self._refuse()
+        return obj
+
+    def _refuse(self) -> NoReturn:
+        what = "maps and lists" if self.containers < 0 else "items"
+        raise MalformedMessage(
+            f"message holds too many {what} for a {self.limit_bytes}-byte limit "
+            f"(at most {self.limit_bytes // CONTAINER_BYTES} maps and lists and "
+            f"{self.limit_bytes // ELEMENT_BYTES} items); send large data as a file by CID")
+
+
+def _msgpack_stack_depth() -> int:
+    """The nesting depth msgpack's C decoder accepts (1024 in msgpack 1.x)."""
+    lo, hi = 1, 4096
+    while lo < hi:  # the largest n for which n nested arrays decode
+        mid = (lo + hi + 1) // 2
+        try:
+            msgpack.unpackb(b"\x91" * mid + b"\xc0")
+        except msgpack.StackError:
+            hi = mid - 1
+        else:
+            lo = mid
+    return lo
+
+
+# msgpack has no depth option, but its decoder stops at a fixed stack depth: a message
+# wrapped in (stack - MAX_DEPTH) one-item arrays decodes only if it nests at most MAX_DEPTH
+# deep, checked in C at no cost per item. The wrapping is undone after decoding.
+_STACK_DEPTH = _msgpack_stack_depth()
+_WRAP = _STACK_DEPTH - MAX_DEPTH
+_WRAP_PREFIX = b"\x91" * _WRAP
+# Every map or list starts with one of these bytes (fixmap, fixarray, map/array 16/32), so
+# a message with at most MAX_DEPTH of them cannot nest deeper: small messages skip the wrap.
+_HEADER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))
+_HEADER_TABLE = bytes(1 if b in _HEADER_BYTES else 0 for b in range(256))
+
+
 def unpack(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
-    """Parse one message map, rejecting anything that is not a well-formed envelope."""
+    """Parse one message map, rejecting anything that is not a well-formed envelope.
+
+    Besides ``max_bytes`` itself, the message may hold at most ``max_bytes //
+    CONTAINER_BYTES`` maps and lists, ``max_bytes // ELEMENT_BYTES`` items in all, and nest
+    ``MAX_DEPTH`` deep; past any limit it raises MalformedMessage before msgpack allocates
+    much more than the limit allows (no hooks run when the message is too short to reach
+    them, which keeps small messages at msgpack's own speed).
+
+    Raises:
+        FrameTooLarge: ``data`` is longer than ``max_bytes``.
+        MalformedMessage: not msgpack, too many or too deep containers, or not an envelope.
+    """
     if len(data) > max_bytes:
         raise FrameTooLarge(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    max_containers = max(1024, max_bytes // CONTAINER_BYTES)
+    max_elements = max(4096, max_bytes // ELEMENT_BYTES)
+    wrap = len(data) > _SMALL_MESSAGE_BYTES or (
+        len(data) > MAX_DEPTH and data.translate(_HEADER_TABLE).count(1) > MAX_DEPTH)
+    hook = None
+    if len(data) > max_containers:  # each map or list takes at least one byte
+        hook = _Budget(max_containers + _WRAP * wrap, max_elements + _WRAP * wrap,
+                       max_bytes).hook
     try:
         obj = msgpack.unpackb(
-            data,
+            _WRAP_PREFIX + data if wrap else data,
             raw=False,
             strict_map_key=True,
+            list_hook=hook,
+            object_hook=hook,
+            max_array_len=max_elements,
+            max_map_len=max_elements,
         )
+    except msgpack.StackError as exc:
+        raise MalformedMessage(f"message nests maps and lists deeper than {MAX_DEPTH} "
+                               "levels") from exc
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # TypeError: an unhashable map key (a map used as a key) in hostile input
         raise MalformedMessage(f"not a msgpack message: {exc}") from exc
+    if wrap:
+        for _ in range(_WRAP):
+            obj = obj[0]
     if not isinstance(obj, dict):
         raise MalformedMessage("message is not a map")
     if not isinstance(obj.get("t"), str):
