@@ -1,0 +1,855 @@
+"""The submitter's task scheduler: a pure state machine, typed events in, typed effects out.
+
+Theory of operation. ``Scheduler.handle(event, now) -> list[Effect]`` is the only way in;
+``now`` is the caller's monotonic clock in seconds and never goes back. The caller (a thin
+trio service) carries out the effects in order: ``Send`` an assignment to a peer,
+``RunLocal``, ``Escalate`` to the bridge, ``CancelRemote``, ``Persist`` a change, report
+``Finished``. It feeds back what happens (admission replies, results, losses, ads) and
+calls ``handle(Tick(), now)`` at ``next_wakeup()``. Randomness (retry jitter) is injected.
+
+A task's life (``TRANSITIONS`` below is the whole of it; ``_move`` enforces it):
+
+    QUEUED --placed/escalated--> RUNNING --result/quorum--> DONE | FAILED
+       ^                            |
+       +--- lost, busy, bridge down-+          any live state --cancel--> CANCELLED
+                                               any live state --deadline--> FAILED
+
+The rules, in the order they are applied on every event:
+
+Rule 1 (deadlines). A task whose deadline passed fails (``FailReason.DEADLINE``) and
+    every attempt of it is cancelled, the bridge's included.
+Rule 2 (order). Waiting tasks are considered by priority, then submission order. Tasks
+    that need the same kind of place (kind, version, where, resources) form one line; when
+    the head of a line finds no room, the rest of the line waits too (this pass).
+Rule 3 (kind limits). At most ``kind_limits[kind]`` tasks of a kind run at once.
+Rule 4 (placement). Local first when it runs the kind and has a free slot; then the
+    best-scoring peer with a free slot (compatibility/latency/cost/health, 40/30/20/10 by
+    default); replicas go to distinct members.
+Rule 5 (no room). When nobody can start the task now, it goes to whichever starts it
+    soonest: a peer's queue or the bridge (its measured round trip), the bridge only once
+    the kind has waited one offer window (or at once when no member runs the kind).
+    A queue's wait is known only behind our own tasks (their recent times x (queue + 1) /
+    slots): short kinds are pipelined there. Behind others' work it is unknown, so a task
+    queues there only when the bridge cannot take it (one per slot, least loaded first,
+    so executors can give submitters fair turns). Otherwise it waits here.
+Rule 6 (no waiting behind a busy peer). A task an executor queued (admission reply) is
+    moved as soon as a free slot exists elsewhere, or to the bridge once it has waited an
+    offer window and the bridge's round trip is shorter than the wait left there (the
+    estimate, or the time already waited if that is longer: the estimate was wrong).
+Rule 7 (busy). A busy refusal is not a failure: the task is placed again at once and the
+    peer gets nothing more until an ad or a result shows room.
+Rule 8 (retries). A lost attempt excludes that peer for the task, counts a failure on the
+    peer's breaker and retries after ``min(max, base * 2**(n-1)) * jitter()``; after
+    ``max_attempts`` the task fails (``GAVE_UP``). The bridge being down is not the task's
+    fault: it waits for the bridge's breaker and is never failed for it.
+Rule 9 (quorum). A task with n replicas is done when k results have the same digest; it
+    fails with ``REPLICAS_DISAGREE`` as soon as no digest can reach k.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from .errors import LocalProtocolError
+from .scheduler_model import (
+    BRIDGE,
+    LOCAL,
+    Admission,
+    AdmissionReply,
+    AttemptLost,
+    BridgeResult,
+    BridgeUnavailable,
+    Cancelled,
+    CancelRemote,
+    Effect,
+    Escalate,
+    Event,
+    FailReason,
+    Failure,
+    Finished,
+    Loss,
+    PeerAd,
+    PeerGone,
+    Persist,
+    ResultArrived,
+    RunLocal,
+    SchedulerConfig,
+    Send,
+    Submitted,
+    Task,
+    TaskState,
+    Tick,
+    Wait,
+    WaitReason,
+    Where,
+)
+from .scheduler_peers import Breaker, PeerView, ewma, sane_weights
+
+
+class Trigger(enum.Enum):
+    """What moved a task: an event, or a decision the scheduler took on one."""
+
+    PLACED = "placed"  # Send / RunLocal / Escalate
+    MOVED = "moved"  # taken out of a busy peer's queue to a better place
+    WAITING = "waiting"  # still waiting, maybe for another reason
+    ADMITTED = "admitted"  # AdmissionReply started/queued
+    REFUSED_BUSY = "refused_busy"  # AdmissionReply busy
+    RESULT = "result"  # ResultArrived / BridgeResult
+    LOST = "lost"  # AttemptLost / PeerGone / BridgeUnavailable
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    UNPLACEABLE = "unplaceable"  # no runner and no bridge, or where=bridge without one
+
+
+Q, R, D, F, C = (TaskState.QUEUED, TaskState.RUNNING, TaskState.DONE, TaskState.FAILED,
+                 TaskState.CANCELLED)
+TRANSITIONS: Final[dict[TaskState, dict[Trigger, frozenset[TaskState]]]] = {
+    Q: {
+        Trigger.PLACED: frozenset({R}),
+        Trigger.WAITING: frozenset({Q}),
+        Trigger.CANCELLED: frozenset({C}),
+        Trigger.DEADLINE: frozenset({F}),
+        Trigger.UNPLACEABLE: frozenset({F}),
+    },
+    R: {
+        Trigger.PLACED: frozenset({R}),  # another replica
+        Trigger.MOVED: frozenset({R}),
+        Trigger.WAITING: frozenset({R}),
+        Trigger.ADMITTED: frozenset({R}),
+        Trigger.REFUSED_BUSY: frozenset({R, Q}),
+        Trigger.RESULT: frozenset({R, D, F}),  # R: a replica, short of the quorum
+        Trigger.LOST: frozenset({R, Q, F}),
+        Trigger.CANCELLED: frozenset({C}),
+        Trigger.DEADLINE: frozenset({F}),
+    },
+    D: {},
+    F: {},
+    C: {},
+}
+
+
+def transition(state: TaskState, trigger: Trigger, new: TaskState) -> TaskState:
+    """Check one step against ``TRANSITIONS``.
+
+    Raises:
+        LocalProtocolError: the step is not in the table (a bug in the scheduler or in how
+            its caller drives it).
+    """
+    if new not in TRANSITIONS[state].get(trigger, frozenset()):
+        raise LocalProtocolError(f"task cannot go from {state.value} to {new.value} on "
+                                 f"{trigger.value}: a scheduler bug, please report it")
+    return new
+
+
+class Phase(enum.Enum):
+    SENT = "sent"
+    QUEUED = "queued"
+    STARTED = "started"
+
+
+class _Outcome(enum.Enum):
+    DONE = 1  # placed, escalated or failed: off the line
+    BLOCKED = 2  # no room: the rest of its line waits too
+    SKIP = 3  # this task waits, the next in line may still go
+
+
+Key = tuple[str, str, Where, int, bool, bool, bool]
+
+
+@dataclass(slots=True)
+class Attempt:
+    target: str
+    sent: float
+    phase: Phase = Phase.SENT
+    position: int = 0
+    queued_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Record:
+    task: Task
+    seq: int
+    submitted: float
+    state: TaskState = TaskState.QUEUED
+    attempts: dict[str, Attempt] = field(default_factory=dict)
+    results: dict[str, tuple[bytes, bool]] = field(default_factory=dict)
+    excluded: set[str] = field(default_factory=set)
+    retries: int = 0
+    not_before: float = 0.0
+    waiting_since: float | None = None
+    wait: Wait | None = None
+    token: int = 0  # invalidates stale line entries (lazy deletion)
+    persisted: tuple[TaskState, Wait | None, tuple[str, ...]] | None = None
+
+    @property
+    def key(self) -> Key:
+        t = self.task
+        return (t.kind, t.version, t.where, t.memory_mb, t.gpu, t.bridge_ok, t.replicas > 1)
+
+    @property
+    def need(self) -> int:
+        return self.task.replicas - len(self.attempts) - len(self.results)
+
+
+def _no_jitter() -> float:
+    return 1.0
+
+
+class Scheduler:
+    """One submitter's scheduler. See the module docstring for the rules."""
+
+    def __init__(self, config: SchedulerConfig | None = None, *,
+                 jitter: Callable[[], float] = _no_jitter) -> None:
+        self.config = config or SchedulerConfig()
+        self.weights = sane_weights(self.config.weights)
+        self._jitter = jitter
+        self.records: dict[str, Record] = {}
+        self.peers: dict[str, PeerView] = {}
+        self._runners: dict[str, set[str]] = {}  # kind -> peers (and LOCAL) running it
+        self._free: dict[str, set[str]] = {}  # kind -> those with a free slot
+        self._lines: dict[Key, list[tuple[int, int, str, int]]] = {}
+        self._delayed: list[tuple[float, int, str, int]] = []
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._remote_queued: dict[str, str] = {}  # task id -> peer whose queue holds it
+        self._kind_waiting: dict[tuple[str, str], tuple[float, float]] = {}  # -> (since, last)
+        self._running_by_kind: dict[str, int] = {}
+        self._kind_avg_s: dict[str, float] = {}
+        self.bridge_rtt_s = self.config.bridge_rtt_s
+        self.bridge_breaker = Breaker()
+        self._bridge_inflight = 0
+        self._seq = 0
+        self._started: float | None = None
+        self._now = -math.inf
+        self._wakeup: float = math.inf
+        self._out: list[Effect] = []
+        self._dirty: dict[str, None] = {}
+
+    # --- the one entry point ---------------------------------------------------------------
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        """Apply ``event`` at time ``now`` and return what to do, in order.
+
+        Raises:
+            LocalProtocolError: ``now`` went back, a task id was submitted twice, or a task
+                is malformed (replicas < 1, quorum outside 1..replicas).
+        """
+        if now < self._now:
+            raise LocalProtocolError(f"the scheduler's clock went back ({now} < {self._now})")
+        self._now = now
+        if self._started is None:
+            self._started = now
+        self._out = []
+        self._apply(event, now)
+        self._expire(now)
+        self._dispatch(now)
+        self._flush_persist()
+        return self._out
+
+    def next_wakeup(self) -> float | None:
+        """When to call ``handle(Tick(), t)`` next if nothing else happens (None: never)."""
+        times = [self._wakeup]
+        if self._delayed:
+            times.append(self._delayed[0][0])
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        t = min(times)
+        return None if math.isinf(t) else t
+
+    def state_of(self, task_id: str) -> TaskState | None:
+        rec = self.records.get(task_id)
+        return None if rec is None else rec.state
+
+    def wait_of(self, task_id: str) -> Wait | None:
+        rec = self.records.get(task_id)
+        return None if rec is None else rec.wait
+
+    # --- events ----------------------------------------------------------------------------
+    def _apply(self, event: Event, now: float) -> None:
+        match event:
+            case Submitted():
+                self._on_submitted(event, now)
+            case Cancelled():
+                self._on_cancelled(event)
+            case PeerAd():
+                self._on_peer_ad(event)
+            case PeerGone():
+                self._on_peer_gone(event, now)
+            case AdmissionReply():
+                self._on_admission(event, now)
+            case ResultArrived():
+                self._on_result(event)
+            case AttemptLost():
+                self._on_lost(event, now)
+            case BridgeResult():
+                self._on_bridge_result(event, now)
+            case BridgeUnavailable():
+                self._on_bridge_unavailable(event, now)
+            case Tick():
+                pass  # Rules 1, 5 and 6 run after every event
+            case _:
+                raise LocalProtocolError(f"the scheduler does not take {type(event).__name__}")
+
+    def _on_submitted(self, ev: Submitted, now: float) -> None:
+        t = ev.task
+        if t.id in self.records:
+            raise LocalProtocolError(f"task {t.id} was submitted twice; task ids must be unique")
+        if t.replicas < 1 or not 1 <= t.k <= t.replicas:
+            raise LocalProtocolError(f"task {t.id}: replicas must be >= 1 and the quorum "
+                                     f"between 1 and replicas (got {t.replicas}, {t.quorum})")
+        self._seq += 1
+        rec = Record(t, self._seq, now, wait=Wait(WaitReason.SUBMITTED))
+        self.records[t.id] = rec
+        if t.where is Where.BRIDGE and not self.config.bridge:
+            self._finish(rec, Trigger.UNPLACEABLE, TaskState.FAILED,
+                         failure=Failure(FailReason.NO_BRIDGE))
+            return
+        if t.deadline is not None:
+            heapq.heappush(self._deadlines, (t.deadline, rec.seq, t.id))
+        self._enqueue(rec)
+        self._dirty[t.id] = None
+
+    def _on_cancelled(self, ev: Cancelled) -> None:
+        rec = self.records.get(ev.task_id)
+        if rec is None:
+            return  # finished already (or never ours): cancelling is idempotent
+        self._finish(rec, Trigger.CANCELLED, TaskState.CANCELLED)
+
+    def _on_peer_ad(self, ev: PeerAd) -> None:
+        view = self.peers.get(ev.peer)
+        if view is None:
+            view = PeerView.from_ad(ev)
+            self.peers[ev.peer] = view
+        else:
+            for kind in view.kinds:
+                self._runners.get(kind, set()).discard(ev.peer)
+                self._free.get(kind, set()).discard(ev.peer)
+            view.update(ev)
+        for kind in view.kinds:
+            self._runners.setdefault(kind, set()).add(ev.peer)
+        self._touch(view)
+
+    def _on_peer_gone(self, ev: PeerGone, now: float) -> None:
+        view = self.peers.pop(ev.peer, None)
+        if view is None:
+            return
+        for kind in view.kinds:
+            self._runners.get(kind, set()).discard(ev.peer)
+            self._free.get(kind, set()).discard(ev.peer)
+        for task_id in sorted(view.inflight):
+            rec = self.records.get(task_id)
+            if rec is not None and ev.peer in rec.attempts:
+                self._lose(rec, ev.peer, Loss.PEER_GONE, now, blame=False)
+
+    def _on_admission(self, ev: AdmissionReply, now: float) -> None:
+        rec = self.records.get(ev.task_id)
+        attempt = rec.attempts.get(ev.peer) if rec is not None else None
+        view = self.peers.get(ev.peer)
+        if rec is None or attempt is None:
+            return  # stale: the attempt was moved, lost or the task finished
+        if ev.admission is Admission.BUSY:
+            self._drop_attempt(rec, ev.peer)
+            if view is not None:
+                view.refused_busy(rec.task.id)
+                self._touch(view)
+            new = TaskState.QUEUED if not rec.attempts else TaskState.RUNNING
+            self._move(rec, Trigger.REFUSED_BUSY, new)
+            self._enqueue(rec)
+            return
+        if ev.admission is Admission.STARTED:
+            attempt.phase = Phase.STARTED
+            self._remote_queued.pop(rec.task.id, None)
+            if view is not None:
+                view.started(rec.task.id)
+            self._set_wait(rec, Wait(WaitReason.RUNNING_ON, ev.peer))
+        else:
+            attempt.phase, attempt.position, attempt.queued_at = (
+                Phase.QUEUED, max(1, ev.position), now)
+            if view is not None:
+                view.admitted_queued(rec.task.id, ev.position)
+                self._touch(view)
+            if rec.task.replicas == 1 and ev.peer != LOCAL:
+                self._remote_queued[rec.task.id] = ev.peer
+            self._set_wait(rec, Wait(WaitReason.QUEUED_ON_PEER, ev.peer, attempt.position))
+        self._move(rec, Trigger.ADMITTED, TaskState.RUNNING)
+
+    def _on_result(self, ev: ResultArrived) -> None:
+        rec = self.records.get(ev.task_id)
+        if rec is None or ev.peer not in rec.attempts or ev.peer == BRIDGE:
+            return  # stale or duplicate: nothing is delivered twice
+        wall = ev.wall_s if math.isfinite(ev.wall_s) and ev.wall_s >= 0 else None
+        view = self.peers.get(ev.peer)
+        if view is not None:
+            view.successes += 1
+            view.breaker.success()
+            view.released(rec.task.id, wall)
+            self._touch(view)
+        if wall is not None:
+            self._kind_avg_s[rec.task.kind] = ewma(self._kind_avg_s.get(rec.task.kind), wall)
+        self._drop_attempt(rec, ev.peer)
+        rec.results[ev.peer] = (ev.digest, ev.ok)
+        self._settle(rec)
+
+    def _on_lost(self, ev: AttemptLost, now: float) -> None:
+        rec = self.records.get(ev.task_id)
+        if rec is None or ev.peer not in rec.attempts:
+            return
+        if ev.peer == BRIDGE:
+            self._bridge_down(rec, now)
+            return
+        self._lose(rec, ev.peer, ev.loss, now, blame=True)
+
+    def _on_bridge_result(self, ev: BridgeResult, now: float) -> None:
+        rec = self.records.get(ev.task_id)
+        attempt = rec.attempts.get(BRIDGE) if rec is not None else None
+        if rec is None or attempt is None:
+            return
+        self.bridge_rtt_s = ewma(self.bridge_rtt_s, now - attempt.sent)
+        self.bridge_breaker.success()
+        self._drop_attempt(rec, BRIDGE)
+        state = TaskState.DONE if ev.ok else TaskState.FAILED
+        failure = None if ev.ok else Failure(FailReason.TASK_ERROR, ev.executed_by)
+        self._finish(rec, Trigger.RESULT, state, failure=failure, by=(ev.executed_by,),
+                     digest=ev.digest)
+
+    def _on_bridge_unavailable(self, ev: BridgeUnavailable, now: float) -> None:
+        rec = self.records.get(ev.task_id)
+        if rec is not None and BRIDGE in rec.attempts:
+            self._bridge_down(rec, now)
+
+    # --- outcomes --------------------------------------------------------------------------
+    def _settle(self, rec: Record) -> None:
+        """Rule 9: accept on k equal digests; fail once no digest can reach k."""
+        t = rec.task
+        groups: dict[bytes, list[str]] = {}
+        for target, (digest, _ok) in rec.results.items():
+            groups.setdefault(digest, []).append(target)
+        digest, agreeing = max(groups.items(), key=lambda kv: len(kv[1]))
+        if len(agreeing) >= t.k:
+            ok = rec.results[agreeing[0]][1]
+            state = TaskState.DONE if ok else TaskState.FAILED
+            failure = None if ok else Failure(FailReason.TASK_ERROR, agreeing[0])
+            self._finish(rec, Trigger.RESULT, state, failure=failure, by=tuple(agreeing),
+                         digest=digest)
+            return
+        still_possible = t.replicas - len(rec.results)
+        if len(agreeing) + still_possible < t.k:
+            pairs = tuple(sorted((p, d) for p, (d, _ok) in rec.results.items()))
+            self._finish(rec, Trigger.RESULT, TaskState.FAILED,
+                         failure=Failure(FailReason.REPLICAS_DISAGREE, digests=pairs))
+            return
+        self._move(rec, Trigger.RESULT, TaskState.RUNNING)
+        if rec.need > 0:
+            self._enqueue(rec)
+
+    def _lose(self, rec: Record, target: str, loss: Loss, now: float, *, blame: bool) -> None:
+        """Rule 8: an attempt ended without a result."""
+        view = self.peers.get(target)
+        if view is not None:
+            view.released(rec.task.id, None)
+            if blame:
+                view.failures += 1
+                view.breaker.failure(now, self.config)
+            self._touch(view)
+        self._drop_attempt(rec, target)
+        rec.excluded.add(target)
+        rec.retries += 1
+        if rec.retries >= self.config.max_attempts:
+            self._finish(rec, Trigger.LOST, TaskState.FAILED, failure=Failure(
+                FailReason.GAVE_UP, target, attempts=rec.retries, loss=loss))
+            return
+        cfg = self.config
+        jitter = self._jitter()
+        jitter = jitter if math.isfinite(jitter) and jitter >= 0 else 1.0
+        delay = min(cfg.retry_max_s, cfg.retry_base_s * 2 ** min(rec.retries - 1, 30)) * jitter
+        rec.not_before = now + delay
+        self._move(rec, Trigger.LOST, TaskState.RUNNING if rec.attempts else TaskState.QUEUED)
+        self._set_wait(rec, Wait(WaitReason.BACKOFF, target, rec.retries,
+                                 cfg.max_attempts, rec.not_before, loss=loss))
+        self._enqueue(rec)
+
+    def _bridge_down(self, rec: Record, now: float) -> None:
+        self.bridge_breaker.failure(now, self.config)
+        self._drop_attempt(rec, BRIDGE)
+        rec.not_before = max(now + self.config.bridge_down_retry_s,
+                             self.bridge_breaker.open_until)
+        self._move(rec, Trigger.LOST, TaskState.RUNNING if rec.attempts else TaskState.QUEUED)
+        self._set_wait(rec, Wait(WaitReason.BRIDGE_DOWN, until=rec.not_before))
+        self._enqueue(rec)
+
+    def _finish(self, rec: Record, trigger: Trigger, state: TaskState, *,
+                failure: Failure | None = None, by: tuple[str, ...] = (),
+                digest: bytes | None = None) -> None:
+        self._move(rec, trigger, state)
+        for target in list(rec.attempts):
+            self._out.append(CancelRemote(target, rec.task.id))
+            view = self.peers.get(target)
+            if view is not None:
+                view.released(rec.task.id, None)
+                self._touch(view)
+            self._drop_attempt(rec, target)
+        del self.records[rec.task.id]
+        self._dirty.pop(rec.task.id, None)
+        self._out.append(Finished(rec.task.id, state, failure, by, digest))
+
+    def _expire(self, now: float) -> None:
+        """Rule 1."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, task_id = heapq.heappop(self._deadlines)
+            rec = self.records.get(task_id)
+            if rec is not None:
+                d = rec.task.deadline or now
+                self._finish(rec, Trigger.DEADLINE, TaskState.FAILED, failure=Failure(
+                    FailReason.DEADLINE, seconds=round(d - rec.submitted, 3)))
+
+    # --- the placement pass (Rules 2-7) ----------------------------------------------------
+    def _dispatch(self, now: float) -> None:
+        self._wakeup = math.inf
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, task_id, token = heapq.heappop(self._delayed)
+            rec = self.records.get(task_id)
+            if rec is not None and rec.token == token:
+                self._enqueue(rec)
+        heads: list[tuple[int, int, Key]] = []
+        for key, line in self._lines.items():
+            head = self._head(line)
+            if head is not None:
+                heads.append((head.task.priority * -1, head.seq, key))
+        heapq.heapify(heads)
+        skipped: list[Record] = []
+        while heads:
+            _, _, key = heapq.heappop(heads)
+            line = self._lines[key]
+            rec = self._head(line)
+            if rec is None:
+                continue
+            outcome = self._decide(rec, now)
+            if outcome is _Outcome.BLOCKED:
+                continue
+            heapq.heappop(line)
+            if outcome is _Outcome.SKIP:
+                skipped.append(rec)
+            elif rec.state is TaskState.RUNNING and rec.need > 0 and rec.task.id in self.records:
+                skipped.append(rec)  # replicas still short
+            head = self._head(line)
+            if head is not None:
+                heapq.heappush(heads, (-head.task.priority, head.seq, key))
+        for rec in skipped:
+            self._enqueue(rec)
+        self._move_queued(now)
+
+    def _head(self, line: list[tuple[int, int, str, int]]) -> Record | None:
+        while line:
+            _, _, task_id, token = line[0]
+            rec = self.records.get(task_id)
+            if rec is not None and rec.token == token:
+                return rec
+            heapq.heappop(line)
+        return None
+
+    def _decide(self, rec: Record, now: float) -> _Outcome:
+        t = rec.task
+        if rec.need <= 0:
+            return _Outcome.DONE
+        if t.where is Where.BRIDGE:
+            return self._to_bridge_or_wait(rec, now, forced=True)
+        limit = self.config.kind_limits.get(t.kind)
+        if limit is not None and self._running_by_kind.get(t.kind, 0) >= limit:
+            self._set_wait(rec, Wait(WaitReason.KIND_LIMIT, count=limit, kind=t.kind))
+            return _Outcome.BLOCKED
+        placed = False
+        while rec.need > 0:
+            target = self._free_target(rec)
+            if target is None:
+                break
+            self._assign(rec, target, now)
+            placed = True
+        if rec.need <= 0:
+            self._kind_waiting.pop((t.kind, t.version), None)
+            return _Outcome.DONE
+        if placed:
+            self._set_wait(rec, Wait(WaitReason.REPLICAS_PENDING, count=len(rec.attempts)
+                                     + len(rec.results), total=t.replicas))
+            return _Outcome.SKIP
+        return self._no_room(rec, now)
+
+    def _no_room(self, rec: Record, now: float) -> _Outcome:
+        """Rule 5."""
+        t = rec.task
+        runners = self._runners_for(t)
+        if not runners:
+            return self._nobody_runs(rec, now)
+        if rec.excluded and all(p in rec.excluded or p in rec.attempts for p in runners):
+            # every runner failed it once: a lost stream is usually a passing event, and
+            # the retry budget still bounds this
+            rec.excluded.clear()
+            return self._decide(rec, now)
+        since = self._kind_clock(t, now)
+        rec.waiting_since = min(rec.waiting_since if rec.waiting_since is not None else now,
+                                since)
+        window_end = rec.waiting_since + self.config.offer_window_s
+        bridge = self._bridge_eligible(t)
+        peer, peer_wait = self._best_queue(
+            rec, unknown_ok=not (bridge and self._bridge_open(now)))
+        if bridge and self._bridge_open(now):
+            if now >= window_end and self.bridge_rtt_s <= peer_wait:
+                return self._escalate(rec, now)
+            bridge_eta = max(0.0, window_end - now) + self.bridge_rtt_s
+            self._wake_at(window_end)
+        else:
+            bridge_eta = math.inf
+            if bridge:
+                self._wake_at(self.bridge_breaker.open_until)
+        if peer is not None and peer_wait <= bridge_eta:
+            self._assign(rec, peer, now)
+            return _Outcome.DONE if rec.need <= 0 else _Outcome.SKIP
+        if bridge and not self._bridge_open(now):
+            self._set_wait(rec, Wait(WaitReason.BRIDGE_DOWN, until=self.bridge_breaker.open_until))
+        elif t.replicas > 1:
+            self._set_wait(rec, Wait(WaitReason.REPLICAS_PENDING, count=len(rec.attempts)
+                                     + len(rec.results), total=t.replicas))
+        else:
+            slots = sum(self.peers[p].slots for p in runners)
+            self._set_wait(rec, Wait(WaitReason.ALL_BUSY, count=slots, kind=t.kind))
+        return _Outcome.SKIP if rec.excluded or rec.attempts or rec.results else _Outcome.BLOCKED
+
+    def _nobody_runs(self, rec: Record, now: float) -> _Outcome:
+        t = rec.task
+        assert self._started is not None
+        grace_end = self._started + self.config.startup_grace_s
+        if self._bridge_eligible(t) and now >= grace_end:
+            return self._to_bridge_or_wait(rec, now, forced=False)
+        if now >= grace_end and not rec.attempts and not rec.results:
+            self._finish(rec, Trigger.UNPLACEABLE, TaskState.FAILED,
+                         failure=Failure(FailReason.NO_RUNNER))
+            return _Outcome.DONE
+        self._wake_at(grace_end)
+        any_kind = bool(self._runners.get(t.kind))
+        reason = WaitReason.NO_RESOURCES if any_kind else WaitReason.NO_RUNNER
+        self._set_wait(rec, Wait(reason, kind=t.kind))
+        return _Outcome.BLOCKED
+
+    def _to_bridge_or_wait(self, rec: Record, now: float, *, forced: bool) -> _Outcome:
+        if BRIDGE in rec.attempts:
+            return _Outcome.DONE
+        if self._bridge_open(now):
+            return self._escalate(rec, now)
+        self._wake_at(self.bridge_breaker.open_until)
+        self._set_wait(rec, Wait(WaitReason.BRIDGE_DOWN, until=self.bridge_breaker.open_until))
+        return _Outcome.BLOCKED
+
+    def _move_queued(self, now: float) -> None:
+        """Rule 6: nothing waits in a busy peer's queue if it can start sooner elsewhere."""
+        for task_id, peer in list(self._remote_queued.items()):
+            rec = self.records.get(task_id)
+            attempt = rec.attempts.get(peer) if rec is not None else None
+            if rec is None or attempt is None or attempt.phase is not Phase.QUEUED:
+                self._remote_queued.pop(task_id, None)
+                continue
+            target = self._free_target(rec)
+            if target is not None:
+                self._take_back(rec, peer)
+                self._assign(rec, target, now, trigger=Trigger.MOVED)
+                continue
+            if not (self._bridge_eligible(rec.task) and self._bridge_open(now)):
+                continue
+            window_end = attempt.queued_at + self.config.offer_window_s
+            left = max(self._queued_left(rec, peer, attempt), now - attempt.queued_at)
+            if now >= window_end and self.bridge_rtt_s < left:
+                self._take_back(rec, peer)
+                self._escalate(rec, now, trigger=Trigger.MOVED)
+            elif now < window_end:
+                self._wake_at(window_end)
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _kind_clock(self, t: Task, now: float) -> float:
+        """Since when tasks of this kind found no room. The clock is the kind's: once a
+        kind has waited a whole window, the next task need not wait another (sustained
+        saturation escalates at once); a clock not seen for a window starts again."""
+        key = (t.kind, t.version)
+        since, last = self._kind_waiting.get(key, (now, now))
+        if now - last > self.config.offer_window_s:
+            since = now
+        self._kind_waiting[key] = (since, now)
+        return since
+
+    def _runners_for(self, t: Task) -> list[str]:
+        """Members that run the kind with the resources the task needs (breakers aside)."""
+        names = self._runners.get(t.kind, set())
+        ok = [p for p in names if self.peers[p].runs(t)]
+        if t.where is Where.LOCAL:
+            return [p for p in ok if p == LOCAL]
+        if t.where is Where.PEERS:
+            return [p for p in ok if p != LOCAL]
+        return ok
+
+    def _usable(self, rec: Record, peer: str) -> bool:
+        return (peer not in rec.attempts and peer not in rec.results
+                and peer not in rec.excluded and self.peers[peer].breaker.allows(self._now))
+
+    def _free_target(self, rec: Record) -> str | None:
+        """Rule 4: local with a free slot, else the best-scoring peer with one."""
+        t = rec.task
+        free = self._free.get(t.kind)
+        if not free:
+            return None
+        if t.where in (Where.ANY, Where.LOCAL) and LOCAL in free and self._usable(rec, LOCAL) \
+                and self.peers[LOCAL].runs(t):
+            return LOCAL
+        if t.where not in (Where.ANY, Where.PEERS):
+            return None
+        best, best_score = None, -math.inf
+        for peer in free:
+            if peer == LOCAL or not self._usable(rec, peer):
+                continue
+            view = self.peers[peer]
+            if not view.runs(t):
+                continue
+            s = view.score(t, self.weights)
+            if s > best_score or (s == best_score and best is not None and peer < best):
+                best, best_score = peer, s
+        return best
+
+    def _best_queue(self, rec: Record, *, unknown_ok: bool) -> tuple[str | None, float]:
+        """The peer whose queue would start the task soonest, and its estimated wait.
+
+        Behind our own tasks the wait is known (their times are ours): short kinds are
+        pipelined there up to the pipeline depth. Behind another submitter's work the wait
+        is unknown (it may be a 60 s task), so a task queues there only when nothing else
+        (the bridge) can take it (``unknown_ok``), one per slot, least loaded first: the
+        executor's queue is where submitters get their fair turns."""
+        t = rec.task
+        if t.where is Where.LOCAL:
+            return None, math.inf
+        kind_avg = self._kind_avg_s.get(t.kind)
+        depth = self._pipeline(kind_avg)
+        best, best_rank, best_wait = None, (math.inf, math.inf), math.inf
+        for peer in self._runners.get(t.kind, ()):
+            view = self.peers[peer]
+            if peer == LOCAL or view.full or not self._usable(rec, peer) or not view.runs(t):
+                continue
+            mine = len(view.inflight)
+            avg = view.avg_task_s if view.avg_task_s is not None else kind_avg
+            if mine >= view.slots and view.queue <= mine - view.slots \
+                    and mine < view.slots * (1 + depth):
+                wait = view.wait_s(avg)
+            elif unknown_ok and mine < 2 * view.slots:
+                wait = math.inf
+            else:
+                continue
+            rank = (wait, (view.queue + 1) / view.slots)
+            if rank < best_rank or (rank == best_rank and best is not None and peer < best):
+                best, best_rank, best_wait = peer, rank, wait
+        return best, best_wait
+
+    def _queued_left(self, rec: Record, peer: str, attempt: Attempt) -> float:
+        """Estimated wait left in ``peer``'s queue. A task that already waited longer than
+        estimated waits at least as long again (the estimate was wrong), so the caller takes
+        the larger of this and the time waited."""
+        view = self.peers.get(peer)
+        avg = None if view is None else view.avg_task_s
+        if view is None or avg is None:
+            return math.inf
+        return avg * attempt.position / max(1, view.slots)
+
+    def _pipeline(self, avg_s: float | None) -> int:
+        if avg_s is None:
+            return 0  # unknown duration: queue nothing until results teach us
+        return int(min(self.config.max_pipeline, self.config.target_queued_s / max(avg_s, 1e-6)))
+
+    def _bridge_eligible(self, t: Task) -> bool:
+        return (self.config.bridge and t.where in (Where.ANY, Where.BRIDGE)
+                and t.replicas == 1 and t.bridge_ok and not t.gpu
+                and t.memory_mb <= self.config.bridge_memory_mb)
+
+    def _bridge_open(self, now: float) -> bool:
+        return (self.bridge_breaker.allows(now)
+                and self._bridge_inflight < self.config.bridge_max_inflight)
+
+    def _assign(self, rec: Record, target: str, now: float,
+                trigger: Trigger = Trigger.PLACED) -> None:
+        rec.attempts[target] = Attempt(target, now)
+        rec.waiting_since = None
+        view = self.peers[target]
+        view.assigned(rec.task.id)
+        self._touch(view)
+        self._move(rec, trigger, TaskState.RUNNING)
+        if target == LOCAL:
+            self._out.append(RunLocal(rec.task))
+            self._set_wait(rec, Wait(WaitReason.RUNNING_ON, LOCAL))
+        else:
+            self._out.append(Send(target, rec.task))
+            self._set_wait(rec, Wait(WaitReason.SENT, target))
+
+    def _escalate(self, rec: Record, now: float, trigger: Trigger = Trigger.PLACED) -> _Outcome:
+        rec.attempts[BRIDGE] = Attempt(BRIDGE, now)
+        rec.waiting_since = None
+        self._bridge_inflight += 1
+        self._move(rec, trigger, TaskState.RUNNING)
+        self._out.append(Escalate(rec.task))
+        self._set_wait(rec, Wait(WaitReason.ON_BRIDGE, BRIDGE))
+        return _Outcome.DONE
+
+    def _take_back(self, rec: Record, peer: str) -> None:
+        self._out.append(CancelRemote(peer, rec.task.id))
+        view = self.peers.get(peer)
+        if view is not None:
+            view.released(rec.task.id, None)
+            self._touch(view)
+        self._drop_attempt(rec, peer)
+
+    def _drop_attempt(self, rec: Record, target: str) -> None:
+        if rec.attempts.pop(target, None) is not None and target == BRIDGE:
+            self._bridge_inflight -= 1
+        if self._remote_queued.get(rec.task.id) == target:
+            del self._remote_queued[rec.task.id]
+
+    def _touch(self, view: PeerView) -> None:
+        """Keep the per-kind free sets in step with a view's capacity."""
+        free = view.can_start()
+        for kind in view.kinds:
+            s = self._free.setdefault(kind, set())
+            if free:
+                s.add(view.peer)
+            else:
+                s.discard(view.peer)
+
+    def _enqueue(self, rec: Record) -> None:
+        rec.token += 1
+        if rec.not_before > self._now:
+            heapq.heappush(self._delayed, (rec.not_before, rec.seq, rec.task.id, rec.token))
+            return
+        line = self._lines.setdefault(rec.key, [])
+        heapq.heappush(line, (-rec.task.priority, rec.seq, rec.task.id, rec.token))
+
+    def _move(self, rec: Record, trigger: Trigger, new: TaskState) -> None:
+        old = rec.state
+        rec.state = transition(old, trigger, new)
+        if old is not TaskState.RUNNING and new is TaskState.RUNNING:
+            self._running_by_kind[rec.task.kind] = self._running_by_kind.get(rec.task.kind, 0) + 1
+        elif old is TaskState.RUNNING and new is not TaskState.RUNNING:
+            self._running_by_kind[rec.task.kind] -= 1
+        self._dirty[rec.task.id] = None
+
+    def _set_wait(self, rec: Record, wait: Wait) -> None:
+        if rec.wait != wait:
+            rec.wait = wait
+            self._dirty[rec.task.id] = None
+
+    def _wake_at(self, t: float) -> None:
+        if t > self._now:
+            self._wakeup = min(self._wakeup, t)
+
+    def _flush_persist(self) -> None:
+        for task_id in self._dirty:
+            rec = self.records.get(task_id)
+            if rec is None:
+                continue
+            snap = (rec.state, rec.wait, tuple(sorted(rec.attempts)))
+            if snap != rec.persisted:
+                rec.persisted = snap
+                self._out.append(Persist(task_id, rec.state, rec.wait, snap[2]))
+        self._dirty = {}

@@ -1,0 +1,184 @@
+"""What a submitter believes about each peer: clamped ads, capacity estimates, breakers,
+scores and estimated waits.
+
+Theory of operation:
+- An ad's numbers come from the network. Each is clamped into a sane range before use
+  (NaN, negative and huge values included), so no score is NaN and no estimate divides by
+  zero. A hostile ad can at worst claim the best legitimate values, never better.
+- Capacity is an estimate corrected by every fact we learn: the ad sets free slots and
+  queue (minus our own assignments it cannot have seen yet); each of our assignments takes
+  a free slot or a queue place; an admission reply says started (as estimated), queued at
+  position N (no slot was free) or busy (nothing fits until the peer tells us otherwise);
+  each of our results gives a place back.
+- A breaker opens after ``threshold`` consecutive failures, for ``base * 2**extra`` seconds
+  capped at ``max``; a success closes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .scheduler_model import LOCAL, PeerAd, SchedulerConfig, Task, Weights
+
+MAX_SLOTS = 4096
+MAX_QUEUE = 1_000_000
+MAX_MEMORY_MB = 2**24  # 16 TiB
+MAX_COST = 1e6
+MAX_RTT_MS = 60_000.0
+DEFAULT_RTT_MS = 5.0
+EWMA = 0.2  # weight of the newest sample in running averages
+
+
+def clamp_int(value: float, hi: int) -> int:
+    """A count from the network: NaN or negative -> 0, huge -> ``hi``."""
+    if not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+        return 0
+    return int(min(value, hi))
+
+
+def clamp_float(value: float, lo: float, hi: float, nan: float) -> float:
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return nan
+    return float(min(max(value, lo), hi))
+
+
+def ewma(old: float | None, sample: float) -> float:
+    return sample if old is None else (1 - EWMA) * old + EWMA * sample
+
+
+@dataclass(slots=True)
+class Breaker:
+    failures: int = 0
+    open_until: float = 0.0
+
+    def allows(self, now: float) -> bool:
+        return now >= self.open_until
+
+    def success(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+    def failure(self, now: float, cfg: SchedulerConfig) -> None:
+        self.failures += 1
+        extra = self.failures - cfg.breaker_threshold
+        if extra >= 0:
+            self.open_until = now + min(cfg.breaker_max_s, cfg.breaker_base_s * 2 ** min(extra, 30))
+
+
+@dataclass(slots=True)
+class PeerView:
+    peer: str
+    kinds: dict[str, str]
+    slots: int
+    free: int  # estimated free slots
+    queue: int  # estimated queue length
+    memory_mb: int
+    gpus: tuple[str, ...]
+    cost: float
+    rtt_ms: float
+    full: bool = False  # said busy: nothing fits until an ad or a result says otherwise
+    inflight: set[str] = field(default_factory=set)  # our task ids there
+    unconfirmed: set[str] = field(default_factory=set)  # ... without an admission reply yet
+    avg_task_s: float | None = None
+    successes: int = 0
+    failures: int = 0
+    breaker: Breaker = field(default_factory=Breaker)
+
+    @classmethod
+    def from_ad(cls, ad: PeerAd) -> PeerView:
+        v = cls(ad.peer, {}, 0, 0, 0, 0, (), 0.0, DEFAULT_RTT_MS)
+        v.update(ad)
+        return v
+
+    def update(self, ad: PeerAd) -> None:
+        """Take a newer ad; our assignments it cannot have counted yet stay deducted."""
+        kinds = ad.kinds if isinstance(ad.kinds, dict) else dict(ad.kinds)
+        self.kinds = {k: v for k, v in kinds.items() if isinstance(k, str) and isinstance(v, str)}
+        self.slots = clamp_int(ad.slots, MAX_SLOTS)
+        free = min(clamp_int(ad.free_slots, MAX_SLOTS), self.slots)
+        self.free = max(0, free - len(self.unconfirmed))
+        self.queue = clamp_int(ad.queue, MAX_QUEUE)
+        self.memory_mb = clamp_int(ad.memory_mb, MAX_MEMORY_MB)
+        self.gpus = tuple(g for g in ad.gpus if isinstance(g, str))[:16]
+        self.cost = clamp_float(ad.cost, 0.0, MAX_COST, nan=MAX_COST)
+        if ad.rtt_ms is not None:
+            self.rtt_ms = clamp_float(ad.rtt_ms, 0.0, MAX_RTT_MS, nan=MAX_RTT_MS)
+        if self.peer == LOCAL:
+            self.rtt_ms = 0.0
+        self.full = False
+
+    # --- capacity bookkeeping --------------------------------------------------------------
+    def assigned(self, task_id: str) -> None:
+        self.inflight.add(task_id)
+        self.unconfirmed.add(task_id)
+        if self.free > 0:
+            self.free -= 1
+        else:
+            self.queue = min(MAX_QUEUE, self.queue + 1)
+
+    def admitted_queued(self, task_id: str, position: int) -> None:
+        self.unconfirmed.discard(task_id)
+        self.free = 0
+        self.queue = max(self.queue, clamp_int(position, MAX_QUEUE))
+
+    def started(self, task_id: str) -> None:
+        self.unconfirmed.discard(task_id)
+
+    def refused_busy(self, task_id: str) -> None:
+        self.inflight.discard(task_id)
+        self.unconfirmed.discard(task_id)
+        self.free = 0
+        self.full = True
+
+    def released(self, task_id: str, wall_s: float | None) -> None:
+        """One of our attempts ended here: its place goes to the queue or is free."""
+        if task_id not in self.inflight:
+            return
+        self.inflight.discard(task_id)
+        self.unconfirmed.discard(task_id)
+        self.full = False
+        if self.queue > 0:
+            self.queue -= 1
+        else:
+            self.free = min(self.slots, self.free + 1)
+        if wall_s is not None and math.isfinite(wall_s) and wall_s >= 0:
+            self.avg_task_s = ewma(self.avg_task_s, min(wall_s, 86_400.0))
+
+    # --- placement -------------------------------------------------------------------------
+    def runs(self, task: Task) -> bool:
+        """Runs the kind and has the resources (memory, GPU) the task needs."""
+        if task.kind not in self.kinds or self.slots == 0:
+            return False
+        if task.memory_mb > 0 and self.memory_mb < task.memory_mb:
+            return False
+        return not task.gpu or bool(self.gpus)
+
+    def can_start(self) -> bool:
+        return self.free > 0 and not self.full
+
+    def wait_s(self, kind_avg_s: float | None) -> float:
+        """Estimated time until a task sent now would start here (inf when unknown)."""
+        if self.can_start():
+            return 0.0
+        avg = self.avg_task_s if self.avg_task_s is not None else kind_avg_s
+        if self.full or avg is None or self.slots == 0:
+            return math.inf
+        return avg * (self.queue + 1) / self.slots
+
+    @property
+    def health(self) -> float:
+        return (self.successes + 1) / (self.successes + self.failures + 1)
+
+    def score(self, task: Task, w: Weights) -> float:
+        """Compatibility 40, latency 30, cost 20, health 10 (by default); higher is better."""
+        compat = 1.0 if self.kinds.get(task.kind) == task.version else 0.5
+        return (w.compatibility * compat + w.latency / (1 + self.rtt_ms / 10)
+                + w.cost / (1 + self.cost) + w.health * self.health)
+
+
+def sane_weights(w: Weights) -> Weights:
+    """Weights from config: NaN, negative or infinite ones count as 0."""
+    def ok(x: float) -> float:
+        return x if isinstance(x, (int, float)) and math.isfinite(x) and x > 0 else 0.0
+    return Weights(ok(w.compatibility), ok(w.latency), ok(w.cost), ok(w.health))
