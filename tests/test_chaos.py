@@ -1,0 +1,198 @@
+"""Issue 15, deliverable 6: `pytest -m chaos`. Real daemons killed with -9 and cut off from
+the network in the middle of batches; every accepted task must end done, with the right
+output, delivered once.
+
+Each scenario reports its counts (tasks tried, tasks lost) with ``scenario_report``; lost
+counts a task that did not end done with its expected output, or came back more than once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chaostools import (
+    Batch,
+    BatchRun,
+    Killer,
+    full_mesh,
+    mixed_batch,
+    netlab,
+    netns_unavailable,
+    ns_mesh,
+    wrong_outputs,
+)
+from meshtools import mesh, wait_for_full_mesh, wait_until
+
+from teammesh.client import Client
+
+pytestmark = pytest.mark.chaos
+
+# How long the mesh may take to re-form after a partition heals: a cut peer's ad expires
+# after gossip.ad_ttl_s (15 s), and reconnection is by redial and peer exchange.
+HEAL_BOUND_S = 90.0
+
+
+def lost_tasks(batch: Batch, results: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """(how many tasks were lost, why), from one result per task expected."""
+    problems = wrong_outputs(batch, results)
+    ids = Counter(r.get("id") for r in results)
+    tags = Counter(r.get("tag") for r in results)
+    dup = sorted(t for t, n in tags.items() if n > 1)
+    problems += [f"task id {i} delivered {n} times" for i, n in ids.items() if n > 1]
+    problems += [f"tag {t} delivered {tags[t]} times" for t in dup]
+    missing = sorted(set(batch.expected) - set(tags))
+    problems += [f"tag {t}: no result" for t in missing]
+    good = {r.get("tag") for r in results} - set(dup) - {
+        r.get("tag") for r in results if wrong_outputs(batch, [r])}
+    return len(batch.expected) - len(good & set(batch.expected)), problems
+
+
+def journal_of(listed: list[dict[str, Any]], ids: set[str]) -> list[dict[str, Any]]:
+    return [t for t in listed if t["id"] in ids]
+
+
+def test_kill9_random_executors_during_500_task_batch(tmp_path: Path,
+                                                      scenario_report: Any) -> None:
+    n = 500
+    batch = mixed_batch(tmp_path / "batch", n, sleep_s=0.4, seed=15)
+    with mesh(tmp_path, 4, slots=[0, 2, 2, 2]) as nodes:
+        wait_for_full_mesh(nodes, timeout=30)
+        executors = {d.peer_id for d in nodes[1:]}
+        run = BatchRun(nodes[0].home, batch.file)
+        killer = Killer(nodes[1:], lo=2.0, hi=4.0, down_s=1.0, max_kills=15, seed=6)
+        try:
+            wait_until(lambda: len(run.lines) >= 20 or run.proc.poll() is not None, 60,
+                       what="the first 20 results")
+            killer.start()
+            rc, err = run.wait(timeout=240)
+        finally:
+            killer.stop()
+            run.stop()
+        lines_at_end = len(run.lines)
+        for d in nodes[1:]:  # every restart came up, and nothing since brought one down
+            assert d.alive(), f"{d.home.name} died:\n{d.log and d.log.read_text()[-3000:]}"
+        listed = nodes[0].cli("task", "list", "--limit", "2000")
+        orphans = killer.orphans()
+        killer.end_orphans()
+    lost, problems = lost_tasks(batch, run.lines)
+    scenario_report("chaos: kill -9 executors during a 500-task batch", tried=n, lost=lost,
+                    note=f"{len(killer.kills)} kills")
+    assert killer.kills, "no executor was killed during the batch: the test proved nothing"
+    assert len(killer.kills) >= 3, killer.kills
+    assert not problems, f"{len(problems)} problems, first: {problems[:10]}; rc {rc}: {err[-2000:]}"
+    assert rc == 0, err[-2000:]
+    assert lines_at_end == n
+    # the journal agrees with the stream: each task once, done, the same output
+    ids = {r["id"] for r in run.lines}
+    mine = journal_of(listed, ids)
+    assert Counter(t["id"] for t in mine) == Counter(ids)
+    by_id = {r["id"]: r for r in run.lines}
+    assert all(t["state"] == "done" and t["output"] == by_id[t["id"]]["output"]
+               and t["executed_by"] == by_id[t["id"]]["executed_by"] for t in mine)
+    # kills landed on running tasks, which ran again elsewhere
+    assert any(len(t["attempts"]) > 1 for t in mine)
+    assert {t["executed_by"] for t in mine} <= executors
+    assert not orphans, f"worker processes outlived their killed daemon: {orphans}"
+
+
+def test_kill9_submitter_mid_batch_then_restart(tmp_path: Path, scenario_report: Any) -> None:
+    n = 200
+    batch = mixed_batch(tmp_path / "batch", n, sleep_s=0.3, seed=16)
+    with mesh(tmp_path, 3, slots=[0, 2, 2]) as nodes:
+        wait_for_full_mesh(nodes, timeout=30)
+        with Client.from_home(nodes[0].home, timeout=120) as c:
+            accepted = c.submit_batch(batch.bodies)
+            assert len(accepted) == n
+            wait_until(lambda: sum(t["state"] == "done" for t in c.tasks(limit=1000)) >= n // 5,
+                       90, interval=0.3, what=f"{n // 5} results")
+        nodes[0].kill9()
+        nodes[0].start(timeout=60)
+        ids = {t["id"] for t in accepted}
+
+        def settled() -> list[dict[str, Any]] | None:
+            mine = journal_of(nodes[0].cli("task", "list", "--limit", "2000"), ids)
+            if len(mine) == n and all(t["state"] in ("done", "failed", "cancelled")
+                                      for t in mine):
+                return mine
+            return None
+
+        try:
+            final = wait_until(settled, 180, interval=1.0, what="every accepted task to end")
+        except AssertionError:
+            final = journal_of(nodes[0].cli("task", "list", "--limit", "2000"), ids)
+            scenario_report("chaos: kill -9 the submitter mid-batch", tried=n,
+                            lost=n - sum(t["state"] == "done" for t in final),
+                            note="did not settle")
+            raise
+    lost, problems = lost_tasks(batch, final)
+    scenario_report("chaos: kill -9 the submitter mid-batch", tried=n, lost=lost)
+    assert not problems, f"{len(problems)} problems, first: {problems[:10]}"
+    assert {t["tag"] for t in accepted} == set(batch.expected)
+
+
+def test_partition_heal_and_a_bad_network_in_namespaces(tmp_path: Path,
+                                                        scenario_report: Any) -> None:
+    reason = netns_unavailable()
+    if reason is not None:
+        pytest.skip(f"needs network namespaces: {reason}")
+    with netlab(3, seed=15) as lab, ns_mesh(lab, tmp_path, slots=[0, 2, 2]) as nodes:
+        wait_until(lambda: full_mesh(nodes), 60, interval=1.0, what="the namespaced mesh")
+        cut_id = nodes[2].peer_id
+
+        # 1. cut executor 2 off mid-batch: its tasks move to executor 1
+        n = 160
+        batch = mixed_batch(tmp_path / "cut", n, sleep_s=0.3, seed=17)
+        run = BatchRun(nodes[0].home, batch.file, netns=lab.names[0])
+        try:
+            wait_until(lambda: len(run.lines) >= 20 or run.proc.poll() is not None, 60,
+                       what="the first 20 results")
+            lab.cut(2)
+            cut_after = len(run.lines)
+            rc, err = run.wait(timeout=180)
+        finally:
+            run.stop()
+        lost, problems = lost_tasks(batch, run.lines)
+        scenario_report("chaos/netns: cut one executor off mid-batch", tried=n, lost=lost,
+                        note=f"cut after {cut_after} results")
+        assert not problems, f"{len(problems)} problems, first: {problems[:10]}; {err[-2000:]}"
+        assert rc == 0, err[-2000:]
+        ids = {r["id"] for r in run.lines}
+        journal = journal_of(nodes[0].cli("task", "list", "--limit", "2000"), ids)
+        moved = [t for t in journal if any(a["peer"] == cut_id for a in t["attempts"])
+                 and t["executed_by"] == nodes[1].peer_id]
+        assert moved, "no task that was on the cut executor finished elsewhere"
+
+        # 2. heal: the mesh re-forms, and nothing the cut node still held is delivered again
+        lab.heal(2)
+        t0 = time.monotonic()
+        wait_until(lambda: full_mesh(nodes), HEAL_BOUND_S, interval=1.0,
+                   what="the mesh to re-form after the partition healed")
+        healed_s = time.monotonic() - t0
+        scenario_report("chaos/netns: heal, mesh re-forms", tried=1, lost=0,
+                        note=f"{healed_s:.0f} s, bound {HEAL_BOUND_S:.0f} s")
+        again = journal_of(nodes[0].cli("task", "list", "--limit", "2000"), ids)
+        assert sorted((t["id"], t["state"], str(t["output"]), t["executed_by"])
+                      for t in again) == sorted(
+            (t["id"], t["state"], str(t["output"]), t["executed_by"]) for t in journal)
+
+        # 3. 100 ms round trips and 1 % loss on every link: a batch still completes
+        lab.impair(50, 1)
+        n = 60
+        batch = mixed_batch(tmp_path / "slow", n, sleep_s=0.2, seed=18)
+        run = BatchRun(nodes[0].home, batch.file, netns=lab.names[0])
+        try:
+            rc, err = run.wait(timeout=180)
+        finally:
+            run.stop()
+        lost, problems = lost_tasks(batch, run.lines)
+        stats = lab.stats()
+        scenario_report("chaos/netns: 100 ms RTT, 1 % loss", tried=n, lost=lost,
+                        note=f"{stats['dropped_loss']} packets dropped")
+        assert not problems, f"{len(problems)} problems, first: {problems[:10]}; {err[-2000:]}"
+        assert rc == 0, err[-2000:]
+        assert stats["dropped_loss"] > 0
+        assert {r["executed_by"] for r in run.lines} <= {nodes[1].peer_id, cut_id}
