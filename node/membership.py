@@ -3,12 +3,22 @@
 The roster (pure, protocols/membership.py) decides; this service persists it, answers the
 handshake and stream gates, runs the enroll protocol for admins, gossips new certificates
 and revocations on the team's roster topic, and syncs rosters with every member it dials.
+
+Bridge keys (docs/BRIDGE.md): the team's master bridge key M lives only on admins
+(journal ``bridge_master``); every node keeps its own derived key
+K_P = derive_member_key(M, P) in ``bridge_key`` and the master's epoch in ``bridge_epoch``.
+A revocation by an admin rotates M: the admin keeps the new master, tells the Worker, and
+gossips a signed epoch notice; each remaining member then fetches its new K_P from an
+admin over /teammesh/bridgekey/1.0.0, retrying until it has it. A journal from before
+(``bridge_key`` holding M itself) is migrated on load: an admin keeps M as its master,
+and every node signs with its derived key from then on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -17,37 +27,46 @@ from typing import Any
 import trio
 from teammesh.protocols import wire
 from teammesh.protocols.bitswap import BITSWAP_PROTOCOLS
+from teammesh.protocols.bridgekey import derive_member_key
 from teammesh.protocols.errors import (
     EnrollmentError,
     InviteError,
     MembershipError,
     RemoteProtocolError,
+    TeammeshError,
 )
 from teammesh.protocols.identity import Identity
 from teammesh.protocols.membership import (
+    MAX_CERT_BYTES,
     ROLE_ADMIN,
     ROLE_MEMBER,
     Certificate,
+    EpochNotice,
     Invite,
     Roster,
     TeamInfo,
     check_enroll_request,
     enroll_request,
     issue_certificate,
+    issue_epoch_notice,
     issue_revocation,
     parse_certificate,
+    parse_epoch_notice,
 )
 
 from .config import Home
 from .host import STREAM_ERRORS, DialError, MeshHost, Stream, open_host
 from .journal import Journal
-from .protocol_ids import ENROLL, ROSTER_SYNC, roster_topic
+from .protocol_ids import BRIDGE_KEY, ENROLL, ROSTER_SYNC, roster_topic
 
 logger = logging.getLogger("teammesh.membership")
 
 CERT_TTL_S = 365 * 24 * 3600
 INVITE_GRACE_S = 7 * 24 * 3600  # a used/expired invite is still answered ("already used")
 ENROLL_TIMEOUT_S = 10.0
+BRIDGE_MASTER_BYTES = 32
+KEY_RETRY_MIN_S = 1.0  # a member without its current bridge key asks again this often,
+KEY_RETRY_MAX_S = 30.0  # doubling up to this
 
 
 def now_s() -> int:
@@ -117,6 +136,15 @@ class Membership:
         self.new_certs: list[bytes] = []
         self.pending_revocations: list[bytes] = []
         self.changed = trio.Event()
+        # the latest bridge epoch notice known (gossiped, and handed on in roster syncs)
+        self.epoch_notice: EpochNotice | None = None
+        self._key_wanted = trio.Event()
+        # set when an admin's rotation waits for the Worker (journal ``bridge_rotation``)
+        self._rotation_wanted = trio.Event()
+        # The daemon's BridgeClient, when it has one: told of this node's new key, and used
+        # by an admin to rotate the Worker's master (else one is made from [bridge] url).
+        self.bridge: Any = None
+        self.on_bridge_key: list[Callable[[bytes, int], None]] = []
         if raw is not None:
             self._load(TeamInfo.from_dict(json.loads(raw)))
 
@@ -130,6 +158,27 @@ class Membership:
         if self.home.root_key_file.exists():
             self.root = Identity(self.home.root_key_file.read_bytes())
         self.enroll_peers = set(self.journal.live_invites(now_s(), INVITE_GRACE_S))
+        self._migrate_bridge_keys()
+        notice = self.journal.get("bridge_notice")
+        if notice is not None:
+            try:
+                self.epoch_notice = parse_epoch_notice(notice, team, now_s())
+            except RemoteProtocolError:
+                logger.warning("ignoring a damaged bridge epoch notice in the journal")
+
+    def _migrate_bridge_keys(self) -> None:
+        """Journals from before per-member keys hold the team master in ``bridge_key``."""
+        key = self.journal.get("bridge_key")
+        if key is None or self.journal.get("bridge_epoch") is not None:
+            return
+        with self.journal.transaction():
+            if self.is_admin and self.journal.get("bridge_master") is None:
+                self.journal.put("bridge_master", key)
+            # A member signs with its derived key from now on and forgets the master: the
+            # Worker derives the same key from the master it holds (epoch 0).
+            self.journal.put("bridge_key", derive_member_key(key, self.identity.peer_id))
+            self.journal.put("bridge_epoch", b"0")
+        logger.info("bridge key migrated to this node's own derived key (epoch 0)")
 
     # --- state ------------------------------------------------------------------------
     @property
@@ -209,14 +258,204 @@ class Membership:
         with self.journal.transaction():
             self.journal.put("team", json.dumps(team.to_dict()).encode())
             self.journal.save_cert(self.identity.peer_id, cert.packed())
-            # the team's bridge key: members get it when they enroll (docs/BRIDGE.md)
-            self.journal.put("bridge_key", secrets.token_bytes(32))
+            # The team's bridge master key: admins keep it; every member gets its own key
+            # derived from it when it enrolls (docs/BRIDGE.md). The Worker is set up with
+            # the master (`teammesh team bridge-key`): epoch 0.
+            master = secrets.token_bytes(BRIDGE_MASTER_BYTES)
+            self.journal.put("bridge_master", master)
+            self.journal.put("bridge_key", derive_member_key(master, self.identity.peer_id))
+            self.journal.put("bridge_epoch", b"0")
         self._load(team)
         return team
 
+    # --- bridge keys ------------------------------------------------------------------
     @property
     def bridge_key(self) -> bytes | None:
+        """This node's own bridge signing key (derived from the master)."""
         return self.journal.get("bridge_key")
+
+    @property
+    def bridge_master(self) -> bytes | None:
+        """The team's master bridge key: on admins only."""
+        return self.journal.get("bridge_master")
+
+    @property
+    def bridge_epoch(self) -> int:
+        raw = self.journal.get("bridge_epoch")
+        return int(raw) if raw else 0
+
+    def _store_bridge_key(self, key: bytes, epoch: int, master: bytes | None = None) -> None:
+        with self.journal.transaction():
+            if master is not None:
+                self.journal.put("bridge_master", master)
+            self.journal.put("bridge_key", key)
+            self.journal.put("bridge_epoch", str(epoch).encode())
+        if master is None and self.bridge is not None and hasattr(self.bridge, "key"):
+            self.bridge.key = key  # the daemon's client signs with the new key at once
+        for hook in self.on_bridge_key:
+            hook(key, epoch)
+
+    def rotate_bridge_master(self) -> EpochNotice:
+        """An admin makes a new master key and epoch (after a revocation) and keeps them.
+
+        The Worker is told first (``_worker_rotation_loop``, retried until it answers, and
+        across restarts); only then does the epoch notice go out, so members never sign
+        with a key the Worker cannot check yet."""
+        team, _ = self.require_team()
+        old = self.bridge_master
+        if self.root is None or old is None:
+            raise MembershipError("only an admin holding the bridge master key can rotate it")
+        master = secrets.token_bytes(BRIDGE_MASTER_BYTES)
+        epoch = max(self.bridge_epoch, self.epoch_notice.epoch if self.epoch_notice else 0) + 1
+        notice = issue_epoch_notice(self.root, team, epoch, self.identity.peer_id, now_s())
+        self._store_bridge_key(derive_member_key(master, self.identity.peer_id), epoch, master)
+        self.journal.put("bridge_rotation", wire.pack(
+            {"t": "rotation", "v": 1, "master": master, "epoch": epoch, "old": old,
+             "notice": notice.packed()}))
+        self._rotation_wanted.set()
+        logger.warning("bridge master key rotated to epoch %d", epoch)
+        return notice
+
+    def learn_epoch_notice(self, data: bytes) -> bool:
+        """Take a notice from a peer; True if it is newer than what we knew."""
+        team, _ = self.require_team()
+        notice = parse_epoch_notice(data, team, now_s())
+        if self.epoch_notice is not None and notice.epoch <= self.epoch_notice.epoch:
+            return False
+        self.journal.put("bridge_notice", data)
+        self.epoch_notice = notice
+        if self.needs_bridge_key:
+            logger.info("bridge key moved to epoch %d; fetching this node's new key",
+                        notice.epoch)
+            self._key_wanted.set()
+        return True
+
+    @property
+    def needs_bridge_key(self) -> bool:
+        return (self.epoch_notice is not None and self.epoch_notice.epoch > self.bridge_epoch
+                and self.bridge_master is None
+                and not self.is_revoked(self.identity.peer_id))
+
+    async def handle_bridge_key(self, stream: Stream) -> None:
+        """An admin hands a current member its key under the current master."""
+        request = await read_message(stream, 4096, ENROLL_TIMEOUT_S)
+        if request["t"] != "bridge_key_req":
+            raise RemoteProtocolError("expected a bridge key request")
+        master = self.bridge_master
+        peer = stream.peer_id
+        if master is None:
+            await stream.write(error_reply("not_admin", "this node holds no bridge master key"))
+        elif not self.is_member(peer) or self.is_revoked(peer):
+            await stream.write(error_reply("not_a_member", "only members get a bridge key"))
+        else:
+            await stream.write(wire.frame_message({
+                "t": "bridge_key", "v": 1, "epoch": self.bridge_epoch,
+                "key": derive_member_key(master, peer)}))
+            logger.info("handed member %s its bridge key (epoch %d)", peer, self.bridge_epoch)
+        await stream.close()
+
+    async def fetch_bridge_key(self, host: MeshHost) -> bool:
+        """Ask the notice's admin (then any other admin) for this node's current key."""
+        notice = self.epoch_notice
+        if notice is None or self.roster is None:
+            return True
+        admins = [notice.admin] + [p for p, c in self.roster.certs.items()
+                                   if c.is_admin and p not in (notice.admin,
+                                                                self.identity.peer_id)]
+        request = wire.frame_message({"t": "bridge_key_req", "v": 1})
+        for admin in admins:
+            try:
+                reply = await request_reply(host, admin, BRIDGE_KEY, request, ENROLL_TIMEOUT_S)
+                if reply["t"] != "bridge_key":
+                    logger.debug("admin %s gave no bridge key: %s", admin, reply.get("message"))
+                    continue
+                epoch = wire.field_int(reply, "epoch")
+                key = wire.field_bytes(reply, "key", max_len=64)
+            except (DialError, RemoteProtocolError, *STREAM_ERRORS) as exc:
+                logger.debug("bridge key from %s failed: %s", admin, exc)
+                continue
+            if epoch > self.bridge_epoch and len(key) == 32:
+                self._store_bridge_key(key, epoch)
+                logger.warning("got this node's bridge key for epoch %d from %s", epoch, admin)
+            if not self.needs_bridge_key:
+                return True
+        return False
+
+    async def _bridge_key_loop(self, host: MeshHost) -> None:
+        delay = KEY_RETRY_MIN_S
+        while True:
+            if not self.needs_bridge_key:
+                delay = KEY_RETRY_MIN_S
+                await self._key_wanted.wait()
+                self._key_wanted = trio.Event()
+                continue
+            if not await self.fetch_bridge_key(host):
+                await trio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(KEY_RETRY_MAX_S, delay * 2)
+
+    async def _worker_rotation_loop(self) -> None:
+        """Tell the Worker of the newest master until it has taken it, then publish the
+        epoch notice that sends members for their new keys."""
+        while True:
+            raw = self.journal.get("bridge_rotation")
+            if not raw:
+                await self._rotation_wanted.wait()
+                self._rotation_wanted = trio.Event()
+                continue
+            m = wire.unpack(raw)
+            master = wire.field_bytes(m, "master", max_len=64)
+            epoch = wire.field_int(m, "epoch")
+            delay = KEY_RETRY_MIN_S
+            while not await self._rotate_worker(master, epoch,
+                                                wire.field_bytes(m, "old", max_len=64)):
+                await trio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(KEY_RETRY_MAX_S, delay * 2)
+            if self.journal.get("bridge_rotation") != raw:
+                continue  # a newer rotation came meanwhile: it goes out instead
+            notice = wire.field_bytes(m, "notice", max_len=MAX_CERT_BYTES)
+            with self.journal.transaction():
+                self.journal.put("bridge_notice", notice)
+                self.journal.put("bridge_rotation", b"")
+            team, _ = self.require_team()
+            self.epoch_notice = parse_epoch_notice(notice, team, now_s())
+            self.changed.set()  # gossip it with the next roster message
+
+    def _bridge_url(self) -> str | None:
+        from .config import load_config  # with TEAMMESH_BRIDGE_URL from the environment
+
+        try:
+            return str(load_config(self.home).get("bridge", "url") or "") or None
+        except (TeammeshError, KeyError):
+            return None
+
+    async def _rotate_worker(self, master: bytes, epoch: int, old: bytes) -> bool:
+        """One attempt; True when done (or nothing to do), False to retry later."""
+        from .bridge import BridgeClient, BridgeRejected, BridgeUnavailable
+
+        url = getattr(self.bridge, "url", None) or self._bridge_url()
+        if url is None:
+            return True  # no bridge configured on this node: members still rotate
+        # Signed with the old master: the Worker takes a rotation from an admin only (the
+        # daemon's own client signs with this node's derived key).
+        own = BridgeClient(url, old, self.identity.peer_id)
+        try:
+            if not hasattr(own, "rotate"):
+                logger.error("this node's bridge client cannot rotate the Worker's key yet;"
+                             " rotate it by hand to epoch %d", epoch)
+                return True
+            await own.rotate(master, epoch)
+            logger.warning("the bridge took master key epoch %d", epoch)
+            if self.bridge is not None and hasattr(self.bridge, "key"):
+                self.bridge.key = derive_member_key(master, self.identity.peer_id)
+            return True
+        except BridgeUnavailable as exc:
+            logger.warning("bridge key rotation to epoch %d failed, will retry: %s", epoch, exc)
+            return False
+        except BridgeRejected as exc:
+            logger.error("the bridge refused key rotation to epoch %d: %s", epoch, exc)
+            return True
+        finally:
+            await own.aclose()
 
     def accept_enrollment(self, team: TeamInfo, cert_data: bytes, certs: list[bytes],
                           revocations: list[bytes]) -> None:
@@ -260,6 +499,9 @@ class Membership:
         data = rev.packed()
         self._apply(certs=[], revocations=[data])
         self.pending_revocations.append(data)
+        if self.bridge_master is not None:
+            # the revoked member's bridge key dies with the master it was derived from
+            self.rotate_bridge_master()
         self.changed.set()
         return data
 
@@ -317,8 +559,11 @@ class Membership:
             "t": "enrolled", "v": 1, "cert": cert.packed(), "team": team.to_dict(),
             "certs": certs, "revocations": revocations,
         }
-        if self.bridge_key is not None:
-            reply["bridge_key"] = self.bridge_key  # the stream is Noise-encrypted
+        master = self.bridge_master
+        if master is not None:
+            # the new member's own key, never the master (the stream is Noise-encrypted)
+            reply["bridge_key"] = derive_member_key(master, peer)
+            reply["bridge_epoch"] = self.bridge_epoch
         await stream.write(wire.frame_message(reply))
         await stream.close()
         logger.info("enrolled new member %s", peer)
@@ -333,15 +578,24 @@ class Membership:
 
     def _roster_message(self) -> bytes:
         certs, revocations = self.roster.export() if self.roster else ([], [])
-        return wire.frame_message({"t": "roster", "v": 1, "certs": certs,
-                                   "revocations": revocations})
+        m: dict[str, Any] = {"t": "roster", "v": 1, "certs": certs, "revocations": revocations}
+        if self.epoch_notice is not None:
+            m["epoch"] = self.epoch_notice.packed()
+        return wire.frame_message(m)
 
     def _merge_wire(self, m: wire.Message) -> tuple[int, list[str]]:
         if m["t"] != "roster":
             raise RemoteProtocolError("expected a roster message")
         certs = [c for c in wire.field_list(m, "certs") if isinstance(c, bytes)]
         revs = [r for r in wire.field_list(m, "revocations") if isinstance(r, bytes)]
-        return self._apply(certs, revs)
+        result = self._apply(certs, revs)
+        notice = m.get("epoch")
+        if isinstance(notice, bytes):
+            try:
+                self.learn_epoch_notice(notice)
+            except (RemoteProtocolError, MembershipError) as exc:
+                logger.warning("ignoring a bridge epoch notice: %s", exc)
+        return result
 
     async def sync_with(self, host: MeshHost, peer_id: str) -> None:
         """Exchange rosters with a member we just connected to."""
@@ -365,11 +619,14 @@ class Membership:
         team, _ = self.require_team()
         host.set_handler(ENROLL, self.handle_enroll)
         host.set_handler(ROSTER_SYNC, self.handle_roster_sync)
+        host.set_handler(BRIDGE_KEY, self.handle_bridge_key)
         topic = roster_topic(team.team_id)
         host.set_validator(topic, self.gossip_validator)
         async with host.subscribe(topic) as messages, trio.open_nursery() as nursery:
             nursery.start_soon(self._publish_loop, host, topic)
             nursery.start_soon(self._drop_loop, host)
+            nursery.start_soon(self._bridge_key_loop, host)
+            nursery.start_soon(self._worker_rotation_loop)
             task_status.started()
             async for _origin, data in messages:
                 try:
@@ -399,7 +656,10 @@ class Membership:
             certs, self.new_certs = self.new_certs, []
             revs = list(self.pending_revocations)
             self.pending_revocations.clear()
-            msg = wire.pack({"t": "roster", "v": 1, "certs": certs, "revocations": revs})
+            m: dict[str, Any] = {"t": "roster", "v": 1, "certs": certs, "revocations": revs}
+            if self.epoch_notice is not None:
+                m["epoch"] = self.epoch_notice.packed()
+            msg = wire.pack(m)
             try:
                 await host.publish(topic, msg)
             except STREAM_ERRORS:
@@ -445,8 +705,14 @@ async def join(home: Home, journal: Journal, identity: Identity, invite_text: st
                 [r for r in wire.field_list(reply, "revocations") if isinstance(r, bytes)])
             journal.put("bootstrap", json.dumps(list(invite.addrs)).encode())
             key = reply.get("bridge_key")
+            epoch = reply.get("bridge_epoch")
             if isinstance(key, bytes) and len(key) == 32:
-                journal.put("bridge_key", key)
+                with journal.transaction():
+                    journal.put("bridge_key", key)
+                    if isinstance(epoch, int) and epoch >= 0:
+                        journal.put("bridge_epoch", str(epoch).encode())
+                    # else an admin from before per-member keys sent the master itself:
+                    # the next start derives this node's own key from it and drops it
             return invite.team
     raise EnrollmentError(
         f"no admin reachable at {', '.join(invite.addrs)} ({last_error}); is the inviting"

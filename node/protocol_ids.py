@@ -7,6 +7,8 @@ ROSTER_SYNC = "/teammesh/roster/1.0.0"
 ADS_SYNC = "/teammesh/ads/1.0.0"
 TASKS = "/teammesh/tasks/1.0.0"
 OFFER = "/teammesh/offer/1.0.0"
+BRIDGE_KEY = "/teammesh/bridgekey/1.0.0"
+RENEW = "/teammesh/renew/1.0.0"
 
 
 def caps_topic(team_id: str) -> str:

@@ -11,6 +11,13 @@ Theory of operation:
   its handshake gate and nowhere else; the joiner connects with it, proves possession of
   its real key, and receives a certificate. A used invite stays known so a second use gets
   "already used" instead of a silent refusal.
+- A bridge epoch notice says "the team's bridge master key is now at epoch N; ask admin A
+  for your key", signed like a revocation. It carries no key: each member fetches its own
+  derived key from an admin over a direct (Noise-encrypted) stream, which the admin answers
+  only for current members, so a revoked member learns that a rotation happened and
+  nothing more.
+- Certificates are renewed before they lapse: ``renewal_due`` says when a holder should
+  ask (a third of its lifetime before expiry), and an admin re-signs the same roles.
 - Nothing here reads a clock: ``now`` (Unix seconds) is passed in.
 """
 
@@ -32,7 +39,9 @@ INVITE_PREFIX = "tminv1."
 DOMAIN_CERT = "cert"
 DOMAIN_REVOKE = "revoke"
 DOMAIN_ENROLL = "enroll"
+DOMAIN_EPOCH = "bridge-epoch"
 MAX_CERT_BYTES = 4096
+RENEW_FRACTION = 1 / 3  # renew once less than this share of the lifetime is left
 
 
 def team_id_from_root(root_pub: bytes) -> str:
@@ -165,6 +174,27 @@ def parse_certificate(
     return Certificate(team_id, peer, roles, issued, expires, issuer, body, sig, chain)
 
 
+def renewal_due(cert: Certificate, now: int, fraction: float = RENEW_FRACTION) -> bool:
+    """True once less than ``fraction`` of ``cert``'s lifetime is left (or it lapsed)."""
+    lifetime = max(1, cert.expires - cert.issued)
+    return cert.expires - now < lifetime * fraction
+
+
+def renewal_at(cert: Certificate, fraction: float = RENEW_FRACTION) -> int:
+    """The Unix second from which ``renewal_due`` holds."""
+    lifetime = max(1, cert.expires - cert.issued)
+    return cert.expires - int(lifetime * fraction)
+
+
+def open_own_certificate(data: bytes, team: TeamInfo, now: int) -> Certificate:
+    """A certificate checked in every way but expiry: a node reads its own lapsed one to
+    tell the user what happened and how to recover."""
+    cert = parse_certificate(data, team, 0)
+    if cert.expires > now:
+        return parse_certificate(data, team, now)  # and its admin chain, with the clock
+    return cert
+
+
 @dataclass(frozen=True, slots=True)
 class Revocation:
     team_id: str
@@ -216,6 +246,66 @@ def parse_revocation(data: bytes, team: TeamInfo, now: int) -> Revocation:
     verify_by_peer(issuer, DOMAIN_REVOKE, body, sig)
     _check_issuer(team, issuer, chain, now)
     return Revocation(team.team_id, peer, at, issuer, body, sig, chain)
+
+
+@dataclass(frozen=True, slots=True)
+class EpochNotice:
+    """The team's bridge master key moved to ``epoch``; ``admin`` hands out members' keys."""
+
+    team_id: str
+    epoch: int
+    admin: str
+    at: int
+    issuer: str
+    body: bytes
+    sig: bytes
+    chain: bytes | None = None
+
+    def packed(self) -> bytes:
+        m: dict[str, Any] = {"t": "signed_epoch", "v": 1, "body": self.body, "sig": self.sig}
+        if self.chain is not None:
+            m["chain"] = self.chain
+        return wire.pack(m)
+
+
+def issue_epoch_notice(
+    issuer: Identity, team: TeamInfo, epoch: int, admin: str, now: int,
+    issuer_cert: Certificate | None = None,
+) -> EpochNotice:
+    """Sign "the bridge key is at ``epoch``; ask ``admin``" (root key, or an admin's)."""
+    public_from_peer_id(admin)
+    body = wire.pack({"t": "epoch", "v": 1, "team": team.team_id, "epoch": epoch,
+                      "admin": admin, "at": now, "issuer": issuer.peer_id})
+    sig = issuer.sign(DOMAIN_EPOCH, body)
+    return EpochNotice(team.team_id, epoch, admin, now, issuer.peer_id, body, sig,
+                       _chain_of(issuer_cert))
+
+
+def parse_epoch_notice(data: bytes, team: TeamInfo, now: int) -> EpochNotice:
+    """Decode and verify a bridge epoch notice for ``team``."""
+    outer = wire.unpack(data, max_bytes=MAX_CERT_BYTES)
+    if outer["t"] != "signed_epoch":
+        raise MalformedMessage("not a bridge epoch notice")
+    body = wire.field_bytes(outer, "body", max_len=MAX_CERT_BYTES)
+    sig = wire.field_bytes(outer, "sig", max_len=64)
+    chain = outer.get("chain")
+    if chain is not None and not isinstance(chain, bytes):
+        raise MalformedMessage("epoch notice chain must be bytes")
+    m = wire.unpack(body, max_bytes=MAX_CERT_BYTES)
+    if m["t"] != "epoch":
+        raise MalformedMessage("epoch notice body has the wrong type")
+    if wire.field_str(m, "team") != team.team_id:
+        raise NotAMember("bridge epoch notice is for another team")
+    epoch = wire.field_int(m, "epoch")
+    if epoch < 0:
+        raise MalformedMessage("bridge epoch must not be negative")
+    admin = wire.field_str(m, "admin", max_len=100)
+    public_from_peer_id(admin)
+    issuer = wire.field_str(m, "issuer")
+    at = wire.field_int(m, "at")
+    verify_by_peer(issuer, DOMAIN_EPOCH, body, sig)
+    _check_issuer(team, issuer, chain, now)
+    return EpochNotice(team.team_id, epoch, admin, at, issuer, body, sig, chain)
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ new connections and streams from it, and stop listing it, without any admin acti
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from teammesh.node.membership import Membership
 from teammesh.node.protocol_ids import ADS_SYNC, TASKS
 from teammesh.protocols import wire
 from teammesh.protocols.bitswap import BITSWAP_120
+from teammesh.protocols.bridgekey import derive_member_key
 from teammesh.protocols.capability import CapabilityAd
 from teammesh.protocols.identity import Identity
 
@@ -134,3 +136,74 @@ async def test_revoked_member_is_cut_off_by_non_admin_members(team: Team) -> Non
     for d in team.nodes:
         assert d.alive()
 
+
+
+def kv(home: Path, key: str) -> bytes | None:
+    """One journal key/value, read-only beside the running daemon."""
+    db = sqlite3.connect(f"file:{home / 'journal.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+    finally:
+        db.close()
+    return None if row is None else bytes(row[0])
+
+
+def epoch(home: Path) -> int:
+    return int(kv(home, "bridge_epoch") or b"-1")
+
+
+@pytest.mark.slow
+def test_revocation_rotates_the_bridge_master_and_members_fetch_their_new_keys(
+        tmp_path: Path) -> None:
+    with mesh(tmp_path, 3) as nodes:
+        wait_for_full_mesh(nodes, timeout=15)
+        admin, stays, goes = nodes
+        old_master = kv(admin.home, "bridge_master")
+        assert old_master is not None
+        assert len(old_master) == 32
+        # enrollment handed each member its own key, never the master
+        for d in nodes:
+            assert kv(d.home, "bridge_key") == derive_member_key(old_master, d.peer_id)
+            assert epoch(d.home) == 0
+        for d in (stays, goes):
+            assert kv(d.home, "bridge_master") is None
+        revoked_key = kv(goes.home, "bridge_key")
+
+        admin.cli("team", "revoke", goes.peer_id)
+
+        wait_until(lambda: epoch(stays.home) == 1, 30, what="the member to fetch its new key")
+        new_master = kv(admin.home, "bridge_master")
+        assert new_master is not None
+        assert new_master != old_master
+        assert epoch(admin.home) == 1
+        keys = {d.peer_id: kv(d.home, "bridge_key") for d in (admin, stays)}
+        assert keys == {d.peer_id: derive_member_key(new_master, d.peer_id)
+                        for d in (admin, stays)}
+        assert kv(stays.home, "bridge_master") is None
+        # the revoked member learnt no key of the new epoch, and its old one is dead
+        assert kv(goes.home, "bridge_key") == revoked_key
+        assert revoked_key != derive_member_key(new_master, goes.peer_id)
+        assert revoked_key not in keys.values()
+        assert "got this node's bridge key for epoch 1" in stays.log.read_text()
+
+
+def test_a_journal_with_the_old_shared_bridge_key_keeps_working(tmp_path: Path) -> None:
+    admin_home = init_home(tmp_path / "admin")
+    run_cli(admin_home, "team", "create", "t")
+    master = kv(admin_home, "bridge_master")
+    assert master is not None
+    # what every node's journal held before per-member keys: the master in bridge_key
+    db = sqlite3.connect(admin_home / "journal.db")
+    with db:
+        db.execute("DELETE FROM kv WHERE key IN ('bridge_master', 'bridge_epoch')")
+        db.execute("UPDATE kv SET value=? WHERE key='bridge_key'", (master,))
+    db.close()
+    identity = Identity((admin_home / "identity.key").read_bytes())
+    journal = Journal(admin_home / "journal.db")
+    try:
+        m = Membership(Home(admin_home), journal, identity)
+        assert m.bridge_master == master  # the admin keeps the master as its master
+        assert m.bridge_key == derive_member_key(master, identity.peer_id)
+        assert m.bridge_epoch == 0
+    finally:
+        journal.close()
