@@ -16,6 +16,9 @@ The rules live in protocols/bitswap.py; this module only moves bytes. Invariants
 - A fetch walks the DAG as blocks arrive (children are wanted as soon as their parent is
   verified), keeps up to ``max_in_flight`` wants outstanding, and hands each block to
   ``put_block`` at once: memory is bounded by the wants in flight, not the file size.
+- A fetch with ``max_bytes`` refuses a root that claims more (before wanting any child)
+  and stops when peers send more block bytes than the root's claim accounts for; each
+  distinct block is wanted once, however often the DAG links it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import trio
 from teammesh.protocols import bitswap as bs
 from teammesh.protocols.errors import RemoteProtocolError, StorageError
 from teammesh.storage.cid import DAG_PB, SHA2_256, Cid
-from teammesh.storage.unixfs import links_of
+from teammesh.storage.unixfs import claimed_size, links_of, over_limit
 
 from .host import STREAM_ERRORS, DialError, MeshHost, Stream
 
@@ -47,6 +50,10 @@ FETCH_MAX_EVENTS = 100_000_000
 SENDER_IDLE_S = 10.0  # an outgoing stream with nothing to send this long is closed
 OUTBOX_BYTES = 8 * 1024 * 1024  # per peer: a sender waits while more than this is queued
 WRITE_BYTES = 4 * 1024 * 1024  # queued messages joined into one write up to this size
+# Block bytes a fetch accepts beyond the file size its root claims: dag-pb nodes add ~0.1%
+# (CIDv0 leaves a few bytes per 256 KiB), plus one largest block of slack.
+FETCH_OVERHEAD_DIVISOR = 64
+FETCH_SLACK_BYTES = 4 * 1024 * 1024
 _SEND_ERRORS: tuple[type[BaseException], ...] = (DialError, trio.TooSlowError, *STREAM_ERRORS)
 
 
@@ -348,7 +355,8 @@ class BitswapService:
 
     async def fetch(self, root: Cid, peers: list[str],
                     put_block: Callable[[Cid, bytes], None],
-                    progress: Callable[[int, int], None] | None = None) -> None:
+                    progress: Callable[[int, int], None] | None = None,
+                    *, max_bytes: int | None = None) -> None:
         """Fetch the whole DAG under ``root`` from ``peers``.
 
         Args:
@@ -356,11 +364,14 @@ class BitswapService:
             peers: peer ids to ask; they must be connected or dialable by the host.
             put_block: called with each verified block as it arrives (any order).
             progress: called as ``progress(blocks, bytes)`` after each block.
+            max_bytes: refuse a file whose root claims more than this many bytes, and
+                stop if the blocks add up to more than the root claims (None: no limit).
 
         Raises:
             BlockNotFound: a block was refused by every peer (or timed out) for
                 ``config.give_up_s``.
-            StorageError: a verified block is not valid dag-pb / uses an unknown codec.
+            StorageError: a verified block is not valid dag-pb / uses an unknown codec,
+                or the file is over ``max_bytes`` (the message names the limit).
         """
         cfg = self.config
         manager = bs.WantManager(peers, max_in_flight=cfg.max_in_flight,
@@ -370,7 +381,7 @@ class BitswapService:
         session = _Session(manager, send)
         self._sessions.add(session)
         try:
-            await self._fetch_loop(session, root, recv, put_block, progress)
+            await self._fetch_loop(session, root, recv, put_block, progress, max_bytes)
         except BaseExceptionGroup as group:
             # the loop raises inside its nursery; hand a lone error of ours back as itself
             if len(group.exceptions) == 1 and isinstance(group.exceptions[0], StorageError):
@@ -385,10 +396,14 @@ class BitswapService:
     async def _fetch_loop(self, session: _Session, root: Cid,
                           recv: trio.MemoryReceiveChannel[_Event],
                           put_block: Callable[[Cid, bytes], None],
-                          progress: Callable[[int, int], None] | None) -> None:
+                          progress: Callable[[int, int], None] | None,
+                          max_bytes: int | None) -> None:
         cfg = self.config
         manager = session.manager
         blocks = nbytes = 0
+        budget: int | None = None  # block bytes allowed, once the root's claim is known
+        root_mh = bs.multihash_of(root.to_bytes())
+        received: set[bytes] = set()  # multihashes: a DAG may link one block many times
         async with recv, trio.open_nursery() as nursery:
             self._want(session, root.to_bytes())
             for _ in range(FETCH_MAX_EVENTS):
@@ -414,15 +429,35 @@ class BitswapService:
                     if not isinstance(eff, bs.Received):
                         continue
                     cid = Cid.from_bytes(eff.cid)
+                    mh = bs.multihash_of(eff.cid)
+                    if max_bytes is not None and mh == root_mh:
+                        budget = self._fetch_budget(root, cid, eff.data, max_bytes)
+                    nbytes += len(eff.data)
+                    if budget is not None and nbytes > budget:
+                        raise StorageError(
+                            f"peers sent {nbytes} bytes of blocks for {root}, more than its"
+                            f" root claims (at most {budget} with dag-pb nodes); the DAG is"
+                            " malformed or hostile")
                     self._got(session, eff.cid, eff.data, nursery)
                     put_block(cid, eff.data)
+                    received.add(mh)
                     blocks += 1
-                    nbytes += len(eff.data)
                     for child in links_of(cid, eff.data):
-                        self._want(session, child.to_bytes())
+                        child_bytes = child.to_bytes()
+                        if bs.multihash_of(child_bytes) not in received:
+                            self._want(session, child_bytes)
                     if progress is not None:
                         progress(blocks, nbytes)
             nursery.cancel_scope.cancel()
+
+    @staticmethod
+    def _fetch_budget(root: Cid, cid: Cid, block: bytes, max_bytes: int) -> int:
+        """The block bytes a fetch of ``root`` may take, from the size its root block
+        claims; a claim over ``max_bytes`` is refused before any child is wanted."""
+        claim = claimed_size(cid, block)
+        if claim > max_bytes:
+            raise over_limit(root, claim, max_bytes)
+        return claim + claim // FETCH_OVERHEAD_DIVISOR + FETCH_SLACK_BYTES
 
     def _want(self, session: _Session, cid: bytes) -> None:
         if session.manager.want(cid, trio.current_time()):

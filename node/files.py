@@ -6,6 +6,11 @@ its own libp2p host, and fetches in the configured order (default: local → tea
 external IPFS → R2 mirror). Blocking store and S3 calls run in worker threads so the trio
 loop never stalls; a mirror that is down is retried from a persistent queue and catches
 up, losing nothing.
+
+Sizes a DAG claims are believed only up to ``max_file_bytes`` (config ``files.max_file_mb``,
+64 GiB by default): a few blocks linked over and over can claim any size. Files reach tasks
+by path (``fetch_to_path``/``store_path``, streamed chunk by chunk); ``materialise`` joins a
+file in the daemon's memory and so takes only small ones (``MATERIALISE_MAX_BYTES``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ from teammesh.protocols.tasks import TaskSpec, is_cid_ref
 from teammesh.storage.blockstore import BlockNotFound, FsBlockstore
 from teammesh.storage.cid import Cid
 from teammesh.storage.mirrorqueue import MirrorQueue
+from teammesh.storage.unixfs import (
+    DEFAULT_MAX_FILE_BYTES,
+    FileExporter,
+    FileTooLarge,
+    human_bytes,
+    over_limit,
+)
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -37,10 +49,20 @@ Progress = Callable[[int, int], None]
 FETCH_SOURCES = ("local", "peers", "ipfs", "r2")
 MIRROR_POLL_S = 5.0
 EXPORT_FRESH_BLOCKS = 128  # blocks a get keeps in memory for its exporter (~32 MiB)
+MATERIALISE_MAX_BYTES = 64 * 1024 * 1024  # a file joined in the daemon's memory for a task
 
 
 class NotFound(StorageError):
     pass
+
+
+def _max_file_bytes(cfg: Any) -> int:
+    """``files.max_file_mb`` (MiB; 0 means the default), read only if config knows it."""
+    try:
+        mb = int(cfg.get("files", "max_file_mb"))
+    except KeyError:
+        return DEFAULT_MAX_FILE_BYTES
+    return mb * 1024 * 1024 if mb > 0 else DEFAULT_MAX_FILE_BYTES
 
 
 def parse_cid(text: str) -> Cid:
@@ -92,6 +114,7 @@ class FilesService:
         self.store = FsBlockstore(node.home.path / "store",
                                   limit_bytes=limit_mb * 1024 * 1024 if limit_mb else None)
         self.fetch_order = [s for s in cfg.get("files", "fetch_order") if s in FETCH_SOURCES]
+        self.max_file_bytes = _max_file_bytes(cfg)
         self.queue = MirrorQueue(node.home.path / "mirror-queue.db")
         self.mirror: Any = None
         endpoint = cfg.get("r2", "endpoint")
@@ -126,12 +149,10 @@ class FilesService:
         self.store.put(cid, data, verified=True)
 
     def has_file(self, root: Cid) -> bool:
+        """Whether every block of ``root`` is stored. Walks distinct blocks only (a file
+        of one block linked a million times costs one read); export checks the sizes."""
         try:
-            from teammesh.storage.unixfs import FileExporter
-
-            for _ in FileExporter(root, self.store.get):
-                pass
-            return True
+            return not self.store.missing(root)
         except StorageError:
             return False
 
@@ -194,7 +215,7 @@ class FilesService:
                 errors.append(f"{source}: {exc}")
                 continue
             size = await trio.to_thread.run_sync(
-                lambda: self.store.export(root, dest, progress))
+                lambda: self.store.export(root, dest, progress, max_size=self.max_file_bytes))
             self.stats[f"fetched_{source}"] += 1
             return {**self._done(root, dest, source), "size": size}
         raise NotFound(f"cannot get {root}: " + "; ".join(errors or ["no source configured"]))
@@ -248,7 +269,8 @@ class FilesService:
             nonlocal size, export_error
             try:
                 size = await trio.to_thread.run_sync(
-                    lambda: self.store.export(root, dest, progress, get_block=get_block))
+                    lambda: self.store.export(root, dest, progress, get_block=get_block,
+                                              max_size=self.max_file_bytes))
             except TeammeshError as exc:
                 export_error = exc
 
@@ -270,7 +292,10 @@ class FilesService:
 
     async def _fetch_from_peers(self, root: Cid, peers: list[str] | None,
                                 progress: Progress | None,
-                                put_block: Callable[[Cid, bytes], None] | None = None) -> None:
+                                put_block: Callable[[Cid, bytes], None] | None = None,
+                                max_bytes: int | None = None) -> None:
+        """Fetch ``root`` over Bitswap into the store and pin it; a file claiming more than
+        ``max_bytes`` (default ``max_file_bytes``) is refused at its root block."""
         if self.bitswap is None or self.host is None:
             raise StorageError("bitswap is not running")
         candidates = list(peers or [])
@@ -287,7 +312,9 @@ class FilesService:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.to_thread.run_sync, writer.run)
                 try:
-                    await self.bitswap.fetch(root, candidates, writer.put)
+                    await self.bitswap.fetch(
+                        root, candidates, writer.put,
+                        max_bytes=self.max_file_bytes if max_bytes is None else max_bytes)
                 except TeammeshError as exc:
                     fetch_error = exc  # raised below as itself, not in an ExceptionGroup
                 finally:
@@ -315,21 +342,82 @@ class FilesService:
             logger.warning("fetched %s from the mirror but could not store it: %s", root, exc)
 
     # --- tasks with files ------------------------------------------------------------------
-    async def materialise(self, text: str, peers: list[str]) -> bytes:
-        """The bytes of file ``text`` for a task, fetched into the store if needed."""
-        from teammesh.storage.unixfs import FileExporter
+    async def _ensure_local(self, root: Cid, peers: list[str], max_bytes: int) -> None:
+        """Bring every block of ``root`` into the store (peers, then the mirror)."""
+        if await trio.to_thread.run_sync(self.has_file, root):
+            return
+        try:
+            await self._fetch_from_peers(root, peers, None, max_bytes=max_bytes)
+        except FileTooLarge:
+            raise
+        except StorageError:
+            if self.mirror is None:
+                raise
+            with tempfile.TemporaryDirectory(dir=self.node.home.path) as tmp:
+                await self._fetch_from_mirror(root, Path(tmp) / "f", None)
 
-        root = parse_cid(text)
-        if not await trio.to_thread.run_sync(self.has_file, root):
-            try:
-                await self._fetch_from_peers(root, peers, None)
-            except StorageError:
-                if self.mirror is None:
-                    raise
-                with tempfile.TemporaryDirectory() as tmp:
-                    await self._fetch_from_mirror(root, Path(tmp) / "f", None)
+    async def fetch_to_path(self, cid_text: str, dest: Path, peers: list[str],
+                            max_bytes: int) -> int:
+        """Write file ``cid_text`` to ``dest`` chunk by chunk, fetching it first if needed.
+
+        Memory stays flat whatever the size: blocks go to the store, then from the store
+        to ``dest`` (via ``dest.partial``, renamed when complete).
+
+        Args:
+            cid_text: the file's CID.
+            dest: the path to write (its directory must exist).
+            peers: peers to ask first (connected team members are asked too).
+            max_bytes: refuse a file that claims more, before fetching past its root.
+
+        Returns:
+            The file's size in bytes.
+
+        Raises:
+            FileTooLarge: the file claims more than ``max_bytes`` (the message names it).
+            StorageError: not a CID, no source has it, or it is malformed.
+        """
+        root = parse_cid(cid_text)
+        await self._ensure_local(root, peers, max_bytes)
         return await trio.to_thread.run_sync(
-            lambda: b"".join(FileExporter(root, self.store.get)))
+            lambda: self.store.export(root, Path(dest), max_size=max_bytes))
+
+    async def store_path(self, path: Path) -> dict[str, Any]:
+        """Add the file at ``path`` to the block store, pinned, reading it 4 MiB at a time.
+
+        Returns:
+            ``{"$cid": str, "size": int}``, the form a task result carries a file in.
+
+        Raises:
+            StorageError: ``path`` is not a file, or the store is full.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise StorageError(f"{path} is not a file")
+        root, size = await trio.to_thread.run_sync(self.store.add_file, path)
+        return {"$cid": str(root), "size": size}
+
+    async def materialise(self, text: str, peers: list[str],
+                          max_bytes: int = MATERIALISE_MAX_BYTES) -> bytes:
+        """The bytes of file ``text`` for a task, fetched into the store if needed.
+
+        The whole file is joined in the daemon's memory, so only files up to
+        ``max_bytes`` are taken; larger ones must go to the kind by path
+        (``fetch_to_path``).
+
+        Raises:
+            FileTooLarge: the file claims more than ``max_bytes``.
+            StorageError: not a CID, no source has it, or it is malformed.
+        """
+        root = parse_cid(text)
+        try:
+            await self._ensure_local(root, peers, max_bytes)
+            return await trio.to_thread.run_sync(
+                lambda: b"".join(FileExporter(root, self.store.get, max_size=max_bytes)))
+        except FileTooLarge as exc:
+            raise FileTooLarge(
+                f"file {root} is {human_bytes(exc.size)}, over the {human_bytes(max_bytes)}"
+                " a task can take in the daemon's memory; the kind should take the file by"
+                " path (fetch_to_path)", size=exc.size, limit=max_bytes) from None
 
     async def resolve_spec(self, spec: TaskSpec, peers: list[str]) -> TaskSpec:
         """Replace a task's input CID and {"$cid": ...} params with the files' bytes."""
@@ -367,6 +455,9 @@ class FilesService:
         root = parse_cid(text)
         if not await trio.to_thread.run_sync(self.has_file, root):
             await self._fetch_from_peers(root, None, None)
+        size = await trio.to_thread.run_sync(self.store.file_size, root)
+        if size > self.max_file_bytes:
+            raise over_limit(root, size, self.max_file_bytes)
         await trio.to_thread.run_sync(self.store.pin, root)
         return {"cid": str(root), "pinned": True}
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Final
 from teammesh.protocols.errors import StorageError
 
 from .cid import RAW, Cid
-from .unixfs import CHUNK_SIZE, FileExporter, FileImporter, links_of
+from .unixfs import CHUNK_SIZE, DEFAULT_MAX_FILE_BYTES, FileExporter, FileImporter, links_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -340,6 +340,11 @@ class FsBlockstore:
                 out.append(Cid.parse(entry.name))
         return out
 
+    def missing(self, root: Cid) -> list[Cid]:
+        """The blocks under ``root`` not in the store (each distinct block read once, so a
+        DAG that links one block many times costs what its distinct blocks cost)."""
+        return [cid for cid, present in self._walk(root) if not present]
+
     def _walk(self, root: Cid) -> Iterator[tuple[Cid, bool]]:
         """(cid, present) for every block reachable from ``root``, depth first."""
         stack = [root]
@@ -429,10 +434,13 @@ class FsBlockstore:
         dest: Path,
         progress: Callable[[int, int], None] | None = None,
         get_block: Callable[[Cid], bytes] | None = None,
+        *,
+        max_size: int | None = DEFAULT_MAX_FILE_BYTES,
     ) -> int:
         """Write the file ``root`` to ``dest``, every block verified; return its size.
 
         ``get_block`` replaces :meth:`get` (a caller that waits for blocks in flight).
+        A root claiming more than ``max_size`` bytes is refused before anything is written.
 
         The bytes go to ``dest + ".partial"``, renamed to ``dest`` only when complete:
         ``dest`` never holds a partial file. Not fsynced (as cp, curl or ``ipfs get``):
@@ -444,10 +452,11 @@ class FsBlockstore:
             BlockNotFound: a block is missing (fetch it first).
             CorruptBlock: a block is corrupt (it was deleted; fetch it again).
             DiskFull: the destination's disk filled up.
+            StorageError: the file claims more than ``max_size`` bytes, or is malformed.
         """
         dest = Path(dest)
         partial = dest.with_name(dest.name + ".partial")
-        exporter = FileExporter(root, get_block or self.get)
+        exporter = FileExporter(root, get_block or self.get, max_size=max_size)
         total = exporter.size()
         done = 0
         try:
@@ -467,5 +476,5 @@ class FsBlockstore:
         return total
 
     def file_size(self, root: Cid) -> int:
-        """The size of the file ``root`` (reads and verifies only the root block)."""
-        return FileExporter(root, self.get).size()
+        """The size the file ``root`` claims (reads and verifies only the root block)."""
+        return FileExporter(root, self.get, max_size=None).size()

@@ -25,6 +25,12 @@ are handed back from :meth:`FileImporter.feed` so they can be stored as they app
 Export walks a DAG depth-first with an explicit stack, checking every block against its
 CID and every size against its parent's ``blocksizes``; any mismatch raises
 :class:`teammesh.protocols.errors.StorageError`.
+
+A DAG may link the same block many times, so a few kilobytes of blocks can claim any size
+(174 links to one node, 174 times over, claims 214 TiB). Sizes are therefore only believed
+up to a limit: every export refuses a root that claims more than ``max_size`` bytes
+(``DEFAULT_MAX_FILE_BYTES`` unless the caller says otherwise) before it reads a second
+block, and the sizes checked on the way down keep it to what the root claimed.
 """
 
 from __future__ import annotations
@@ -51,19 +57,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_SIZE",
+    "DEFAULT_MAX_FILE_BYTES",
     "MAX_LINKS",
     "Block",
     "FileExporter",
     "FileImporter",
+    "FileTooLarge",
     "cid_of_bytes",
     "cid_of_file",
+    "claimed_size",
     "export_file",
+    "human_bytes",
     "links_of",
+    "over_limit",
 ]
 
 CHUNK_SIZE: Final = 262_144
 MAX_LINKS: Final = 174
 MAX_DEPTH: Final = 64
+DEFAULT_MAX_FILE_BYTES: Final = 64 * 1024**3  # the largest file a node believes (64 GiB)
 _READ_SIZE: Final = 16 * CHUNK_SIZE
 
 Block = tuple[Cid, bytes]
@@ -240,6 +252,72 @@ def links_of(cid: Cid, block: bytes) -> list[Cid]:
     raise StorageError(f"cannot walk block {cid}: codec {cid.codec_name} is not raw or dag-pb")
 
 
+class FileTooLarge(StorageError):
+    """A file claims more bytes than the caller's limit; ``size`` and ``limit`` say how many."""
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps it above 1 (``64 GiB``)."""
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} bytes"
+
+
+def over_limit(root: Cid, size: int, limit: int) -> FileTooLarge:
+    """The error for a file ``root`` that claims ``size`` bytes against ``limit``."""
+    return FileTooLarge(
+        f"file {root} claims {size} bytes ({human_bytes(size)}), over the"
+        f" {human_bytes(limit)} limit for one file ({limit} bytes)", size=size, limit=limit)
+
+
+def _unixfs_parts(cid: Cid, block: bytes | memoryview) -> tuple[PBNode, bytes, tuple[int, ...]]:
+    """Decode a file node: the node, its inline data and its children's sizes (validated:
+    one size per link, none empty, adding up to filesize). Link Tsizes are not checked:
+    importers other than Kubo's write them differently."""
+    if cid.codec != DAG_PB:
+        raise StorageError(
+            f"block {cid} has codec {cid.codec_name}; a file needs raw or dag-pb"
+        )
+    node = decode_node(block)
+    if node.data is None:
+        raise StorageError(f"dag-pb node {cid} carries no UnixFS data")
+    u = decode_unixfs(node.data)
+    if u.type not in (UNIXFS_FILE, UNIXFS_RAW):
+        raise StorageError(f"node {cid} is UnixFS type {u.type}, not a file")
+    if len(u.blocksizes) != len(node.links):
+        raise StorageError(
+            f"node {cid} has {len(node.links)} links but {len(u.blocksizes)} blocksizes"
+        )
+    if any(s == 0 for s in u.blocksizes):
+        raise StorageError(f"node {cid} links to an empty subtree")
+    data = u.data or b""
+    if u.filesize is not None and u.filesize != len(data) + sum(u.blocksizes):
+        raise StorageError(
+            f"node {cid} says {u.filesize} bytes but its parts add up to "
+            f"{len(data) + sum(u.blocksizes)}"
+        )
+    return node, data, u.blocksizes
+
+
+def claimed_size(cid: Cid, block: bytes | memoryview) -> int:
+    """The file size a root block claims (a raw block: its length). Does not verify the
+    block's hash; a fetch uses it to refuse a file before fetching the rest.
+
+    Raises:
+        StorageError: the block is not a UnixFS file node, or its sizes do not add up.
+    """
+    if cid.codec == RAW:
+        return len(block)
+    _, data, sizes = _unixfs_parts(cid, block)
+    return len(data) + sum(sizes)
+
+
 class FileExporter:
     """Iterate over a UnixFS file's bytes, fetching blocks with ``get_block(cid)``.
 
@@ -247,7 +325,8 @@ class FileExporter:
     its CID before use. Sizes are checked too: a node's content must add up to its
     ``filesize`` and to the size its parent recorded for it, so the bytes produced are
     exactly :attr:`size` (known after the root block, see :meth:`size`).
-    ``max_size`` refuses files that claim to be larger.
+    ``max_size`` refuses files that claim to be larger (None: no limit, for callers that
+    bound the output themselves); the default is ``DEFAULT_MAX_FILE_BYTES``.
     """
 
     def __init__(
@@ -255,7 +334,7 @@ class FileExporter:
         root: Cid,
         get_block: Callable[[Cid], bytes],
         *,
-        max_size: int | None = None,
+        max_size: int | None = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
         self.root = root
         self._get = get_block
@@ -272,21 +351,20 @@ class FileExporter:
         return block
 
     def size(self) -> int:
-        """The file size the root claims (fetches and verifies only the root block)."""
+        """The file size the root claims (fetches and verifies only the root block).
+
+        Raises:
+            StorageError: the root is not a file, or claims more than ``max_size``.
+        """
         if self._root_block is None:
             self._root_block = self._fetch(self.root)
-        block = self._root_block
-        if self.root.codec == RAW:
-            return len(block)
-        data, sizes = self._unixfs(self.root, block)
-        return len(data) + sum(sizes)
+        total = claimed_size(self.root, self._root_block)
+        if self._max_size is not None and total > self._max_size:
+            raise over_limit(self.root, total, self._max_size)
+        return total
 
     def __iter__(self) -> Iterator[bytes]:
         total = self.size()
-        if self._max_size is not None and total > self._max_size:
-            raise StorageError(
-                f"file {self.root} is {total} bytes, over the {self._max_size} limit"
-            )
         stack: list[tuple[Cid, int, int]] = [(self.root, total, 0)]  # cid, size, depth
         while stack:
             cid, expected, depth = stack.pop()
@@ -299,7 +377,7 @@ class FileExporter:
                 if block:
                     yield block
                 continue
-            data, sizes = self._unixfs(cid, block)
+            node, data, sizes = _unixfs_parts(cid, block)
             if len(data) + sum(sizes) != expected:
                 raise StorageError(
                     f"node {cid} covers {len(data) + sum(sizes)} bytes, parent says {expected}"
@@ -308,39 +386,13 @@ class FileExporter:
                 raise StorageError(f"DAG under {self.root} is deeper than {MAX_DEPTH} levels")
             if data:
                 yield data
-            links = decode_node(block).links if sizes else ()
-            for link, size in zip(reversed(links), reversed(sizes), strict=True):
+            for link, size in zip(reversed(node.links), reversed(sizes), strict=True):
                 stack.append((link.cid, size, depth + 1))
-
-    def _unixfs(self, cid: Cid, block: bytes) -> tuple[bytes, tuple[int, ...]]:
-        """Decode a file node: its inline data and its children's sizes (validated)."""
-        if cid.codec != DAG_PB:
-            raise StorageError(
-                f"block {cid} has codec {cid.codec_name}; a file needs raw or dag-pb"
-            )
-        node = decode_node(block)
-        if node.data is None:
-            raise StorageError(f"dag-pb node {cid} carries no UnixFS data")
-        u = decode_unixfs(node.data)
-        if u.type not in (UNIXFS_FILE, UNIXFS_RAW):
-            raise StorageError(f"node {cid} is UnixFS type {u.type}, not a file")
-        if len(u.blocksizes) != len(node.links):
-            raise StorageError(
-                f"node {cid} has {len(node.links)} links but {len(u.blocksizes)} blocksizes"
-            )
-        if any(s == 0 for s in u.blocksizes):
-            raise StorageError(f"node {cid} links to an empty subtree")
-        data = u.data or b""
-        if u.filesize is not None and u.filesize != len(data) + sum(u.blocksizes):
-            raise StorageError(
-                f"node {cid} says {u.filesize} bytes but its parts add up to "
-                f"{len(data) + sum(u.blocksizes)}"
-            )
-        return data, u.blocksizes
 
 
 def export_file(
-    root: Cid, get_block: Callable[[Cid], bytes], *, max_size: int | None = None
+    root: Cid, get_block: Callable[[Cid], bytes], *,
+    max_size: int | None = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[bytes]:
     """Yield the bytes of the file rooted at ``root`` in order (see :class:`FileExporter`)."""
     return iter(FileExporter(root, get_block, max_size=max_size))

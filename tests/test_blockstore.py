@@ -289,3 +289,28 @@ def test_disk_full_on_put(tmp_path: Path) -> None:
     assert not store.has(cid)
     assert store.size_bytes == 0
     assert not list((tmp_path / "tmp").iterdir())
+
+
+# -- files made of repeated blocks ---------------------------------------------------------
+
+
+def test_a_repeated_block_file_is_walked_once_and_refused_on_export(tmp_path: Path) -> None:
+    from teammesh.storage.unixfs import DEFAULT_MAX_FILE_BYTES, FileTooLarge
+    from test_cid import repeated_dag
+
+    store = FsBlockstore(tmp_path / "s")
+    root, claimed, blocks = repeated_dag(4)
+    for cid, data in blocks[1:]:
+        store.put(cid, data)
+    # the walk reads each distinct block once: the missing leaf is reported once
+    assert store.missing(root) == [blocks[0][0]]
+    store.put(*blocks[0])
+    assert store.missing(root) == []
+    assert store.file_size(root) == claimed  # what it claims, not believed by export
+    dest = tmp_path / "out"
+    with pytest.raises(FileTooLarge, match=str(DEFAULT_MAX_FILE_BYTES)):
+        store.export(root, dest)
+    with pytest.raises(FileTooLarge, match="limit for one file \\(1048576 bytes\\)"):
+        store.export(root, dest, max_size=MIB)
+    assert not dest.exists()
+    assert not dest.with_name("out.partial").exists()

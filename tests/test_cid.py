@@ -19,6 +19,7 @@ from teammesh.protocols.errors import LocalProtocolError, StorageError
 from teammesh.storage.cid import DAG_PB, RAW, Cid, decode_varint, encode_varint
 from teammesh.storage.dagpb import (
     UNIXFS_DIRECTORY,
+    UNIXFS_FILE,
     PBLink,
     PBNode,
     UnixFSData,
@@ -29,10 +30,14 @@ from teammesh.storage.dagpb import (
 )
 from teammesh.storage.unixfs import (
     CHUNK_SIZE,
+    DEFAULT_MAX_FILE_BYTES,
+    MAX_LINKS,
     FileExporter,
     FileImporter,
+    FileTooLarge,
     cid_of_bytes,
     cid_of_file,
+    claimed_size,
     export_file,
     links_of,
 )
@@ -445,3 +450,54 @@ def test_dagpb_round_trip_and_field_order() -> None:
     u = UnixFSData(2, b"data", 4, (1, 2, 3))
     assert decode_unixfs(encode_unixfs(u)) == u
     assert decode_unixfs(b"\x08\x02\x22\x02\x01\x02") == UnixFSData(2, None, None, (1, 2))
+
+
+# -- files made of repeated blocks ---------------------------------------------------------
+
+
+def repeated_dag(levels: int, fanout: int = MAX_LINKS, leaf: bytes | None = None
+                 ) -> tuple[Cid, int, list[tuple[Cid, bytes]]]:
+    """A file whose every node links ``fanout`` times to one child: (root, claimed size,
+    the ``levels + 1`` distinct blocks). Four levels over a 256 KiB leaf claim 218 TiB."""
+    leaf = pattern(CHUNK_SIZE) if leaf is None else leaf
+    cid, size = Cid.of_block(RAW, leaf), len(leaf)
+    blocks = [(cid, leaf)]
+    tsize = size
+    for _ in range(levels):
+        data = encode_unixfs(UnixFSData(UNIXFS_FILE, None, size * fanout, (size,) * fanout))
+        node = encode_node(PBNode(tuple(PBLink(cid, "", tsize) for _ in range(fanout)), data))
+        cid, size, tsize = Cid.of_block(DAG_PB, node), size * fanout, len(node) + tsize * fanout
+        blocks.append((cid, node))
+    return cid, size, blocks
+
+
+def test_a_repeated_block_file_claiming_218_tib_is_refused_by_default() -> None:
+    root, claimed, blocks = repeated_dag(4)
+    assert claimed == CHUNK_SIZE * MAX_LINKS**4
+    store = dict(blocks)
+    assert claimed_size(root, store[root]) == claimed
+    exporter = FileExporter(root, store.__getitem__)
+    with pytest.raises(FileTooLarge, match=f"limit for one file \\({DEFAULT_MAX_FILE_BYTES}") as e:
+        exporter.size()
+    assert (e.value.size, e.value.limit) == (claimed, DEFAULT_MAX_FILE_BYTES)
+    with pytest.raises(FileTooLarge):
+        next(iter(export_file(root, store.__getitem__)))
+
+
+def test_a_repeated_block_file_under_the_limit_exports_exactly_its_claim() -> None:
+    # sizes that add up are believed up to the caller's limit, and no further
+    root, claimed, blocks = repeated_dag(2, fanout=3, leaf=b"xyz")
+    assert claimed == 27
+    store = dict(blocks)
+    assert b"".join(export_file(root, store.__getitem__, max_size=27)) == b"xyz" * 9
+    with pytest.raises(FileTooLarge, match="26 bytes"):
+        b"".join(export_file(root, store.__getitem__, max_size=26))
+
+
+def test_claimed_size_rejects_nodes_whose_sizes_do_not_add_up() -> None:
+    leaf_cid = Cid.of_block(RAW, b"abc")
+    node = encode_node(
+        PBNode((PBLink(leaf_cid, "", 3),), encode_unixfs(UnixFSData(2, None, 1 << 50, (3,))))
+    )
+    with pytest.raises(StorageError, match="add up"):
+        claimed_size(Cid.of_block(DAG_PB, node), node)

@@ -1,0 +1,89 @@
+"""A member serving a file made of repeated blocks (issue 15, item 6), on real daemons.
+
+A dag-pb node may link the same child again and again: four levels of 174 links over one
+256 KiB leaf take five blocks (~30 KiB) and claim 256 KiB x 174^4 = 218 TiB. The member
+(A) holds those blocks in its store and serves them over Bitswap like any file; the victim
+(B) must refuse the claim by name, keep its memory flat, and keep serving honest files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from meshtools import Daemon, mesh, run_cli, wait_until
+from teammesh.storage.blockstore import FsBlockstore
+from teammesh.storage.cid import Cid
+from teammesh.storage.unixfs import CHUNK_SIZE, DEFAULT_MAX_FILE_BYTES
+from test_cid import repeated_dag
+
+pytestmark = pytest.mark.hostile
+
+MiB = 1024 * 1024
+RSS_GROWTH_LIMIT = 256 * MiB  # the victim's peak RSS may grow this much, not by the claim
+
+
+def plant(d: Daemon, blocks: list[tuple[Cid, bytes]]) -> None:
+    """Put blocks in a running daemon's store, as a member may (it serves what it holds)."""
+    store = FsBlockstore(d.home / "store")
+    for cid, data in blocks:
+        store.put(cid, data)
+
+
+def peak_rss(d: Daemon) -> int:
+    assert d.proc is not None
+    for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_a_repeated_block_file_claiming_214_tib_is_refused(tmp_path: Path,
+                                                           scenario_report) -> None:
+    root, claimed, blocks = repeated_dag(4)
+    assert claimed > 200 * 1024**4  # the claim the issue reports
+    tried = lost = 0
+    with mesh(tmp_path, 2, slots=[0, 1]) as (a, b):
+        wait_until(lambda: len(b.peers()) == 1, 20, what="the mesh")
+        plant(a, blocks)
+        before = peak_rss(b)
+
+        # files get: refused at the root block, with the limit named; nothing written
+        out = tmp_path / "huge.bin"
+        for _ in range(3):
+            tried += 1
+            proc = run_cli(b.home, "get", str(root), "-o", str(out), check=False, timeout=120)
+            refused = (proc.returncode == 1 and "limit" in proc.stderr
+                       and str(DEFAULT_MAX_FILE_BYTES) in proc.stderr)
+            lost += not refused
+            assert refused, proc.stderr
+            assert not out.exists()
+            assert not out.with_name(out.name + ".partial").exists()
+        # nothing of the claim was kept: the root is refused before any child is wanted
+        assert not any(p["cid"] == str(root) for p in b.cli("files", "list")["files"])
+
+        # a task whose input is that file fails with a reason, on the executor
+        from teammesh.client import Client
+
+        with Client.from_home(a.home, timeout=120) as c:
+            tried += 1
+            t = c.submit("hash.sha256", input_cid=str(root), wait=True, no_cache=True)
+            failed = t["state"] == "failed" and "limit" in (t["error"] or "")
+            lost += not failed
+            assert failed, t
+
+        assert a.alive()
+        assert b.alive()
+        grown = peak_rss(b) - before
+        assert grown < RSS_GROWTH_LIMIT, f"B's peak RSS grew by {grown / MiB:.0f} MiB"
+
+        # honest traffic still flows: a real file from A arrives intact at B
+        honest = tmp_path / "honest.bin"
+        honest.write_bytes(os.urandom(3 * CHUNK_SIZE + 7))
+        cid = a.cli("share", str(honest))["cid"]
+        got = b.cli("get", cid, "-o", str(tmp_path / "honest.out"))
+        assert got["source"] == "peers"
+        assert (tmp_path / "honest.out").read_bytes() == honest.read_bytes()
+    scenario_report("files: repeated-block DAG claiming 218 TiB", tried=tried, lost=lost,
+                    note=f"peak RSS +{grown / MiB:.0f} MiB")
