@@ -4,16 +4,23 @@
 slots), runs them in its own executor, and posts the results. A lease that is not
 completed in time returns to the bridge's queue, so a pull node that dies loses nothing.
 Long-polling is approximated by a short back-off when the queue is empty.
+
+The bridge binds each lease to this node's authenticated peer id: only this node can post
+the result of a task it leased, and the bridge records it as the executor. A task named by
+``input_cid`` is fetched through the files service (peers, then the R2 mirror) like any
+file input. Leased tasks come back validated (``BridgeClient.lease``); a malformed lease
+answer is treated like an unreachable bridge (back off and retry).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-from teammesh.protocols.tasks import TaskResult, TaskSpec
+from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 
 from .bridge import BridgeError, BridgeRateLimited, BridgeRejected, BridgeUnavailable
 from .executor import Job
@@ -77,11 +84,26 @@ class PullWorker:
             idle = 0.05
             for t in leased:
                 spec = TaskSpec(
-                    id=str(t["id"]), kind=str(t["kind"]), version=str(t.get("version", "1")),
+                    id=t["id"], kind=t["kind"], version=t.get("version", "1"),
                     input=base64.b64decode(t.get("input_b64") or ""),
                     params=dict(t.get("params") or {}), timeout_ms=int(LEASE_S * 900),
-                    priority=int(t.get("priority") or 0))
-                executor.submit_nowait(Job(spec, "bridge", self._done))
+                    priority=t.get("priority", 0), input_cid=t.get("input_cid"))
+                job = Job(spec, "bridge", self._done)
+                if spec.needs_files:
+                    self._start_with_files(job)
+                else:
+                    executor.submit_nowait(job)
+
+    def _start_with_files(self, job: Job) -> None:
+        """The input is a file (input_cid or {"$cid"} params): fetch it first, as for a
+        local task, or fail the task if this node has no files service."""
+        files = self.node.files
+        if files is None:
+            self._done(job, make_result(job.spec.id, False, None,
+                                        "this pull-mode node has no file store to fetch the"
+                                        " task's input CID", 0, 0))
+            return
+        files.start_job(functools.partial(self.node.tasks.run_with_files, job, []))
 
     def _done(self, job: Job, result: TaskResult) -> None:
         try:
@@ -92,8 +114,8 @@ class PullWorker:
 
     async def _poster(self) -> None:
         async for task_id, result in self._results_in:
-            body = {"ok": result.ok, "output": json_safe(result.output), "error": result.error,
-                    "executor": self.node.identity.peer_id}
+            # The bridge takes the executor from the request's authenticated peer id.
+            body = {"ok": result.ok, "output": json_safe(result.output), "error": result.error}
             for attempt in range(5):
                 try:
                     await self.bridge.complete(task_id, body)

@@ -2,8 +2,9 @@
 
 * parity: every portable kind gives the same result through the Worker as through the
   Python kind (compared as msgpack bytes, so int/float types and key order count too);
-* the HTTP API: signing, replays, size limits, rate limits, queue/lease/result, lease
-  expiry, the result cache, CORS, and persistence across a restart (--persist-to);
+* the HTTP API: signing with per-member keys, replays, size limits, rate limits,
+  queue/lease/result (results only from the lease holder), lease expiry, the result
+  cache, CORS, key rotation, and persistence across a restart (--persist-to);
 * teammesh.node.bridge.BridgeClient and teammesh.node.bridgedev.open_bridge_dev.
 
 Needs bridge/node_modules (``bash bridge/run-tests.sh`` or ``npm ci`` in bridge/).
@@ -28,9 +29,15 @@ import msgpack
 import pytest
 from teammesh.node.bridge import (
     BridgeClient,
+    BridgeProtocolError,
     BridgeRateLimited,
     BridgeRejected,
+    BridgeStaleKey,
     BridgeUnavailable,
+    check_leased_task,
+    check_task,
+    decode_task,
+    derive_member_key,
     new_bridge_key,
     sign_request,
 )
@@ -45,7 +52,11 @@ from teammesh.node.kinds import load_kinds, run_kind
 from teammesh.protocols.errors import TaskError
 
 BRIDGE_DIR = Path(__file__).resolve().parent.parent / "bridge"
-KEY = bytes.fromhex("5eed" * 16)  # the tests' team bridge key (32 bytes)
+KEY = bytes.fromhex("5eed" * 16)  # the tests' master bridge key (32 bytes, epoch 0)
+
+
+def member(peer: str, master: bytes = KEY) -> bytes:
+    return derive_member_key(master, peer)
 
 pytestmark = pytest.mark.skipif(
     not (BRIDGE_DIR / "node_modules" / "wrangler").is_dir(),
@@ -97,9 +108,10 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 class Api:
-    """Signed synchronous calls, for tests that look at raw status codes."""
+    """Signed synchronous calls, for tests that look at raw status codes. Signs with the
+    member key of ``peer`` (derived from ``KEY``) unless ``key`` is given."""
 
-    def __init__(self, url: str, peer: str = "test-peer", key: bytes = KEY) -> None:
+    def __init__(self, url: str, peer: str = "test-peer", key: bytes | None = None) -> None:
         self.url, self.peer, self.key = url, peer, key
         self.http = httpx.Client(base_url=url, timeout=60, trust_env=False)
 
@@ -109,7 +121,9 @@ class Api:
         data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
         h = {"Content-Type": "application/json", "X-Teammesh-Peer": self.peer}
         if sign:
-            h.update(sign_request(self.key, method, path, data, nonce=nonce, timestamp=timestamp))
+            key = self.key if self.key is not None else member(self.peer)
+            h.update(sign_request(key, self.peer, method, path, data, nonce=nonce,
+                                  timestamp=timestamp))
         h.update(headers or {})
         return self.http.request(method, path, content=data, headers=h)
 
@@ -330,12 +344,17 @@ def test_auth_failures(api: Api) -> None:
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "bad_signature"
     # the signature covers the query string and the body
-    h = {"X-Teammesh-Peer": "p", **sign_request(KEY, "GET", "/v1/tasks?state=done", b"")}
+    h = sign_request(member("p"), "p", "GET", "/v1/tasks?state=done", b"")
     r = api.http.get("/v1/tasks?state=queued", headers=h)
     assert r.status_code == 401
-    h = {"X-Teammesh-Peer": "p", **sign_request(KEY, "POST", "/v1/tasks", b"{}")}
+    h = sign_request(member("p"), "p", "POST", "/v1/tasks", b"{}")
     r = api.http.post("/v1/tasks", content=b'{"kind":"hash.sha256"}', headers=h)
     assert r.status_code == 401
+    assert r.json()["error"]["code"] == "bad_content_hash"
+    # a member key signs for its own peer id only; the master signs for any (admin)
+    h = sign_request(member("p"), "q", "GET", "/v1/tasks?limit=1", b"")
+    assert api.http.get("/v1/tasks?limit=1", headers=h).status_code == 401
+    assert Api(api.url, peer="an-admin", key=KEY).call("GET", "/v1/tasks?limit=1").status_code == 200
     r = api.call("GET", "/v1/tasks", timestamp=int(time.time()) - 400)
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "stale_timestamp"
@@ -378,7 +397,7 @@ def test_body_limits(api: Api) -> None:
         for _ in range(11):
             yield b"y" * (1024 * 1024)
 
-    h = {"X-Teammesh-Peer": "p", **sign_request(KEY, "POST", "/v1/tasks", b"")}
+    h = sign_request(member("p"), "p", "POST", "/v1/tasks", b"")
     r = api.http.post("/v1/tasks", content=chunks(), headers=h)
     assert r.status_code == 413
 
@@ -400,7 +419,7 @@ def test_rate_limit(worker: str) -> None:
 
 
 async def test_client_rate_limited_is_unavailable(worker: str) -> None:
-    async with BridgeClient(worker, KEY, "flooder") as bridge:  # bucket drained above
+    async with BridgeClient(worker, member("flooder"), "flooder") as bridge:  # bucket drained above
         limited: BridgeRateLimited | None = None
         for _ in range(400):
             try:
@@ -432,7 +451,7 @@ def test_cache_and_invalidate(api: Api) -> None:
     assert first["id"] != second["id"]
     r = api.call("POST", "/v1/cache/invalidate", {"prefix": "hash.blake2b/1/"})
     assert r.status_code == 200
-    assert r.json()["deleted"] >= 1
+    assert r.json()["scope"] == "hash.blake2b/1"
     assert api.call("POST", "/v1/tasks", body).json()["cached"] is False
     # the same id again returns the stored task (idempotent retries)
     again = api.call("POST", "/v1/tasks", {**body, "id": first["id"]}).json()
@@ -502,7 +521,7 @@ def test_lease_expiry_returns_task(api: Api) -> None:
 
 
 async def test_bridge_client(worker: str) -> None:
-    async with BridgeClient(worker, KEY, "client-peer") as bridge:
+    async with BridgeClient(worker, member("client-peer"), "client-peer") as bridge:
         health = await bridge.health()
         assert health["ok"]
         assert health["bindings"]["queue"]
@@ -544,7 +563,7 @@ async def test_round_trip_latency(worker: str) -> None:
     """hash.sha256 of 1 KiB through the signed client: p50 over 100 requests."""
     body = {"kind": "hash.sha256", "input_b64": base64.b64encode(RAND_1K).decode(), "params": {},
             "no_cache": True}
-    async with BridgeClient(worker, KEY, "bench-peer") as bridge:
+    async with BridgeClient(worker, member("bench-peer"), "bench-peer") as bridge:
         await bridge.submit(body)  # warm-up
         times = []
         for _ in range(100):
@@ -565,16 +584,191 @@ async def test_restart_keeps_queued_tasks(tmp_path: Path) -> None:
     state = tmp_path / "state"
     key_hex = KEY.hex()
     async with open_bridge_dev(BRIDGE_DIR, None, key_hex, state) as url:
-        async with BridgeClient(url, KEY, "persist-peer") as bridge:
+        async with BridgeClient(url, member("persist-peer"), "persist-peer") as bridge:
             t = await bridge.submit({"kind": "persist.kind", "params": {"x": 1},
                                      "input_b64": base64.b64encode(b"keep me").decode()})
             assert t["state"] == "queued"
     with pytest.raises(BridgeUnavailable):  # the whole process group is gone
-        async with BridgeClient(url, KEY, "persist-peer", timeout=2) as gone:
+        async with BridgeClient(url, member("persist-peer"), "persist-peer", timeout=2) as gone:
             await gone.health()
     async with open_bridge_dev(BRIDGE_DIR, None, key_hex, state) as url2:
-        async with BridgeClient(url2, KEY, "persist-peer") as bridge:
+        async with BridgeClient(url2, member("persist-peer"), "persist-peer") as bridge:
             queued = await bridge.list("queued", kind="persist.kind")
             assert [x["id"] for x in queued] == [t["id"]]
             leased = await bridge.lease(["persist.kind"])
             assert base64.b64decode(leased[0]["input_b64"]) == b"keep me"
+
+
+# --- per-member keys, leases, untrusted answers ------------------------------------------
+
+
+async def test_results_bound_to_the_lease(worker: str) -> None:
+    async with BridgeClient(worker, member("lease-sub"), "lease-sub") as sub, \
+            BridgeClient(worker, member("member-a"), "member-a") as a, \
+            BridgeClient(worker, member("member-b"), "member-b") as b:
+        t = await sub.submit({"kind": "lease.bound", "params": {}})
+        never = await sub.submit({"kind": "lease.never", "params": {}})
+        assert [x["id"] for x in await a.lease(["lease.bound"])] == [t["id"]]
+        # B cannot finish A's lease, not even naming A as the executor
+        with pytest.raises(BridgeRejected) as info:
+            await b.complete(t["id"], {"ok": True, "output": "forged", "executor": "member-a"})
+        assert (info.value.status, info.value.code) == (403, "not_lease_holder")
+        # A signing as B is not B: A's key does not sign for B's peer id
+        async with BridgeClient(worker, member("member-a"), "member-b") as a_as_b:
+            with pytest.raises(BridgeRejected) as info:
+                await a_as_b.complete(t["id"], {"ok": True, "output": "forged"})
+            assert (info.value.status, info.value.code) == (401, "bad_signature")
+        # the executor is the authenticated lease holder, whatever the body says
+        raw = Api(worker, peer="member-a").call(
+            "POST", f"/v1/tasks/{t['id']}/result",
+            {"ok": True, "output": "real", "executor": "mallory"})
+        assert raw.status_code == 200
+        assert raw.json()["executed_by"] == "member-a"
+        got = await sub.get(t["id"])
+        assert (got["state"], got["output"], got["executed_by"]) == ("done", "real", "member-a")
+        # a task nobody leased takes no result
+        with pytest.raises(BridgeRejected) as info:
+            await b.complete(never["id"], {"ok": True, "output": 1})
+        assert (info.value.status, info.value.code) == (409, "not_leased")
+        assert (await sub.get(never["id"]))["state"] == "queued"
+
+
+async def test_malformed_output_from_the_worker_is_a_protocol_error(worker: str) -> None:
+    """A lease holder posts outputs the Worker stores as sent; the submitter's client
+    refuses the malformed ones with BridgeProtocolError (a BridgeRejected: the task fails),
+    not a TypeError."""
+    async with BridgeClient(worker, member("mal-sub"), "mal-sub") as sub, \
+            BridgeClient(worker, member("mal-worker"), "mal-worker") as w:
+        outputs: list[Any] = [{"$base64": 5}, {"$base64": "!!!"}, {"x": [{"$base64": None}]},
+                              {"$base64": "AAE="}]
+        ids = [(await sub.submit({"kind": "mal.kind", "params": {"n": n}}))["id"]
+               for n in range(len(outputs))]
+        leased = await w.lease(["mal.kind"], max=len(ids))
+        assert sorted(x["id"] for x in leased) == sorted(ids)
+        for task_id, output in zip(ids, outputs, strict=True):
+            await w.complete(task_id, {"ok": True, "output": output})
+        for task_id in ids[:3]:
+            with pytest.raises(BridgeProtocolError) as info:
+                await sub.get(task_id)
+            assert isinstance(info.value, BridgeRejected)
+            assert "base64" in str(info.value)
+        good = decode_task(await sub.get(ids[3]), ids[3])
+        assert (good.state, good.output, good.executed_by) == ("done", b"\x00\x01", "mal-worker")
+
+
+BAD_TASKS: list[tuple[Any, str]] = [
+    ([1, 2], "list"),
+    ({"state": "done"}, "'id'"),
+    ({"id": "t", "state": "weird"}, "unknown state"),
+    ({"id": "t", "state": "done", "output": {"$base64": 5}}, "base64"),
+    ({"id": "t", "state": "done", "output": [{"$base64": "a"}]}, "base64"),
+    ({"id": "t", "state": "done", "error": 5}, "'error'"),
+    ({"id": "t", "state": "done", "executed_by": ["x"]}, "'executed_by'"),
+    ({"id": "t", "state": "failed", "error": None}, "error message"),
+    ({"id": "t", "state": "done", "cached": "yes"}, "'cached'"),
+    ({"id": "other", "state": "done"}, "another task"),
+]
+
+
+@pytest.mark.parametrize(("task", "why"), BAD_TASKS)
+def test_decode_task_refuses_malformed(task: Any, why: str) -> None:
+    with pytest.raises(BridgeProtocolError) as info:
+        decode_task(task, "t")
+    assert why in str(info.value)
+
+
+def test_decode_task_decodes() -> None:
+    t = decode_task({"id": "t", "state": "done", "output": {"$base64": "aGk="},
+                     "executed_by": "bridge", "error": None}, "t")
+    assert (t.output, t.executed_by, t.state) == (b"hi", "bridge", "done")
+    nested = check_task({"id": "t", "state": "done", "output": {"a": {"$base64": "aGk="}}})
+    assert nested["output"] == {"a": {"$base64": "aGk="}}
+
+
+@pytest.mark.parametrize("task", [
+    {"id": "t", "kind": "k", "input_b64": "!!"},
+    {"id": "t", "kind": "k", "input_b64": 5},
+    {"id": "t", "kind": "k", "params": [1]},
+    {"id": "t", "kind": "k", "priority": "1"},
+    {"id": "t", "kind": 3},
+    {"kind": "k"},
+])
+def test_check_leased_task_refuses_malformed(task: Any) -> None:
+    with pytest.raises(BridgeProtocolError):
+        check_leased_task(task)
+
+
+async def test_key_rotation(tmp_path: Path) -> None:
+    new_master = new_bridge_key()
+    async with open_bridge_dev(BRIDGE_DIR, None, KEY.hex(), tmp_path / "state") as url:
+        async with BridgeClient(url, KEY, "rot-admin") as admin, \
+                BridgeClient(url, member("rot-m"), "rot-m") as m:
+            assert isinstance(await m.list(limit=1), list)  # works before the rotation
+            with pytest.raises(BridgeRejected) as info:  # a member key cannot rotate
+                await m.rotate(new_master, 1)
+            assert (info.value.status, info.value.code) == (403, "admin_only")
+            await admin.rotate(new_master, 1)
+            assert admin.key == new_master
+            with pytest.raises(BridgeStaleKey) as stale:
+                await m.list(limit=1)
+            assert stale.value.epoch == 1
+            assert stale.value.status == 401
+            async with BridgeClient(url, KEY, "rot-admin") as old_admin:
+                with pytest.raises(BridgeStaleKey):
+                    await old_admin.list(limit=1)
+                # a retry of a rotation the bridge already took (answer lost) is confirmed
+                await old_admin.rotate(new_master, 1)
+                assert old_admin.key == new_master
+            async with BridgeClient(url, KEY, "rot-admin") as other:
+                with pytest.raises(BridgeStaleKey):  # not this key: no confirmation
+                    await other.rotate(new_bridge_key(), 1)
+                assert other.key == KEY
+            async with BridgeClient(url, member("rot-m", new_master), "rot-m") as fresh:
+                t = await fresh.submit({"kind": "hash.sha256", "input_b64": "YWJj", "params": {}})
+                assert t["state"] == "done"
+            assert (await admin.get(t["id"]))["id"] == t["id"]  # the admin signs with the new master
+            await admin.rotate(new_master, 1)  # the same rotation again is harmless
+            with pytest.raises(BridgeRejected) as info:
+                await admin.rotate(new_bridge_key(), 1)
+            assert info.value.code == "epoch_conflict"
+
+
+def test_malformed_bridge_output_fails_only_that_task(worker: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A submitter daemon polling the bridge gets a malformed output for one task: that
+    task fails with a reason, the other completes, and the daemon stays up."""
+    from meshtools import Daemon, init_home, run_cli
+
+    from teammesh.client import Client
+
+    home = init_home(tmp_path / "sub")
+    run_cli(home, "team", "create", "t")
+    monkeypatch.setenv("TEAMMESH_BRIDGE_KEY", KEY.hex())  # today's nodes hold the master
+    a = Daemon(home, ["--slots", "0", "--bridge", worker]).start()
+    try:
+        with Client.from_home(home, timeout=120) as c:
+            ts = [c.submit("sleep", params={"seconds": 0.01 * (n + 1)}, where="bridge",
+                           no_cache=True) for n in range(2)]
+            puller = Api(worker, peer="e2e-puller")
+            leased: list[dict[str, Any]] = []
+            for _ in range(200):  # bounded: the daemon forwards both tasks within seconds
+                r = puller.call("POST", "/v1/lease", {"kinds": ["sleep"], "max": 2})
+                leased += r.json()["tasks"]
+                if len(leased) == 2:
+                    break
+                time.sleep(0.1)
+            assert sorted(t["id"] for t in leased) == sorted(t["id"] for t in ts)
+            bad, good = ts[0]["id"], ts[1]["id"]
+            for task_id, output in ((bad, {"$base64": 5}), (good, {"slept": 0.01})):
+                r = puller.call("POST", f"/v1/tasks/{task_id}/result", {"ok": True, "output": output})
+                assert r.status_code == 200, r.text
+            failed = c.task(bad, wait=60)
+            done = c.task(good, wait=60)
+        assert failed["state"] == "failed"
+        assert "base64" in failed["error"]
+        assert done["state"] == "done"
+        assert done["output"] == {"slept": 0.01}
+        assert done["executed_by"] == "e2e-puller"
+        assert a.alive()
+    finally:
+        a.stop()

@@ -1,15 +1,28 @@
 // The bridge's one Durable Object (SQLite storage): the task table (every task the
-// bridge saw, queued ones for pull-mode peers included), leases, the nonce memory for
-// replay protection and the per-peer token buckets for rate limiting.
+// bridge saw, queued ones for pull-mode peers included), leases bound to the
+// authenticated peer that holds them, the team's master bridge key and its epoch
+// (rotation), request authentication (signature, nonce memory, per-peer token buckets),
+// and the result cache's generation counters.
 //
-// Task inputs and large outputs are stored in 1 MiB chunks (SQLite values are capped at
-// 2 MB in Durable Objects).
+// Task inputs and large outputs are stored in chunks of at most 1 MiB (SQLite values and
+// rows are capped at 2 MB in Durable Objects); inline outputs are at most INLINE_OUTPUT
+// bytes, so every row stays well below the cap.
 
 import { DurableObject } from "cloudflare:workers";
+import { deriveMemberKey, importHmac, masterFromHex } from "./auth.js";
+import { fromHex, hex } from "./util.js";
 
 const CHUNK = 1 << 20;
-const NONCE_TTL_S = 600;
+const INLINE_OUTPUT = 256 * 1024; // bytes of UTF-8; larger outputs go to chunks
 export const MAX_LEASES = 5;
+// One lease answer carries at most this many input bytes (at least one task), one list
+// answer at most this many bytes of outputs and params (at least one row): both stay
+// far below the 32 MiB RPC limit and the isolate's 128 MB.
+export const LEASE_BYTES = 8 * 1024 * 1024;
+export const LIST_BYTES = 4 * 1024 * 1024;
+// Masters of this many previous epochs are kept, to tell "stale key" from "wrong key".
+const OLD_EPOCHS = 8;
+const MEMBER_KEY_CACHE = 1024;
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS tasks (
@@ -49,9 +62,13 @@ CREATE TABLE IF NOT EXISTS blobs (
   data BLOB NOT NULL,
   PRIMARY KEY (task_id, part, n)
 );
-CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, seen REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS nonces_seen ON nonces(seen);
+CREATE INDEX IF NOT EXISTS tasks_seq ON tasks(seq);
+DROP TABLE IF EXISTS nonces;
+CREATE TABLE IF NOT EXISTS seen_nonces (nonce TEXT PRIMARY KEY, until REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS seen_nonces_until ON seen_nonces(until);
 CREATE TABLE IF NOT EXISTS buckets (peer TEXT PRIMARY KEY, tokens REAL NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS masters (epoch INTEGER PRIMARY KEY, key TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS cache_gen (scope TEXT PRIMARY KEY, gen INTEGER NOT NULL);
 `;
 
 const COLUMNS =
@@ -72,26 +89,132 @@ export class TaskQueue extends DurableObject {
     return Date.now() / 1000;
   }
 
-  // --- admission: replay protection and rate limiting ----------------------------------
-  admit(peer, nonce, rate, burst) {
+  // --- keys: the master of each epoch -------------------------------------------------
+  // Epoch 0 is env.BRIDGE_KEY; POST /v1/admin/rotate stores later ones here, and from
+  // then on the stored master of the highest epoch is the team's master.
+  async keys() {
+    if (this._keys) return this._keys;
+    const rows = this.sql.exec("SELECT epoch, key FROM masters ORDER BY epoch DESC LIMIT ?", OLD_EPOCHS + 1).toArray();
+    const all = rows.map((r) => ({ epoch: r.epoch, raw: fromHex(r.key) }));
+    const env0 = masterFromHex(this.env.BRIDGE_KEY);
+    if (env0 && !all.some((k) => k.epoch === 0) && all.length <= OLD_EPOCHS) all.push({ epoch: 0, raw: env0 });
+    if (!all.length) return null;
+    for (const k of all) k.key = await importHmac(k.raw);
+    this._keys = { current: all[0], old: all.slice(1) };
+    this._memberKeys = new Map();
+    return this._keys;
+  }
+
+  async memberKey(master, peer) {
+    const id = `${master.epoch}/${peer}`;
+    let key = this._memberKeys.get(id);
+    if (!key) {
+      if (this._memberKeys.size >= MEMBER_KEY_CACHE) this._memberKeys.clear();
+      key = await importHmac(await deriveMemberKey(master.key, peer));
+      this._memberKeys.set(id, key);
+    }
+    return key;
+  }
+
+  // "member" (signed with K_P of this master), "admin" (signed with the master), or null
+  async roleUnder(master, peer, mac, message) {
+    if (await crypto.subtle.verify("HMAC", await this.memberKey(master, peer), mac, message)) return "member";
+    if (await crypto.subtle.verify("HMAC", master.key, mac, message)) return "admin";
+    return null;
+  }
+
+  epoch() {
+    return this._keys ? this._keys.current.epoch : null;
+  }
+
+  async rotate(epoch, keyHex) {
+    const keys = await this.keys();
+    const current = keys ? keys.current.epoch : -1;
+    if (epoch === current && keys && hex(keys.current.raw) === keyHex) return { ok: true, epoch };
+    if (epoch <= current) {
+      return { ok: false, code: "epoch_conflict", message: `epoch ${epoch} is not newer than the current epoch ${current}`, epoch: current };
+    }
+    this.sql.exec("INSERT INTO masters(epoch, key, at) VALUES (?, ?, ?)", epoch, keyHex, this.now());
+    // keep the current master and OLD_EPOCHS before it
+    this.sql.exec(
+      "DELETE FROM masters WHERE epoch NOT IN (SELECT epoch FROM masters ORDER BY epoch DESC LIMIT ?)",
+      OLD_EPOCHS + 1,
+    );
+    this._keys = null;
+    await this.keys();
+    return { ok: true, epoch };
+  }
+
+  // --- admission: signature, replay protection and rate limiting -----------------------
+  // auth: {peer, ts, nonce, sig, message} from auth.js parseAuth. The rate limit is
+  // charged to the authenticated peer only, after the signature checks out.
+  async authorize(auth, skew, rate, burst) {
+    const keys = await this.keys();
+    if (!keys) {
+      return { ok: false, status: 503, code: "not_configured", message: "BRIDGE_KEY is not a hex key of at least 16 bytes; set it with `wrangler secret put BRIDGE_KEY` (or .dev.vars)" };
+    }
+    const mac = fromHex(auth.sig);
+    const message = new TextEncoder().encode(auth.message);
+    const role = await this.roleUnder(keys.current, auth.peer, mac, message);
+    if (!role) {
+      for (const old of keys.old) {
+        if (await this.roleUnder(old, auth.peer, mac, message)) {
+          return {
+            ok: false, status: 401, code: "stale_key", epoch: keys.current.epoch,
+            message: `the request is signed with a key of epoch ${old.epoch}; the team's bridge key is now at epoch ${keys.current.epoch}: get the new key from a team admin`,
+          };
+        }
+      }
+      return { ok: false, status: 401, code: "bad_signature", message: "signature does not match (wrong key or peer id, or the request was altered)" };
+    }
     const now = this.now();
+    const peer = auth.peer;
     const row = this.sql.exec("SELECT tokens, at FROM buckets WHERE peer = ?", peer).toArray()[0];
     let tokens = row ? Math.min(burst, row.tokens + (now - row.at) * rate) : burst;
     if (tokens < 1) {
       this.sql.exec("INSERT OR REPLACE INTO buckets(peer, tokens, at) VALUES (?, ?, ?)", peer, tokens, now);
-      return { ok: false, code: "rate_limited", retryAfter: Math.max(1, Math.ceil((1 - tokens) / rate)) };
+      return {
+        ok: false, status: 429, code: "rate_limited", retryAfter: Math.max(1, Math.ceil((1 - tokens) / rate)),
+        message: `peer ${peer} exceeded ${rate} requests/s (burst ${burst})`,
+      };
     }
-    tokens -= 1;
-    this.sql.exec("INSERT OR REPLACE INTO buckets(peer, tokens, at) VALUES (?, ?, ?)", peer, tokens, now);
-    // bounded clean-up of old nonces on every admission
+    // A nonce is remembered until its timestamp leaves the skew window (ts + skew): a
+    // replay after that fails the timestamp check, so the memory follows MAX_SKEW_S.
     this.sql.exec(
-      "DELETE FROM nonces WHERE nonce IN (SELECT nonce FROM nonces WHERE seen < ? ORDER BY seen LIMIT 200)",
-      now - NONCE_TTL_S,
+      "DELETE FROM seen_nonces WHERE nonce IN (SELECT nonce FROM seen_nonces WHERE until < ? ORDER BY until LIMIT 200)",
+      now,
     );
-    const seen = this.sql.exec("SELECT seen FROM nonces WHERE nonce = ?", nonce).toArray();
-    if (seen.length) return { ok: false, code: "replayed_nonce" };
-    this.sql.exec("INSERT INTO nonces(nonce, seen) VALUES (?, ?)", nonce, now);
-    return { ok: true };
+    if (this.sql.exec("SELECT 1 FROM seen_nonces WHERE nonce = ?", auth.nonce).toArray().length) {
+      return { ok: false, status: 401, code: "replayed_nonce", message: "this nonce was already used; sign every request with a fresh nonce" };
+    }
+    this.sql.exec("INSERT INTO seen_nonces(nonce, until) VALUES (?, ?)", auth.nonce, auth.ts + skew + 1);
+    this.sql.exec("INSERT OR REPLACE INTO buckets(peer, tokens, at) VALUES (?, ?, ?)", peer, tokens - 1, now);
+    return { ok: true, peer, role, epoch: keys.current.epoch };
+  }
+
+  // --- result cache generations ---------------------------------------------------------
+  // Invalidation bumps a counter ("" = all, "<kind>", "<kind>/<version>"); cache keys
+  // include the three counters, so an invalidation is O(1) and takes effect at once.
+  cacheGen(kind, version) {
+    const rows = this.sql
+      .exec("SELECT scope, gen FROM cache_gen WHERE scope IN (?, ?, ?)", "", kind, `${kind}/${version}`)
+      .toArray();
+    const g = Object.fromEntries(rows.map((r) => [r.scope, r.gen]));
+    return `${g[""] ?? 0}.${g[kind] ?? 0}.${g[`${kind}/${version}`] ?? 0}`;
+  }
+
+  bumpCacheGen(scope) {
+    this.sql.exec(
+      "INSERT INTO cache_gen(scope, gen) VALUES (?, 1) ON CONFLICT(scope) DO UPDATE SET gen = gen + 1",
+      scope,
+    );
+    return this.sql.exec("SELECT gen FROM cache_gen WHERE scope = ?", scope).toArray()[0].gen;
+  }
+
+  // One round trip for submit: the stored task with this id (if any) and the cache
+  // generation of (kind, version).
+  prepare(id, kind, version) {
+    return { existing: id === null ? null : this.get(id), gen: this.cacheGen(kind, version) };
   }
 
   // --- blobs ---------------------------------------------------------------------------
@@ -126,8 +249,11 @@ export class TaskQueue extends DurableObject {
 
   setOutput(id, outputText) {
     if (outputText === null || outputText === undefined) return [null, 0];
-    if (outputText.length <= CHUNK) return [outputText, 0];
-    const n = this.putBlob(id, "out", new TextEncoder().encode(outputText));
+    // UTF-8 can be 3 bytes per UTF-16 unit: measure bytes, not .length
+    if (outputText.length <= INLINE_OUTPUT / 3) return [outputText, 0];
+    const bytes = new TextEncoder().encode(outputText);
+    if (bytes.length <= INLINE_OUTPUT) return [outputText, 0];
+    const n = this.putBlob(id, "out", bytes);
     return [null, n];
   }
 
@@ -150,6 +276,7 @@ export class TaskQueue extends DurableObject {
     this.expireLeases();
     const existing = this.row(task.id);
     if (existing) return { existing: true, task: this.view(existing) };
+    // MAX(seq) is answered from the tasks_seq index, not a table scan
     const seq = (this.sql.exec("SELECT COALESCE(MAX(seq), 0) + 1 AS s FROM tasks").toArray()[0] || { s: 1 }).s;
     const [outText, chunks] = this.setOutput(task.id, task.output);
     this.sql.exec(
@@ -188,6 +315,8 @@ export class TaskQueue extends DurableObject {
     return this.view(this.row(id));
   }
 
+  // At most `limit` rows and about LIST_BYTES of outputs and params (at least one row);
+  // {tasks, more}: more is true when rows were left out for the byte budget.
   list(state, kind, limit) {
     this.expireLeases();
     const where = [];
@@ -201,11 +330,25 @@ export class TaskQueue extends DurableObject {
       args.push(kind);
     }
     const order = state === "queued" ? "priority DESC, seq" : "seq DESC";
-    const sql =
-      `SELECT ${COLUMNS} FROM tasks ${where.length ? "WHERE " + where.join(" AND ") : ""}` +
-      ` ORDER BY ${order} LIMIT ?`;
-    const rows = this.sql.exec(sql, ...args, limit).toArray();
-    return rows.map((r) => this.view(r));
+    const sizes =
+      `SELECT id, output_chunks, LENGTH(CAST(COALESCE(output, '') AS BLOB)) + LENGTH(CAST(params AS BLOB)) AS bytes FROM tasks` +
+      ` ${where.length ? "WHERE " + where.join(" AND ") : ""} ORDER BY ${order} LIMIT ?`;
+    const out = [];
+    let total = 0;
+    let more = false;
+    for (const r of this.sql.exec(sizes, ...args, limit).toArray()) {
+      let bytes = r.bytes;
+      if (r.output_chunks > 0) {
+        bytes += this.sql.exec("SELECT COALESCE(SUM(LENGTH(data)), 0) AS n FROM blobs WHERE task_id = ? AND part = 'out'", r.id).toArray()[0].n;
+      }
+      if (out.length && total + bytes > LIST_BYTES) {
+        more = true;
+        break;
+      }
+      total += bytes;
+      out.push(this.view(this.row(r.id)));
+    }
+    return { tasks: out, more };
   }
 
   counts() {
@@ -213,25 +356,29 @@ export class TaskQueue extends DurableObject {
     return Object.fromEntries(rows.map((r) => [r.state, r.n]));
   }
 
-  // kinds: {name: version|null}; returns leased tasks with their inputs
+  // kinds: {name: version|null}. Leases up to `max` queued tasks (and about LEASE_BYTES
+  // of inputs, at least one task) to the authenticated `peer`; returns them with inputs.
+  // The version filter is in the query (before LIMIT), and the kinds travel as one JSON
+  // parameter, so any number of kinds stays within SQLite's parameter limit.
   async lease(peer, kinds, max, leaseS) {
     this.expireLeases();
-    const names = Object.keys(kinds);
-    if (!names.length) return [];
+    if (!Object.keys(kinds).length) return [];
     const now = this.now();
-    const marks = names.map(() => "?").join(", ");
     const rows = this.sql
       .exec(
-        `SELECT ${COLUMNS} FROM tasks WHERE state = 'queued' AND kind IN (${marks})` +
-          " ORDER BY priority DESC, seq LIMIT ?",
-        ...names,
-        max * 4 + 16,
+        "SELECT t.id, t.input_size FROM tasks t JOIN json_each(?) j ON t.kind = j.key" +
+          " WHERE t.state = 'queued' AND (j.value IS NULL OR j.value = t.version)" +
+          " ORDER BY t.priority DESC, t.seq LIMIT ?",
+        JSON.stringify(kinds),
+        max,
       )
-      .toArray()
-      .filter((r) => kinds[r.kind] === null || kinds[r.kind] === undefined || kinds[r.kind] === r.version)
-      .slice(0, max);
+      .toArray();
     const out = [];
-    for (const r of rows) {
+    let bytes = 0;
+    for (const { id, input_size: size } of rows) {
+      if (out.length && bytes + size > LEASE_BYTES) break;
+      bytes += size;
+      const r = this.row(id);
       const attempts = JSON.parse(r.attempts);
       attempts.push({ peer, started: now, ended: null, error: null });
       const until = now + leaseS;
@@ -242,15 +389,16 @@ export class TaskQueue extends DurableObject {
         until,
         JSON.stringify(attempts),
         now,
-        r.id,
+        id,
       );
-      out.push({ task: this.view(this.row(r.id)), input: this.getBlob(r.id, "in"), leaseUntil: until });
+      out.push({ task: this.view(this.row(id)), input: this.getBlob(id, "in"), leaseUntil: until });
     }
     await this.scheduleAlarm();
     return out;
   }
 
-  // result: {ok, outputText, error, executor, signature}
+  // result: {ok, outputText, error, signature}. Accepted only from `peer`, the
+  // authenticated holder of the task's current lease; `executed_by` is that peer.
   complete(id, peer, result) {
     this.expireLeases();
     const r = this.row(id);
@@ -258,14 +406,18 @@ export class TaskQueue extends DurableObject {
     if (r.state === "done" || r.state === "failed" || r.state === "cancelled") {
       return { status: "finished", task: this.view(r) };
     }
+    if (r.state !== "running" || r.lease_peer === null) {
+      const attempts = JSON.parse(r.attempts);
+      const hadLease = attempts.some((a) => a.peer === peer && a.error === "lease expired");
+      return { status: hadLease ? "lease_expired" : "not_leased" };
+    }
+    if (r.lease_peer !== peer) return { status: "not_lease_holder" };
     const now = this.now();
     const attempts = JSON.parse(r.attempts);
     const mine = [...attempts].reverse().find((a) => a.peer === peer && a.ended === null);
     if (mine) {
       mine.ended = now;
       mine.error = result.ok ? null : result.error;
-    } else {
-      attempts.push({ peer, started: now, ended: now, error: result.ok ? null : result.error });
     }
     const [outText, chunks] = this.setOutput(id, result.ok ? result.outputText : null);
     this.sql.exec(
@@ -273,7 +425,7 @@ export class TaskQueue extends DurableObject {
         " signature = ?, lease_peer = NULL, lease_until = NULL, finished = ?, started = COALESCE(started, ?)" +
         " WHERE id = ?",
       result.ok ? "done" : "failed",
-      result.executor || peer,
+      peer,
       outText,
       chunks,
       result.ok ? null : result.error,
@@ -285,7 +437,7 @@ export class TaskQueue extends DurableObject {
     );
     this.sql.exec("DELETE FROM blobs WHERE task_id = ? AND part = 'in'", id);
     const task = this.view(this.row(id));
-    return { status: "ok", task, cacheKey: r.cache_key ?? null };
+    return { status: "ok", task, cacheKey: this.cacheKeyOf(id) };
   }
 
   cacheKeyOf(id) {
