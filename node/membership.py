@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import secrets
 import time
@@ -32,6 +33,7 @@ from teammesh.protocols.errors import (
     EnrollmentError,
     InviteError,
     MembershipError,
+    NotAMember,
     RemoteProtocolError,
     TeammeshError,
 )
@@ -50,18 +52,26 @@ from teammesh.protocols.membership import (
     issue_certificate,
     issue_epoch_notice,
     issue_revocation,
+    open_own_certificate,
     parse_certificate,
     parse_epoch_notice,
+    renewal_at,
+    renewal_due,
 )
 
 from .config import Home
 from .host import STREAM_ERRORS, DialError, MeshHost, Stream, open_host
 from .journal import Journal
-from .protocol_ids import BRIDGE_KEY, ENROLL, ROSTER_SYNC, roster_topic
+from .protocol_ids import BRIDGE_KEY, ENROLL, RENEW, ROSTER_SYNC, roster_topic
 
 logger = logging.getLogger("teammesh.membership")
 
 CERT_TTL_S = 365 * 24 * 3600
+# Tests (and operators who want short-lived certificates) set the lifetime an admin issues
+# for; a config key [team] cert_ttl_s would be the permanent home of this knob.
+CERT_TTL_ENV = "TEAMMESH_CERT_TTL_S"
+MIN_CERT_TTL_S = 10
+RENEW_RETRY_MAX_S = 600.0
 INVITE_GRACE_S = 7 * 24 * 3600  # a used/expired invite is still answered ("already used")
 ENROLL_TIMEOUT_S = 10.0
 BRIDGE_MASTER_BYTES = 32
@@ -71,6 +81,20 @@ KEY_RETRY_MAX_S = 30.0  # doubling up to this
 
 def now_s() -> int:
     return int(time.time())
+
+
+def cert_ttl_s() -> int:
+    """The lifetime of the certificates this node issues (365 days unless overridden)."""
+    raw = os.environ.get(CERT_TTL_ENV)
+    if not raw:
+        return CERT_TTL_S
+    try:
+        ttl = int(raw)
+    except ValueError:
+        raise MembershipError(f"{CERT_TTL_ENV} must be a whole number of seconds") from None
+    if ttl < MIN_CERT_TTL_S:
+        raise MembershipError(f"{CERT_TTL_ENV} must be at least {MIN_CERT_TTL_S} seconds")
+    return ttl
 
 
 async def read_message(stream: Stream, max_bytes: int = wire.MAX_FRAME_BYTES,
@@ -109,6 +133,10 @@ async def request_reply(host: MeshHost, peer_id: str, protocol: str, request: by
     return reply
 
 
+def _utc(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+
+
 def error_reply(code: str, message: str) -> bytes:
     return wire.frame_message({"t": "error", "v": 1, "code": code, "message": message})
 
@@ -125,6 +153,7 @@ class Membership:
         self.cert: Certificate | None = None
         self.root: Identity | None = None
         self.on_revoked: list[Callable[[str], None]] = []
+        self.lapsed: Certificate | None = None  # our own certificate, if it expired
         # revoked peers whose connections and streams the run loop has yet to cut
         self._to_drop: list[str] = []
         self._drop_wanted = trio.Event()
@@ -155,8 +184,14 @@ class Membership:
         self.roster = roster
         own = roster.certs.get(self.identity.peer_id)
         self.cert = own
+        self.lapsed: Certificate | None = None
+        if own is None and self.identity.peer_id not in roster.revocations:
+            self.lapsed = self._own_lapsed_certificate(team)
         if self.home.root_key_file.exists():
             self.root = Identity(self.home.root_key_file.read_bytes())
+            # The root renews itself, also after a year switched off: nobody else could.
+            if self.cert is None or renewal_due(self.cert, now_s()):
+                self.renew_own_as_root()
         self.enroll_peers = set(self.journal.live_invites(now_s(), INVITE_GRACE_S))
         self._migrate_bridge_keys()
         notice = self.journal.get("bridge_notice")
@@ -165,6 +200,40 @@ class Membership:
                 self.epoch_notice = parse_epoch_notice(notice, team, now_s())
             except RemoteProtocolError:
                 logger.warning("ignoring a damaged bridge epoch notice in the journal")
+
+    def _own_lapsed_certificate(self, team: TeamInfo) -> Certificate | None:
+        now = now_s()
+        for data in self.journal.certs():
+            try:
+                cert = open_own_certificate(data, team, now)
+            except (RemoteProtocolError, NotAMember):
+                continue
+            if cert.peer_id == self.identity.peer_id:
+                return cert
+        return None
+
+    def renew_own_as_root(self) -> Certificate:
+        """The root-key node re-signs its own certificate (same roles, a fresh lifetime)."""
+        team = self.team
+        assert team is not None
+        assert self.root is not None
+        old = self.cert or self.lapsed
+        roles = old.roles if old is not None else (ROLE_ADMIN, ROLE_MEMBER)
+        cert = issue_certificate(self.root, team, self.identity.peer_id, roles, now_s(),
+                                 cert_ttl_s())
+        self._take_own_certificate(cert)
+        logger.info("renewed this node's certificate until %s", _utc(cert.expires))
+        return cert
+
+    def _take_own_certificate(self, cert: Certificate) -> None:
+        assert self.roster is not None
+        self.roster.certs[cert.peer_id] = cert
+        self.journal.save_cert(cert.peer_id, cert.packed())
+        self.cert = cert
+        self.lapsed = None
+        # gossip it, so members never see this node's old certificate lapse
+        self.new_certs.append(cert.packed())
+        self.changed.set()
 
     def _migrate_bridge_keys(self) -> None:
         """Journals from before per-member keys hold the team master in ``bridge_key``."""
@@ -191,6 +260,11 @@ class Membership:
             raise MembershipError(
                 f"this node was revoked from team {self.team.name!r} by an admin; ask an"
                 " admin for a new invite and run `teammesh join INVITE`")
+        if self.team is not None and self.cert is None and self.lapsed is not None:
+            raise MembershipError(
+                f"this node's certificate for team {self.team.name!r} expired on"
+                f" {_utc(self.lapsed.expires)} (it was off when it was due for renewal);"
+                " ask an admin for a new invite and run `teammesh join INVITE`")
         if self.team is None or self.roster is None or self.cert is None:
             raise MembershipError(
                 "this node is in no team; run `teammesh team create NAME` or"
@@ -254,7 +328,7 @@ class Membership:
         team = TeamInfo.create(name, root.public)
         self.home.write_private(self.home.root_key_file, root.seed)
         cert = issue_certificate(root, team, self.identity.peer_id, (ROLE_ADMIN, ROLE_MEMBER),
-                                 now_s(), CERT_TTL_S)
+                                 now_s(), cert_ttl_s())
         with self.journal.transaction():
             self.journal.put("team", json.dumps(team.to_dict()).encode())
             self.journal.save_cert(self.identity.peer_id, cert.packed())
@@ -552,7 +626,7 @@ class Membership:
         if not self.journal.use_invite(enroll_peer, peer):
             await stream.write(error_reply("invite_used", "this invite was already used"))
             return await stream.close()
-        cert = issue_certificate(self.root, team, peer, (ROLE_MEMBER,), now, CERT_TTL_S)
+        cert = issue_certificate(self.root, team, peer, (ROLE_MEMBER,), now, cert_ttl_s())
         self._apply([cert.packed()], [])
         certs, revocations = roster.export()
         reply: dict[str, Any] = {
@@ -569,6 +643,84 @@ class Membership:
         logger.info("enrolled new member %s", peer)
         self.new_certs.append(cert.packed())
         self.changed.set()
+
+    # --- certificate renewal (/teammesh/renew/1.0.0) -------------------------------------
+    async def handle_renew(self, stream: Stream) -> None:
+        """An admin re-signs a member in good standing: same roles, a fresh lifetime."""
+        team, roster = self.require_team()
+        request = await read_message(stream, 4096, ENROLL_TIMEOUT_S)
+        if request["t"] != "renew":
+            raise RemoteProtocolError("expected a renew request")
+        peer = stream.peer_id
+        current = roster.certs.get(peer)
+        if self.root is None:
+            await stream.write(error_reply("not_admin", "this node cannot sign certificates"))
+        elif current is None or not self.is_member(peer):
+            await stream.write(error_reply("not_a_member", "only members are renewed"))
+        else:
+            cert = issue_certificate(self.root, team, peer, current.roles, now_s(),
+                                     cert_ttl_s())
+            self._apply([cert.packed()], [])
+            self.new_certs.append(cert.packed())
+            self.changed.set()
+            await stream.write(wire.frame_message({"t": "renewed", "v": 1,
+                                                   "cert": cert.packed()}))
+            logger.info("renewed the certificate of %s until %s", peer, _utc(cert.expires))
+        await stream.close()
+
+    async def renew_from_admin(self, host: MeshHost) -> bool:
+        """Ask each admin in turn for a renewed certificate; True once we hold one."""
+        team, roster = self.require_team()
+        old = self.cert
+        assert old is not None
+        admins = [p for p, c in roster.certs.items()
+                  if c.is_admin and p != self.identity.peer_id and self.is_member(p)]
+        request = wire.frame_message({"t": "renew", "v": 1})
+        for admin in admins:
+            try:
+                reply = await request_reply(host, admin, RENEW, request, ENROLL_TIMEOUT_S)
+                if reply["t"] != "renewed":
+                    logger.info("admin %s did not renew us: %s", admin, reply.get("message"))
+                    continue
+                cert = parse_certificate(wire.field_bytes(reply, "cert", max_len=MAX_CERT_BYTES),
+                                         team, now_s())
+            except (DialError, RemoteProtocolError, NotAMember, *STREAM_ERRORS) as exc:
+                logger.debug("renewal by %s failed: %s", admin, exc)
+                continue
+            if cert.peer_id != self.identity.peer_id or cert.expires <= old.expires:
+                continue
+            self._take_own_certificate(cert)
+            logger.warning("certificate renewed by %s until %s", admin, _utc(cert.expires))
+            return True
+        return False
+
+    async def _renew_loop(self, host: MeshHost) -> None:
+        """Renew this node's certificate once a third of its lifetime is left, retrying
+        (with backoff) until an admin answers or it lapses."""
+        delay = KEY_RETRY_MIN_S
+        while True:
+            cert = self.cert
+            if cert is None or self.is_revoked(self.identity.peer_id):
+                return
+            now = now_s()
+            if not renewal_due(cert, now):
+                delay = KEY_RETRY_MIN_S
+                await trio.sleep(min(3600, max(1, renewal_at(cert) - now)))
+                continue
+            if self.root is not None:
+                self.renew_own_as_root()
+                continue
+            if await self.renew_from_admin(host):
+                continue
+            left = cert.expires - now
+            if left <= 0 and delay == KEY_RETRY_MIN_S:
+                logger.error("this node's certificate expired on %s and no admin renewed it;"
+                             " ask an admin for a new invite and run `teammesh join INVITE`",
+                             _utc(cert.expires))
+            # while it is still valid, try often enough to succeed before it lapses
+            wait = min(delay, left / 4) if left > 4 else delay
+            await trio.sleep(max(1.0, wait) * random.uniform(0.8, 1.2))
+            delay = min(RENEW_RETRY_MAX_S, delay * 2)
 
     async def handle_roster_sync(self, stream: Stream) -> None:
         request = await read_message(stream, wire.MAX_FRAME_BYTES, ENROLL_TIMEOUT_S)
@@ -620,6 +772,7 @@ class Membership:
         host.set_handler(ENROLL, self.handle_enroll)
         host.set_handler(ROSTER_SYNC, self.handle_roster_sync)
         host.set_handler(BRIDGE_KEY, self.handle_bridge_key)
+        host.set_handler(RENEW, self.handle_renew)
         topic = roster_topic(team.team_id)
         host.set_validator(topic, self.gossip_validator)
         async with host.subscribe(topic) as messages, trio.open_nursery() as nursery:
@@ -627,6 +780,7 @@ class Membership:
             nursery.start_soon(self._drop_loop, host)
             nursery.start_soon(self._bridge_key_loop, host)
             nursery.start_soon(self._worker_rotation_loop)
+            nursery.start_soon(self._renew_loop, host)
             task_status.started()
             async for _origin, data in messages:
                 try:
@@ -672,7 +826,11 @@ async def join(home: Home, journal: Journal, identity: Identity, invite_text: st
     """Enroll with the inviting admin over a temporary host using the invite's one-time key."""
     invite = Invite.decode(invite_text)
     membership = Membership(home, journal, identity)
-    if membership.team is not None:
+    # a node whose certificate lapsed re-joins its own team with a fresh invite
+    rejoin = (membership.team is not None and membership.cert is None
+              and membership.lapsed is not None
+              and membership.team.team_id == invite.team.team_id)
+    if membership.team is not None and not rejoin:
         raise MembershipError(
             f"this node is already in team {membership.team.name!r}; use another --home")
     if invite.expires <= now_s():

@@ -175,9 +175,8 @@ def parse_certificate(
 
 
 def renewal_due(cert: Certificate, now: int, fraction: float = RENEW_FRACTION) -> bool:
-    """True once less than ``fraction`` of ``cert``'s lifetime is left (or it lapsed)."""
-    lifetime = max(1, cert.expires - cert.issued)
-    return cert.expires - now < lifetime * fraction
+    """True once no more than ``fraction`` of ``cert``'s lifetime is left (or it lapsed)."""
+    return now >= renewal_at(cert, fraction)
 
 
 def renewal_at(cert: Certificate, fraction: float = RENEW_FRACTION) -> int:

@@ -34,8 +34,10 @@ from teammesh.protocols.membership import (
     check_enroll_request,
     enroll_request,
     issue_certificate,
+    issue_epoch_notice,
     issue_revocation,
     parse_certificate,
+    parse_epoch_notice,
 )
 
 NOW = 1_700_000_000
@@ -284,6 +286,29 @@ def test_expired_cert_is_rejected(root: Identity, team: TeamInfo) -> None:
     assert roster.merge([cert.packed()], [], NOW) == (1, [])
     assert roster.is_member(ident(11).peer_id, NOW)
     assert not roster.is_member(ident(11).peer_id, NOW + DAY)
+
+
+def test_bridge_epoch_notice_verifies_and_only_admins_issue_it(
+        root: Identity, team: TeamInfo) -> None:
+    admin_node = ident(12).peer_id
+    notice = issue_epoch_notice(root, team, 3, admin_node, NOW)
+    got = parse_epoch_notice(notice.packed(), team, NOW + 10)
+    assert (got.epoch, got.admin, got.issuer) == (3, admin_node, root.peer_id)
+    # a member cannot announce an epoch (and send everyone to a node of its choosing)
+    member = ident(11)
+    member_cert = issue_certificate(root, team, member.peer_id, (ROLE_MEMBER,), NOW, DAY)
+    forged = issue_epoch_notice(member, team, 4, member.peer_id, NOW, member_cert)
+    with pytest.raises(BadSignature):
+        parse_epoch_notice(forged.packed(), team, NOW)
+    with pytest.raises(BadSignature):
+        parse_epoch_notice(dataclasses.replace(notice, sig=flip(notice.sig, 3)).packed(),
+                           team, NOW)
+    other = TeamInfo.create("o", ident(20).public)
+    with pytest.raises(NotAMember):
+        parse_epoch_notice(issue_epoch_notice(ident(20), other, 1, admin_node, NOW).packed(),
+                           team, NOW)
+    with pytest.raises(MalformedMessage):
+        parse_epoch_notice(issue_revocation(root, team, admin_node, NOW).packed(), team, NOW)
 
 
 def test_forged_signature_is_rejected(root: Identity, team: TeamInfo) -> None:
