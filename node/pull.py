@@ -20,6 +20,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
+from teammesh.protocols.errors import TeammeshError
 from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 
 from .bridge import BridgeError, BridgeRateLimited, BridgeRejected, BridgeUnavailable
@@ -95,15 +96,23 @@ class PullWorker:
                     executor.submit_nowait(job)
 
     def _start_with_files(self, job: Job) -> None:
-        """The input is a file (input_cid or {"$cid"} params): fetch it first, as for a
-        local task, or fail the task if this node has no files service."""
-        files = self.node.files
-        if files is None:
+        """The input is a file (input_cid or {"$cid"} params): fetch it first through the
+        files service (peers, then the R2 mirror), or fail the task if there is none."""
+        if self.node.files is None:
             self._done(job, make_result(job.spec.id, False, None,
                                         "this pull-mode node has no file store to fetch the"
                                         " task's input CID", 0, 0))
             return
-        files.start_job(functools.partial(self.node.tasks.run_with_files, job, []))
+        self.node.files.start_job(functools.partial(self._resolve_and_run, job))
+
+    async def _resolve_and_run(self, job: Job) -> None:
+        try:
+            spec = await self.node.files.resolve_spec(job.spec, [])
+        except TeammeshError as exc:
+            self._done(job, make_result(job.spec.id, False, None,
+                                        f"cannot read input file: {exc}", 0, 0))
+            return
+        self.node.tasks.executor.submit_nowait(Job(spec, "bridge", self._done))
 
     def _done(self, job: Job, result: TaskResult) -> None:
         try:

@@ -772,3 +772,20 @@ def test_malformed_bridge_output_fails_only_that_task(worker: str, tmp_path: Pat
         assert a.alive()
     finally:
         a.stop()
+
+
+def test_deploy_config_has_no_placeholders_and_builds(tmp_path: Path) -> None:
+    """wrangler.jsonc names no placeholder resource ids (wrangler 4.86 provisions KV and R2
+    on deploy) and `wrangler deploy --dry-run` builds it offline."""
+    text = (BRIDGE_DIR / "wrangler.jsonc").read_text()
+    # the file's comments are whole lines
+    config = json.loads("\n".join(line for line in text.splitlines()
+                                  if not line.lstrip().startswith("//")))
+    for ns in config["kv_namespaces"]:
+        assert set(ns.get("id", "x")) != {"0"}, f"placeholder KV id in wrangler.jsonc: {ns}"
+    cli = BRIDGE_DIR / "node_modules" / "wrangler" / "bin" / "wrangler.js"
+    proc = subprocess.run(["node", str(cli), "deploy", "--dry-run", "--outdir", str(tmp_path / "out")],
+                          cwd=BRIDGE_DIR, env=wrangler_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "out" / "index.js").is_file()  # the bundle it would upload
