@@ -23,6 +23,15 @@ export const LIST_BYTES = 4 * 1024 * 1024;
 // Masters of this many previous epochs are kept, to tell "stale key" from "wrong key".
 const OLD_EPOCHS = 8;
 const MEMBER_KEY_CACHE = 1024;
+// Clean-up (by alarm): finished tasks older than RETENTION_S (var, default 7 days) and
+// their blobs, token buckets idle for an hour, expired nonces; at most CLEANUP_BATCH rows
+// of each per run, again CLEANUP_SOON_S later while there is more, else every
+// CLEANUP_INTERVAL_S.
+const DEFAULT_RETENTION_S = 7 * 86400;
+const CLEANUP_BATCH = 500;
+const CLEANUP_INTERVAL_S = 3600;
+const CLEANUP_SOON_S = 1;
+const BUCKET_IDLE_S = 3600;
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS tasks (
@@ -63,6 +72,7 @@ CREATE TABLE IF NOT EXISTS blobs (
   PRIMARY KEY (task_id, part, n)
 );
 CREATE INDEX IF NOT EXISTS tasks_seq ON tasks(seq);
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished);
 DROP TABLE IF EXISTS nonces;
 CREATE TABLE IF NOT EXISTS seen_nonces (nonce TEXT PRIMARY KEY, until REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS seen_nonces_until ON seen_nonces(until);
@@ -272,8 +282,9 @@ export class TaskQueue extends DurableObject {
   // task: {id, kind, version, params (JSON text), priority, state, executed_by, output
   // (JSON text or null), error, waiting_reason, submitter, tag (JSON text), cached,
   // input_cid, submitted, started, finished}; input: Uint8Array stored for queued tasks
-  put(task, input) {
+  async put(task, input) {
     this.expireLeases();
+    if (!this._cleanupScheduled) await this.scheduleAlarm();
     const existing = this.row(task.id);
     if (existing) return { existing: true, task: this.view(existing) };
     // MAX(seq) is answered from the tasks_seq index, not a table scan
@@ -481,19 +492,54 @@ export class TaskQueue extends DurableObject {
     return rows.length;
   }
 
-  async scheduleAlarm() {
+  // The next alarm: the earliest lease end, and a clean-up at least every
+  // CLEANUP_INTERVAL_S (or `soon` seconds from now).
+  async scheduleAlarm(soon = null) {
     const next = this.sql
       .exec("SELECT MIN(lease_until) AS t FROM tasks WHERE state = 'running' AND lease_until IS NOT NULL")
       .toArray()[0];
-    if (next && next.t !== null) {
-      const current = await this.ctx.storage.getAlarm();
-      const want = Math.ceil(next.t * 1000) + 50;
-      if (current === null || current > want) await this.ctx.storage.setAlarm(want);
+    let want = (this.now() + (soon ?? CLEANUP_INTERVAL_S)) * 1000;
+    if (next && next.t !== null) want = Math.min(want, Math.ceil(next.t * 1000) + 50);
+    const current = await this.ctx.storage.getAlarm();
+    if (current === null || current > want) await this.ctx.storage.setAlarm(want);
+    this._cleanupScheduled = true;
+  }
+
+  retentionS() {
+    const v = Number(this.env.RETENTION_S);
+    return Number.isFinite(v) && v > 0 ? v : DEFAULT_RETENTION_S;
+  }
+
+  // One bounded clean-up pass; true if a batch was full (more to do).
+  cleanup() {
+    const now = this.now();
+    const old = this.sql
+      .exec(
+        "SELECT id FROM tasks WHERE finished < ? AND state IN ('done', 'failed', 'cancelled') LIMIT ?",
+        now - this.retentionS(),
+        CLEANUP_BATCH,
+      )
+      .toArray();
+    for (const { id } of old) {
+      this.sql.exec("DELETE FROM blobs WHERE task_id = ?", id);
+      this.sql.exec("DELETE FROM tasks WHERE id = ?", id);
     }
+    const buckets = this.sql.exec(
+      "DELETE FROM buckets WHERE peer IN (SELECT peer FROM buckets WHERE at < ? LIMIT ?)",
+      now - BUCKET_IDLE_S,
+      CLEANUP_BATCH,
+    ).rowsWritten;
+    const nonces = this.sql.exec(
+      "DELETE FROM seen_nonces WHERE nonce IN (SELECT nonce FROM seen_nonces WHERE until < ? ORDER BY until LIMIT ?)",
+      now,
+      CLEANUP_BATCH,
+    ).rowsWritten;
+    return old.length === CLEANUP_BATCH || buckets >= CLEANUP_BATCH || nonces >= CLEANUP_BATCH;
   }
 
   async alarm() {
     this.expireLeases();
-    await this.scheduleAlarm();
+    const more = this.cleanup();
+    await this.scheduleAlarm(more ? CLEANUP_SOON_S : null);
   }
 }

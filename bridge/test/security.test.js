@@ -232,9 +232,9 @@ describe("bounds", () => {
 
   it("a list answer is bounded in bytes", async () => {
     const out = JSON.stringify("y".repeat(3 * 1024 * 1024));
-    await runInDurableObject(stub(), (instance) => {
+    await runInDurableObject(stub(), async (instance) => {
       for (let i = 0; i < 3; i++) {
-        instance.put({ id: `biglist-${i}`, kind: "sec.biglist", version: "1", params: "{}", priority: 0, state: "done",
+        await instance.put({ id: `biglist-${i}`, kind: "sec.biglist", version: "1", params: "{}", priority: 0, state: "done",
           output: out, submitted: Date.now() / 1000 }, null);
       }
     });
@@ -258,5 +258,26 @@ describe("bounds", () => {
     const r = await call("POST", "/v1/tasks", { kind: "sec.params", params: { blob: "z".repeat(2.5 * 1024 * 1024) } }, { peer: "params" });
     expect(r.status).toBe(413);
     expect(r.json.error.code).toBe("params_too_large");
+  });
+
+  it("finished tasks past the retention, idle buckets and old nonces are cleaned up by alarm", async () => {
+    const now = Date.now() / 1000;
+    const retention = Number(env.RETENTION_S ?? 7 * 86400);
+    await runInDurableObject(stub(), async (instance) => {
+      const old = { kind: "sec.retention", version: "1", params: "{}", priority: 0, state: "done", submitted: now - retention - 10 };
+      await instance.put({ ...old, id: "ret-old", output: JSON.stringify("z".repeat(2 * 1024 * 1024)), finished: now - retention - 5 }, null);
+      await instance.put({ ...old, id: "ret-new", output: "1", finished: now - 5 }, null);
+      await instance.put({ ...old, id: "ret-queued", state: "queued", submitted: now - retention - 10 }, new Uint8Array(3));
+      instance.sql.exec("INSERT OR REPLACE INTO buckets(peer, tokens, at) VALUES ('ret-idle', 1, ?)", now - 7200);
+      instance.sql.exec("INSERT OR REPLACE INTO seen_nonces(nonce, until) VALUES ('ret-nonce', ?)", now - 1);
+    });
+    expect(await runDurableObjectAlarm(stub())).toBe(true);
+    await runInDurableObject(stub(), (instance) => {
+      const ids = instance.sql.exec("SELECT id FROM tasks WHERE kind = 'sec.retention' ORDER BY id").toArray().map((r) => r.id);
+      expect(ids).toEqual(["ret-new", "ret-queued"]);
+      expect(instance.sql.exec("SELECT COUNT(*) AS n FROM blobs WHERE task_id = 'ret-old'").toArray()[0].n).toBe(0);
+      expect(instance.sql.exec("SELECT COUNT(*) AS n FROM buckets WHERE peer = 'ret-idle'").toArray()[0].n).toBe(0);
+      expect(instance.sql.exec("SELECT COUNT(*) AS n FROM seen_nonces WHERE nonce = 'ret-nonce'").toArray()[0].n).toBe(0);
+    });
   });
 });
