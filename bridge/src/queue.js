@@ -179,9 +179,12 @@ export class TaskQueue extends DurableObject {
     }
     const now = this.now();
     const peer = auth.peer;
-    const row = this.sql.exec("SELECT tokens, at FROM buckets WHERE peer = ?", peer).toArray()[0];
-    let tokens = row ? Math.min(burst, row.tokens + (now - row.at) * rate) : burst;
-    if (tokens < 1) {
+    // Admin requests (signed with the master) are not rate-limited: whoever holds the
+    // master can derive every member's key anyway, so a bucket would protect nothing.
+    const limited = role === "member";
+    const row = limited ? this.sql.exec("SELECT tokens, at FROM buckets WHERE peer = ?", peer).toArray()[0] : null;
+    const tokens = row ? Math.min(burst, row.tokens + (now - row.at) * rate) : burst;
+    if (limited && tokens < 1) {
       this.sql.exec("INSERT OR REPLACE INTO buckets(peer, tokens, at) VALUES (?, ?, ?)", peer, tokens, now);
       return {
         ok: false, status: 429, code: "rate_limited", retryAfter: Math.max(1, Math.ceil((1 - tokens) / rate)),
@@ -198,7 +201,7 @@ export class TaskQueue extends DurableObject {
       return { ok: false, status: 401, code: "replayed_nonce", message: "this nonce was already used; sign every request with a fresh nonce" };
     }
     this.sql.exec("INSERT INTO seen_nonces(nonce, until) VALUES (?, ?)", auth.nonce, auth.ts + skew + 1);
-    this.sql.exec("INSERT OR REPLACE INTO buckets(peer, tokens, at) VALUES (?, ?, ?)", peer, tokens - 1, now);
+    if (limited) this.sql.exec("INSERT OR REPLACE INTO buckets(peer, tokens, at) VALUES (?, ?, ?)", peer, tokens - 1, now);
     return { ok: true, peer, role, epoch: keys.current.epoch };
   }
 

@@ -203,6 +203,9 @@ describe("result cache", () => {
     expect(a.json.cached).toBe(false);
     expect(b.json.cached).toBe(true);
     expect(b.json.output).toEqual(a.json.output);
+    // a cache hit writes nothing to the Durable Object
+    const stored = await runInDurableObject(stub(), (instance) => instance.sql.exec("SELECT COUNT(*) AS n FROM tasks WHERE id = ?", b.json.id).toArray()[0].n);
+    expect(stored).toBe(0);
     const inv = await call("POST", "/v1/cache/invalidate", { prefix: "text.stats/" }, { peer: "cache" });
     expect(inv.status).toBe(200);
     expect(inv.json).toEqual({ scope: "text.stats", generation: 1 });

@@ -66,6 +66,19 @@ describe("per-member keys", () => {
     expect(victim.status).toBe(200);
   });
 
+  it("admin requests are not rate-limited; member requests are", async () => {
+    const codes = [];
+    for (let i = 0; i < 30; i++) {
+      codes.push((await call("GET", "/v1/tasks?limit=1", undefined, { peer: "rl-admin", signOpts: { admin: true } })).status);
+    }
+    expect(codes.every((c) => c === 200)).toBe(true);
+    let limited = false;
+    for (let i = 0; i < 30 && !limited; i++) {
+      limited = (await call("GET", "/v1/tasks?limit=1", undefined, { peer: "rl-admin" })).status === 429;
+    }
+    expect(limited).toBe(true);
+  });
+
   it("nonces are remembered for as long as their timestamp is inside the skew window", async () => {
     const ts = String(Math.floor(Date.now() / 1000));
     const nonce = randomHex();
