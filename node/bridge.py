@@ -19,9 +19,9 @@ The client uses ``httpx.AsyncClient``, which runs under trio. Connection failure
 timeouts, 5xx and 429 answers raise :class:`BridgeUnavailable` (worth a retry or a
 circuit breaker; 429 as its subclass :class:`BridgeRateLimited` with ``retry_after``); other
 4xx answers raise :class:`BridgeRejected` carrying the bridge's error code and
-message (retrying the same request will not help); ``401 stale_key`` raises its subclass
-:class:`BridgeStaleKey` with the bridge's current key ``epoch`` (fetch the new key from an
-admin). Answers are untrusted input: a task, lease or list answer that is not the
+message (retrying the same request will not help); ``401 stale_key`` raises
+:class:`BridgeStaleKey` (a :class:`BridgeUnavailable`: retry once this node has its new
+key) with the bridge's current key ``epoch``. Answers are untrusted input: a task, lease or list answer that is not the
 documented shape raises :class:`BridgeProtocolError` (also a :class:`BridgeRejected`, so
 callers that fail a task on a refusal fail it on a malformed answer too).
 """
@@ -96,12 +96,18 @@ class BridgeRejected(BridgeError):
         self.detail = message
 
 
-class BridgeStaleKey(BridgeRejected):
+class BridgeStaleKey(BridgeUnavailable):
     """401 stale_key: this node's bridge key belongs to an older epoch of the team's
-    master key; ``epoch`` is the bridge's current one. Get the new key from an admin."""
+    master key; ``epoch`` is the bridge's current one. Get the new key from an admin.
 
-    def __init__(self, status: int, message: str, epoch: int | None) -> None:
-        super().__init__(status, "stale_key", message)
+    A :class:`BridgeUnavailable`: the request is fine, this node's key is not (yet); a
+    task waits and is retried once the node has its new key, instead of failing."""
+
+    def __init__(self, message: str, epoch: int | None) -> None:
+        super().__init__(f"bridge refused this node's key (401 stale_key): {message}")
+        self.status = 401
+        self.code = "stale_key"
+        self.detail = message
         self.epoch = epoch
 
 
@@ -329,8 +335,7 @@ class BridgeClient:
             message = _error_message(payload) or resp.text[:200]
             if code == "stale_key":
                 epoch = payload.get("epoch") if isinstance(payload, dict) else None
-                raise BridgeStaleKey(resp.status_code, message,
-                                     epoch if isinstance(epoch, int) else None)
+                raise BridgeStaleKey(message, epoch if isinstance(epoch, int) else None)
             raise BridgeRejected(resp.status_code, code, message)
         if resp.status_code >= 300 or payload is None:
             raise BridgeProtocolError(f"bridge {self.url} answered {resp.status_code} without"
@@ -410,7 +415,9 @@ class BridgeClient:
         then on the bridge derives member keys from ``new_master`` and refuses keys of
         older epochs with ``401 stale_key``. This client then signs with ``new_master``.
         Repeating the same rotation is harmless, also after the bridge already took it
-        (then the old key gets stale_key and the rotation is confirmed with the new one)."""
+        (then the old key gets stale_key and the rotation is confirmed with the new one).
+        Raises :class:`BridgeRejected` ``epoch_conflict`` if the bridge is at this or a
+        later epoch with another key, ``admin_only`` if this client's key is a member key."""
         if len(new_master) != BRIDGE_KEY_BYTES:
             raise ValueError(f"the new master key must be {BRIDGE_KEY_BYTES} bytes")
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
@@ -421,7 +428,10 @@ class BridgeClient:
             result = await self.request("POST", "/v1/admin/rotate", body)
         except BridgeStaleKey as exc:
             if exc.epoch != epoch:
-                raise
+                raise BridgeRejected(409, "epoch_conflict",
+                                     f"this admin's master key is stale: the bridge is at epoch"
+                                     f" {exc.epoch}; get the current master from another admin"
+                                     ) from None
             # The bridge is at this epoch already (an earlier attempt went through but its
             # answer was lost?): the same rotation signed with the new master confirms it
             # only if the bridge holds exactly this key.
@@ -430,8 +440,10 @@ class BridgeClient:
                 result = await self.request("POST", "/v1/admin/rotate", body)
             except BridgeError as again:
                 self.key = old_key
-                if isinstance(again, BridgeRejected):
-                    raise exc from None  # the bridge holds another key of this epoch
+                if isinstance(again, BridgeRejected | BridgeStaleKey):
+                    raise BridgeRejected(409, "epoch_conflict",
+                                         f"the bridge is already at epoch {epoch} with another"
+                                         " master key") from None
                 raise
         if not isinstance(result, dict) or result.get("epoch") != epoch:
             raise BridgeProtocolError("the bridge did not confirm the rotation's epoch")

@@ -91,11 +91,13 @@ class PullWorker:
                     priority=t.get("priority", 0), input_cid=t.get("input_cid"))
                 job = Job(spec, "bridge", self._done)
                 if spec.needs_files:
-                    self._start_with_files(job)
+                    # the submitter has the file; other connected members are asked too
+                    sub = t.get("submitter")
+                    self._start_with_files(job, [sub] if isinstance(sub, str) and sub else [])
                 else:
                     executor.submit_nowait(job)
 
-    def _start_with_files(self, job: Job) -> None:
+    def _start_with_files(self, job: Job, peers: list[str]) -> None:
         """The input is a file (input_cid or {"$cid"} params): fetch it first through the
         files service (peers, then the R2 mirror), or fail the task if there is none."""
         if self.node.files is None:
@@ -103,11 +105,11 @@ class PullWorker:
                                         "this pull-mode node has no file store to fetch the"
                                         " task's input CID", 0, 0))
             return
-        self.node.files.start_job(functools.partial(self._resolve_and_run, job))
+        self.node.files.start_job(functools.partial(self._resolve_and_run, job, peers))
 
-    async def _resolve_and_run(self, job: Job) -> None:
+    async def _resolve_and_run(self, job: Job, peers: list[str]) -> None:
         try:
-            spec = await self.node.files.resolve_spec(job.spec, [])
+            spec = await self.node.files.resolve_spec(job.spec, peers)
         except TeammeshError as exc:
             self._done(job, make_result(job.spec.id, False, None,
                                         f"cannot read input file: {exc}", 0, 0))

@@ -713,6 +713,7 @@ async def test_key_rotation(tmp_path: Path) -> None:
                 await m.list(limit=1)
             assert stale.value.epoch == 1
             assert stale.value.status == 401
+            assert isinstance(stale.value, BridgeUnavailable)  # a task waits for the new key
             async with BridgeClient(url, KEY, "rot-admin") as old_admin:
                 with pytest.raises(BridgeStaleKey):
                     await old_admin.list(limit=1)
@@ -720,8 +721,9 @@ async def test_key_rotation(tmp_path: Path) -> None:
                 await old_admin.rotate(new_master, 1)
                 assert old_admin.key == new_master
             async with BridgeClient(url, KEY, "rot-admin") as other:
-                with pytest.raises(BridgeStaleKey):  # not this key: no confirmation
+                with pytest.raises(BridgeRejected) as info:  # not this key: no confirmation
                     await other.rotate(new_bridge_key(), 1)
+                assert info.value.code == "epoch_conflict"
                 assert other.key == KEY
             async with BridgeClient(url, member("rot-m", new_master), "rot-m") as fresh:
                 t = await fresh.submit({"kind": "hash.sha256", "input_b64": "YWJj", "params": {}})
