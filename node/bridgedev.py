@@ -3,6 +3,11 @@
 :func:`open_bridge_dev` is a trio async context manager for tests and the daemon;
 :func:`run_bridge_dev` is the blocking form behind ``teammesh bridge dev``.
 
+Each run gets a private working directory (``run_dir``: symlinks to bridge/'s config,
+sources and node_modules, plus its own ``.dev.vars`` holding the key), so runs with
+different keys (tests, several teams, other developers' runs) never share or rewrite one
+``bridge/.dev.vars``.
+
 wrangler is started in its own session/process group (``setsid``): its process tree is
 wrangler.js -> cli.js -> workerd (+ esbuild), and killing only the top pid can leave
 workerd running, so stopping sends SIGTERM to the whole group and SIGKILL after 5 s.
@@ -30,6 +35,7 @@ __all__ = [
     "default_bridge_dir",
     "free_port",
     "open_bridge_dev",
+    "prepare_run_dir",
     "run_bridge_dev",
     "wrangler_command",
     "wrangler_env",
@@ -112,6 +118,25 @@ def write_dev_vars(bridge_dir: Path, key_hex: str) -> None:
         tmp.replace(path)
 
 
+RUN_DIR_LINKS = ("wrangler.jsonc", "package.json", "src", "node_modules")
+
+
+def prepare_run_dir(bridge_dir: Path, run_dir: Path, key_hex: str) -> Path:
+    """A private directory to run wrangler in: symlinks to ``bridge_dir``'s config,
+    sources and node_modules, and a ``.dev.vars`` (mode 600) with this run's key."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_DIR_LINKS:
+        link = run_dir / name
+        target = (bridge_dir / name).resolve()
+        if link.is_symlink() and link.resolve() == target:
+            continue
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+    write_dev_vars(run_dir, key_hex)
+    return run_dir
+
+
 def _kill_group(proc: subprocess.Popen[bytes] | trio.Process, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
@@ -142,12 +167,12 @@ async def open_bridge_dev(bridge_dir: str | Path, port: int | None, key_hex: str
     persist_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     await trio.to_thread.run_sync(ensure_installed, bridge_dir)
-    write_dev_vars(bridge_dir, key_hex)
+    run_dir = prepare_run_dir(bridge_dir, persist_dir / "worker", key_hex)
     log_file = Path(log_path) if log_path else persist_dir / "wrangler.log"
     log = await trio.to_thread.run_sync(open, log_file, "ab")
     try:
         proc = await trio.lowlevel.open_process(
-            wrangler_command(bridge_dir, port, persist_dir, extra_vars), cwd=str(bridge_dir),
+            wrangler_command(run_dir, port, persist_dir, extra_vars), cwd=str(run_dir),
             env=wrangler_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

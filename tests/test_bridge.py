@@ -44,9 +44,9 @@ from teammesh.node.bridge import (
 from teammesh.node.bridgedev import (
     free_port,
     open_bridge_dev,
+    prepare_run_dir,
     wrangler_command,
     wrangler_env,
-    write_dev_vars,
 )
 from teammesh.node.kinds import load_kinds, run_kind
 from teammesh.protocols.errors import TaskError
@@ -83,10 +83,10 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     persist = tmp_path_factory.mktemp("bridge-state")
     port = free_port()
-    write_dev_vars(BRIDGE_DIR, KEY.hex())
+    run_dir = prepare_run_dir(BRIDGE_DIR, persist / "worker", KEY.hex())
     log = open(persist / "wrangler.log", "wb")
     proc = subprocess.Popen(
-        wrangler_command(BRIDGE_DIR, port, persist), cwd=BRIDGE_DIR, env=wrangler_env(),
+        wrangler_command(run_dir, port, persist), cwd=run_dir, env=wrangler_env(),
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
