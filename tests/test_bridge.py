@@ -13,6 +13,7 @@ Needs bridge/node_modules (``bash bridge/run-tests.sh`` or ``npm ci`` in bridge/
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -81,9 +82,16 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    persist = tmp_path_factory.mktemp("bridge-state")
+    with run_worker(tmp_path_factory.mktemp("bridge-state"), KEY.hex()) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def run_worker(persist: Path, key_hex: str) -> Iterator[str]:
+    """wrangler dev --local with master ``key_hex``, state in ``persist``; its URL."""
+    persist.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    run_dir = prepare_run_dir(BRIDGE_DIR, persist / "worker", KEY.hex())
+    run_dir = prepare_run_dir(BRIDGE_DIR, persist / "worker", key_hex)
     log = open(persist / "wrangler.log", "wb")
     proc = subprocess.Popen(
         wrangler_command(run_dir, port, persist), cwd=run_dir, env=wrangler_env(),
@@ -791,3 +799,45 @@ def test_deploy_config_has_no_placeholders_and_builds(tmp_path: Path) -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "out" / "index.js").is_file()  # the bundle it would upload
+
+
+def test_pull_member_signs_with_its_own_key(tmp_path: Path) -> None:
+    """A joined member in pull mode holds only its own key K_P (not the master), leases
+    the admin's bridge tasks with it, and the bridge records it as their executor."""
+    from meshtools import Daemon, init_home, run_cli
+    from teammesh.node.journal import Journal
+
+    from teammesh.client import Client
+
+    a_home, p_home = init_home(tmp_path / "admin"), init_home(tmp_path / "puller")
+    run_cli(a_home, "team", "create", "t")
+    journal = Journal(a_home / "journal.db")
+    try:
+        master = journal.get("bridge_master")
+    finally:
+        journal.close()
+    assert isinstance(master, bytes)
+    with run_worker(tmp_path / "state", master.hex()) as url:
+        a = Daemon(a_home, ["--slots", "0", "--bridge", url]).start()
+        try:
+            run_cli(p_home, "join", run_cli(a_home, "team", "invite").stdout.strip())
+            p = Daemon(p_home, ["--pull", "--bridge", url, "--slots", "2"]).start()
+            try:
+                p_id = p.peer_id
+                with Client.from_home(a_home, timeout=120) as c:
+                    ts = c.submit_batch([{"kind": "sleep", "params": {"seconds": 0.05 * (i + 1)},
+                                          "where": "bridge", "no_cache": True}
+                                         for i in range(3)])
+                    done = [c.task(t["id"], wait=90) for t in ts]
+            finally:
+                p.stop()
+        finally:
+            a.stop()
+    assert [t["state"] for t in done] == ["done"] * 3
+    assert {t["executed_by"] for t in done} == {p_id}
+    journal = Journal(p_home / "journal.db")
+    try:
+        assert journal.get("bridge_master") is None  # a member never holds the master
+        assert journal.get("bridge_key") == derive_member_key(master, p_id)
+    finally:
+        journal.close()
