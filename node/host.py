@@ -8,6 +8,10 @@ Everything above this speaks peer ids as base58 strings, multiaddrs as strings, 
   /plaintext/2.0.0 (any peer can claim any id), SECIO and mplex.
 - Membership is enforced inside the Noise handshake (``GatedNoise``): a non-member's
   connection is dropped before muxing, so no stream, identify or gossip of it exists.
+- py-libp2p's identify and ping answer members only (an outside Bitswap peer gets an
+  identify naming Bitswap alone); each peer may hold ``MAX_INBOUND_STREAMS_PER_PEER``
+  inbound streams per protocol, and a revoked peer's streams can be reset at once
+  (``drop_peer``).
 - Stream handlers never raise: an exception escaping any handler tears down the host.
   Pubsub's own handler is re-registered behind a guard (one bad protobuf frame on
   /meshsub/* would otherwise kill the process).
@@ -37,6 +41,7 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL_ID
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
 from libp2p.peer.id import ID
@@ -49,7 +54,9 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
+from teammesh.protocols.bitswap import BITSWAP_PROTOCOLS
 from teammesh.protocols.errors import TeammeshError, leaves
+from teammesh.protocols.wire import encode_varint
 
 from . import yamux_io
 
@@ -59,6 +66,9 @@ for _name in ("libp2p", "multiaddr"):
 
 GOSSIP_HEARTBEAT_S = 1.0
 MAX_GOSSIP_RPC_BYTES = 1024 * 1024
+# Inbound streams one peer may have open at once on one protocol; more are reset, so one
+# member cannot tie up every handler (a task session and a Bitswap session each use one).
+MAX_INBOUND_STREAMS_PER_PEER = 64
 
 
 # Exceptions that mean "this stream or connection is gone", as opposed to our bugs.
@@ -140,6 +150,7 @@ class GatedNoise(NoiseTransport):  # type: ignore[misc]
 class HostStats:
     refused_handshakes: int = 0
     refused_streams: int = 0
+    excess_streams: int = 0  # over MAX_INBOUND_STREAMS_PER_PEER, reset
     bad_gossip_streams: int = 0
     bad_gossip_messages: int = 0
     handler_errors: int = 0
@@ -159,6 +170,7 @@ class MeshHost:
         self.peer_id = str(host.get_id())
         # inbound streams being served, by peer: a revoked peer's are reset at once
         self._inbound: dict[str, set[Stream]] = {}
+        self._open: dict[tuple[str, str], int] = {}  # (peer, protocol) -> streams served
 
     @property
     def listen_addrs(self) -> list[str]:
@@ -239,6 +251,16 @@ class MeshHost:
                 logger.warning("refused %s stream from non-member %s", protocol, stream.peer_id)
                 await stream.reset()
                 return
+            key = (stream.peer_id, protocol)
+            if self._open.get(key, 0) >= MAX_INBOUND_STREAMS_PER_PEER:
+                self.stats.excess_streams += 1
+                if self.stats.excess_streams % 100 == 1:  # a flood must not flood the log
+                    logger.warning("reset %s stream from %s: %d already open (limit %d)",
+                                   protocol, stream.peer_id, self._open[key],
+                                   MAX_INBOUND_STREAMS_PER_PEER)
+                await stream.reset()
+                return
+            self._open[key] = self._open.get(key, 0) + 1
             served = self._inbound.setdefault(stream.peer_id, set())
             served.add(stream)
             try:
@@ -267,6 +289,11 @@ class MeshHost:
                 served.discard(stream)
                 if not served:
                     self._inbound.pop(stream.peer_id, None)
+                left = self._open[key] - 1
+                if left:
+                    self._open[key] = left
+                else:
+                    del self._open[key]
 
         self._host.set_stream_handler(TProtocol(protocol), guarded)
 
@@ -423,6 +450,92 @@ def _patch_observations(host: Any, stats: HostStats) -> None:
     manager.record_observation = record
 
 
+def _gate_default_protocols(host: Any, gate: StreamGate, stats: HostStats) -> None:
+    """Serve py-libp2p's own protocols (identify, identify push, ping) to members only.
+
+    new_host registers them for every connection the Noise gate lets through, which
+    includes enrollment-key peers and outside Bitswap peers: each of those must get its
+    one protocol and nothing else (docs/PROTOCOL.md §1.2), not our addresses, our protocol
+    list or a ping. One exception, for interop: an outside Bitswap peer gets an identify
+    that names the Bitswap protocols and nothing more (no addresses, no peer record), since
+    js-libp2p (Helia) only sends wants to peers whose identify lists Bitswap. Our side
+    likewise stops sending identify requests and pushes to non-members.
+    """
+    for proto, handler in list(host.multiselect.handlers.items()):
+        if proto is None:
+            continue
+        if str(proto) == IDENTIFY_PROTOCOL_ID:
+            handler = _identify_for_outsiders(host, handler, gate)
+        host.set_stream_handler(proto, _gated(str(proto), handler, gate, stats))
+
+    def member(peer: Any) -> bool:
+        return gate(str(peer), IDENTIFY_PROTOCOL_ID)
+
+    should_identify = host._should_identify_peer
+
+    def should_identify_member(peer_id: Any) -> bool:
+        return member(peer_id) and bool(should_identify(peer_id))
+
+    host._should_identify_peer = should_identify_member
+
+    async def push_to_members() -> None:
+        from libp2p.identity.identify_push.identify_push import push_identify_to_peers
+
+        peers = {p for p in host.get_connected_peers() if member(p)}
+        try:
+            await push_identify_to_peers(host, peer_ids=peers)
+        except Exception:  # best effort, as py-libp2p's own push
+            logger.debug("identify push failed", exc_info=True)
+
+    host._push_identify_to_all_peers = push_to_members
+
+
+def _outsider_protocols(gate: StreamGate, peer: str) -> list[str]:
+    return [p for p in BITSWAP_PROTOCOLS if gate(peer, p)]
+
+
+def _identify_for_outsiders(host: Any, full: Any, gate: StreamGate) -> Any:
+    """Members get py-libp2p's identify; an outside Bitswap peer a minimal one."""
+
+    async def handle(raw: Any) -> None:
+        peer = str(raw.muxed_conn.peer_id)
+        if gate(peer, IDENTIFY_PROTOCOL_ID):
+            return await full(raw)
+        from libp2p.identity.identify.identify import AGENT_VERSION, PROTOCOL_VERSION
+        from libp2p.identity.identify.pb.identify_pb2 import Identify
+
+        msg = Identify(protocol_version=PROTOCOL_VERSION, agent_version=AGENT_VERSION,
+                       public_key=host.get_public_key().serialize(),
+                       protocols=_outsider_protocols(gate, peer)).SerializeToString()
+        await raw.write(encode_varint(len(msg)) + msg)
+        await raw.close()
+
+    return handle
+
+
+def _gated(protocol: str, handler: Any, gate: StreamGate, stats: HostStats) -> Any:
+    async def gated(raw: Any) -> None:
+        stream = Stream(raw, protocol)
+        admitted = gate(stream.peer_id, protocol) or (
+            protocol == IDENTIFY_PROTOCOL_ID and _outsider_protocols(gate, stream.peer_id))
+        if not admitted:
+            stats.refused_streams += 1
+            logger.info("refused %s stream from %s", protocol, stream.peer_id)
+            await stream.reset()
+            return
+        try:
+            await handler(raw)
+        except STREAM_ERRORS:
+            await stream.reset()
+        except Exception:  # py-libp2p's handler failing must cost one stream, not the host
+            stats.handler_errors += 1
+            logger.warning("%s handler failed for %s", protocol, stream.peer_id,
+                           exc_info=True)
+            await stream.reset()
+
+    return gated
+
+
 def _guard_pubsub(host: Any, pubsub: Any, router: Any, stats: HostStats, gate: StreamGate) -> None:
     async def guarded(stream: Any) -> None:
         peer = str(stream.muxed_conn.peer_id)
@@ -506,6 +619,7 @@ async def open_host(
         listen_addrs=listen_addrs,
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
+    _gate_default_protocols(host, stream_gate, stats)
     _patch_inbound_release(host.get_network(), stats)
     _disable_auto_connector(host.get_network())
     _wrap_pubsub_helper("maybe_consume_signed_record", _cache_sender_records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import stat
 import subprocess
 import time
@@ -11,7 +12,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
+from libp2p.identity.identify.pb.identify_pb2 import Identify
 from meshtools import CLI, Daemon, init_home, mesh, run_cli, wait_for_full_mesh, wait_until
+from teammesh.node.host import (
+    MAX_INBOUND_STREAMS_PER_PEER,
+    STREAM_ERRORS,
+    DialError,
+    MeshHost,
+    open_host,
+)
+from teammesh.node.protocol_ids import TASKS
+from teammesh.protocols.bitswap import BITSWAP_PROTOCOLS
+from teammesh.protocols.identity import Identity
+from teammesh.protocols.membership import Invite
 
 
 def test_init_is_idempotent_and_private(tmp_path: Path) -> None:
@@ -224,3 +238,114 @@ def test_start_to_ready_is_fast(tmp_path: Path, n: int) -> None:
     elapsed = time.monotonic() - t0
     d.stop()
     assert elapsed < 5  # generous for a loaded CI box; the benchmark records the real figure
+
+
+# --- issue 15.7: outsiders get their one protocol; per-peer stream bounds ---------------
+
+
+IDENTIFY = "/ipfs/id/1.0.0"
+PING = "/ipfs/ping/1.0.0"
+
+
+async def _answered(host: MeshHost, peer_id: str, protocol: str, request: bytes = b"") -> bytes:
+    """What the daemon answers on ``protocol`` (b"" if it refuses the stream)."""
+    try:
+        stream = await host.open_stream(peer_id, protocol)
+        if request:
+            await stream.write(request)
+        out = b""
+        with trio.fail_after(10):
+            while chunk := await stream.read():
+                out += chunk
+                if request and len(out) >= len(request):
+                    break
+        return out
+    except (DialError, *STREAM_ERRORS):
+        return b""
+
+
+def _identify(reply: bytes) -> Identify:
+    n, used = 0, 0
+    for i, b in enumerate(reply):  # varint length prefix
+        n |= (b & 0x7F) << (7 * i)
+        if not b & 0x80:
+            used = i + 1
+            break
+    msg = Identify()
+    msg.ParseFromString(reply[used:used + n])
+    return msg
+
+
+@pytest.mark.slow
+async def test_outsiders_get_their_one_protocol_and_members_get_identify(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outsider_seed = secrets.token_bytes(32)
+    # this outsider may fetch blocks ([files] allow_peers)
+    monkeypatch.setenv("TEAMMESH_FILES_ALLOW_PEERS",
+                       json.dumps([Identity(outsider_seed).peer_id]))
+    with mesh(tmp_path, 1) as (node,):
+        member = init_home(tmp_path / "member")
+        await trio.to_thread.run_sync(lambda: run_cli(
+            member, "join", run_cli(node.home, "team", "invite").stdout.strip()))
+        invite = await trio.to_thread.run_sync(
+            lambda: run_cli(node.home, "team", "invite").stdout.strip())
+        ping = secrets.token_bytes(32)
+        seeds = {"outsider": outsider_seed,
+                 "enrollment key": Invite.decode(invite).key_seed,
+                 "member": (member / "identity.key").read_bytes()}
+        got: dict[str, tuple[bytes, bytes]] = {}
+        for who, seed in seeds.items():
+            async with open_host(seed, ["/ip4/127.0.0.1/tcp/0"], peer_gate=lambda p: True,
+                                 stream_gate=lambda p, proto: False, gossip=False) as host:
+                await host.connect(node.addr)  # the Noise gate lets all three in
+                got[who] = (await _answered(host, node.peer_id, IDENTIFY),
+                            await _answered(host, node.peer_id, PING, ping))
+        # a member gets the full identify and ping
+        full = _identify(got["member"][0])
+        assert TASKS in full.protocols
+        assert full.listen_addrs
+        assert got["member"][1] == ping
+        # an enrollment key gets neither (it may open /teammesh/enroll/1.0.0, nothing else)
+        assert got["enrollment key"] == (b"", b"")
+        # an outside Bitswap peer: no ping, and an identify naming Bitswap and no address
+        # (js-libp2p sends wants only to peers whose identify lists Bitswap)
+        outsider = _identify(got["outsider"][0])
+        assert set(outsider.protocols) == set(BITSWAP_PROTOCOLS)
+        assert not outsider.listen_addrs
+        assert not outsider.observed_addr
+        assert got["outsider"][1] == b""
+        assert node.alive()
+        assert "Traceback" not in node.log.read_text()
+
+
+@pytest.mark.slow
+async def test_one_member_cannot_hold_unbounded_streams(tmp_path: Path) -> None:
+    with mesh(tmp_path, 1) as (node,):
+        member = init_home(tmp_path / "member")
+        await trio.to_thread.run_sync(lambda: run_cli(
+            member, "join", run_cli(node.home, "team", "invite").stdout.strip()))
+        seed = (member / "identity.key").read_bytes()
+        async with open_host(seed, ["/ip4/127.0.0.1/tcp/0"], peer_gate=lambda p: True,
+                             stream_gate=lambda p, proto: False, gossip=False) as host:
+            await host.connect(node.addr)
+            # task sessions stay open until the submitter ends them
+            held = [await host.open_stream(node.peer_id, TASKS)
+                    for _ in range(MAX_INBOUND_STREAMS_PER_PEER)]
+            with trio.fail_after(10):
+                assert not await _opened_and_kept(host, node.peer_id, TASKS)
+            assert len(held) == MAX_INBOUND_STREAMS_PER_PEER
+        peer = Identity(seed).peer_id
+        log = node.log.read_text()
+        assert (f"reset /teammesh/tasks/1.0.0 stream from {peer}: "
+                f"{MAX_INBOUND_STREAMS_PER_PEER} already open") in log
+        assert node.alive()
+        assert "Traceback" not in log
+
+
+async def _opened_and_kept(host: MeshHost, peer_id: str, protocol: str) -> bool:
+    """False if the daemon refuses a new stream (at negotiation or by resetting it)."""
+    try:
+        stream = await host.open_stream(peer_id, protocol)
+        return bool(await stream.read())
+    except (DialError, *STREAM_ERRORS):
+        return False
