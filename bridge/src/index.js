@@ -15,7 +15,7 @@
 
 import { HttpError, masterFromHex, parseAuth } from "./auth.js";
 import { bytesToBase64, F64, orderedObject, parseJSON, Raw, sortedJSON, stringify } from "./json.js";
-import { KINDS, portableNames, runKind, whyNotPortable } from "./kinds/index.js";
+import { KINDS, portableNames, runKind, whyNotAtEdge, whyNotPortable } from "./kinds/index.js";
 import { validateParams } from "./kinds/params.js";
 import { hex, sha256Hex } from "./util.js";
 
@@ -44,7 +44,20 @@ function limits(env) {
     cacheTtl: Math.max(60, intVar(env, "CACHE_TTL_S", 86400)),
     maxSamples: intVar(env, "MAX_MC_SAMPLES", 50000000),
     skew: intVar(env, "MAX_SKEW_S", 300),
+    edgeInput: jsonVar(env, "EDGE_INPUT_BYTES"),
   };
+}
+
+function jsonVar(env, name) {
+  const text = env[name];
+  if (text === undefined || text === null || text === "") return {};
+  try {
+    const v = typeof text === "string" ? JSON.parse(text) : text;
+    if (v && typeof v === "object" && !Array.isArray(v)) return v;
+  } catch {
+    /* reported below */
+  }
+  throw new HttpError(503, "not_configured", `the ${name} var must be a JSON object such as {"json.validate": 1048576}`);
 }
 
 function corsHeaders(env, request) {
@@ -370,17 +383,30 @@ async function submitTask(request, env, ctx, peer, body) {
 
   // An id the bridge has seen returns the stored task (idempotent retries); the same
   // round trip reads the cache generation of this kind.
-  const { existing, gen } = await stub.prepare(body.id === undefined || body.id === null ? null : id, kind, version);
+  const { existing, edgeRunning, gen } = await stub.prepare(body.id === undefined || body.id === null ? null : id, kind, version);
   if (existing) {
     if (existing.kind !== kind) throw new HttpError(409, "id_conflict", `task ${id} exists with kind '${existing.kind}'`);
+    if (edgeRunning) {
+      // A retry of a run that never answered: queue it for pull-mode peers.
+      const task = await stub.requeueEdge(id, input, "the bridge did not finish running it (isolate limit, or the answer was lost)");
+      return jsonResponse(task.state === "queued" ? 202 : 200, taskJson(task));
+    }
     return jsonResponse(200, taskJson(existing));
   }
 
-  const reason = whyNotPortable(kind, version, params, lim);
+  let reason = whyNotPortable(kind, version, params, lim);
+  if (!reason && cid === null) reason = whyNotAtEdge(kind, input.length, lim.edgeInput);
   if (reason && !queueAllowed) {
     throw new HttpError(422, "not_portable", `${reason}; the request says "queue": false, so it is not held for pull-mode peers`);
   }
-  if (cid !== null && !reason) input = await loadCid(env, cid);
+  if (cid !== null && !reason) {
+    input = await loadCid(env, cid);
+    reason = whyNotAtEdge(kind, input.length, lim.edgeInput);
+    if (reason && !queueAllowed) {
+      throw new HttpError(422, "not_portable", `${reason}; the request says "queue": false, so it is not held for pull-mode peers`);
+    }
+    if (reason) input = new Uint8Array(0); // queued by CID: the pull-mode peer fetches the file
+  }
 
   const key = await cacheKey(kind, version, params, cidHash ?? (await bytesMultihash(input)), gen);
   if (!noCache && env.CACHE) {
@@ -401,24 +427,29 @@ async function submitTask(request, env, ctx, peer, body) {
     return jsonResponse(202, taskJson(task));
   }
 
+  // Recorded before it runs: if the isolate dies (CPU or memory limit) the task is not
+  // lost; a retry queues it for pull-mode peers, else it fails with that reason.
   const started = Date.now() / 1000;
-  const result = await runKind(kind, input, params, validateParams);
-  const finished = Date.now() / 1000;
-  const outputText = result.ok ? stringify(result.output) : null;
-  const attempts = JSON.stringify([{ peer: "bridge", started, ended: finished, error: result.ok ? null : result.error }]);
-  const { task } = await stub.put(
+  await stub.put(
     {
       ...base,
-      state: result.ok ? "done" : "failed",
+      state: "running",
       executed_by: "bridge",
-      output: outputText,
-      error: result.ok ? null : result.error,
-      attempts,
+      attempts: JSON.stringify([{ peer: "bridge", started, ended: null, error: null }]),
       started,
-      finished,
     },
     null,
   );
+  const result = await runKind(kind, input, params, validateParams);
+  const finished = Date.now() / 1000;
+  const outputText = result.ok ? stringify(result.output) : null;
+  const task = await stub.finishEdge(id, {
+    state: result.ok ? "done" : "failed",
+    output: outputText,
+    error: result.ok ? null : result.error,
+    attempts: JSON.stringify([{ peer: "bridge", started, ended: finished, error: result.ok ? null : result.error }]),
+    finished,
+  });
   if (result.ok && !noCache && env.CACHE && outputText.length < 20 * 1024 * 1024) {
     ctx.waitUntil(env.CACHE.put(key, outputText, { expirationTtl: lim.cacheTtl }).catch(() => {}));
   }

@@ -32,6 +32,12 @@ const CLEANUP_BATCH = 500;
 const CLEANUP_INTERVAL_S = 3600;
 const CLEANUP_SOON_S = 1;
 const BUCKET_IDLE_S = 3600;
+// A portable run is recorded ("running", executed_by "bridge", no lease) before it starts.
+// One still running after EDGE_RUN_S (var; default 120 s, four times the default CPU
+// limit) died with its isolate (CPU or memory limit): it fails with that reason, unless
+// the client retries first (then it is queued for pull-mode peers, see requeueEdge).
+const DEFAULT_EDGE_RUN_S = 120;
+const EDGE_RUNNING = "state = 'running' AND lease_peer IS NULL AND executed_by = 'bridge'";
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS tasks (
@@ -227,7 +233,69 @@ export class TaskQueue extends DurableObject {
   // One round trip for submit: the stored task with this id (if any) and the cache
   // generation of (kind, version).
   prepare(id, kind, version) {
-    return { existing: id === null ? null : this.get(id), gen: this.cacheGen(kind, version) };
+    const existing = id === null ? null : this.get(id);
+    const edgeRunning = !!existing && existing.state === "running" && existing.lease_peer === null && existing.executed_by === "bridge";
+    return { existing, edgeRunning, gen: this.cacheGen(kind, version) };
+  }
+
+  // A portable run that finished: only a row still in its edge-running state is updated
+  // (a retry may have queued it for pull-mode peers meanwhile).
+  finishEdge(id, result) {
+    this.sql.exec(
+      `UPDATE tasks SET state = ?, output = ?, output_chunks = ?, error = ?, attempts = ?, finished = ? WHERE id = ? AND ${EDGE_RUNNING}`,
+      result.state,
+      ...this.setOutput(id, result.output),
+      result.error,
+      result.attempts,
+      result.finished,
+      id,
+    );
+    return this.view(this.row(id));
+  }
+
+  // The client retried a task whose edge run never finished (its isolate was killed, or
+  // the answer was lost): running it at the edge again would likely hit the same limit,
+  // so it is queued for pull-mode peers, with the retry's input.
+  requeueEdge(id, input, reason) {
+    const r = this.row(id);
+    if (!r || r.state !== "running" || r.lease_peer !== null || r.executed_by !== "bridge") return this.view(r);
+    const now = this.now();
+    const attempts = JSON.parse(r.attempts);
+    for (const a of attempts) if (a.ended === null) Object.assign(a, { ended: now, error: reason });
+    this.sql.exec(
+      "UPDATE tasks SET state = 'queued', executed_by = NULL, attempts = ?, waiting_reason = ?, input_size = ? WHERE id = ?",
+      JSON.stringify(attempts),
+      `${reason}; waiting for a pull-mode peer`,
+      input.length,
+      id,
+    );
+    this.putBlob(id, "in", input);
+    return this.view(this.row(id));
+  }
+
+  edgeRunS() {
+    const v = Number(this.env.EDGE_RUN_S);
+    return Number.isFinite(v) && v > 0 ? v : DEFAULT_EDGE_RUN_S;
+  }
+
+  // Edge runs that never finished fail with the likely reason (bounded per call).
+  expireEdgeRuns() {
+    const now = this.now();
+    const rows = this.sql
+      .exec(`SELECT id, attempts FROM tasks WHERE ${EDGE_RUNNING} AND started < ? LIMIT 100`, now - this.edgeRunS())
+      .toArray();
+    const error = "the bridge stopped while running it (its isolate hit the CPU or memory limit); submit it with a new id to queue it for pull-mode peers";
+    for (const r of rows) {
+      const attempts = JSON.parse(r.attempts);
+      for (const a of attempts) if (a.ended === null) Object.assign(a, { ended: now, error });
+      this.sql.exec(
+        "UPDATE tasks SET state = 'failed', error = ?, attempts = ?, finished = ? WHERE id = ?",
+        error,
+        JSON.stringify(attempts),
+        now,
+        r.id,
+      );
+    }
   }
 
   // --- blobs ---------------------------------------------------------------------------
@@ -461,6 +529,7 @@ export class TaskQueue extends DurableObject {
 
   // Leases that ran out go back to the queue (or fail after MAX_LEASES).
   expireLeases() {
+    this.expireEdgeRuns();
     const now = this.now();
     const rows = this.sql
       .exec("SELECT id, attempts, leases, lease_peer FROM tasks WHERE state = 'running' AND lease_until < ? LIMIT 500", now)

@@ -293,4 +293,41 @@ describe("bounds", () => {
       expect(instance.sql.exec("SELECT COUNT(*) AS n FROM seen_nonces WHERE nonce = 'ret-nonce'").toArray()[0].n).toBe(0);
     });
   });
+
+  it("inputs over a kind's edge limit are queued for pull-mode peers, not run in the isolate", async () => {
+    const big = btoa("a,b\n".repeat((2 * 1024 * 1024) / 4 + 1));
+    const r = await call("POST", "/v1/tasks", { kind: "csv.summary", input_b64: big, params: {} }, { peer: "edge-big" });
+    expect(r.status).toBe(202);
+    expect(r.json.state).toBe("queued");
+    expect(r.json.waiting_reason).toContain("EDGE_INPUT_BYTES");
+    const refused = await call("POST", "/v1/tasks", { kind: "csv.summary", input_b64: big, params: {}, queue: false }, { peer: "edge-big" });
+    expect(refused.status).toBe(422);
+    const small = await call("POST", "/v1/tasks", { kind: "csv.summary", input_b64: btoa("a,b\n1,2\n"), params: {}, no_cache: true }, { peer: "edge-big" });
+    expect(small.json.state).toBe("done");
+  });
+
+  it("a portable run is recorded before it runs; a retry of one that never finished is queued", async () => {
+    // what a killed isolate leaves behind: the record made before the run
+    const now = Date.now() / 1000;
+    await runInDurableObject(stub(), async (instance) => {
+      for (const [id, started] of [["edge-killed", now - 5], ["edge-stale", now - 3600]]) {
+        await instance.put({ id, kind: "text.stats", version: "1", params: "{}", priority: 0, state: "running",
+          executed_by: "bridge", started, submitted: started,
+          attempts: JSON.stringify([{ peer: "bridge", started, ended: null, error: null }]) }, null);
+      }
+    });
+    const retry = await call("POST", "/v1/tasks", { id: "edge-killed", kind: "text.stats", input_b64: btoa("one two"), params: {} }, { peer: "edge-retry" });
+    expect(retry.status).toBe(202);
+    expect(retry.json.state).toBe("queued");
+    const leased = await call("POST", "/v1/lease", { kinds: ["text.stats"], max: 5 }, { peer: "edge-puller" });
+    const mine = leased.json.tasks.find((t) => t.id === "edge-killed");
+    expect(atob(mine.input_b64)).toBe("one two");
+    const stale = await call("GET", "/v1/tasks/edge-stale", undefined, { peer: "edge-retry" });
+    expect(stale.json.state).toBe("failed");
+    expect(stale.json.error).toContain("CPU or memory limit");
+    // an ordinary run leaves a finished record
+    const ok = await call("POST", "/v1/tasks", { id: "edge-ok", kind: "text.stats", input_b64: btoa("x"), params: {}, no_cache: true }, { peer: "edge-retry" });
+    expect(ok.json.state).toBe("done");
+    expect((await call("GET", "/v1/tasks/edge-ok", undefined, { peer: "edge-retry" })).json.state).toBe("done");
+  });
 });

@@ -55,6 +55,37 @@ export function portableNames() {
   return Object.keys(KINDS).sort();
 }
 
+// Edge limits: the largest input (bytes) each kind runs with inside the Worker's isolate
+// (128 MB, CPU time per request); a larger one is queued for pull-mode peers. The JSON
+// kinds build a wrapper per parsed value, so they get the smallest budget. Overridden per
+// kind by the EDGE_INPUT_BYTES var: a JSON object {"kind": bytes, "*": bytes}.
+export const EDGE_INPUT_BYTES = {
+  "hash.sha256": 4 * 1024 * 1024,
+  "hash.blake2b": 4 * 1024 * 1024,
+  "base64.encode": 4 * 1024 * 1024,
+  "base64.decode": 4 * 1024 * 1024,
+  "json.validate": 1024 * 1024,
+  "json.transform": 1024 * 1024,
+  "csv.summary": 2 * 1024 * 1024,
+  "text.stats": 2 * 1024 * 1024,
+  "np.stats": 1024 * 1024,
+  "np.montecarlo_pi": 4 * 1024 * 1024,
+};
+
+export function edgeInputLimit(name, overrides = {}) {
+  const o = overrides[name] ?? overrides["*"];
+  return Number.isSafeInteger(o) && o >= 0 ? o : (EDGE_INPUT_BYTES[name] ?? 0);
+}
+
+// Why a portable kind's input is too big to run at the edge (null if it is not).
+export function whyNotAtEdge(name, inputSize, overrides = {}) {
+  const max = edgeInputLimit(name, overrides);
+  if (inputSize > max) {
+    return `a ${name} input of ${inputSize} bytes exceeds the bridge's edge limit of ${max} bytes for this kind (EDGE_INPUT_BYTES)`;
+  }
+  return null;
+}
+
 // Whether the bridge runs this kind/version itself; `limits` may refuse expensive ones.
 export function whyNotPortable(name, version, p, limits = {}) {
   const k = KINDS[name];
