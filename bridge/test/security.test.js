@@ -295,7 +295,7 @@ describe("bounds", () => {
   });
 
   it("inputs over a kind's edge limit are queued for pull-mode peers, not run in the isolate", async () => {
-    const big = btoa("a,b\n".repeat((2 * 1024 * 1024) / 4 + 1));
+    const big = btoa("a,b\n".repeat((1024 * 1024) / 4 + 1));
     const r = await call("POST", "/v1/tasks", { kind: "csv.summary", input_b64: big, params: {} }, { peer: "edge-big" });
     expect(r.status).toBe(202);
     expect(r.json.state).toBe("queued");
