@@ -47,7 +47,8 @@ export function parseAuth(request, url, lim) {
         " X-Teammesh-Content-SHA256 and X-Teammesh-Signature are required (docs/BRIDGE.md)",
     );
   }
-  if (!PEER_RE.test(peer)) throw unauthorized("bad_peer", "X-Teammesh-Peer must be a peer id");
+  // "bridge" names the Worker itself in executed_by and attempts: no client may be it.
+  if (!PEER_RE.test(peer) || peer === "bridge") throw unauthorized("bad_peer", "X-Teammesh-Peer must be a peer id");
   if (!/^\d{1,12}$/.test(ts)) throw unauthorized("bad_timestamp", "X-Teammesh-Timestamp must be unix seconds");
   const skew = Math.abs(Date.now() / 1000 - Number(ts));
   if (skew > lim.skew) {

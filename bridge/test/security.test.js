@@ -44,6 +44,12 @@ describe("per-member keys", () => {
     expect(r.json.error.code).toBe("bad_signature");
   });
 
+  it("nobody may sign as the Worker itself (peer id 'bridge')", async () => {
+    const r = await call("GET", "/v1/tasks?limit=1", undefined, { peer: "bridge", signOpts: { admin: true } });
+    expect(r.status).toBe(401);
+    expect(r.json.error.code).toBe("bad_peer");
+  });
+
   it("the master key signs as an admin for any peer id", async () => {
     const r = await call("GET", "/v1/tasks?limit=1", undefined, { peer: "admin-x", signOpts: { admin: true } });
     expect(r.status).toBe(200);
