@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 STOP_GRACE_S = 5.0
+# `teammesh bridge dev` is one machine's local Worker: a member's token bucket of 50/s
+# (wrangler.jsonc, for production) would only turn a local load test into 429s.
+DEV_VARS = {"RATE_PER_S": "1000", "RATE_BURST": "2000"}
 START_TIMEOUT_S = 90.0
 NPM_TIMEOUT_S = 600.0
 
@@ -202,8 +205,11 @@ async def open_bridge_dev(bridge_dir: str | Path, port: int | None, key_hex: str
 
 
 def run_bridge_dev(bridge_dir: str | Path | None = None, port: int | None = None,
-                   key_hex: str | None = None, persist_dir: str | Path | None = None) -> int:
-    """Blocking: run the bridge until Ctrl-C or SIGTERM. For ``teammesh bridge dev``."""
+                   key_hex: str | None = None, persist_dir: str | Path | None = None,
+                   extra_vars: dict[str, str] | None = None) -> int:
+    """Blocking: run the bridge until Ctrl-C or SIGTERM. For ``teammesh bridge dev``.
+    ``extra_vars`` default to :data:`DEV_VARS` (relaxed rate limits for local use)."""
+    extra_vars = dict(DEV_VARS) if extra_vars is None else extra_vars
     bridge_dir = Path(bridge_dir) if bridge_dir else default_bridge_dir()
     persist_dir = Path(persist_dir) if persist_dir else bridge_dir / ".wrangler" / "teammesh-dev"
     if key_hex is None:
@@ -214,9 +220,11 @@ def run_bridge_dev(bridge_dir: str | Path | None = None, port: int | None = None
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with open_bridge_dev(bridge_dir, port, key_hex, persist_dir) as url:
-                print(f"bridge running at {url} (state in {persist_dir}); Ctrl-C stops it",
-                      flush=True)
+            async with open_bridge_dev(bridge_dir, port, key_hex, persist_dir,
+                                       extra_vars=extra_vars) as url:
+                relaxed = ", ".join(f"{k}={v}" for k, v in extra_vars.items())
+                print(f"bridge running at {url} (state in {persist_dir}"
+                      f"{'; ' + relaxed if relaxed else ''}); Ctrl-C stops it", flush=True)
                 async for _ in signals:
                     break
         print("bridge stopped", flush=True)

@@ -43,6 +43,7 @@ from teammesh.node.bridge import (
     sign_request,
 )
 from teammesh.node.bridgedev import (
+    DEV_VARS,
     free_port,
     open_bridge_dev,
     prepare_run_dir,
@@ -841,3 +842,22 @@ def test_pull_member_signs_with_its_own_key(tmp_path: Path) -> None:
         assert journal.get("bridge_key") == derive_member_key(master, p_id)
     finally:
         journal.close()
+
+
+async def test_bridge_dev_vars_override_wrangler_config(tmp_path: Path) -> None:
+    """open_bridge_dev's extra vars override wrangler.jsonc (here a tight rate limit, so a
+    member hits 429 within ten requests); `teammesh bridge dev` uses that to pass DEV_VARS,
+    limits far above a local load test's needs."""
+    assert int(DEV_VARS["RATE_BURST"]) >= 1000
+    assert int(DEV_VARS["RATE_PER_S"]) >= 1000
+    async with open_bridge_dev(BRIDGE_DIR, None, KEY.hex(), tmp_path / "state",
+                               extra_vars={"RATE_PER_S": "1", "RATE_BURST": "3"}) as url:
+        async with BridgeClient(url, member("dev-loader"), "dev-loader") as bridge:
+            limited: BridgeRateLimited | None = None
+            for _ in range(10):
+                try:
+                    await bridge.list(limit=1)
+                except BridgeRateLimited as exc:
+                    limited = exc
+                    break
+            assert limited is not None
