@@ -8,13 +8,17 @@ new connections and streams from it, and stop listing it, without any admin acti
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 from meshtools import Daemon, init_home, mesh, run_cli, wait_for_full_mesh, wait_until
@@ -207,3 +211,104 @@ def test_a_journal_with_the_old_shared_bridge_key_keeps_working(tmp_path: Path) 
         assert m.bridge_epoch == 0
     finally:
         journal.close()
+
+
+BRIDGE_DIR = Path(__file__).resolve().parent.parent / "bridge"
+# test_bridge.py's master key: bridge/.dev.vars is shared by every local Worker, so a
+# Worker started here must not change it under a test_bridge run
+WORKER_MASTER = bytes.fromhex("5eed" * 16)
+
+
+@contextmanager
+def local_worker(persist: Path) -> Iterator[str]:
+    """`wrangler dev --local` with master WORKER_MASTER at epoch 0; ended by its PID."""
+    from teammesh.node.bridgedev import free_port, wrangler_command, wrangler_env, write_dev_vars
+
+    port = free_port()
+    write_dev_vars(BRIDGE_DIR, WORKER_MASTER.hex())
+    persist.mkdir(parents=True, exist_ok=True)
+    with open(persist / "wrangler.log", "wb") as log:
+        proc = subprocess.Popen(
+            wrangler_command(BRIDGE_DIR, port, persist), cwd=BRIDGE_DIR, env=wrangler_env(),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, (persist / "wrangler.log").read_text()[-2000:]
+            try:
+                return httpx.get(url + "/health", timeout=1, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 90, interval=0.3, what="the local Worker")
+        yield url
+    finally:
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+async def bridge_accepts(url: str, key: bytes, peer_id: str) -> bool:
+    """One signed request; False if the Worker refuses the key (stale or wrong)."""
+    from teammesh.node.bridge import BridgeClient, BridgeRejected, BridgeStaleKey
+
+    async with BridgeClient(url, key, peer_id) as client:
+        try:
+            await client.list(limit=1)
+        except (BridgeStaleKey, BridgeRejected):
+            return False
+    return True
+
+
+def set_master(home: Path, peer_id: str, master: bytes) -> None:
+    db = sqlite3.connect(home / "journal.db")
+    with db:
+        db.execute("UPDATE kv SET value=? WHERE key='bridge_master'", (master,))
+        db.execute("UPDATE kv SET value=? WHERE key='bridge_key'",
+                   (derive_member_key(master, peer_id),))
+    db.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BRIDGE_DIR / "node_modules" / "wrangler").is_dir(),
+                    reason="bridge/node_modules is missing: run `npm ci` in bridge/")
+async def test_the_worker_refuses_a_revoked_members_key_after_rotation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with local_worker(tmp_path / "worker") as url:
+        monkeypatch.setenv("TEAMMESH_BRIDGE_URL", url)
+        admin_home = init_home(tmp_path / "admin")
+        run_cli(admin_home, "team", "create", "t")
+        admin_id = Identity((admin_home / "identity.key").read_bytes()).peer_id
+        set_master(admin_home, admin_id, WORKER_MASTER)  # the master the Worker was given
+        nodes = [Daemon(admin_home).start()]
+        try:
+            for name in ("stays", "goes"):
+                home = init_home(tmp_path / name)
+                run_cli(home, "join", run_cli(admin_home, "team", "invite").stdout.strip())
+                nodes.append(Daemon(home).start())
+            wait_for_full_mesh(nodes, timeout=15)
+            admin, stays, goes = nodes
+            old = {d.peer_id: kv(d.home, "bridge_key") for d in nodes}
+            for d in nodes:
+                assert await bridge_accepts(url, old[d.peer_id], d.peer_id)
+
+            admin.cli("team", "revoke", goes.peer_id)
+
+            wait_until(lambda: epoch(stays.home) == 1, 60, what="the member's new key")
+            assert "the bridge took master key epoch 1" in admin.log.read_text()
+            new_key = kv(stays.home, "bridge_key")
+            assert new_key is not None
+            assert await bridge_accepts(url, new_key, stays.peer_id)
+            # the revoked member's key, and every key of the old epoch, are refused
+            assert not await bridge_accepts(url, old[goes.peer_id], goes.peer_id)
+            assert not await bridge_accepts(url, old[stays.peer_id], stays.peer_id)
+        finally:
+            for d in nodes:
+                d.stop()
