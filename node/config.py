@@ -86,9 +86,24 @@ class Home:
         if not self.token_file.exists():
             _write_private(self.token_file, secrets.token_urlsafe(32).encode())
         if not self.config_file.exists():
-            self.config_file.write_text(DEFAULT_CONFIG_TOML)
+            # 0600: the config may hold the bridge key and S3 credentials
+            _write_private(self.config_file, DEFAULT_CONFIG_TOML.encode())
             created = True
+        self.tighten()
         return self.identity(), created
+
+    def tighten(self) -> None:
+        """Make the home's secrets private to the user (homes made before 0600 was the
+        rule, or files a user created with a loose umask)."""
+        for path in (self.config_file, self.journal_file, self.token_file,
+                     self.identity_file):
+            for p in (path, path.with_name(path.name + "-wal"),
+                      path.with_name(path.name + "-shm")):
+                try:
+                    if p.stat().st_mode & 0o077:
+                        os.chmod(p, 0o600)
+                except FileNotFoundError:
+                    pass
 
     def require(self) -> None:
         if not self.initialized:
@@ -160,7 +175,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Check, str]]] = {
         "bootstrap": ([], _is_str_list, "a list of full multiaddrs ending in /p2p/PEERID"),
         "api": ("127.0.0.1:0", _is_str, 'HOST:PORT on loopback, e.g. "127.0.0.1:7117"'),
         "slots": (_CORES, _is_int(0, 1024), "an integer from 0 to 1024"),
-        "cost": (1.0, _is_num(0), "a number >= 0 (relative price of this node's slots)"),
+        "cost": (1.0, lambda v: _is_num(0)(v) and v <= 1e6,
+                 "a number from 0 to 1000000 (relative price of this node's slots)"),
         "max_peers": (8, _is_int(1, 1000), "an integer from 1 to 1000"),
     },
     "gossip": {
@@ -172,6 +188,21 @@ SCHEMA: dict[str, dict[str, tuple[Any, Check, str]]] = {
         "timeout_s": (300.0, _is_num(0.01), "a number of seconds > 0"),
         "memory_mb": (2048, _is_int(16), "an integer number of MiB >= 16"),
         "cpu_s": (600, _is_int(1), "an integer number of CPU seconds >= 1"),
+        "max_input_mb": (1024, _is_int(1), "an integer number of MiB >= 1 (largest task input)"),
+        "max_output_mb": (1024, _is_int(1),
+                          "an integer number of MiB >= 1 (largest task output)"),
+        "kind_max_input_mb": ({}, _is_kind_limits,
+                              'a table of kind = MiB, e.g. {"csv.summary" = 4096}'),
+        "kind_max_output_mb": ({}, _is_kind_limits,
+                               'a table of kind = MiB, e.g. {"np.matmul" = 64}'),
+        "member_queue": (0, _is_int(0),
+                         "an integer >= 0: tasks one member may queue here (0 = a fair share)"),
+        "member_queue_mb": (256, _is_int(1),
+                            "an integer number of MiB >= 1: input bytes one member may queue"),
+    },
+    "journal": {
+        "keep_days": (30.0, _is_num(0.001),
+                      "a number of days > 0: finished tasks are forgotten after this"),
     },
     "scheduler": {
         "weights": ({"compatibility": 40, "latency": 30, "cost": 20, "health": 10}, _is_weights,
@@ -179,6 +210,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Check, str]]] = {
         "offer_window_s": (0.5, _is_num(0), "a number of seconds >= 0"),
         "max_attempts": (5, _is_int(1, 100), "an integer from 1 to 100"),
         "cache": (True, _is_bool, "true or false"),
+        "cache_ttl_s": (7 * 86400.0, _is_num(1), "a number of seconds >= 1"),
         "kind_limits": ({}, _is_kind_limits,
                         'a table of kind = max running, e.g. {"np.matmul" = 2}'),
     },

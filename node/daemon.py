@@ -49,6 +49,7 @@ class Node:
         self.home = home
         self.config = config
         self.options = options
+        home.tighten()  # homes from before 0600 was the rule hold the bridge key at 0644
         self.identity = home.identity()
         self.journal = Journal(home.journal_file)
         self.membership = Membership(

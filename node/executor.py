@@ -9,6 +9,16 @@ reason, the worker is replaced, and the rest of its batch goes back to the queue
 
 Kinds that declare ``inline_max_bytes`` (hashing) run small inputs on the daemon itself,
 at submission: the task costs microseconds and the worker round trip half a millisecond.
+
+Data of any size: a pipe frame never carries more than about ``BATCH_BYTES`` of inputs or
+``SPILL_BYTES`` of output. A bigger input reaches the worker as a file in the node's spool
+directory (``Job.input_path``); a bigger output comes back the same way and the daemon
+adds it to the block store (``store``), so the result carries a CID. Each kind's input and
+output are bounded (``Limits``); going over fails the task with the limit named.
+
+Fair share: queued jobs wait in one queue per submitter, and slots take from the
+submitters in turn (priority orders each submitter's own jobs), so one member's flood
+delays that member's work, not everyone's.
 """
 
 from __future__ import annotations
@@ -22,12 +32,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
 from teammesh.protocols import wire
+from teammesh.protocols.errors import RemoteProtocolError, TeammeshError
 from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 
 from .kinds import Kind, run_guarded
@@ -37,6 +50,58 @@ logger = logging.getLogger("teammesh.executor")
 
 MAX_WORKER_BATCH = 64
 QUEUE_PER_SLOT = 64  # how many tasks we accept beyond the running ones, per slot
+BATCH_MS = 20.0  # a batch holds about this much work: a longer one makes others wait
+BATCH_BYTES = 2 * 1024 * 1024  # inputs per pipe frame (one bigger task still goes alone)
+SPILL_BYTES = 1024 * 1024  # outputs above this come back as a file, not in a frame
+MAX_ERROR_CHARS = 4000
+# Environment a worker must not see: a task is code we run on a member's data, and it has
+# no business with the node's mirror credentials or bridge key.
+SECRET_ENV_PREFIXES = ("TEAMMESH_BRIDGE", "TEAMMESH_R2", "TEAMMESH_S3", "TEAMMESH_MIRROR",
+                       "AWS_", "R2_", "CLOUDFLARE_", "CF_")
+SECRET_ENV_WORDS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "_KEY")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How big a task's input and output may be on this node, per kind (config
+    ``executor.max_input_mb``/``max_output_mb`` and their ``kind_*`` tables)."""
+
+    max_input_mb: int = 1024
+    max_output_mb: int = 1024
+    kind_input_mb: Mapping[str, int] = field(default_factory=dict)
+    kind_output_mb: Mapping[str, int] = field(default_factory=dict)
+
+    def input_bytes(self, kind: str) -> int:
+        return self.kind_input_mb.get(kind, self.max_input_mb) * MiB
+
+    def output_bytes(self, kind: str) -> int:
+        return self.kind_output_mb.get(kind, self.max_output_mb) * MiB
+
+    def input_error(self, kind: str, size: int) -> str:
+        mb = self.kind_input_mb.get(kind, self.max_input_mb)
+        key = "executor.kind_max_input_mb" if kind in self.kind_input_mb \
+            else "executor.max_input_mb"
+        return (f"input of {size} bytes exceeds this node's limit of {mb} MiB for {kind}"
+                f" ({key})")
+
+    def output_error(self, kind: str, size: int) -> str:
+        mb = self.kind_output_mb.get(kind, self.max_output_mb)
+        key = "executor.kind_max_output_mb" if kind in self.kind_output_mb \
+            else "executor.max_output_mb"
+        return (f"output of {size} bytes exceeds this node's limit of {mb} MiB for {kind}"
+                f" ({key})")
+
+
+def worker_env(base: Mapping[str, str]) -> dict[str, str]:
+    """The daemon's environment minus anything that looks like a secret."""
+    out = {}
+    for k, v in base.items():
+        up = k.upper()
+        if up.startswith(SECRET_ENV_PREFIXES) or any(w in up for w in SECRET_ENV_WORDS):
+            continue
+        out[k] = v
+    return out
 
 
 @dataclass(slots=True)
@@ -48,9 +113,41 @@ class Job:
     cancelled: bool = False
     started: float | None = None
     order: int = 0
+    # files in the spool that stand for the input / params (big data): the worker reads
+    # them, and the executor deletes them when the job ends
+    input_path: Path | None = None
+    param_paths: dict[str, Path] = field(default_factory=dict)
+    input_size: int = -1  # bytes, the files included (-1: not measured yet)
 
     def __lt__(self, other: Job) -> bool:
         return (-self.spec.priority, self.order) < (-other.spec.priority, other.order)
+
+    @property
+    def size(self) -> int:
+        if self.input_size < 0:
+            n = len(self.spec.input)
+            if self.spec.params:
+                try:
+                    n += len(wire.pack(self.spec.params))
+                except TeammeshError:
+                    pass
+            self.input_size = n
+        return self.input_size
+
+    def to_worker(self, max_output: int) -> dict[str, Any]:
+        m: dict[str, Any] = {"id": self.spec.id, "kind": self.spec.kind,
+                             "input": self.spec.input, "params": self.spec.params,
+                             "max_output": max_output}
+        if self.input_path is not None:
+            m["input_path"] = str(self.input_path)
+        if self.param_paths:
+            m["param_paths"] = {k: str(p) for k, p in self.param_paths.items()}
+        return m
+
+    def remove_files(self) -> None:
+        for p in (self.input_path, *self.param_paths.values()):
+            if p is not None:
+                p.unlink(missing_ok=True)
 
 
 @dataclass(slots=True)
@@ -68,21 +165,89 @@ class WorkerDied(Exception):
     pass
 
 
+class _FairQueue:
+    """Queued jobs, one priority heap per submitter, served in turn."""
+
+    def __init__(self) -> None:
+        self.heaps: dict[str, list[Job]] = {}
+        self.turn: deque[str] = deque()  # submitters with queued jobs, next first
+        self.count = 0
+        self.bytes_by: dict[str, int] = {}
+        self.count_by: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def push(self, job: Job) -> None:
+        heap = self.heaps.get(job.submitter)
+        if heap is None:
+            heap = self.heaps[job.submitter] = []
+            self.turn.append(job.submitter)
+        heapq.heappush(heap, job)
+        self.count += 1
+        self.count_by[job.submitter] = self.count_by.get(job.submitter, 0) + 1
+        self.bytes_by[job.submitter] = self.bytes_by.get(job.submitter, 0) + job.size
+
+    def pop(self) -> Job:
+        """The best job of the submitter whose turn it is. Priority orders a submitter's
+        own jobs; across members it does not count, or one member's priority 1000 would
+        starve everyone else (docs/SECURITY.md)."""
+        sub = self.turn[0]
+        heap = self.heaps[sub]
+        job = heapq.heappop(heap)
+        self.turn.popleft()
+        if heap:
+            self.turn.append(sub)  # back of the line
+        else:
+            del self.heaps[sub]
+        self.count -= 1
+        self.count_by[sub] -= 1
+        self.bytes_by[sub] -= job.size
+        if not self.count_by[sub]:
+            del self.count_by[sub], self.bytes_by[sub]
+        return job
+
+    def peek_cancelled(self) -> Job | None:
+        for heap in self.heaps.values():
+            if heap[0].cancelled:
+                return heap[0]
+        return None
+
+    def remove_head(self, job: Job) -> None:
+        heap = self.heaps[job.submitter]
+        assert heap[0] is job
+        heapq.heappop(heap)
+        if not heap:
+            del self.heaps[job.submitter]
+            self.turn.remove(job.submitter)
+        self.count -= 1
+        self.count_by[job.submitter] -= 1
+        self.bytes_by[job.submitter] -= job.size
+        if not self.count_by[job.submitter]:
+            del self.count_by[job.submitter], self.bytes_by[job.submitter]
+
+
 class Executor:
     def __init__(self, capacity: Capacity, *, allow: list[str], memory_mb: int, cpu_s: int,
-                 timeout_s: float, kinds: Mapping[str, Kind] | None = None) -> None:
+                 timeout_s: float, kinds: Mapping[str, Kind] | None = None,
+                 limits: Limits | None = None, spool: Path | None = None,
+                 store: Callable[[Path], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.capacity = capacity
         self.kinds: Mapping[str, Kind] = kinds or {}
         self.allow = allow
         self.memory_mb = memory_mb
         self.cpu_s = cpu_s
         self.default_timeout_s = timeout_s
-        self._heap: list[Job] = []
+        self.limits = limits or Limits()
+        self.spool = spool
+        self.store = store  # adds a spilled output file to the block store -> {"$cid", ...}
+        self._queue = _FairQueue()
         self._order = itertools.count()
         self._wake = trio.Event()
         self._slots: list[_Slot] = []
         self._resize = trio.Event()
         self.by_id: dict[str, Job] = {}
+        self.kind_ms: dict[str, float] = {}  # recent run time per kind, from the workers
         self.completed = 0
         self.failed = 0
 
@@ -97,13 +262,28 @@ class Executor:
             return 0
         return self.slots * (1 + QUEUE_PER_SLOT) - len(self.by_id)
 
+    def queued_by(self, submitter: str) -> tuple[int, int]:
+        """(tasks, input bytes) ``submitter`` has waiting here."""
+        q = self._queue
+        return q.count_by.get(submitter, 0), q.bytes_by.get(submitter, 0)
+
+    @property
+    def queued_submitters(self) -> int:
+        return len(self._queue.heaps)
+
     def submit_nowait(self, job: Job) -> None:
         """Queue ``job``, or run it now if its kind runs small inputs inline."""
-        if self._run_inline(job):
+        if job.input_path is None and not job.param_paths and self._run_inline(job):
+            return
+        if job.size > self.limits.input_bytes(job.spec.kind):
+            job.remove_files()
+            self._finish(job, make_result(job.spec.id, False, None,
+                                          self.limits.input_error(job.spec.kind, job.size),
+                                          0.0, 0.0))
             return
         job.order = next(self._order)
         self.by_id[job.spec.id] = job
-        heapq.heappush(self._heap, job)
+        self._queue.push(job)
         self._update_capacity()
         self._wake.set()
 
@@ -139,17 +319,19 @@ class Executor:
         for slot in self._slots:
             if slot.current is job and slot.scope is not None:
                 slot.scope.cancel()
+        self._wake.set()
         return True
 
     def _update_capacity(self) -> None:
         busy = sum(1 for s in self._slots if s.current is not None)
-        queued = len(self._heap)
+        queued = len(self._queue)
         if (busy, queued) != (self.capacity.busy, self.capacity.queue):
             self.capacity.busy, self.capacity.queue = busy, queued
             self.capacity.notify_load()
 
     def _finish(self, job: Job, result: TaskResult) -> None:
         self.by_id.pop(job.spec.id, None)
+        job.remove_files()
         if result.ok:
             self.completed += 1
         else:
@@ -160,14 +342,30 @@ class Executor:
         self._finish(job, make_result(job.spec.id, False, None, error, wall_ms, 0.0))
 
     async def _take_batch(self, slot: _Slot) -> list[Job]:
+        q = self._queue
         while not slot.retired:
-            while self._heap and self._heap[0].cancelled:
-                self._fail(heapq.heappop(self._heap), "cancelled")
-            if self._heap:
-                n = max(1, min(MAX_WORKER_BATCH,
-                               math.ceil(len(self._heap) / max(1, self.slots))))
-                batch = [heapq.heappop(self._heap) for _ in range(min(n, len(self._heap)))]
-                return [j for j in batch if not j.cancelled or self._fail(j, "cancelled")]
+            while (c := q.peek_cancelled()) is not None:
+                q.remove_head(c)
+                self._fail(c, "cancelled")
+            if q:
+                n = max(1, min(MAX_WORKER_BATCH, math.ceil(len(q) / max(1, self.slots))))
+                batch: list[Job] = []
+                size = 0
+                work_ms = 0.0
+                while q and len(batch) < n:
+                    job = q.pop()
+                    if job.cancelled:
+                        self._fail(job, "cancelled")
+                        continue
+                    batch.append(job)
+                    size += job.size
+                    # a kind we have not timed yet counts as long: one job per batch
+                    work_ms += self.kind_ms.get(job.spec.kind, BATCH_MS)
+                    if size >= BATCH_BYTES or work_ms >= BATCH_MS:
+                        break
+                if batch:
+                    return batch
+                continue
             await self._wake.wait()
             self._wake = trio.Event()
             if slot.retired:
@@ -194,12 +392,13 @@ class Executor:
                 await self._resize.wait()
                 self._resize = trio.Event()
 
-
     async def _spawn(self) -> Any:
-        env = dict(os.environ)
+        env = worker_env(os.environ)
         env.update(TEAMMESH_WORKER_MEMORY_MB=str(self.memory_mb),
                    TEAMMESH_WORKER_CPU_S=str(self.cpu_s),
                    TEAMMESH_WORKER_ALLOW=",".join(self.allow))
+        if self.spool is not None:
+            env["TEAMMESH_WORKER_SPOOL"] = str(self.spool)
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "teammesh.node.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env)
@@ -210,7 +409,12 @@ class Executor:
             data = await slot.proc.stdout.receive_some(1 << 20)
             if not data:
                 raise WorkerDied
-            slot.pending.extend(wire.unpack(f) for f in slot.decoder.feed(data))
+            try:
+                slot.pending.extend(wire.unpack(f) for f in slot.decoder.feed(data))
+            except RemoteProtocolError as exc:
+                # our own worker, but it runs task code: a frame it should never send
+                # costs the task and the process, never the daemon
+                raise WorkerBroken(f"the worker sent a malformed result ({exc})") from exc
         return slot.pending.pop(0)
 
     async def _kill(self, slot: _Slot) -> int | None:
@@ -240,18 +444,72 @@ class Executor:
                 batch = await self._take_batch(slot)
                 if not batch:
                     continue
-                if slot.proc is None:
-                    slot.proc = await self._spawn()
-                    ready = await self._next_message(slot)
-                    if ready.get("t") != "ready":
-                        raise WorkerDied
-                await slot.proc.stdin.send_all(wire.frame_message(
-                    {"t": "run", "v": 1, "tasks": [
-                        {"id": j.spec.id, "kind": j.spec.kind, "input": j.spec.input,
-                         "params": j.spec.params} for j in batch]}))
+                try:
+                    if slot.proc is None:
+                        slot.proc = await self._spawn()
+                        ready = await self._next_message(slot)
+                        if ready.get("t") != "ready":
+                            raise WorkerDied
+                    frame = wire.frame_message({"t": "run", "v": 1, "tasks": [
+                        j.to_worker(self.limits.output_bytes(j.spec.kind)) for j in batch]})
+                    await slot.proc.stdin.send_all(frame)
+                except (WorkerDied, WorkerBroken, OSError, trio.BrokenResourceError,
+                        TeammeshError) as exc:
+                    # the worker could not start or take the batch: the tasks are not to
+                    # blame; put them back and try with a fresh process (bounded by the
+                    # jobs' own failure below if it keeps happening)
+                    code = await self._kill(slot)
+                    logger.warning("worker for slot %d failed to take a batch: %s (%s)",
+                                   slot.index, exc, self._death_reason(code))
+                    self._fail(batch[0], f"could not hand the task to a worker: "
+                               f"{self._death_reason(code)}")
+                    for rest in batch[1:]:
+                        self._queue.push(rest)
+                    await trio.sleep(0.1)
+                    continue
                 await self._collect(slot, batch)
         finally:
             await self._kill(slot)
+
+    async def _result(self, job: Job, msg: wire.Message) -> TaskResult:
+        """A worker's ``done`` message as a result; a spilled output goes to the store."""
+        try:
+            ok = bool(msg["ok"])
+            wall, cpu = float(msg["wall"]), float(msg["cpu"])
+            error = msg.get("error")
+            if error is not None:
+                error = str(error)[:MAX_ERROR_CHARS]
+            output = msg.get("output")
+            spill = msg.get("spill")
+        except (KeyError, TypeError, ValueError) as exc:
+            return make_result(job.spec.id, False, None,
+                               f"the worker sent a malformed result ({exc!r})", 0.0, 0.0)
+        old = self.kind_ms.get(job.spec.kind, wall)
+        self.kind_ms[job.spec.kind] = 0.8 * old + 0.2 * wall
+        if ok and isinstance(spill, dict):
+            output, error = await self._store_spill(job, spill)
+            ok = error is None
+        return make_result(job.spec.id, ok, output if ok else None, error, wall, cpu)
+
+    async def _store_spill(self, job: Job, spill: dict[str, Any]) -> tuple[Any, str | None]:
+        path = Path(str(spill.get("path", "")))
+        try:
+            if self.spool is None or path.parent != self.spool:
+                return None, "the worker spilled its output outside the spool directory"
+            size = path.stat().st_size
+            if size > self.limits.output_bytes(job.spec.kind):
+                return None, self.limits.output_error(job.spec.kind, size)
+            if self.store is None:
+                return None, (f"output of {size} bytes is too large to return inline and"
+                              " this node has no file store")
+            ref = dict(await self.store(path))
+            if spill.get("format") == "json":  # raw bytes need no note: they are the file
+                ref["format"] = "json"
+            return ref, None
+        except (OSError, TeammeshError) as exc:
+            return None, f"cannot keep the output of {job.spec.kind}: {exc}"
+        finally:
+            path.unlink(missing_ok=True)
 
     async def _collect(self, slot: _Slot, batch: list[Job]) -> None:
         for i, job in enumerate(batch):
@@ -266,6 +524,7 @@ class Executor:
                 timeout = min(timeout, job.spec.timeout_ms / 1000)
             msg: wire.Message | None = None
             died: int | None = None
+            broken: str | None = None
             with trio.CancelScope() as scope:
                 slot.scope = scope
                 scope.deadline = trio.current_time() + timeout
@@ -273,24 +532,35 @@ class Executor:
                     msg = await self._next_message(slot)
                 except WorkerDied:
                     died = await self._kill(slot)
+                except WorkerBroken as exc:
+                    broken = str(exc)
+                    await self._kill(slot)
             slot.scope = None
-            slot.current = None
             if msg is not None and msg.get("id") == job.spec.id:
-                self._finish(job, make_result(job.spec.id, bool(msg["ok"]), msg["output"],
-                                              msg["error"], float(msg["wall"]),
-                                              float(msg["cpu"])))
+                result = await self._result(job, msg)
+                slot.current = None
+                self._finish(job, result)
                 continue
+            slot.current = None
             wall = (trio.current_time() - job.started) * 1000
-            if died is not None:
+            if broken is not None:
+                self._fail(job, broken, wall)
+            elif died is not None:
                 self._fail(job, self._death_reason(died), wall)
             else:
                 await self._kill(slot)
                 if job.cancelled:
                     self._fail(job, "cancelled", wall)
+                elif msg is not None:
+                    self._fail(job, "the worker answered for another task", wall)
                 else:
                     self._fail(job, f"timed out after {timeout:g} s", wall)
             for rest in batch[i + 1:]:  # unaffected tasks go back to the queue
-                heapq.heappush(self._heap, rest)
+                self._queue.push(rest)
             self._wake.set()
             break
         self._update_capacity()
+
+
+class WorkerBroken(Exception):
+    """The worker process sent something that is not a result frame."""

@@ -9,6 +9,7 @@ a thread hop.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,12 +29,21 @@ CREATE TABLE IF NOT EXISTS invites (
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # The journal holds the bridge key and task data: private to the user, WAL and
+        # shared-memory files included (SQLite gives them the main file's mode).
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        elif path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
         self.db.executescript(TASK_SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(tasks)")}
+        if "interrupted" not in cols:  # journals from before restart counting
+            self.db.execute("ALTER TABLE tasks ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -55,6 +65,22 @@ class Journal:
 
     def put(self, key: str, value: bytes) -> None:
         self.db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES(?, ?)", (key, value))
+
+    def prune(self, now: float, keep_s: float, cache_ttl_s: float) -> dict[str, int]:
+        """Forget finished tasks older than ``keep_s``, cache entries older than
+        ``cache_ttl_s`` and executor rows nobody collected (all wall-clock seconds), so a
+        node that runs for months keeps a journal of bounded size."""
+        with self.transaction() as db:
+            tasks = db.execute(
+                "DELETE FROM tasks WHERE state IN ('done', 'failed', 'cancelled')"
+                " AND COALESCE(finished, submitted) < ?", (now - keep_s,)).rowcount
+            cache = db.execute("DELETE FROM cache WHERE created < ?",
+                               (now - cache_ttl_s,)).rowcount
+            # rows written before `updated` was wall-clock time hold small numbers: keep
+            # them rather than guess their age
+            execs = db.execute("DELETE FROM exec WHERE updated > 1e9 AND updated < ?",
+                               (now - keep_s,)).rowcount
+        return {"tasks": tasks, "cache": cache, "exec": execs}
 
     # --- roster -----------------------------------------------------------------------
     def save_cert(self, peer: str, data: bytes) -> None:

@@ -17,6 +17,7 @@ unfinished tasks at start and executors return stored results for ids they alrea
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import heapq
@@ -24,11 +25,14 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import secrets
+import sqlite3
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -37,16 +41,17 @@ from teammesh.protocols import wire
 from teammesh.protocols.errors import (
     RemoteProtocolError,
     ResultRejected,
+    StorageError,
     TaskError,
     TeammeshError,
 )
 from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 
 from .client import decode_output
-from .executor import Executor, Job
+from .executor import Executor, Job, Limits
 from .host import STREAM_ERRORS, DialError, MeshHost, Stream, single_leaf
 from .protocol_ids import OFFER, TASKS, tasks_topic
-from .taskserver import TaskServer
+from .taskserver import SPOOL_INPUT_BYTES, TaskServer
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -65,6 +70,8 @@ MAX_PIPELINE = 64
 DEFAULT_KIND_MS = 1e9  # unknown duration: no pipelining until the first results teach us
 ACK_DELAY_S = 0.01
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
+MAX_INTERRUPTIONS = 3  # a task running when the node stopped runs again at most twice
+PRUNE_EVERY_S = 3600.0
 
 
 def new_task_id() -> str:
@@ -212,11 +219,20 @@ class TaskService:
         self.identity = node.identity
         self.journal = node.journal
         self.kinds = node.kinds
+        self.spool = node.home.path / "spool"
+        self.limits = Limits(
+            max_input_mb=int(cfg.get("executor", "max_input_mb")),
+            max_output_mb=int(cfg.get("executor", "max_output_mb")),
+            kind_input_mb=dict(cfg.get("executor", "kind_max_input_mb")),
+            kind_output_mb=dict(cfg.get("executor", "kind_max_output_mb")))
         self.executor = Executor(node.capacity, allow=list(cfg.get("executor", "allow")),
                                  memory_mb=cfg.get("executor", "memory_mb"),
                                  cpu_s=cfg.get("executor", "cpu_s"),
                                  timeout_s=cfg.get("executor", "timeout_s"),
-                                 kinds=node.kinds)
+                                 kinds=node.kinds, limits=self.limits, spool=self.spool,
+                                 store=self._store_spilled)
+        self.keep_s = float(cfg.get("journal", "keep_days")) * 86400
+        self.cache_ttl_s = float(cfg.get("scheduler", "cache_ttl_s"))
         self.server = TaskServer(self)
         self.weights = dict(cfg.get("scheduler", "weights"))
         self.max_attempts = int(cfg.get("scheduler", "max_attempts"))
@@ -224,6 +240,7 @@ class TaskService:
         self.kind_limits: dict[str, int] = dict(cfg.get("scheduler", "kind_limits"))
         self.default_timeout_s = float(cfg.get("executor", "timeout_s"))
         self.records: OrderedDict[str, TaskRecord] = OrderedDict()
+        self._now_running: list[TaskRecord] = []
         self.queue: list[TaskRecord] = []
         self._order = itertools.count()
         self.links: dict[str, PeerLink] = {}
@@ -315,8 +332,10 @@ class TaskService:
         with self.journal.transaction() as db:
             for r in records:
                 if self.cache_enabled and not r.no_cache and r.replicas == 1:
-                    row = db.execute("SELECT output, executed_by FROM cache WHERE key=?",
-                                     (self._cache_key(r),)).fetchone()
+                    row = db.execute("SELECT output, executed_by FROM cache WHERE key=?"
+                                     " AND created >= ?", (self._cache_key(r),
+                                                           time.time() - self.cache_ttl_s)
+                                     ).fetchone()
                     if row is not None:
                         r.state, r.output, r.executed_by = "done", _unpack_output(row[0]), row[1]
                         r.cached, r.started, r.finished = True, r.submitted, r.submitted
@@ -509,6 +528,23 @@ class TaskService:
         r.notify()
         self._wake.set()
 
+    def _requeue_busy(self, r: TaskRecord, peer: str, message: str) -> None:
+        """The peer had no room (or this submitter used its share there): the task waits
+        a moment and is placed again. Not a failure: a busy team delays a task, it never
+        uses up its attempts."""
+        attempt = r.inflight.pop(peer, None)
+        if attempt is not None:
+            attempt.ended, attempt.error = time.time(), f"busy: {message}"
+        if r.state in TERMINAL:
+            return
+        r.not_before = trio.current_time() + random.uniform(0.05, 0.25)
+        r.waiting_reason = f"{peer} is busy ({message}); placing it again"
+        if r.state == "running" and not r.inflight:
+            r.state = "queued"
+        self._enqueue(r)
+        r.notify()
+        self._wake.set()
+
     # --- placement ----------------------------------------------------------------------
     def _pipeline(self, kind: str) -> int:
         ms = self.kind_ms.get(kind, DEFAULT_KIND_MS)
@@ -605,67 +641,74 @@ class TaskService:
                 if self._rest_waits(no_room, now):
                     break
             r = heapq.heappop(self.queue)
-            if r.state in TERMINAL:
-                continue
-            if r.deadline is not None and now >= r.deadline:
-                self._finalise(r, "failed", error=f"deadline of {r.timeout_s:g} s exceeded")
-                continue
-            if r.not_before > now:
-                deferred.append(r)
-                continue
-            if r.where == "bridge":
-                if self.bridge is None:
-                    self._finalise(r, "failed", error="no bridge configured for this node"
-                                   " (set [bridge] url or use --bridge URL)")
+            try:
+                if r.state in TERMINAL:
                     continue
-                if "bridge" not in r.inflight:
-                    self._escalate(r, nursery, now)
-                continue
-            limit = self.kind_limits.get(r.kind)
-            if limit is not None and self.running_by_kind.get(r.kind, 0) >= limit:
-                deferred.append(r)
-                self._set_reason(r, f"kind limit: {limit} {r.kind} tasks already running",
-                                 reasons_changed)
-                continue
-            needed = r.replicas - len(r.inflight) - len(r.replica_results)
-            if needed <= 0:
-                continue
-            # In a pass, a task that is neither placed, retried nor replicated gets the same
-            # answer as the last such task of its kind and placement when that answer was
-            # "no room" (placing others only takes room). Without this, a queue of 2,000
-            # waiting tasks cost 2,000 candidate scans per result, most of a submitter's CPU.
-            plain = not r.inflight and not r.replica_results and not r.excluded
-            key = (r.kind, r.where)
-            if plain and key in no_room:
-                candidates, reason = [], no_room[key]
-                hits += 1
-            else:
-                hits = 0
-                candidates, reason = self._candidates(r, now)
-                if not candidates and plain:
-                    no_room[key] = reason
-            if not candidates and self._should_escalate(r, reason, now, uptime):
-                self._escalate(r, nursery, now)
-                continue
-            if not candidates:
-                if reason.startswith("no member runs") or reason.startswith("this node does"):
-                    if uptime > self.startup_grace_s:
-                        self._finalise(r, "failed", error=reason + self._known_kinds_hint())
+                if r.deadline is not None and now >= r.deadline:
+                    self._finalise(r, "failed", error=f"deadline of {r.timeout_s:g} s exceeded")
+                    continue
+                if r.not_before > now:
+                    deferred.append(r)
+                    continue
+                if r.where == "bridge":
+                    if self.bridge is None:
+                        self._finalise(r, "failed", error="no bridge configured for this node"
+                                       " (set [bridge] url or use --bridge URL)")
                         continue
-                    reason += " (waiting for peers to announce themselves)"
-                deferred.append(r)
-                self._set_reason(r, reason, reasons_changed)
-                self._note_waiting(r, now)
-                continue
-            self.waiting_since.pop((r.kind, r.version), None)
-            candidates.sort(reverse=True)
-            chosen = [p for _, p in candidates[:needed]]
-            for peer in chosen:
-                self._assign(r, peer, nursery, local_batch)
-            if len(r.inflight) + len(r.replica_results) < r.replicas:
-                deferred.append(r)
-                self._set_reason(r, f"{len(r.inflight)} of {r.replicas} replicas placed;"
-                                 " waiting for more distinct members", reasons_changed)
+                    if "bridge" not in r.inflight:
+                        self._escalate(r, nursery, now)
+                    continue
+                limit = self.kind_limits.get(r.kind)
+                if limit is not None and self.running_by_kind.get(r.kind, 0) >= limit:
+                    deferred.append(r)
+                    self._set_reason(r, f"kind limit: {limit} {r.kind} tasks already running",
+                                     reasons_changed)
+                    continue
+                needed = r.replicas - len(r.inflight) - len(r.replica_results)
+                if needed <= 0:
+                    continue
+                # In a pass, a task that is neither placed, retried nor replicated gets the same
+                # answer as the last such task of its kind and placement when that answer was
+                # "no room" (placing others only takes room). Without this, a queue of 2,000
+                # waiting tasks cost 2,000 candidate scans per result, most of a submitter's CPU.
+                plain = not r.inflight and not r.replica_results and not r.excluded
+                key = (r.kind, r.where)
+                if plain and key in no_room:
+                    candidates, reason = [], no_room[key]
+                    hits += 1
+                else:
+                    hits = 0
+                    candidates, reason = self._candidates(r, now)
+                    if not candidates and plain:
+                        no_room[key] = reason
+                if not candidates and self._should_escalate(r, reason, now, uptime):
+                    self._escalate(r, nursery, now)
+                    continue
+                if not candidates:
+                    if reason.startswith("no member runs") or reason.startswith("this node does"):
+                        if uptime > self.startup_grace_s:
+                            self._finalise(r, "failed", error=reason + self._known_kinds_hint())
+                            continue
+                        reason += " (waiting for peers to announce themselves)"
+                    deferred.append(r)
+                    self._set_reason(r, reason, reasons_changed)
+                    self._note_waiting(r, now)
+                    continue
+                self.waiting_since.pop((r.kind, r.version), None)
+                candidates.sort(reverse=True)
+                chosen = [p for _, p in candidates[:needed]]
+                for peer in chosen:
+                    self._assign(r, peer, nursery, local_batch)
+                if len(r.inflight) + len(r.replica_results) < r.replicas:
+                    deferred.append(r)
+                    self._set_reason(r, f"{len(r.inflight)} of {r.replicas} replicas placed;"
+                                     " waiting for more distinct members", reasons_changed)
+            except Exception as exc:
+                # One task's placement must never stop the dispatcher (a hostile ad once
+                # made every member's loop divide by zero): the task fails, loudly.
+                logger.exception("placing task %s (%s) failed", r.id, r.kind)
+                self._finalise(r, "failed", error=f"internal error while placing the task:"
+                               f" {type(exc).__name__}: {exc}")
         if self.queue:
             for r in deferred:
                 heapq.heappush(self.queue, r)
@@ -673,8 +716,20 @@ class TaskService:
             self.queue = deferred  # popped in order: a sorted list is already a heap
         for r in reasons_changed:
             r.notify()
+        self._persist_running()
         for r in local_batch:
             self._run_local(r)
+
+    def _persist_running(self) -> None:
+        """Journal which tasks started: one that was running when the node died is
+        counted at restart (MAX_INTERRUPTIONS), so no task can crash-loop a node."""
+        if not self._now_running:
+            return
+        rows = [(r.started, r.id) for r in self._now_running if r.state == "running"]
+        self._now_running = []
+        with self.journal.transaction() as db:
+            db.executemany("UPDATE tasks SET state='running', started=? WHERE id=?"
+                           " AND state='queued'", rows)
 
     def _rest_waits(self, no_room: dict[tuple[str, str], str], now: float) -> bool:
         """Would every task still queued just wait again (no room for its kind, nothing
@@ -719,11 +774,24 @@ class TaskService:
             r.state = "running"
             r.started = r.started or attempt.started
             self._running_delta(r.kind, 1)
+            self._now_running.append(r)
         r.waiting_reason = "sent to the bridge"
         r.notify()
         nursery.start_soon(self._run_on_bridge, r)
 
     async def _run_on_bridge(self, r: TaskRecord) -> None:
+        try:
+            await self._run_on_bridge_unguarded(r)
+        except Exception as exc:
+            # the bridge's answer is untrusted input: it can fail this task, nothing else
+            logger.exception("task %s on the bridge", r.id)
+            attempt = r.inflight.pop("bridge", None)
+            if attempt is not None:
+                attempt.ended, attempt.error = time.time(), str(exc)
+            self._finalise(r, "failed", error=f"the bridge's answer could not be used:"
+                           f" {type(exc).__name__}: {exc}", executed_by="bridge")
+
+    async def _run_on_bridge_unguarded(self, r: TaskRecord) -> None:
         import base64
 
         from .bridge import BridgeRejected, BridgeUnavailable
@@ -814,6 +882,7 @@ class TaskService:
             r.state = "running"
             r.started = r.started or attempt.started
             self._running_delta(r.kind, 1)
+            self._now_running.append(r)
         r.waiting_reason = None
         if peer == "local":
             local_batch.append(r)
@@ -833,33 +902,65 @@ class TaskService:
         timeout = r.timeout_s or self.default_timeout_s
         spec = TaskSpec(r.id, r.kind, r.version, r.input, r.params, int(timeout * 1000),
                         r.priority, r.input_cid)
+        job = Job(spec, "local", self._local_done)
         if spec.needs_files:
-            self.node.files.start_job(functools.partial(self._resolve_and_run, spec))
+            self.node.files.start_job(functools.partial(self.run_with_files, job, []))
             return
-        self.executor.submit_nowait(Job(spec, "local", self._local_done))
+        self.executor.submit_nowait(job)
 
-    async def _resolve_and_run(self, spec: TaskSpec) -> None:
+    async def run_with_files(self, job: Job, peers: list[str]) -> None:
+        """Fetch a job's input files into the spool (from ``peers`` first), then queue it.
+
+        The worker reads them from disk: a file input never sits whole in the daemon's
+        memory or rides a pipe frame."""
+        spec = job.spec
+        limit = self.limits.input_bytes(spec.kind)
         try:
-            resolved = await self.node.files.resolve_spec(spec, [])
-        except TeammeshError as exc:
-            self._local_done(None, make_result(spec.id, False, None,
-                                               f"cannot read input file: {exc}", 0, 0))
+            if len(spec.input) > SPOOL_INPUT_BYTES:
+                path = self.spool / f"in-{secrets.token_hex(8)}"
+                await trio.to_thread.run_sync(_write_private, path, spec.input)
+                job.input_path = path
+                job.spec = spec = dataclasses.replace(spec, input=b"")
+            if spec.input_cid is not None:
+                job.input_path = await self._fetch_to_spool(spec.input_cid, peers, limit)
+            for key, value in spec.params.items():
+                if tp.is_cid_ref(value):
+                    job.param_paths[key] = await self._fetch_to_spool(value["$cid"], peers,
+                                                                      limit)
+            total = sum(p.stat().st_size for p in (job.input_path, *job.param_paths.values())
+                        if p is not None)
+        except (TeammeshError, OSError) as exc:
+            job.remove_files()
+            job.deliver(job, make_result(spec.id, False, None,
+                                         f"cannot fetch input file: {exc}", 0, 0))
             return
-        self.executor.submit_nowait(Job(resolved, "local", self._local_done))
+        job.input_size = total + len(spec.input)
+        self.executor.submit_nowait(job)
+
+    async def _fetch_to_spool(self, cid_text: str, peers: list[str], max_bytes: int) -> Path:
+        files = self.node.files
+        dest = self.spool / f"in-{secrets.token_hex(8)}"
+        fetch = getattr(files, "fetch_to_path", None)
+        if fetch is not None:
+            await fetch(cid_text, dest, peers, max_bytes)
+            return dest
+        data = await files.materialise(cid_text, peers)
+        if len(data) > max_bytes:
+            raise TaskError(f"input file of {len(data)} bytes exceeds this node's limit")
+        await trio.to_thread.run_sync(dest.write_bytes, data)
+        return dest
+
+    async def _store_spilled(self, path: Path) -> dict[str, Any]:
+        """A worker's big output, added to the block store: the result carries its CID."""
+        files = self.node.files
+        if files is None:
+            raise StorageError("this node has no file store")
+        root, size = await trio.to_thread.run_sync(files.store.add_file, path)
+        return {"$cid": str(root), "size": size}
 
     def _local_done(self, job: Job | None, result: TaskResult) -> None:
-        if result.ok and isinstance(result.output, bytes) and \
-                len(result.output) > tp.OUTPUT_INLINE_MAX and self.node.files is not None:
-            self.node.files.start_job(functools.partial(self._store_local_output, result))
-            return
         with self.journal.transaction() as db:
             self.apply_results("local", [result], db)
-
-    async def _store_local_output(self, result: TaskResult) -> None:
-        ref = await self.node.files.store_output(result.output)
-        stored = make_result(result.id, True, ref, None, result.wall_ms, result.cpu_ms)
-        with self.journal.transaction() as db:
-            self.apply_results("local", [stored], db)
 
     # --- links to executor peers ----------------------------------------------------------
     async def _run_link(self, link: PeerLink) -> None:
@@ -887,6 +988,10 @@ class TaskService:
             logger.warning("dropping link to %s: %s", link.peer, exc)
         except STREAM_ERRORS as exc:
             reason = f"connection lost ({type(exc).__name__})"
+        except Exception as exc:
+            # what a peer sends can reset its stream and cost it health, never the service
+            reason = f"its stream failed: {type(exc).__name__}: {exc}"
+            logger.exception("dropping link to %s after an unexpected error", link.peer)
         finally:
             link.alive = False
             if self.links.get(link.peer) is link:
@@ -935,7 +1040,11 @@ class TaskService:
                     for tid, code, message in tp.refused_list(m):
                         link.sent_at.pop(tid, None)
                         r = link.inflight.pop(tid, None)
-                        if r is not None:
+                        if r is None:
+                            continue
+                        if code == "busy":
+                            self._requeue_busy(r, link.peer, message)
+                        else:
                             self.attempt_lost(r, link.peer, f"refused ({code}): {message}")
                 elif t == "results":
                     results = tp.open_results(wire.field_bytes(m, "sealed"), link.peer, me)
@@ -958,10 +1067,27 @@ class TaskService:
     # --- service --------------------------------------------------------------------------
     def _resume_from_journal(self) -> int:
         rows = self.journal.db.execute(
-            "SELECT id, kind, version, input, params, options, attempts, submitted, started"
-            " FROM tasks WHERE state IN ('queued', 'running')").fetchall()
+            "SELECT id, kind, version, input, params, options, attempts, submitted, started,"
+            " state, interrupted FROM tasks WHERE state IN ('queued', 'running')").fetchall()
         now = trio.current_time()
+        resumed = 0
         for row in rows:
+            if row[9] == "running":
+                # it was running when the node stopped: if it is what stops the node, a
+                # crash loop would follow; run it again at most twice, then fail it
+                interrupted = int(row[10]) + 1
+                self.journal.db.execute("UPDATE tasks SET interrupted=? WHERE id=?",
+                                        (interrupted, row[0]))
+                if interrupted >= MAX_INTERRUPTIONS:
+                    self.journal.db.execute(
+                        "UPDATE tasks SET state='failed', error=?, finished=? WHERE id=?",
+                        (f"the node stopped while running it ({interrupted} times); it is not"
+                         " run again", time.time(), row[0]))
+                    self.counters["failed"] += 1
+                    logger.warning("task %s (%s) failed: the node stopped while running it"
+                                   " %d times", row[0], row[1], interrupted)
+                    continue
+            resumed += 1
             opts = json.loads(row[5])
             r = TaskRecord(
                 id=row[0], kind=row[1], version=row[2], input=bytes(row[3]),
@@ -977,11 +1103,14 @@ class TaskService:
                 r.deadline = now + r.timeout_s
             self._remember(r)
             self._enqueue(r)
-        return len(rows)
+        return resumed
 
     async def run(self, host: MeshHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.host = host
         self._started_at = trio.current_time()
+        self.spool.mkdir(mode=0o700, exist_ok=True)
+        for leftover in self.spool.iterdir():  # a crash's inputs and outputs
+            leftover.unlink(missing_ok=True)
         self.server.recover()
         host.set_handler(TASKS, self.server.handle_stream)
         resumed = self._resume_from_journal()
@@ -993,13 +1122,38 @@ class TaskService:
         host.set_validator(topic, self._validate_call)
         # a peer with room (or a new peer) can place waiting tasks: wake the dispatcher
         self.node.mesh.on_peers_changed.append(lambda: self._wake.set())
-        async with host.subscribe(topic) as calls, trio.open_nursery() as nursery:
-            await nursery.start(self.executor.run)
-            nursery.start_soon(self._dispatch_loop, nursery)
-            nursery.start_soon(self._publish_calls, host, topic)
-            task_status.started()
-            async for origin, data in calls:
-                self._on_call(origin, data, nursery)
+        try:
+            async with host.subscribe(topic) as calls, trio.open_nursery() as nursery:
+                await nursery.start(self.executor.run)
+                nursery.start_soon(self._dispatch_loop, nursery)
+                nursery.start_soon(self._publish_calls, host, topic)
+                nursery.start_soon(self._prune_loop)
+                task_status.started()
+                async for origin, data in calls:
+                    try:
+                        self._on_call(origin, data, nursery)
+                    except Exception:
+                        logger.exception("open call from %s", origin)
+        finally:
+            if self.node.stop_requested.is_set():
+                # a clean stop interrupted nothing: only a crash counts against a task
+                self.journal.db.execute(
+                    "UPDATE tasks SET state='queued' WHERE state='running'")
+
+    async def _prune_loop(self) -> None:
+        while True:
+            try:
+                gone = self.journal.prune(time.time(), self.keep_s, self.cache_ttl_s)
+            except sqlite3.OperationalError as exc:  # busy: next time
+                logger.warning("journal prune failed: %s", exc)
+            else:
+                if any(gone.values()):
+                    logger.info("journal: forgot %(tasks)d finished tasks, %(cache)d cache"
+                                " entries, %(exec)d executor rows", gone)
+                    for tid in [t for t, r in self.records.items() if r.state in TERMINAL
+                                and (r.finished or 0) < time.time() - self.keep_s]:
+                        del self.records[tid]
+            await trio.sleep(PRUNE_EVERY_S)
 
     # --- open calls and offers ---------------------------------------------------------------
     def _validate_call(self, origin: str, forwarder: str, data: bytes) -> bool:
@@ -1119,6 +1273,12 @@ class TaskService:
         from .taskapi import task_routes
 
         return task_routes(self, endpoint)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _pack_output(output: Any) -> bytes:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import trio
 from teammesh.protocols import tasks as tp
 from teammesh.protocols import wire
-from teammesh.protocols.errors import TeammeshError
-from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
+from teammesh.protocols.tasks import TaskResult, TaskSpec
 
-from .executor import Job
+from .executor import QUEUE_PER_SLOT, Job
 from .host import Stream
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("teammesh.taskserver")
 
 COALESCE_S = 0.002
+SPOOL_INPUT_BYTES = 256 * 1024  # queued inputs above this wait in the spool, on disk
+MiB = 1024 * 1024
 
 
 class _Session:
@@ -57,6 +59,30 @@ class TaskServer:
     def __init__(self, service: TaskService) -> None:
         self.service = service
         self.sessions: dict[str, _Session] = {}  # submitter -> its latest stream
+        cfg = service.node.config
+        self.member_queue = int(cfg.get("executor", "member_queue"))
+        self.member_queue_bytes = int(cfg.get("executor", "member_queue_mb")) * MiB
+        self.refused_quota = 0
+
+    def _quota_refusal(self, submitter: str, size: int, room: int) -> str | None:
+        """Why ``submitter`` may not queue one more task of ``size`` bytes here, or None.
+
+        Fair share: alone, a member may fill the queue; with others waiting, each may hold
+        its share of it even if the queue is full, so a flood from one member never
+        shuts the others out (and never grows the queue past twice its size)."""
+        ex = self.service.executor
+        count, nbytes = ex.queued_by(submitter)
+        if nbytes + size > self.member_queue_bytes and count > 0:
+            return (f"this member already has {nbytes} bytes of input queued here"
+                    f" (executor.member_queue_mb)")
+        active = ex.queued_submitters + (0 if count else 1)
+        total = max(1, ex.slots) * (1 + QUEUE_PER_SLOT)
+        share = self.member_queue or (total if active <= 1 else max(1, total // active))
+        if count >= share:
+            return f"this member already has {count} tasks queued here (its fair share)"
+        if room <= 0 and active <= 1:
+            return "all slots and queue places taken"
+        return None
 
     def recover(self) -> None:
         """After a restart, work that was accepted but not finished is lost: forget it so
@@ -136,32 +162,25 @@ class TaskServer:
                                     f"this member runs {spec.kind} {kind.version},"
                                     f" not {spec.version}"))
                     continue
-                if room <= 0:
-                    refused.append((spec.id, "busy", "all slots and queue places taken"))
+                job = Job(spec, submitter, self._done, self._started)
+                why = self._quota_refusal(submitter, job.size, room)
+                if why is not None:
+                    self.refused_quota += 1
+                    refused.append((spec.id, "busy", why))
                     continue
                 room -= 1
                 db.execute("INSERT INTO exec(id, submitter, state, updated) VALUES(?,?,?,?)",
-                           (spec.id, submitter, "accepted", trio.current_time()))
+                           (spec.id, submitter, "accepted", time.time()))
                 accepted.append(spec.id)
-                if spec.needs_files and self.service.node.files is not None:
+                if job.size > SPOOL_INPUT_BYTES or spec.needs_files:
+                    # big inputs wait on disk, not in the daemon's memory
                     self.service.node.files.start_job(
-                        functools.partial(self._resolve_and_run, spec, submitter))
+                        functools.partial(self.service.run_with_files, job, [submitter]))
                 else:
-                    executor.submit_nowait(Job(spec, submitter, self._done, self._started))
+                    executor.submit_nowait(job)
         session.push_frame(tp.accepted(accepted, refused))
         for res in replay:
             session.push_result(res)
-
-    async def _resolve_and_run(self, spec: TaskSpec, submitter: str) -> None:
-        """Fetch the task's input files (from the submitter first), then queue it."""
-        job = Job(spec, submitter, self._done, self._started)
-        try:
-            resolved = await self.service.node.files.resolve_spec(spec, [submitter])
-        except TeammeshError as exc:
-            self._done(job, make_result(spec.id, False, None,
-                                        f"cannot fetch input file: {exc}", 0, 0))
-            return
-        self.service.executor.submit_nowait(Job(resolved, submitter, self._done, self._started))
 
     def _started(self, job: Job) -> None:
         session = self.sessions.get(job.submitter)
@@ -169,11 +188,6 @@ class TaskServer:
             session.push_started(job.spec.id)
 
     def _done(self, job: Job, result: TaskResult) -> None:
-        files = self.service.node.files
-        if result.ok and isinstance(result.output, bytes) and files is not None and \
-                len(result.output) > tp.OUTPUT_INLINE_MAX:
-            files.start_job(functools.partial(self._store_output, job, result))
-            return
         session = self.sessions.get(job.submitter)
         if session is not None and session.alive:
             session.push_result(result)
@@ -214,10 +228,6 @@ class TaskServer:
             if frames:
                 await session.stream.write(b"".join(frames))
 
-
-    async def _store_output(self, job: Job, result: TaskResult) -> None:
-        ref = await self.service.node.files.store_output(result.output)
-        self._done(job, make_result(result.id, True, ref, None, result.wall_ms, result.cpu_ms))
 
 
 def _pack_result(result: TaskResult) -> bytes:

@@ -5,14 +5,22 @@ framed result per task on stdout as soon as it finishes (so the parent always kn
 task is running, for timeouts and cancellation). Limits: RLIMIT_AS (memory) for the whole
 process, and RLIMIT_CPU re-armed before every task, so a runaway task gets SIGXCPU and the
 parent reports the CPU limit. Stays warm: one process runs many tasks.
+
+Big data never rides a frame: an input the daemon put in the spool arrives as
+``input_path`` (and ``param_paths`` for file params), and an output bigger than
+``SPILL_BYTES`` is written to a spool file and announced as ``spill``; the daemon adds it
+to the block store. An output over the task's ``max_output`` fails the task with the limit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import secrets
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from teammesh.protocols import wire
@@ -32,6 +40,22 @@ def _arm_cpu_limit(cpu_s: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
+SPILL_BYTES = 1024 * 1024  # as executor.SPILL_BYTES
+MAX_ERROR_CHARS = 4000
+
+
+def _load_inputs(task: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    data = task["input"]
+    if task.get("input_path"):
+        data = Path(task["input_path"]).read_bytes()
+    params = task["params"]
+    if task.get("param_paths"):
+        params = dict(params)
+        for key, path in task["param_paths"].items():
+            params[key] = Path(path).read_bytes()
+    return data, params
+
+
 def run_one(kinds: dict[str, Any], task: dict[str, Any], cpu_s: int) -> dict[str, Any]:
     from teammesh.node.kinds import run_guarded
 
@@ -42,9 +66,72 @@ def run_one(kinds: dict[str, Any], task: dict[str, Any], cpu_s: int) -> dict[str
     except (ValueError, OSError) as exc:
         ok, output, error = False, None, f"cannot set the CPU time limit: {exc}"
     else:
-        ok, output, error = run_guarded(kinds, task["kind"], task["input"], task["params"])
+        try:
+            data, params = _load_inputs(task)
+        except (OSError, MemoryError) as exc:
+            ok, output, error = False, None, f"cannot read the task's input file: {exc}"
+        else:
+            ok, output, error = run_guarded(kinds, task["kind"], data, params)
+            del data, params
+    if error is not None:
+        error = str(error)[:MAX_ERROR_CHARS]
     return {"t": "done", "v": 1, "id": task["id"], "ok": ok, "output": output, "error": error,
             "wall": (time.perf_counter() - t0) * 1000, "cpu": (_cpu_s() - c0) * 1000}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, bytes):
+        import base64
+
+        return {"$base64": base64.b64encode(value).decode()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def encode_result(result: dict[str, Any], task: dict[str, Any], spool: str | None) -> bytes:
+    """The frame for one result: inline when small, else the output goes to a spool file
+    (raw bytes, or JSON for structured outputs, so `teammesh get` gives a usable file)."""
+    kind = task["kind"]
+    limit = int(task.get("max_output") or 0)
+    output = result["output"]
+    try:
+        payload = wire.frame_message(result)
+    except Exception as exc:  # an unserialisable output fails its task
+        result.update(ok=False, output=None,
+                      error=f"{kind} returned an unserialisable value: {exc}"[:MAX_ERROR_CHARS])
+        return wire.frame_message(result)
+    if len(payload) <= SPILL_BYTES or not result["ok"]:
+        return payload
+    del payload
+    if isinstance(output, bytes):
+        data, fmt = output, "bytes"
+    else:
+        data, fmt = json.dumps(_json_safe(output), separators=(",", ":")).encode(), "json"
+    if limit and len(data) > limit:
+        result.update(ok=False, output=None,
+                      error=f"output of {len(data)} bytes exceeds this node's limit of"
+                            f" {limit // (1024 * 1024)} MiB for {kind}"
+                            " (executor.kind_max_output_mb or executor.max_output_mb)")
+        return wire.frame_message(result)
+    if spool is None:
+        result.update(ok=False, output=None,
+                      error=f"output of {len(data)} bytes is too large to return inline")
+        return wire.frame_message(result)
+    path = Path(spool) / f"out-{task['id'][:64].replace('/', '_')}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        result.update(ok=False, output=None,
+                      error=f"cannot write the output ({len(data)} bytes): {exc}")
+        return wire.frame_message(result)
+    result.update(output=None, spill={"path": str(path), "format": fmt, "size": len(data)})
+    return wire.frame_message(result)
 
 
 def main() -> None:
@@ -57,7 +144,10 @@ def main() -> None:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     kinds = load_kinds(allow)
-    decoder = wire.FrameDecoder()
+    spool = os.environ.get("TEAMMESH_WORKER_SPOOL") or None
+    # the parent is trusted and bounds its batches by bytes; the limit here only has to
+    # hold one task with a 4 MiB inline input
+    decoder = wire.FrameDecoder(max_frame=64 * 1024 * 1024)
     out = sys.stdout.buffer
     out.write(wire.frame_message({"t": "ready", "v": 1, "pid": os.getpid()}))
     out.flush()
@@ -66,19 +156,13 @@ def main() -> None:
         if not data:
             return
         for frame in decoder.feed(data):
-            msg = wire.unpack(frame)
+            msg = wire.unpack(frame, max_bytes=64 * 1024 * 1024)
             if msg["t"] != "run":
                 continue
             last_flush = time.perf_counter()
             for task in msg["tasks"]:
                 result = run_one(kinds, task, cpu_s)
-                try:
-                    payload = wire.frame_message(result)
-                except Exception as exc:  # an unserialisable output fails its task
-                    result.update(ok=False, output=None,
-                                  error=f"{task['kind']} returned an unserialisable value: {exc}")
-                    payload = wire.frame_message(result)
-                out.write(payload)
+                out.write(encode_result(result, task, spool))
                 # The parent times each task from the previous result it saw, so results
                 # must not sit in the buffer for long; tiny tasks still share a write.
                 now = time.perf_counter()

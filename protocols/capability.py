@@ -22,6 +22,14 @@ from .identity import Identity
 
 DOMAIN_CAP = "cap"
 MAX_KINDS = 256
+# What a real node can report. An ad outside these bounds is refused whole: its author
+# is buggy or hostile, and a receiver must never do arithmetic on such values (a cost of
+# -1 once divided by zero in every member's placement loop).
+MAX_CORES = 65_536
+MAX_SLOTS = 4_096
+MAX_QUEUE = 1_000_000
+MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
+MAX_COST = 1_000_000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,14 +92,29 @@ class CapabilityAd:
         )
         if not 0 < ad.ttl_ms <= 3_600_000:
             raise MalformedMessage("field 'ttl' must be between 1 ms and 1 hour")
-        if min(ad.cores, ad.slots, ad.free_slots, ad.queue, ad.memory_bytes) < 0:
-            raise MalformedMessage("capacity fields must not be negative")
+        _check_capacity(ad)
         return ad
 
     def sealed(self, identity: Identity) -> bytes:
         if identity.peer_id != self.peer_id:
             raise MalformedMessage("an ad is signed by the peer it describes")
         return seal(identity, DOMAIN_CAP, self.to_wire())
+
+
+def _check_capacity(ad: CapabilityAd) -> None:
+    bounds = (("cores", ad.cores, MAX_CORES), ("slots", ad.slots, MAX_SLOTS),
+              ("free", ad.free_slots, MAX_SLOTS), ("queue", ad.queue, MAX_QUEUE),
+              ("mem", ad.memory_bytes, MAX_MEMORY_BYTES))
+    for name, value, top in bounds:
+        if not 0 <= value <= top:
+            raise MalformedMessage(f"field {name!r} is {value}; it must be from 0 to {top}")
+    if ad.free_slots > ad.slots:
+        raise MalformedMessage(f"field 'free' ({ad.free_slots}) exceeds 'slots' ({ad.slots})")
+    # NaN fails both comparisons, so it is refused with the negative and the absurd
+    if not 0.0 <= ad.cost <= MAX_COST:
+        raise MalformedMessage(f"field 'cost' is {ad.cost}; it must be from 0 to {MAX_COST:g}")
+    if ad.seq < 0:
+        raise MalformedMessage("field 'seq' must not be negative")
 
 
 def open_ad(data: bytes) -> CapabilityAd:

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # --- scenario counts: hostile, chaos and fuzz tests say what they tried and lost ----------
 # Each scenario calls ``scenario_report(name, tried=N, lost=M)``; the terminal summary
 # prints one line per scenario, so a run shows its counts, not only dots.
-import pytest  # noqa: E402
+import pytest
 
 _SCENARIOS: list[tuple[str, int, int, str]] = []
 

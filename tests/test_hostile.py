@@ -29,6 +29,8 @@ from teammesh.node.protocol_ids import ADS_SYNC, ROSTER_SYNC, caps_topic
 from teammesh.protocols import wire
 from teammesh.protocols.capability import open_ad
 
+pytestmark = pytest.mark.hostile
+
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 MESHSUB = ("/meshsub/1.1.0", "/meshsub/1.0.0")
 STORM_CYCLES = 500

@@ -1,0 +1,378 @@
+"""A node that stays up: big data, bad ads from a member, floods, restarts, secrets.
+
+Each test starts real daemons on loopback. The misbehaving member is the real daemon with
+one patch (tests/hostile_member.py), so it speaks every protocol as a member does. Every
+scenario reports what it tried and what was lost (``pytest -m hostile`` prints the table).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from meshtools import CLI, LOOPBACK, Daemon, init_home, mesh, run_cli, wait_until
+from teammesh.node.executor import worker_env
+from teammesh.node.journal import Journal
+from teammesh.protocols import wire
+from teammesh.protocols.capability import CapabilityAd
+from teammesh.protocols.errors import MalformedMessage
+
+from teammesh.client import Client
+
+pytestmark = pytest.mark.hostile
+
+HERE = Path(__file__).resolve().parent
+
+
+class HostileDaemon(Daemon):
+    """`teammesh up` with the patch named by ``mode`` (see tests/hostile_member.py)."""
+
+    def __init__(self, home: Path, mode: str, args: list[str] | None = None) -> None:
+        super().__init__(home, args or [])
+        self.mode = mode
+
+    def start(self, timeout: float = 15.0) -> Daemon:
+        self.home.joinpath("api.json").unlink(missing_ok=True)
+        self.log = self.home / "daemon.log"
+        env = {**os.environ, "TEAMMESH_HOSTILE": self.mode}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HERE / "hostile_member.py"), "-v", "--home",
+                 str(self.home), "up", "--listen", LOOPBACK, *self.args],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        wait_until(lambda: self.home.joinpath("api.json").exists() or self.proc.poll() is not None,
+                   timeout, what="the hostile daemon to start")
+        assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+
+def assert_alive(*daemons: Daemon) -> None:
+    for d in daemons:
+        assert d.alive(), f"daemon {d.home.name} died:\n{d.log.read_text()[-4000:]}"
+        assert "Traceback" not in d.log.read_text(), d.log.read_text()[-4000:]
+
+
+def joined(tmp: Path, admin: Daemon, name: str) -> Path:
+    home = init_home(tmp / name)
+    run_cli(home, "join", run_cli(admin.home, "team", "invite").stdout.strip())
+    return home
+
+
+# --- 1. results and inputs of any size ------------------------------------------------------
+
+
+def test_big_outputs_and_inputs_go_by_cid_and_no_daemon_dies(tmp_path: Path,
+                                                              scenario_report) -> None:
+    """15.1: a 1300x1 by 1x1300 matmul (15 KB in, ~15 MB out) once killed the executor
+    (FrameTooLarge) and crash-looped it at every restart."""
+    import numpy as np
+
+    a = [[float(i)] for i in range(1300)]
+    b = [[float(j % 7) for j in range(1300)]]
+    expected = np.outer(np.arange(1300.0), np.array([j % 7 for j in range(1300)], float))
+    tried = lost = 0
+    with mesh(tmp_path, 2, slots=[0, 1]) as (sub, ex):
+        wait_until(lambda: len(sub.peers()) == 1, 20, what="the mesh")
+        with Client.from_home(sub.home, timeout=180) as c:
+            for where_home, where in ((sub.home, ex.peer_id), (ex.home, "local")):
+                with Client.from_home(where_home, timeout=180) as cc:
+                    t = cc.submit("np.matmul", params={"a": a, "b": b}, wait=True,
+                                  no_cache=True)
+                tried += 1
+                assert t["state"] == "done", t["error"]
+                assert t["executed_by"] == where
+                ref = t["output"]
+                assert set(ref) == {"$cid", "size", "format"}
+                assert ref["format"] == "json"
+                out = tmp_path / f"mm-{where}.json"
+                run_cli(where_home, "get", ref["$cid"], "-o", str(out), timeout=120)
+                got = np.array(json.loads(out.read_text()))
+                lost += not np.array_equal(got, expected)
+                assert np.array_equal(got, expected)
+            # several multi-MiB inline inputs queued at once once broke the worker's pipe
+            blobs = [os.urandom(3 * 1024 * 1024) for _ in range(5)]
+            tasks = [{"kind": "hash.sha256", "input_b64": _b64(x), "no_cache": True}
+                     for x in blobs]
+            results = {r["id"]: r for r in c.submit_batch(tasks)}
+            import hashlib
+
+            for tid, blob in zip(list(results), blobs, strict=True):
+                r = c.task(tid, wait=120)
+                tried += 1
+                assert r["state"] == "done", r["error"]
+                lost += r["output"] != hashlib.sha256(blob).hexdigest()
+            assert lost == 0
+        assert_alive(sub, ex)
+    scenario_report("big outputs and queued multi-MiB inputs", tried=tried, lost=lost)
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def test_output_over_the_kind_limit_fails_with_the_limit_named(tmp_path: Path,
+                                                               scenario_report) -> None:
+    with mesh(tmp_path, 1, extra=[]) as (node,):
+        node.stop()
+        env_cfg = node.home / "config.toml"
+        env_cfg.write_text(env_cfg.read_text() + '\n[executor.kind_max_output_mb]\n'
+                           '"np.matmul" = 1\n')
+        node.start()
+        with Client.from_home(node.home, timeout=120) as c:
+            t = c.submit("np.matmul", params={"a": [[1.0]] * 800, "b": [[2.0] * 800]},
+                         wait=True, no_cache=True)
+            assert t["state"] == "failed"
+            assert "1 MiB for np.matmul" in t["error"]
+            assert "executor.kind_max_output_mb" in t["error"]
+            small = c.submit("np.matmul", params={"a": [[1.0]], "b": [[2.0]]}, wait=True)
+            assert small["state"] == "done"
+            assert small["output"] == [[2.0]]
+        assert_alive(node)
+    scenario_report("output over a per-kind limit", tried=2, lost=0)
+
+
+# --- 2. a member's ads are untrusted data -----------------------------------------------------
+
+
+BAD_ADS = ["cost=-1", "cost=nan", "cost=1e300", "slots=1000000000", "queue=-5", "free=99"]
+
+
+def test_capability_ads_with_absurd_values_are_refused() -> None:
+    base = dict(peer_id="12D3KooWtest", team_id="t", addrs=(), cores=2, slots=2,
+                free_slots=1, memory_bytes=1 << 30, gpus=(), kinds={"sleep": "1"}, queue=0,
+                cost=1.0, storage=(), software="x", seq=1, ttl_ms=15000, cert=b"c")
+    CapabilityAd.from_wire(wire.unpack(wire.pack(CapabilityAd(**base).to_wire())))
+    for field, value in [("cost", -1.0), ("cost", math.nan), ("cost", math.inf),
+                         ("cost", 1e300), ("slots", 10**9), ("queue", -5), ("free_slots", 3),
+                         ("memory_bytes", 1 << 62), ("cores", -1), ("seq", -1)]:
+        ad = CapabilityAd(**{**base, field: value})
+        with pytest.raises(MalformedMessage):
+            CapabilityAd.from_wire(wire.unpack(wire.pack(ad.to_wire())))
+
+
+def test_a_member_with_hostile_ads_crashes_nobody(tmp_path: Path, scenario_report) -> None:
+    """15.2: an ad with cost = -1 made every member that placed a task on peers divide by
+    zero in its dispatch loop, and ad sync handed the ad back after a restart."""
+    tried = lost = 0
+    with mesh(tmp_path, 2, slots=[0, 1]) as (sub, ex):
+        wait_until(lambda: len(sub.peers()) == 1, 20, what="the mesh")
+        for i, mode in enumerate(BAD_ADS):
+            home = joined(tmp_path, sub, f"bad{i}")
+            bad = HostileDaemon(home, f"ad:{mode}", ["--slots", "2",
+                                                     "--bootstrap", sub.addr])
+            bad.start()
+            try:
+                bad_id = bad.peer_id
+                wait_until(lambda bad_id=bad_id: f"rejected capability ad from {bad_id}"
+                           in sub.log.read_text(), 30, what=f"the {mode} ad to be refused")
+                assert bad_id not in {p["peer_id"] for p in sub.peers()}
+                with Client.from_home(sub.home, timeout=120) as c:
+                    ids = [t["id"] for t in c.submit_batch(
+                        [{"kind": "base64.encode", "input_b64": _b64(f"{mode}{k}".encode()),
+                          "no_cache": True} for k in range(10)])]
+                    for k, tid in enumerate(ids):
+                        r = c.task(tid, wait=60)
+                        tried += 1
+                        lost += not (r["state"] == "done" and r["executed_by"] == ex.peer_id
+                                     and r["output"] == _b64(f"{mode}{k}".encode()))
+                assert_alive(sub, ex)
+            finally:
+                bad.stop()
+        # a restart takes ads from ad sync: the bad ads must not come back with them
+        sub.stop()
+        sub.start()
+        wait_until(lambda: len(sub.peers()) >= 1, 30, what="the mesh after a restart")
+        with Client.from_home(sub.home, timeout=120) as c:
+            r = c.submit("base64.encode", b"after restart", wait=True, no_cache=True)
+            tried += 1
+            lost += r["state"] != "done"
+        assert_alive(sub, ex)
+    assert lost == 0
+    scenario_report("hostile ads (negative, NaN, huge, free>slots)", tried=tried, lost=lost,
+                    note=f"{len(BAD_ADS)} hostile members")
+
+
+# --- 3. fair share: a member's flood delays its own work ----------------------------------------
+
+
+def test_a_flooding_member_delays_only_itself(tmp_path: Path, scenario_report) -> None:
+    """15 deliverable 4: the executor serves members in turn, so an honest member's tasks
+    do not wait behind another member's flood (FIFO would run the queued flood first)."""
+    flood_n = 150
+    with mesh(tmp_path, 2, slots=[1, 0]) as (ex, honest):
+        flooder = HostileDaemon(joined(tmp_path, ex, "flooder"), "pipeline:64",
+                                ["--slots", "0", "--bootstrap", ex.addr]).start()
+        try:
+            for d in (flooder, honest):
+                wait_until(lambda d=d: any(p["peer_id"] == ex.peer_id for p in d.peers()),
+                           30, what="the executor's ad")
+            with Client.from_home(flooder.home, timeout=120) as fc, \
+                    Client.from_home(honest.home, timeout=120) as hc:
+                flood = [t["id"] for t in fc.submit_batch(
+                    [{"kind": "sleep", "params": {"seconds": 0.05}, "no_cache": True,
+                      "tag": k} for k in range(flood_n)])]
+                wait_until(lambda: ex.cli("status")["queue"] >= 30, 30,
+                           what="the flood to fill the executor's queue")
+                mine = [t["id"] for t in hc.submit_batch(
+                    [{"kind": "sleep", "params": {"seconds": 0.05}, "no_cache": True,
+                      "tag": k} for k in range(5)])]
+                done = [hc.task(tid, wait=120) for tid in mine]
+                assert all(r["state"] == "done" for r in done), [r["error"] for r in done]
+                flood_done = sum(1 for t in fc.tasks(limit=1000) if t["state"] == "done")
+                assert flood_done < 30, flood_done
+                rest = [fc.task(tid, wait=180) for tid in flood]
+                lost = sum(r["state"] != "done" for r in rest)
+            assert_alive(ex, honest)
+        finally:
+            flooder.stop()
+    assert lost == 0
+    scenario_report("task flood from one member", tried=flood_n + 5, lost=lost,
+                    note=f"honest tasks done after {flood_done} of the flood")
+
+
+# --- 4. no crash loop ---------------------------------------------------------------------------
+
+
+def test_a_task_running_when_the_node_dies_runs_at_most_twice_more(tmp_path: Path,
+                                                                  scenario_report) -> None:
+    with mesh(tmp_path, 1, slots=[1]) as (node,):
+        with Client.from_home(node.home) as c:
+            tid = c.submit("sleep", params={"seconds": 120}, no_cache=True)["id"]
+        for _crash in range(3):
+            def running() -> bool:
+                with Client.from_home(node.home) as c:
+                    return c.task(tid)["state"] == "running"
+
+            wait_until(running, 30, what="the task to run")
+            time.sleep(0.5)  # the dispatcher journals a start at the end of its pass
+            node.kill9()
+            node.start()
+        with Client.from_home(node.home) as c:
+            t = c.task(tid)
+            assert t["state"] == "failed"
+            assert "the node stopped while running it" in t["error"]
+            # and the node works
+            r = c.submit("base64.encode", b"still here", wait=True, no_cache=True)
+            assert r["state"] == "done"
+        assert node.alive()
+    scenario_report("node killed 3 times while a task runs", tried=3, lost=0)
+
+
+def test_a_clean_stop_does_not_count_against_a_running_task(tmp_path: Path) -> None:
+    with mesh(tmp_path, 1, slots=[1]) as (node,):
+        with Client.from_home(node.home) as c:
+            tid = c.submit("sleep", params={"seconds": 3}, no_cache=True)["id"]
+        for _ in range(3):
+            wait_until(lambda: Client.from_home(node.home).task(tid)["state"] == "running",
+                       30, what="the task to run")
+            time.sleep(0.3)
+            node.stop()
+            node.start()
+        with Client.from_home(node.home) as c:
+            assert c.task(tid, wait=60)["state"] == "done"
+
+
+# --- 5. secrets --------------------------------------------------------------------------------
+
+
+def test_workers_do_not_inherit_secrets_and_the_home_is_private(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    secret = "s3cr3t-" + os.urandom(4).hex()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("TEAMMESH_R2_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("MY_API_TOKEN", secret)
+    with mesh(tmp_path, 1, slots=[1]) as (node,):
+        with Client.from_home(node.home) as c:
+            tid = c.submit("sleep", params={"seconds": 20}, no_cache=True)["id"]
+            wait_until(lambda: c.task(tid)["state"] == "running", 30, what="the task")
+        assert node.proc is not None
+        workers = wait_until(lambda: _children(node.proc.pid), 10, what="a worker process")
+        for pid in workers:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+            assert secret.encode() not in env
+            assert b"TEAMMESH_WORKER_MEMORY_MB" in env  # it is the worker we think it is
+        for name in ("config.toml", "journal.db", "api.token", "identity.key"):
+            mode = (node.home / name).stat().st_mode & 0o777
+            assert mode & 0o077 == 0, f"{name} is {oct(mode)}"
+    assert worker_env({"PATH": "/bin", "CF_API_TOKEN": "x", "R2_KEY": "y"}) == {"PATH": "/bin"}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(p.name))
+    return out
+
+
+def test_an_old_home_is_made_private_at_start(tmp_path: Path) -> None:
+    home = init_home(tmp_path / "old")
+    os.chmod(home / "config.toml", 0o644)
+    run_cli(home, "team", "create", "t")
+    os.chmod(home / "journal.db", 0o644)
+    d = Daemon(home, ["--slots", "0"]).start()
+    try:
+        for name in ("config.toml", "journal.db"):
+            assert (home / name).stat().st_mode & 0o077 == 0, name
+    finally:
+        d.stop()
+
+
+# --- 6. the journal stays bounded ----------------------------------------------------------------
+
+
+def test_journal_forgets_old_finished_tasks_and_cache_entries(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "journal.db")
+    now = time.time()
+    day = 86400.0
+    rows = [("old-done", "done", now - 40 * day), ("old-failed", "failed", now - 40 * day),
+            ("old-queued", "queued", now - 40 * day), ("new-done", "done", now - day)]
+    for tid, state, t in rows:
+        j.db.execute("INSERT INTO tasks(id, kind, version, input, params, options, state,"
+                     " attempts, submitted, finished) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                     (tid, "k", "1", b"", "{}", "{}", state, "[]", t, t))
+    j.db.execute("INSERT INTO cache(key, output, created) VALUES('a', x'00', ?)",
+                 (now - 10 * day,))
+    j.db.execute("INSERT INTO cache(key, output, created) VALUES('b', x'00', ?)", (now,))
+    gone = j.prune(now, 30 * day, 7 * day)
+    assert gone["tasks"] == 2
+    assert gone["cache"] == 1
+    left = {r[0] for r in j.db.execute("SELECT id FROM tasks")}
+    assert left == {"old-queued", "new-done"}  # an unfinished task is never forgotten
+    assert [r[0] for r in j.db.execute("SELECT key FROM cache")] == ["b"]
+    j.close()
+
+
+def test_result_cache_entries_expire(tmp_path: Path) -> None:
+    with mesh(tmp_path, 1, slots=[1]) as (node,):
+        node.stop()
+        cfg = node.home / "config.toml"
+        cfg.write_text(cfg.read_text().replace("[scheduler]", "[scheduler]\ncache_ttl_s = 2", 1)
+                       if "[scheduler]" in cfg.read_text()
+                       else cfg.read_text() + "\n[scheduler]\ncache_ttl_s = 2\n")
+        node.start()
+        with Client.from_home(node.home) as c:
+            first = c.submit("base64.encode", b"cache me", wait=True)
+            again = c.submit("base64.encode", b"cache me", wait=True)
+            assert not first["cached"]
+            assert again["cached"]
+            time.sleep(2.5)
+            later = c.submit("base64.encode", b"cache me", wait=True)
+            assert later["state"] == "done"
+            assert not later["cached"]
+
+
+assert CLI  # the module runs the same CLI as meshtools
