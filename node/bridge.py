@@ -297,7 +297,11 @@ class BridgeClient:
         elif body is None:
             data = b""
         else:
-            data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            try:
+                data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            except (TypeError, ValueError) as exc:  # task data, not a bug of the caller's
+                raise BridgeRejected(0, "unencodable",
+                                     f"the request body cannot be sent as JSON: {exc}") from None
         req = self._client.build_request(
             method, path, params=params, content=data or None,
             headers={"Content-Type": "application/json"} if data else None,

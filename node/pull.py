@@ -133,6 +133,12 @@ class PullWorker:
                     self.completed += 1
                     break
                 except BridgeRejected as exc:
+                    if exc.code == "unencodable" and body.get("ok"):
+                        # the output is not JSON (an odd type): the task fails, says why
+                        body = {"ok": False, "output": None,
+                                "error": f"the output cannot be sent to the bridge as JSON:"
+                                         f" {exc.detail}"}
+                        continue
                     logger.warning("bridge refused the result of %s: %s", task_id, exc)
                     self.failed_posts += 1
                     break

@@ -861,3 +861,10 @@ async def test_bridge_dev_vars_override_wrangler_config(tmp_path: Path) -> None:
                     limited = exc
                     break
             assert limited is not None
+
+
+async def test_unencodable_body_is_a_refusal_not_a_crash(worker: str) -> None:
+    async with BridgeClient(worker, member("enc-peer"), "enc-peer") as bridge:
+        with pytest.raises(BridgeRejected) as info:
+            await bridge.submit({"kind": "hash.sha256", "params": {"x": {1, 2}}})
+        assert info.value.code == "unencodable"
