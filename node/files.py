@@ -203,7 +203,8 @@ class FilesService:
                 elif source == "ipfs":
                     if self.kubo is None:
                         continue
-                    await self.kubo.cat_to(str(root), dest)
+                    await self.kubo.cat_to(str(root), dest,
+                                           max_bytes=self.max_file_bytes)
                     self.stats["fetched_ipfs"] += 1
                     return self._done(root, dest, "ipfs")
                 elif source == "r2":

@@ -48,7 +48,7 @@ from typing import Any, Final
 import trio
 from teammesh.protocols.errors import ConfigError, StorageError, leaves
 from teammesh.storage.cid import Cid
-from teammesh.storage.unixfs import CHUNK_SIZE, FileImporter, cid_of_file
+from teammesh.storage.unixfs import CHUNK_SIZE, FileImporter, cid_of_file, over_limit
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -192,6 +192,7 @@ class KuboBackend:
         dest: str | os.PathLike[str],
         *,
         verify: bool = True,
+        max_bytes: int | None = None,
     ) -> None:
         """Fetch the file ``cid`` into ``dest``, streaming through ``<dest>.partial``.
 
@@ -203,18 +204,30 @@ class KuboBackend:
             dest: the final path; its directory must exist.
             verify: ``False`` skips the check (for content added with another chunker or
                 layout, which our importer cannot reproduce).
+            max_bytes: stop once the file runs past this many bytes (the IPFS network's
+                files are anyone's: one can claim or stream any size).
         Raises:
+            FileTooLarge: more than ``max_bytes`` arrived; nothing is left at ``dest``.
             KuboUnavailable, KuboError (e.g. unknown CID), KuboCidMismatch (the bytes do
             not hash to ``cid``; nothing is left at ``dest``), StorageError (bad CID).
         """
         want = cid if isinstance(cid, Cid) else Cid.parse(cid)
         dest = Path(dest)
         partial = dest.with_name(dest.name + ".partial")
+        written = 0
         try:
             async with await trio.open_file(partial, "wb") as f:
+
+                async def write(buf: bytes) -> None:
+                    nonlocal written
+                    written += len(buf)
+                    if max_bytes is not None and written > max_bytes:
+                        raise over_limit(want, written, max_bytes)  # "at least", as it stops
+                    await f.write(buf)
+
                 # trio_as_aio: the asyncio side hands each buffer to this trio coroutine,
                 # so the file is written by trio's thread pool, never inside the loop.
-                await self._call("cat", self._aio_cat, str(want), f.write)
+                await self._call("cat", self._aio_cat, str(want), write)
             if verify:
                 got = await trio.to_thread.run_sync(
                     lambda: cid_of_file(partial, cid_version=want.version)

@@ -9,14 +9,19 @@ A dag-pb node may link the same child again and again: four levels of 174 links 
 from __future__ import annotations
 
 import os
+import tracemalloc
 from pathlib import Path
 
+import httpx
 import pytest
 from meshtools import Daemon, mesh, run_cli, wait_until
+from teammesh.node.kubo import open_kubo
 from teammesh.storage.blockstore import FsBlockstore
-from teammesh.storage.cid import Cid
-from teammesh.storage.unixfs import CHUNK_SIZE, DEFAULT_MAX_FILE_BYTES
+from teammesh.storage.cid import RAW, Cid
+from teammesh.storage.unixfs import CHUNK_SIZE, DEFAULT_MAX_FILE_BYTES, FileTooLarge
 from test_cid import repeated_dag
+from test_kubo import JSIPFS_BIN, JsIpfs
+from test_kubo import jsipfs as jsipfs  # the js-ipfs daemon fixture, by name
 
 pytestmark = pytest.mark.hostile
 
@@ -87,3 +92,40 @@ def test_a_repeated_block_file_claiming_214_tib_is_refused(tmp_path: Path,
         assert (tmp_path / "honest.out").read_bytes() == honest.read_bytes()
     scenario_report("files: repeated-block DAG claiming 218 TiB", tried=tried, lost=lost,
                     note=f"peak RSS +{grown / MiB:.0f} MiB")
+
+
+# -- external IPFS: the network's files are anyone's ----------------------------------------
+
+
+def block_put(node: JsIpfs, cid: Cid, data: bytes) -> None:
+    """Store one block in js-ipfs under the codec of ``cid`` (bypassing the code under test)."""
+    codec = "raw" if cid.codec == RAW else "dag-pb"
+    r = httpx.post(f"{node.api_url}/api/v0/block/put",
+                   params={"format": codec, "mhtype": "sha2-256", "version": "1"},
+                   files={"file": ("block", data)}, timeout=30.0)
+    r.raise_for_status()
+    assert Cid.parse(r.json()["Key"]) == cid.to_v1()
+
+
+@pytest.mark.skipif(not JSIPFS_BIN.exists(), reason="js-ipfs is not installed: scripts/setup-jsipfs")
+async def test_an_external_ipfs_file_of_repeated_blocks_is_cut_off_at_the_limit(
+        jsipfs: JsIpfs, tmp_path: Path, scenario_report) -> None:
+    # two levels (7.4 GiB): js-ipfs itself stalls before sending a byte of deeper claims
+    root, claimed, blocks = repeated_dag(2)
+    for cid, data in blocks:
+        block_put(jsipfs, cid, data)
+    dest = tmp_path / "huge.bin"
+    limit = 4 * MiB
+    tracemalloc.start()
+    try:
+        async with open_kubo(jsipfs.api) as kubo:
+            with pytest.raises(FileTooLarge, match=f"limit for one file \\({limit} bytes\\)"):
+                await kubo.cat_to(root, dest, max_bytes=limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not dest.exists()
+    assert not dest.with_name("huge.bin.partial").exists()
+    assert peak < 64 * MiB
+    scenario_report("files: external IPFS streaming a 7.4 GiB repeated file", tried=1, lost=0,
+                    note=f"claim {claimed} bytes, cut at {limit}")
