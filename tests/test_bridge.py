@@ -754,7 +754,7 @@ def test_malformed_bridge_output_fails_only_that_task(worker: str, tmp_path: Pat
 
     home = init_home(tmp_path / "sub")
     run_cli(home, "team", "create", "t")
-    monkeypatch.setenv("TEAMMESH_BRIDGE_KEY", KEY.hex())  # today's nodes hold the master
+    monkeypatch.setenv("TEAMMESH_BRIDGE_KEY", KEY.hex())  # [bridge] key: the master (admin)
     a = Daemon(home, ["--slots", "0", "--bridge", worker]).start()
     try:
         with Client.from_home(home, timeout=120) as c:
