@@ -725,11 +725,14 @@ def bridge_dev(ctx: Ctx, port: int | None, state: Path | None) -> None:
     if not key_hex:
         journal = Journal(ctx.home.journal_file)
         try:
-            raw = journal.get("bridge_key")
+            # the Worker holds the team's master key; a member's own key is derived
+            # from it (protocols/bridgekey.py) and cannot run a bridge for the team
+            raw = journal.get("bridge_master")
         finally:
             journal.close()
         if raw is None:
-            raise TeammeshError("this node has no bridge key: create or join a team first")
+            raise TeammeshError("this node holds no bridge master key: run `bridge dev` on"
+                                " an admin's node (the team creator's), or set [bridge] key")
         key_hex = raw.hex()
     sys.exit(run_bridge_dev(port=port, key_hex=key_hex,
                             persist_dir=state or ctx.home.path / "bridge-dev"))

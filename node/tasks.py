@@ -47,7 +47,6 @@ from teammesh.protocols.errors import (
 )
 from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 
-from .client import decode_output
 from .executor import Executor, Job, Limits
 from .host import STREAM_ERRORS, DialError, MeshHost, Stream, single_leaf
 from .protocol_ids import OFFER, TASKS, tasks_topic
@@ -588,6 +587,11 @@ class TaskService:
                 offered = self._offered(peer, r.kind, now)
                 if offered:
                     window = max(window, inflight + offered)
+                elif inflight == 0 and ad.free_slots == 0:
+                    # Busy with other members' work: a task sent now would wait in its
+                    # queue while another peer or the bridge could start it. (Our own
+                    # tasks in flight there are what its ad counts when we pipeline.)
+                    continue
                 if inflight >= window:
                     continue
                 rtt = link.rtt_ms if link else 5.0
@@ -654,6 +658,10 @@ class TaskService:
                     if self.bridge is None:
                         self._finalise(r, "failed", error="no bridge configured for this node"
                                        " (set [bridge] url or use --bridge URL)")
+                        continue
+                    why_not = self._bridge_cannot_run(r)
+                    if why_not is not None:
+                        self._finalise(r, "failed", error=why_not)
                         continue
                     if "bridge" not in r.inflight:
                         self._escalate(r, nursery, now)
@@ -748,8 +756,21 @@ class TaskService:
         return True
 
     # --- escalation to the Cloudflare bridge ---------------------------------------------------
+    def _bridge_cannot_run(self, r: TaskRecord) -> str | None:
+        """Why the bridge cannot be given this task with its data, or None. The bridge
+        reads an input file from the R2 mirror; file params it cannot read at all, and
+        running without them would give a wrong answer, not an error."""
+        if any(tp.is_cid_ref(v) for v in r.params.values()):
+            return "the bridge cannot run tasks with file ({\"$cid\"}) params; run it on the mesh"
+        if r.input_cid is not None and getattr(self.node.files, "mirror", None) is None:
+            return ("the bridge reads input files from the R2 mirror, and this node has no"
+                    " mirror configured ([r2] in config.toml)")
+        return None
+
     def _should_escalate(self, r: TaskRecord, reason: str, now: float, uptime: float) -> bool:
         if self.bridge is None or r.where != "any" or r.replicas != 1 or "bridge" in r.inflight:
+            return False
+        if self._bridge_cannot_run(r) is not None:
             return False
         br = self.breakers.get("bridge")
         if br is not None and not br.allows(now):
@@ -794,12 +815,16 @@ class TaskService:
     async def _run_on_bridge_unguarded(self, r: TaskRecord) -> None:
         import base64
 
-        from .bridge import BridgeRejected, BridgeUnavailable
+        from .bridge import BridgeRejected, BridgeUnavailable, decode_task
 
         assert self.bridge is not None
-        body = {"id": r.id, "kind": r.kind, "version": r.version, "params": r.params,
-                "input_b64": base64.b64encode(r.input).decode(), "priority": r.priority,
-                "submitter": self.identity.peer_id}
+        body: dict[str, Any] = {"id": r.id, "kind": r.kind, "version": r.version,
+                                "params": r.params, "priority": r.priority,
+                                "submitter": self.identity.peer_id}
+        if r.input_cid is not None:
+            body["input_cid"] = r.input_cid  # the Worker reads it from the R2 mirror
+        else:
+            body["input_b64"] = base64.b64encode(r.input).decode()
         breaker = self.breakers.setdefault("bridge", Breaker())
         try:
             task = await self.bridge.submit(body)
@@ -837,9 +862,10 @@ class TaskService:
         if r.state in TERMINAL or "bridge" not in r.inflight:
             return
         r.inflight.pop("bridge").ended = time.time()
-        output = decode_output(task.get("output"))
+        decoded = decode_task(task, r.id)
+        output = decoded.output
         # "bridge" when the Worker ran it, a pull-mode member's peer id when one did
-        by = str(task.get("executed_by") or "bridge")
+        by = decoded.executed_by or "bridge"
         with self.journal.transaction() as db:
             if task.get("state") == "done":
                 self._finalise(r, "done", output=output, executed_by=by, db=db)

@@ -1,0 +1,58 @@
+"""Capacity across submitters: a busy member's queue is not a place to wait in.
+
+Issue 16's saturation case, run as a new user would: two members with one slot each and
+the team's bridge; each keeps its own slot busy with a long sleep; one then submits a task
+that no member can start now. It must go to the bridge with the right answer, not wait in
+the other member's queue behind a 60 s sleep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from meshtools import Daemon, wait_until
+from teammesh.node.bridgedev import free_port
+from test_escalation import _join, _team, bridge_dev, pytestmark  # noqa: F401
+
+from teammesh.client import Client
+
+
+def test_a_busy_member_is_skipped_for_the_bridge(tmp_path: Path) -> None:
+    homes = _team(tmp_path, 3)
+    port = free_port()
+    with bridge_dev(homes[0], port, tmp_path / "state") as url:
+        a = Daemon(homes[0], ["--slots", "1", "--bridge", url]).start()
+        others: list[Daemon] = []
+        try:
+            for h in homes[1:]:
+                _join(a, h)
+                others.append(Daemon(h, ["--slots", "1", "--bridge", url, "--bootstrap",
+                                         a.addr]).start())
+            b, c = others
+            for d in (a, b, c):
+                wait_until(lambda d=d: len(d.peers()) == 2, 30, what="the mesh")
+            # every member's only slot runs its own long task
+            for d in (a, b, c):
+                with Client.from_home(d.home) as cl:
+                    cl.submit("sleep", params={"seconds": 60}, where="local", no_cache=True)
+            for d in (a, b, c):
+                wait_until(lambda d=d: all(p["free_slots"] == 0 for p in d.peers()), 30,
+                           what="every member to advertise its slot busy")
+            data = os.urandom(200 * 1024)  # above the inline-hash size: it needs a slot
+            # two submitters at once, three members: nobody may queue behind a sleep
+            with Client.from_home(a.home) as ca, Client.from_home(b.home) as cb:
+                ta = ca.submit("hash.sha256", data, no_cache=True)
+                tb = cb.submit("hash.sha256", data[::-1], no_cache=True)
+                ra = ca.task(ta["id"], wait=20)
+                rb = cb.task(tb["id"], wait=20)
+            for r, blob in ((ra, data), (rb, data[::-1])):
+                assert r["state"] == "done", (r["error"], r["attempts"])
+                assert r["executed_by"] == "bridge", r["attempts"]
+                assert r["output"] == hashlib.sha256(blob).hexdigest()
+                assert not any(at["peer"] not in ("bridge",) for at in r["attempts"]), \
+                    r["attempts"]
+        finally:
+            for d in (a, *others):
+                d.stop()
