@@ -5,12 +5,22 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import boto3
+import pytest
+import trio
 from meshtools import Daemon, init_home, mesh, run_cli, wait_until
 from s3server import seaweedfs_server
+from teammesh.node.files import parse_cid
+from teammesh.protocols.errors import StorageError
 from teammesh.storage.unixfs import cid_of_file
+
+MiB = 1024 * 1024
 
 
 def _random_file(path: Path, size: int) -> Path:
@@ -227,3 +237,94 @@ def test_tasks_read_and_write_files_across_the_mesh(tmp_path: Path) -> None:
         out = tmp_path / "decoded.bin"
         a.cli("get", ref["$cid"], "-o", str(out))
         assert out.read_bytes() == big
+
+
+# --- the streaming task APIs, on a node in this process against a daemon ------------------
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+@asynccontextmanager
+async def in_process_node(home: Path, bootstrap: list[str]) -> AsyncIterator[Any]:
+    """A whole node (membership, mesh, files with Bitswap) run inside the test's trio loop,
+    so its FilesService methods can be called directly; stopped at the end of the block."""
+    from teammesh.node.config import Home, load_config
+    from teammesh.node.daemon import Node, UpOptions
+    from teammesh.node.files import FilesService
+
+    h = Home(home)
+    node = Node(h, load_config(h), UpOptions(listen=[LOOPBACK], bootstrap=bootstrap,
+                                              api="127.0.0.1:0"))
+    node.files = FilesService(node)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        try:
+            yield node
+        finally:
+            node.stop_requested.set()
+
+
+async def wait_connected(node: Any, peer: str) -> None:
+    """Poll the host's connections (py-libp2p has no event for it), 30 s at most."""
+    for _ in range(600):
+        if peer in node.host.connected_peers():
+            return
+        await trio.sleep(0.05)
+    raise AssertionError(f"{peer} did not connect within 30 s")
+
+
+async def test_fetch_to_path_store_path_and_materialise_over_bitswap(tmp_path: Path) -> None:
+    from teammesh.storage.unixfs import FileTooLarge
+
+    with mesh(tmp_path, 1) as (a,):
+        home_c = init_home(tmp_path / "c")
+        run_cli(home_c, "join", run_cli(a.home, "team", "invite").stdout.strip())
+        small = _random_file(tmp_path / "small.bin", 3 * MiB + 11)
+        big = _random_file(tmp_path / "big.bin", 5 * MiB)
+        cid_small = a.cli("share", str(small))["cid"]
+        cid_big = a.cli("share", str(big))["cid"]
+        async with in_process_node(home_c, [a.addr]) as c:
+            await wait_connected(c, a.peer_id)
+            files = c.files
+
+            # fetched from A and written chunk by chunk
+            dest = tmp_path / "small.out"
+            assert await files.fetch_to_path(cid_small, dest, [a.peer_id], 4 * MiB) == \
+                small.stat().st_size
+            assert _sha(dest) == _sha(small)
+
+            # over the caller's limit: refused at the root, nothing fetched or written
+            dest_big = tmp_path / "big.out"
+            with pytest.raises(FileTooLarge, match=f"limit for one file \\({4 * MiB} bytes"):
+                await files.fetch_to_path(cid_big, dest_big, [a.peer_id], 4 * MiB)
+            assert not dest_big.exists()
+            assert not files.has_file(parse_cid(cid_big))
+            # a file already here is held to the limit on the way out too
+            with pytest.raises(FileTooLarge):
+                await files.fetch_to_path(cid_small, tmp_path / "again", [], MiB)
+            assert not (tmp_path / "again").exists()
+
+            # materialise joins only small files in memory, and says what to do otherwise
+            assert await files.materialise(cid_small, [a.peer_id]) == small.read_bytes()
+            with pytest.raises(FileTooLarge, match="take the file by path"):
+                await files.materialise(cid_small, [a.peer_id], max_bytes=MiB)
+
+            # store_path: a file on disk enters the store pinned, read a piece at a time
+            out = _random_file(tmp_path / "output.bin", 48 * MiB)
+            tracemalloc.start()
+            try:
+                ref = await files.store_path(out)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert ref == {"$cid": str(cid_of_file(out)), "size": 48 * MiB}
+            assert peak < 16 * MiB, f"store_path peaked at {peak / MiB:.0f} MiB"
+            assert parse_cid(ref["$cid"]) in files.store.pins()
+            with pytest.raises(StorageError, match="not a file"):
+                await files.store_path(tmp_path / "absent.bin")
+            # ... and the daemon fetches it from this node over Bitswap
+            got_path = tmp_path / "from-c.bin"
+            got = await trio.to_thread.run_sync(
+                lambda: a.cli("get", ref["$cid"], "-o", str(got_path), timeout=300))
+            assert got["source"] == "peers"
+            assert _sha(got_path) == _sha(out)
