@@ -325,6 +325,8 @@ async function loadCid(env, cid) {
   return data;
 }
 
+const QUEUE_ON_CID = ["no_mirror", "cid_not_found", "input_too_large"];
+
 async function submitTask(request, env, ctx, peer, body) {
   const lim = limits(env);
   const kind = body.kind;
@@ -400,8 +402,14 @@ async function submitTask(request, env, ctx, peer, body) {
     throw new HttpError(422, "not_portable", `${reason}; the request says "queue": false, so it is not held for pull-mode peers`);
   }
   if (cid !== null && !reason) {
-    input = await loadCid(env, cid);
-    reason = whyNotAtEdge(kind, input.length, lim.edgeInput);
+    try {
+      input = await loadCid(env, cid);
+      reason = whyNotAtEdge(kind, input.length, lim.edgeInput);
+    } catch (e) {
+      // Not in the mirror (or too big for the edge): pull-mode peers fetch it from the mesh.
+      if (!(e instanceof HttpError && QUEUE_ON_CID.includes(e.code) && queueAllowed)) throw e;
+      reason = e.message;
+    }
     if (reason && !queueAllowed) {
       throw new HttpError(422, "not_portable", `${reason}; the request says "queue": false, so it is not held for pull-mode peers`);
     }

@@ -162,6 +162,19 @@ describe("cache keys cover the input", () => {
     expect(a2.json.output).toBe("output of a");
   });
 
+  it("a portable task whose input CID is not in the R2 mirror is queued for pull-mode peers", async () => {
+    const cid = await rawCid("only on the mesh");
+    const r = await call("POST", "/v1/tasks", { kind: "hash.sha256", params: {}, input_cid: cid }, { peer: "cid-5" });
+    expect(r.status).toBe(202);
+    expect(r.json.state).toBe("queued");
+    expect(r.json.waiting_reason).toContain("not in the R2 mirror");
+    const leased = await call("POST", "/v1/lease", { kinds: ["hash.sha256"] }, { peer: "cid-puller" });
+    expect(leased.json.tasks.map((t) => [t.id, t.input_cid, t.input_b64])).toEqual([[r.json.id, cid, ""]]);
+    const strict = await call("POST", "/v1/tasks", { kind: "hash.sha256", params: {}, input_cid: cid, queue: false }, { peer: "cid-5" });
+    expect(strict.status).toBe(422);
+    expect(strict.json.error.code).toBe("cid_not_found");
+  });
+
   it("refuses an input_cid that is not a CID", async () => {
     const r = await call("POST", "/v1/tasks", { kind: "sec.cid", params: {}, input_cid: "bnotacid0000" }, { peer: "cid-4" });
     expect(r.status).toBe(400);
