@@ -376,3 +376,156 @@ def test_result_cache_entries_expire(tmp_path: Path) -> None:
 
 
 assert CLI  # the module runs the same CLI as meshtools
+
+
+# --- 7. a member at the stream level -------------------------------------------------------------
+
+
+def _rss_kib(d: Daemon) -> int:
+    assert d.proc is not None
+    for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _honest_batch(home: Path, n: int, tag: str) -> tuple[int, int]:
+    """Submit n tasks from ``home``; (tried, lost): lost = not done or a wrong output."""
+    with Client.from_home(home, timeout=120) as c:
+        ids = [t["id"] for t in c.submit_batch(
+            [{"kind": "base64.encode", "input_b64": _b64(f"{tag}-{k}".encode()),
+              "no_cache": True} for k in range(n)])]
+        results = [c.task(tid, wait=120) for tid in ids]
+    lost = sum(not (r["state"] == "done" and r["output"] == _b64(f"{tag}-{k}".encode()))
+               for k, r in enumerate(results))
+    return n, lost
+
+
+def test_forged_results_are_refused_and_the_forger_penalised(tmp_path: Path,
+                                                             scenario_report) -> None:
+    with mesh(tmp_path, 2, slots=[0, 1]) as (sub, ex):
+        forger = HostileDaemon(joined(tmp_path, sub, "forger"), "forge",
+                               ["--slots", "4", "--bootstrap", sub.addr]).start()
+        try:
+            wait_until(lambda: len(sub.peers()) == 2, 30, what="the forger's ad")
+            tried, lost = _honest_batch(sub.home, 40, "forged")
+            with Client.from_home(sub.home) as c:
+                by = {t["executed_by"] for t in c.tasks(limit=100)}
+            assert forger.peer_id not in by
+            log = sub.log.read_text()
+            assert f"dropping link to {forger.peer_id}" in log
+            assert "does not match its digest" in log
+            assert_alive(sub, ex)
+        finally:
+            forger.stop()
+    assert lost == 0
+    scenario_report("forged results (altered outputs, foreign ids)", tried=tried, lost=lost)
+
+
+def test_replays_bombs_and_slow_streams_on_the_task_protocol(tmp_path: Path,
+                                                             scenario_report) -> None:
+    import msgpack
+    import trio
+    from teammesh.node.host import STREAM_ERRORS, DialError, open_host
+    from teammesh.node.protocol_ids import TASKS
+    from teammesh.protocols import tasks as tp
+    from teammesh.protocols.identity import Identity
+
+    with mesh(tmp_path, 2, slots=[0, 1]) as (sub, ex):
+        wait_until(lambda: len(sub.peers()) == 1, 20, what="the mesh")
+        member = joined(tmp_path, sub, "member")
+        seed = (member / "identity.key").read_bytes()
+        me = Identity(seed).peer_id
+        # an honest task of the submitter's, running on the executor: a member that
+        # learns its id cannot take it over (once acked, an id is forgotten: reusing it
+        # then only runs the reuser's own task, for the reuser)
+        with Client.from_home(sub.home) as c:
+            honest = c.submit("sleep", params={"seconds": 8}, no_cache=True)
+            wait_until(lambda: c.task(honest["id"])["state"] == "running", 30,
+                       what="the honest task to run")
+        rss_before = _rss_kib(ex)
+        addr, ex_id = ex.addr, ex.peer_id
+        seen: dict[str, object] = {}
+
+        async def read_until(stream, decoder, want: str):  # type: ignore[no-untyped-def]
+            with trio.fail_after(20):
+                while True:
+                    data = await stream.read()
+                    assert data, "the executor closed the stream"
+                    for f in decoder.feed(data):
+                        m = wire.unpack(f)
+                        if m["t"] == want:
+                            return m
+
+        async def attack() -> None:
+            async with open_host(seed, [LOOPBACK], peer_gate=lambda p: True,
+                                 stream_gate=lambda p, proto: False, gossip=False) as host:
+                with trio.fail_after(10):
+                    await host.connect(addr)
+                stream = await host.open_stream(ex_id, TASKS)
+                dec = wire.FrameDecoder()
+                mine = tp.TaskSpec("replay-" + os.urandom(4).hex(), "base64.encode", "1",
+                                   b"mine", {}, 10_000)
+                stolen = tp.TaskSpec(honest["id"], "base64.encode", "1", b"stolen", {}, 10_000)
+                await stream.write(tp.assign([mine, stolen]))
+                acc = await read_until(stream, dec, "accepted")
+                assert acc["ids"] == [mine.id]
+                assert acc["refused"][0][:2] == [stolen.id, "duplicate"]
+                res = await read_until(stream, dec, "results")
+                first = tp.open_results(res["sealed"], ex_id, me)
+                # the same assignment again: answered from the journal, not run again
+                await stream.write(tp.assign([mine]))
+                res = await read_until(stream, dec, "results")
+                again = tp.open_results(res["sealed"], ex_id, me)
+                assert [r.digest for r in again] == [r.digest for r in first]
+                seen["replays"] = 2
+                await stream.reset()
+                # bombs: 8 MiB of empty maps, and 100,000 levels of nesting
+                n = wire.MAX_FRAME_BYTES - 64
+                bomb = (b"\x83" + msgpack.packb("t") + msgpack.packb("assign")
+                        + msgpack.packb("v") + msgpack.packb(1) + msgpack.packb("tasks")
+                        + b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n)
+                deep = (b"\x83" + msgpack.packb("t") + msgpack.packb("assign")
+                        + msgpack.packb("v") + msgpack.packb(1) + msgpack.packb("tasks")
+                        + b"\x91" * 100_000 + b"\xc0")
+                for payload in (bomb, deep):
+                    s = await host.open_stream(ex_id, TASKS)
+                    try:
+                        await s.write(wire.frame(payload))
+                        with trio.fail_after(30):
+                            while await s.read():
+                                pass
+                    except STREAM_ERRORS:
+                        pass
+                seen["bombs"] = 2
+                # slow loris: many streams, each holding half a frame (the executor may
+                # have dropped our connection after the bombs: come back first)
+                with trio.fail_after(10):
+                    await host.connect(addr)
+                slow = []
+                for _ in range(100):
+                    try:
+                        s = await host.open_stream(ex_id, TASKS)
+                        await s.write(b"\x85")  # a varint that promises more
+                        slow.append(s)
+                    except (*STREAM_ERRORS, DialError):
+                        break
+                seen["slow"] = len(slow)
+                # honest traffic flows meanwhile
+                tried, lost = await trio.to_thread.run_sync(_honest_batch, sub.home, 20, "loris")
+                seen["honest"] = (tried, lost)
+                for s in slow:
+                    await s.reset()
+
+        trio.run(attack)
+        rss_after = _rss_kib(ex)
+        assert_alive(sub, ex)
+        tried, lost = seen["honest"]  # type: ignore[misc]
+        assert lost == 0
+        # the 8 MiB bomb once cost ~620 MB; allow the executor its normal working set
+        assert rss_after - rss_before < 150 * 1024, (rss_before, rss_after)
+    scenario_report("replayed and stolen assignments", tried=3, lost=0)
+    scenario_report("msgpack bombs (8 MiB of maps, 100k nesting)", tried=2, lost=0,
+                    note=f"RSS {rss_before // 1024} -> {rss_after // 1024} MiB")
+    scenario_report("slow-loris task streams + honest batch", tried=tried, lost=lost,
+                    note=f"{seen['slow']} half-open streams")
