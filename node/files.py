@@ -325,8 +325,10 @@ class FilesService:
             writer.check()
             await trio.to_thread.run_sync(self.store.pin, root)
 
-    async def _fetch_from_mirror(self, root: Cid, dest: Path, progress: Progress | None) -> None:
+    async def _fetch_from_mirror(self, root: Cid, dest: Path, progress: Progress | None,
+                                 max_bytes: int | None = None) -> None:
         done = 0
+        limit = self.max_file_bytes if max_bytes is None else max_bytes
 
         def tick(n: int) -> None:
             nonlocal done
@@ -334,7 +336,8 @@ class FilesService:
             if progress is not None:
                 progress(done, 0)
 
-        await trio.to_thread.run_sync(lambda: self.mirror.download(root, dest, tick))
+        await trio.to_thread.run_sync(
+            lambda: self.mirror.download(root, dest, tick, max_bytes=limit))
         self.stats["fetched_r2"] += 1
         # keep a local copy so this node can serve it to the team next time
         try:
@@ -355,7 +358,7 @@ class FilesService:
             if self.mirror is None:
                 raise
             with tempfile.TemporaryDirectory(dir=self.node.home.path) as tmp:
-                await self._fetch_from_mirror(root, Path(tmp) / "f", None)
+                await self._fetch_from_mirror(root, Path(tmp) / "f", None, max_bytes)
 
     async def fetch_to_path(self, cid_text: str, dest: Path, peers: list[str],
                             max_bytes: int) -> int:

@@ -45,7 +45,7 @@ from teammesh.protocols.errors import (
 )
 
 from .cid import Cid
-from .unixfs import FileImporter
+from .unixfs import FileImporter, over_limit
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -278,6 +278,8 @@ class R2Mirror:
         cid: Cid,
         dest: Path,
         progress: Callable[[int], None] | None = None,
+        *,
+        max_bytes: int | None = None,
     ) -> int:
         """Download the object for ``cid`` to ``dest``, checking it hashes to ``cid``.
 
@@ -287,9 +289,12 @@ class R2Mirror:
         :data:`TRANSFER_ATTEMPTS` times. ``progress(n)`` gets the bytes received since
         its last call. Returns the file size.
 
+        ``max_bytes`` refuses an object that is (or turns out to be) larger.
+
         Raises:
             MirrorCorrupt: the object does not hash to ``cid`` (nothing is left behind).
             MirrorUnavailable, MirrorAuthError, MirrorError: also for a missing object.
+            FileTooLarge: the object is over ``max_bytes`` (nothing is left behind).
         """
         dest = Path(dest)
         partial = dest.with_name(dest.name + ".partial")
@@ -313,7 +318,11 @@ class R2Mirror:
                         else:
                             resp = self._s3.get_object(Bucket=self.bucket, Key=key)
                         etag = resp.get("ETag")
-                        self._copy(resp["Body"], imp, f, progress)
+                        length = imp.bytes_fed + int(resp.get("ContentLength") or 0)
+                        if max_bytes is not None and length > max_bytes:
+                            resp["Body"].close()
+                            raise over_limit(cid, length, max_bytes)
+                        self._copy(resp["Body"], imp, f, progress, cid, max_bytes)
                         break
                     except (bx.ClientError, *_UNREACHABLE) as e:
                         err = self._translate(e, f"download of {key}")
@@ -346,11 +355,15 @@ class R2Mirror:
         imp: FileImporter,
         f: BinaryIO,
         progress: Callable[[int], None] | None,
+        cid: Cid,
+        max_bytes: int | None,
     ) -> None:
-        """Feed ``body`` to ``imp`` and ``f`` piece by piece."""
+        """Feed ``body`` to ``imp`` and ``f`` piece by piece, up to ``max_bytes`` in all."""
         try:
             for piece in body.iter_chunks(DOWNLOAD_PIECE_BYTES):
                 imp.feed(piece)
+                if max_bytes is not None and imp.bytes_fed > max_bytes:
+                    raise over_limit(cid, imp.bytes_fed, max_bytes)
                 f.write(piece)
                 if progress is not None:
                     progress(len(piece))

@@ -328,3 +328,23 @@ async def test_fetch_to_path_store_path_and_materialise_over_bitswap(tmp_path: P
                 lambda: a.cli("get", ref["$cid"], "-o", str(got_path), timeout=300))
             assert got["source"] == "peers"
             assert _sha(got_path) == _sha(out)
+
+
+def test_a_mirror_download_over_the_limit_leaves_nothing(tmp_path: Path) -> None:
+    from s3server import moto_server
+    from teammesh.storage.r2 import R2Mirror
+    from teammesh.storage.unixfs import FileTooLarge
+
+    f = _random_file(tmp_path / "f.bin", 3 * MiB)
+    cid = cid_of_file(f)
+    with moto_server() as ep:
+        m = R2Mirror(ep.url, "limits", ep.access_key, ep.secret_key, region=ep.region)
+        m.ensure_bucket()
+        m.upload_file(cid, f)
+        dest = tmp_path / "out.bin"
+        with pytest.raises(FileTooLarge, match=f"limit for one file \\({2 * MiB} bytes"):
+            m.download(cid, dest, max_bytes=2 * MiB)
+        assert not dest.exists()
+        assert not dest.with_name("out.bin.partial").exists()
+        assert m.download(cid, dest, max_bytes=3 * MiB) == 3 * MiB
+        assert _sha(dest) == _sha(f)
