@@ -134,16 +134,21 @@ def test_kill9_submitter_mid_batch_then_restart(tmp_path: Path, scenario_report:
     assert {t["tag"] for t in accepted} == set(batch.expected)
 
 
-def test_partition_heal_and_a_bad_network_in_namespaces(tmp_path: Path,
-                                                        scenario_report: Any) -> None:
+def _require_netns() -> None:
     reason = netns_unavailable()
     if reason is not None:
         pytest.skip(f"needs network namespaces: {reason}")
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "daemon bug: tasks assigned to an executor that goes silent (cut off, no FIN/RST) stay"
+    " 'running, queued on <peer>' forever. node/tasks.py _run_link only ends a link on a"
+    " stream error and nothing watches the link's liveness or the peer's ad expiry"))
+def test_cut_executor_mid_batch_tasks_move(tmp_path: Path, scenario_report: Any) -> None:
+    _require_netns()
     with netlab(3, seed=15) as lab, ns_mesh(lab, tmp_path, slots=[0, 2, 2]) as nodes:
         wait_until(lambda: full_mesh(nodes), 60, interval=1.0, what="the namespaced mesh")
         cut_id = nodes[2].peer_id
-
-        # 1. cut executor 2 off mid-batch: its tasks move to executor 1
         n = 160
         batch = mixed_batch(tmp_path / "cut", n, sleep_s=0.3, seed=17)
         run = BatchRun(nodes[0].home, batch.file, netns=lab.names[0])
@@ -152,34 +157,56 @@ def test_partition_heal_and_a_bad_network_in_namespaces(tmp_path: Path,
                        what="the first 20 results")
             lab.cut(2)
             cut_after = len(run.lines)
-            rc, err = run.wait(timeout=180)
+            # the cut peer's ad expires after 15 s; 120 s leaves room for a loaded machine
+            rc, err = run.wait(timeout=120)
         finally:
             run.stop()
+        ids = {r["id"] for r in run.lines}
         lost, problems = lost_tasks(batch, run.lines)
+        if problems:
+            stuck = [t for t in nodes[0].cli("task", "list", "--limit", "2000")
+                     if t["state"] != "done"]
+            where = Counter(t.get("waiting_reason") or t["state"] for t in stuck)
+            problems.append(f"still pending on the submitter: {dict(where)}")
         scenario_report("chaos/netns: cut one executor off mid-batch", tried=n, lost=lost,
                         note=f"cut after {cut_after} results")
-        assert not problems, f"{len(problems)} problems, first: {problems[:10]}; {err[-2000:]}"
+        assert not problems, f"{len(problems)} problems: {problems[:5]} ... {problems[-1]}"
         assert rc == 0, err[-2000:]
-        ids = {r["id"] for r in run.lines}
         journal = journal_of(nodes[0].cli("task", "list", "--limit", "2000"), ids)
         moved = [t for t in journal if any(a["peer"] == cut_id for a in t["attempts"])
                  and t["executed_by"] == nodes[1].peer_id]
         assert moved, "no task that was on the cut executor finished elsewhere"
 
-        # 2. heal: the mesh re-forms, and nothing the cut node still held is delivered again
+        # heal: what the cut node still held is not delivered a second time
         lab.heal(2)
-        t0 = time.monotonic()
         wait_until(lambda: full_mesh(nodes), HEAL_BOUND_S, interval=1.0,
                    what="the mesh to re-form after the partition healed")
-        healed_s = time.monotonic() - t0
-        scenario_report("chaos/netns: heal, mesh re-forms", tried=1, lost=0,
-                        note=f"{healed_s:.0f} s, bound {HEAL_BOUND_S:.0f} s")
         again = journal_of(nodes[0].cli("task", "list", "--limit", "2000"), ids)
         assert sorted((t["id"], t["state"], str(t["output"]), t["executed_by"])
                       for t in again) == sorted(
             (t["id"], t["state"], str(t["output"]), t["executed_by"]) for t in journal)
 
-        # 3. 100 ms round trips and 1 % loss on every link: a batch still completes
+
+def test_heal_then_a_bad_network_in_namespaces(tmp_path: Path, scenario_report: Any) -> None:
+    _require_netns()
+    with netlab(3, seed=16) as lab, ns_mesh(lab, tmp_path, slots=[0, 2, 2]) as nodes:
+        wait_until(lambda: full_mesh(nodes), 60, interval=1.0, what="the namespaced mesh")
+        cut_id = nodes[2].peer_id
+
+        # 1. a partition the others notice (the cut peer's ad expires), then heal
+        lab.cut(2)
+        wait_until(lambda: all(cut_id not in {p["peer_id"] for p in d.cli("peers")}
+                               for d in nodes[:2]), 60, interval=1.0,
+                   what="the others to drop the cut node")
+        lab.heal(2)
+        t0 = time.monotonic()
+        wait_until(lambda: full_mesh(nodes), HEAL_BOUND_S, interval=1.0,
+                   what="the mesh to re-form after the partition healed")
+        healed_s = time.monotonic() - t0
+        scenario_report("chaos/netns: heal, the mesh re-forms", tried=1, lost=0,
+                        note=f"{healed_s:.0f} s, bound {HEAL_BOUND_S:.0f} s")
+
+        # 2. 100 ms round trips and 1 % loss on every link: a batch still completes
         lab.impair(50, 1)
         n = 60
         batch = mixed_batch(tmp_path / "slow", n, sleep_s=0.2, seed=18)
@@ -196,3 +223,4 @@ def test_partition_heal_and_a_bad_network_in_namespaces(tmp_path: Path,
         assert rc == 0, err[-2000:]
         assert stats["dropped_loss"] > 0
         assert {r["executed_by"] for r in run.lines} <= {nodes[1].peer_id, cut_id}
+        assert len({r["executed_by"] for r in run.lines}) == 2, "the healed node got no work"
