@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -804,7 +805,9 @@ def test_deploy_config_has_no_placeholders_and_builds(tmp_path: Path) -> None:
 
 def test_pull_member_signs_with_its_own_key(tmp_path: Path) -> None:
     """A joined member in pull mode holds only its own key K_P (not the master), leases
-    the admin's bridge tasks with it, and the bridge records it as their executor."""
+    the admin's bridge tasks with it, and the bridge records it as their executor; two
+    queued tasks that differ only in their input CID get two outputs (the pull member
+    fetches each file from the admin over the mesh)."""
     from meshtools import Daemon, init_home, run_cli
     from teammesh.node.journal import Journal
 
@@ -830,12 +833,41 @@ def test_pull_member_signs_with_its_own_key(tmp_path: Path) -> None:
                                           "where": "bridge", "no_cache": True}
                                          for i in range(3)])
                     done = [c.task(t["id"], wait=90) for t in ts]
+                    # two tasks that differ only in their input CID: two outputs (the
+                    # files are not in the R2 mirror, so the pull member fetches them)
+                    files = {}
+                    for name in ("one", "two"):
+                        path = tmp_path / name
+                        path.write_bytes(name.encode() * 1000)
+                        cid = c.request("POST", "/v1/files/share", json={"path": str(path)})["cid"]
+                        files[cid] = hashlib.sha256(path.read_bytes()).hexdigest()
+                # (submitted to the Worker as the admin's node would; the daemon's own
+                # escalation of input_cid tasks is node/tasks.py's business)
+                a_id = a.peer_id
+                sub = Api(url, peer=a_id, key=derive_member_key(master, a_id))
+                by_cid = {}
+                for cid in files:
+                    r = sub.call("POST", "/v1/tasks", {"kind": "hash.sha256", "params": {},
+                                                       "input_cid": cid, "no_cache": True})
+                    assert r.status_code == 202, r.text  # not in the mirror: queued
+                    by_cid[cid] = r.json()["id"]
+                hashed: dict[str, Any] = {}
+                for _ in range(600):  # bounded: the pull member fetches and hashes in seconds
+                    hashed = {cid: sub.call("GET", f"/v1/tasks/{tid}").json()
+                              for cid, tid in by_cid.items()}
+                    if all(t["state"] in ("done", "failed") for t in hashed.values()):
+                        break
+                    time.sleep(0.2)
             finally:
                 p.stop()
         finally:
             a.stop()
     assert [t["state"] for t in done] == ["done"] * 3
     assert {t["executed_by"] for t in done} == {p_id}
+    assert {cid: (t["state"], t["output"]) for cid, t in hashed.items()} == \
+        {cid: ("done", digest) for cid, digest in files.items()}, \
+        [t["error"] for t in hashed.values()]
+    assert {t["executed_by"] for t in hashed.values()} == {p_id}
     journal = Journal(p_home / "journal.db")
     try:
         assert journal.get("bridge_master") is None  # a member never holds the master
