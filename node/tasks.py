@@ -964,25 +964,15 @@ class TaskService:
         self.executor.submit_nowait(job)
 
     async def _fetch_to_spool(self, cid_text: str, peers: list[str], max_bytes: int) -> Path:
-        files = self.node.files
         dest = self.spool / f"in-{secrets.token_hex(8)}"
-        fetch = getattr(files, "fetch_to_path", None)
-        if fetch is not None:
-            await fetch(cid_text, dest, peers, max_bytes)
-            return dest
-        data = await files.materialise(cid_text, peers)
-        if len(data) > max_bytes:
-            raise TaskError(f"input file of {len(data)} bytes exceeds this node's limit")
-        await trio.to_thread.run_sync(dest.write_bytes, data)
+        await self.node.files.fetch_to_path(cid_text, dest, peers, max_bytes)
         return dest
 
     async def _store_spilled(self, path: Path) -> dict[str, Any]:
         """A worker's big output, added to the block store: the result carries its CID."""
-        files = self.node.files
-        if files is None:
+        if self.node.files is None:
             raise StorageError("this node has no file store")
-        root, size = await trio.to_thread.run_sync(files.store.add_file, path)
-        return {"$cid": str(root), "size": size}
+        return dict(await self.node.files.store_path(path))
 
     def _local_done(self, job: Job | None, result: TaskResult) -> None:
         with self.journal.transaction() as db:
