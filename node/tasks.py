@@ -285,6 +285,13 @@ class TaskService:
         params = body.get("params") or {}
         if not isinstance(params, dict):
             raise TaskError("'params' must be an object")
+        try:
+            psize = tp.params_size(params)
+        except TeammeshError as exc:
+            raise TaskError(f"'params' cannot be encoded: {exc}") from exc
+        if psize > tp.MAX_PARAMS_BYTES:
+            raise TaskError(f"'params' is {psize} bytes packed; the limit is"
+                            f" {tp.MAX_PARAMS_BYTES} (pass big data as the input or by CID)")
         where = body.get("where", "any")
         if where not in WHERE:
             raise TaskError(f"'where' must be one of {', '.join(WHERE)}")

@@ -36,6 +36,7 @@ from .identity import Identity
 DOMAIN_RESULTS = "results"
 MAX_BATCH = 4096
 MAX_INLINE_INPUT = 4 * 1024 * 1024
+MAX_PARAMS_BYTES = 1024 * 1024  # packed; bigger data goes as input or by CID
 OUTPUT_INLINE_MAX = 1024 * 1024  # larger byte outputs are stored as files and sent by CID
 BATCH_BYTES = 2 * 1024 * 1024  # keep every frame well under wire.MAX_FRAME_BYTES
 T = TypeVar("T")
@@ -69,7 +70,7 @@ class TaskSpec:
 
     @property
     def size_hint(self) -> int:
-        return len(self.input) + 256
+        return len(self.input) + params_size(self.params) + 256
 
     def to_wire(self) -> dict[str, Any]:
         m = {"id": self.id, "kind": self.kind, "ver": self.version, "input": self.input,
@@ -94,6 +95,11 @@ class TaskSpec:
     @property
     def needs_files(self) -> bool:
         return self.input_cid is not None or any(is_cid_ref(v) for v in self.params.values())
+
+
+def params_size(params: dict[str, Any]) -> int:
+    """Bytes of ``params`` packed (0 for the common empty map)."""
+    return len(wire.pack({"p": params})) if params else 0
 
 
 def is_cid_ref(value: Any) -> bool:

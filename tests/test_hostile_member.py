@@ -529,3 +529,49 @@ def test_replays_bombs_and_slow_streams_on_the_task_protocol(tmp_path: Path,
                     note=f"RSS {rss_before // 1024} -> {rss_after // 1024} MiB")
     scenario_report("slow-loris task streams + honest batch", tried=tried, lost=lost,
                     note=f"{seen['slow']} half-open streams")
+
+
+def test_oversized_params_and_a_100k_kind_ad_are_refused(tmp_path: Path,
+                                                         scenario_report) -> None:
+    import trio
+    from teammesh.node.host import open_host
+    from teammesh.node.protocol_ids import ADS_SYNC
+    from teammesh.protocols.errors import TeammeshError
+    from teammesh.protocols.identity import Identity
+
+    with mesh(tmp_path, 2, slots=[0, 1]) as (sub, ex):
+        wait_until(lambda: len(sub.peers()) == 1, 20, what="the mesh")
+        with Client.from_home(sub.home) as c:
+            with pytest.raises(TeammeshError, match=r"params.*limit"):
+                c.submit("np.stats", params={"values": list(range(400_000))})
+            assert c.submit("base64.encode", b"fine", wait=True)["state"] == "done"
+        member = joined(tmp_path, sub, "member")
+        ident = Identity((member / "identity.key").read_bytes())
+        team = sub.cli("status")["team"]["id"]
+        huge = CapabilityAd(peer_id=ident.peer_id, team_id=team, addrs=(), cores=2, slots=2,
+                            free_slots=2, memory_bytes=1 << 30, gpus=(),
+                            kinds={f"k{i}": "1" for i in range(100_000)}, queue=0, cost=1.0,
+                            storage=(), software="x", seq=1, ttl_ms=15_000, cert=b"")
+        from teammesh.protocols.envelope import seal
+
+        sealed = seal(ident, "cap", huge.to_wire())
+        addr, peer = sub.addr, sub.peer_id
+
+        async def push() -> None:
+            async with open_host(ident.seed, [LOOPBACK], peer_gate=lambda p: True,
+                                 stream_gate=lambda p, proto: False, gossip=False) as host:
+                with trio.fail_after(10):
+                    await host.connect(addr)
+                s = await host.open_stream(peer, ADS_SYNC)
+                await s.write(wire.frame_message({"t": "ads", "v": 1, "ads": [[sealed, 0]]}))
+                with trio.move_on_after(5):
+                    while await s.read():
+                        pass
+
+        trio.run(push)
+        assert ident.peer_id not in {p["peer_id"] for p in sub.peers()}
+        with Client.from_home(sub.home) as c:
+            kinds = {k["name"] for k in c.kinds()}
+        assert "k99999" not in kinds
+        assert_alive(sub, ex)
+    scenario_report("oversized params, an ad with 100,000 kinds", tried=2, lost=0)
