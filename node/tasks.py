@@ -666,7 +666,7 @@ class TaskService:
                         self._finalise(r, "failed", error="no bridge configured for this node"
                                        " (set [bridge] url or use --bridge URL)")
                         continue
-                    why_not = self._bridge_cannot_run(r)
+                    why_not = self._bridge_cannot_run(r, explicit=True)
                     if why_not is not None:
                         self._finalise(r, "failed", error=why_not)
                         continue
@@ -763,13 +763,17 @@ class TaskService:
         return True
 
     # --- escalation to the Cloudflare bridge ---------------------------------------------------
-    def _bridge_cannot_run(self, r: TaskRecord) -> str | None:
-        """Why the bridge cannot be given this task with its data, or None. The bridge
-        reads an input file from the R2 mirror; file params it cannot read at all, and
-        running without them would give a wrong answer, not an error."""
+    def _bridge_cannot_run(self, r: TaskRecord, *, explicit: bool = False) -> str | None:
+        """Why the bridge cannot be given this task with its data, or None. The Worker
+        reads an input file from the R2 mirror, or queues the task for pull-mode members
+        (which fetch it over the mesh): asked explicitly, that is the user's call; as an
+        escalation it needs the mirror, or the task could wait there for a puller while
+        a mesh peer frees up. File params the bridge cannot pass on at all, and running
+        without them would give a wrong answer, not an error."""
         if any(tp.is_cid_ref(v) for v in r.params.values()):
             return "the bridge cannot run tasks with file ({\"$cid\"}) params; run it on the mesh"
-        if r.input_cid is not None and getattr(self.node.files, "mirror", None) is None:
+        if r.input_cid is not None and not explicit and \
+                getattr(self.node.files, "mirror", None) is None:
             return ("the bridge reads input files from the R2 mirror, and this node has no"
                     " mirror configured ([r2] in config.toml)")
         return None
