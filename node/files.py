@@ -212,6 +212,11 @@ class FilesService:
                         continue
                     await self._fetch_from_mirror(root, dest, progress)
                     return self._done(root, dest, "r2")
+            except FileTooLarge as exc:  # the same CID is the same size from every source
+                raise FileTooLarge(
+                    f"cannot get {root}: {exc}. A file is refused when it claims more than"
+                    " this node's limit (files.max_file_mb): a few blocks linked over and"
+                    " over can claim any size", size=exc.size, limit=exc.limit) from None
             except (StorageError, TeammeshError) as exc:
                 errors.append(f"{source}: {exc}")
                 continue
