@@ -130,6 +130,28 @@ def team_revoke(ctx: Ctx, peer_id: str, as_json: bool) -> None:
     emit(ctx, as_json, data, lambda: click.echo(f"revoked {peer_id}"))
 
 
+@team.command("bridge-key")
+@json_option
+@pass_ctx
+def team_bridge_key(ctx: Ctx, as_json: bool) -> None:
+    """Print the team's master bridge key (hex; admins only), for the Worker's BRIDGE_KEY."""
+    from .journal import Journal
+    from .membership import Membership
+
+    journal = Journal(ctx.home.journal_file)
+    try:
+        m = Membership(ctx.home, journal, ctx.home.identity())
+        m.require_team()
+        master, epoch = m.bridge_master, m.bridge_epoch
+    finally:
+        journal.close()
+    if master is None:
+        raise TeammeshError("only a team admin holds the master bridge key; this node has"
+                            " only its own key derived from it (ask an admin)")
+    emit(ctx, as_json, {"master": master.hex(), "epoch": epoch},
+         lambda: click.echo(master.hex()))
+
+
 @team.command("members")
 @json_option
 @pass_ctx

@@ -184,7 +184,7 @@ class Membership:
         self.roster = roster
         own = roster.certs.get(self.identity.peer_id)
         self.cert = own
-        self.lapsed: Certificate | None = None
+        self.lapsed = None
         if own is None and self.identity.peer_id not in roster.revocations:
             self.lapsed = self._own_lapsed_certificate(team)
         if self.home.root_key_file.exists():

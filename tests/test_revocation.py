@@ -189,6 +189,11 @@ def test_revocation_rotates_the_bridge_master_and_members_fetch_their_new_keys(
         assert revoked_key != derive_member_key(new_master, goes.peer_id)
         assert revoked_key not in keys.values()
         assert "got this node's bridge key for epoch 1" in stays.log.read_text()
+        # what an admin gives the Worker (BRIDGE_KEY); a member has nothing to give
+        assert admin.cli("team", "bridge-key") == {"master": new_master.hex(), "epoch": 1}
+        proc = run_cli(stays.home, "team", "bridge-key", check=False)
+        assert proc.returncode == 1
+        assert "only a team admin holds the master bridge key" in proc.stderr
 
 
 def test_a_journal_with_the_old_shared_bridge_key_keeps_working(tmp_path: Path) -> None:
