@@ -10,6 +10,9 @@ Invariants:
   byte into a 64-byte empty dict, so ``unpack`` caps the maps and lists (one per
   ``CONTAINER_BYTES`` bytes of the limit), the items they hold (one per ``ELEMENT_BYTES``)
   and the nesting depth (``MAX_DEPTH``), and refuses with MalformedMessage past any of them.
+- A decoded message holds only plain data: None, bool, int, float, str, bytes, list and
+  dict. msgpack extension types are refused (no teammesh message uses them), and msgpack
+  timestamps decode to float seconds.
 """
 
 from __future__ import annotations
@@ -124,6 +127,11 @@ class _Budget:
             f"{self.limit_bytes // ELEMENT_BYTES} items); send large data as a file by CID")
 
 
+def _refuse_ext(code: int, data: bytes) -> NoReturn:
+    raise MalformedMessage(f"message holds a msgpack extension type ({code}); teammesh "
+                           "messages hold only plain data")
+
+
 def _msgpack_stack_depth() -> int:
     """The nesting depth msgpack's C decoder accepts (1024 in msgpack 1.x)."""
     lo, hi = 1, 4096
@@ -182,6 +190,8 @@ def unpack(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
             object_hook=hook,
             max_array_len=max_elements,
             max_map_len=max_elements,
+            ext_hook=_refuse_ext,
+            timestamp=1,  # float seconds: a Timestamp object would reach code expecting data
         )
     except msgpack.StackError as exc:
         raise MalformedMessage(f"message nests maps and lists deeper than {MAX_DEPTH} "

@@ -253,9 +253,38 @@ VALID_MESSAGES = [
 ]
 
 
+PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+def plain_data(value: object, depth: int = 0) -> None:
+    """Raise AssertionError unless ``value`` is plain data nested at most MAX_DEPTH deep."""
+    assert depth <= wire.MAX_DEPTH
+    if isinstance(value, list):
+        for v in value:
+            plain_data(v, depth + 1)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            assert isinstance(k, str)
+            plain_data(v, depth + 1)
+    else:
+        assert isinstance(value, PLAIN), type(value)
+
+
 def test_fuzz_wire_unpack(scenario_report) -> None:
-    fuzz("fuzz: wire.unpack", bytes_like(*VALID_MESSAGES), wire.unpack, scenario_report,
-         examples=1000)
+    # ext types (0xc7-0xc9, 0xd4-0xd8), timestamps among them, spliced into valid messages
+    ext = st.sampled_from([msgpack.packb(msgpack.ExtType(5, b"ab")), b"\xd6\xff\0\0\0\1",
+                           b"\xc7\x0c\xff" + bytes(12), b"\xd4\x01\x00"])
+    spliced = st.tuples(st.sampled_from(VALID_MESSAGES), ext, st.integers(0, 60)).map(
+        lambda v: v[0][: v[2]] + v[1] + v[0][v[2]:])
+    fuzz("fuzz: wire.unpack", bytes_like(*VALID_MESSAGES) | spliced,
+         lambda d: plain_data(wire.unpack(d)), scenario_report, examples=1000)
+
+
+def test_extension_types_are_refused_and_timestamps_are_numbers() -> None:
+    with pytest.raises(MalformedMessage, match="extension type"):
+        wire.unpack(wire.pack({"t": "x", "v": 1, "e": msgpack.ExtType(5, b"ab")}))
+    m = wire.unpack(wire.pack({"t": "x", "v": 1, "e": msgpack.Timestamp(7, 500_000_000)}))
+    assert m["e"] == 7.5
 
 
 def test_fuzz_wire_unpack_small_limits(scenario_report) -> None:
