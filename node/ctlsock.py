@@ -11,8 +11,15 @@ Frames (protocols/wire: varint length + msgpack map with ``t`` and ``v``):
   client: {"t": "hello", "token": ...}                      server: {"t": "ok"}
   client: {"t": "call", "id": n, "op": OP, "body": {...}}  server: {"t": "ret", "id": n,
           "ok": true, "body": ...} or {"ok": false, "status": 4xx, "code": ..., "message": ...}
-OPs: submit, batch, show, cancel. Calls on one connection run concurrently; replies
-carry the call's id.
+OPs: submit, batch, show, cancel, watch. Calls on one connection run concurrently;
+replies carry the call's id.
+
+``watch`` is the futures client's call (node/client.py): its body is ``{"tasks": [...]}``
+as for ``batch``; the reply lists each task's id and state in order (a task already
+finished, e.g. from the result cache, comes back whole), and every other task comes back
+whole once it ends, in ``{"t": "res", "tasks": [...]}`` frames that are not replies to a
+call (one frame carries every task that ended since the last one). A connection holds at
+most MAX_WATCHED unfinished watched tasks; closing it stops the watching, not the tasks.
 """
 
 from __future__ import annotations
@@ -28,16 +35,21 @@ import trio
 from teammesh.protocols import wire
 from teammesh.protocols.errors import TaskError, TeammeshError
 
-from .taskapi import op_batch, op_show, op_submit
+from .taskapi import batch_bodies, op_batch, op_show, op_submit
+from .tasks import TERMINAL
 
 if TYPE_CHECKING:
     from .daemon import Node
+    from .tasks import TaskRecord
 
 logger = logging.getLogger("teammesh.ctlsock")
 
 SOCKET_NAME = "api.sock"
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # as the HTTP API's body limit
 MAX_CALLS_PER_CONNECTION = 256
+# Unfinished tasks one connection may watch. The watch channel is sized to it, so the
+# scheduler's send_nowait on a task's end can never block (node/tasks.py, _finalise).
+MAX_WATCHED = 200_000
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 
@@ -96,6 +108,8 @@ class _Connection:
         self.token = token
         self.send_lock = trio.Lock()
         self.calls = trio.Semaphore(MAX_CALLS_PER_CONNECTION)
+        self.watched: dict[str, TaskRecord] = {}
+        self.ended_send, self.ended_receive = trio.open_memory_channel[str](MAX_WATCHED)
 
     async def send(self, msg: dict[str, Any]) -> None:
         data = wire.frame_message({"v": wire.WIRE_VERSION, **msg})
@@ -105,6 +119,7 @@ class _Connection:
     async def run(self) -> None:
         try:
             async with self.stream, trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_ended)
                 problem = await self._read_calls(nursery)
                 if problem is not None:
                     # a malformed or oversized frame ends this connection, never the daemon
@@ -116,6 +131,55 @@ class _Connection:
             pass
         except Exception:  # one client's connection must never take the daemon down
             logger.exception("control socket connection failed")
+        finally:
+            self._unwatch_all()
+
+    def _unwatch_all(self) -> None:
+        # Synchronous, so no task can end between the unwatching and the channel closing
+        # (a send to a closed channel inside the scheduler would break it).
+        svc = self.node.tasks
+        if svc is not None:
+            for r in self.watched.values():
+                svc.unwatch(r)
+        self.watched.clear()
+        self.ended_send.close()
+
+    async def _send_ended(self) -> None:
+        """Send watched tasks as they end, every task that ended meanwhile in one frame."""
+        svc = self.node.tasks
+        assert svc is not None
+        while True:
+            ids = [await self.ended_receive.receive()]
+            while True:
+                try:
+                    ids.append(self.ended_receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            tasks = []
+            for task_id in ids:
+                r = self.watched.pop(task_id, None)
+                # a finished task may leave memory before we look (then the journal has it)
+                found = r if r is not None else svc.get(task_id)
+                if found is not None:
+                    tasks.append(found if isinstance(found, dict) else found.to_json())
+            await self.send({"t": "res", "tasks": tasks})
+
+    def watch(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        svc = self.node.tasks
+        assert svc is not None
+        bodies = batch_bodies(body)
+        if len(self.watched) + len(bodies) > MAX_WATCHED:
+            raise TaskError(f"at most {MAX_WATCHED} unfinished futures per connection;"
+                            " wait for some results before submitting more")
+        out = []
+        for r in svc.submit_many(bodies):
+            if r.state in TERMINAL:
+                out.append(r.to_json())
+            else:
+                self.watched[r.id] = r
+                svc.watch(r, self.ended_send)
+                out.append({"id": r.id, "state": r.state})
+        return out
 
     async def _read_calls(self, nursery: trio.Nursery) -> str | None:
         """Read frames until the client leaves (None) or breaks the protocol (why)."""
@@ -184,4 +248,7 @@ class _Connection:
             return await op_show(svc, wire.field_str(body, "id"), wait)
         if op == "cancel":
             return svc.cancel(wire.field_str(body, "id")).to_json()
-        raise TaskError(f"unknown control call {op!r} (known: submit, batch, show, cancel)")
+        if op == "watch":
+            return self.watch(body)
+        raise TaskError(f"unknown control call {op!r} (known: submit, batch, show, cancel,"
+                        " watch)")

@@ -47,7 +47,7 @@ async def op_submit(svc: TaskService, body: dict[str, Any]) -> dict[str, Any]:
     return record.to_json()
 
 
-def _batch_bodies(body: dict[str, Any]) -> list[dict[str, Any]]:
+def batch_bodies(body: dict[str, Any]) -> list[dict[str, Any]]:
     bodies = body.get("tasks")
     if not isinstance(bodies, list) or not all(isinstance(b, dict) for b in bodies):
         raise TaskError("'tasks' must be a list of task objects")
@@ -58,7 +58,7 @@ def _batch_bodies(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 async def op_batch(svc: TaskService, body: dict[str, Any]) -> list[dict[str, Any]]:
     """POST /v1/tasks/batch without streaming, also served on the control socket."""
-    records = svc.submit_many(_batch_bodies(body))
+    records = svc.submit_many(batch_bodies(body))
     if body.get("wait"):
         with trio.move_on_after(MAX_WAIT_S):
             for r in records:
@@ -84,7 +84,7 @@ def task_routes(svc: TaskService, endpoint: Any) -> list[Route]:
     async def batch(request: Request) -> Any:
         body = await json_body(request)
         if body.get("stream"):
-            bodies = _batch_bodies(body)
+            bodies = batch_bodies(body)
             send, receive = trio.open_memory_channel[str](max(1, len(bodies)))
             records = svc.submit_many(bodies)
             for r in records:
