@@ -1,7 +1,9 @@
 """Control API: JSON over HTTP on loopback, bearer-token protected (token in the home, 0600).
 
 Served by hypercorn on trio inside the daemon's nursery. The OpenAPI document is at
-``/openapi.json``; Prometheus metrics at ``/metrics``. Every error is JSON
+``/openapi.json``; Prometheus metrics at ``/metrics`` (node/metrics.py); the web
+dashboard at ``/`` (node/dashboard.py), whose browser session authenticates with a
+cookie instead of the bearer token. Every error is JSON
 ``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx status.
 """
 
@@ -18,7 +20,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from teammesh.protocols.errors import (
     ConfigError,
@@ -30,6 +32,9 @@ from teammesh.protocols.errors import (
     UnknownKind,
 )
 
+from .dashboard import Dashboard
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import NodeMetrics
 from .openapi import OPENAPI
 
 if TYPE_CHECKING:
@@ -75,14 +80,21 @@ async def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def build_app(node: Node) -> Starlette:
+def build_app(node: Node, metrics: NodeMetrics | None = None,
+              dashboard: Dashboard | None = None) -> Starlette:
     token = node.home.token().encode()
+    metrics = metrics if metrics is not None else NodeMetrics(node)
+    dashboard = dashboard if dashboard is not None else Dashboard(node)
 
     def endpoint(fn: Callable[[Request], Awaitable[Any]], *, auth: bool = True) -> Handler:
         async def handler(request: Request) -> Response:
             if auth:
                 header = request.headers.get("authorization", "")
-                if not hmac.compare_digest(header.removeprefix("Bearer ").encode(), token):
+                if header:
+                    ok = hmac.compare_digest(header.removeprefix("Bearer ").encode(), token)
+                else:
+                    ok = dashboard.auth.cookie_allows(request)
+                if not ok:
                     return error(401, "unauthorized",
                                  "missing or wrong bearer token (see api.token in the home)")
             try:
@@ -149,24 +161,8 @@ def build_app(node: Node) -> Starlette:
         node.stop_requested.set()
         return {"stopping": True}
 
-    async def metrics(request: Request) -> Response:
-        st = node.status()
-        lines = [
-            "# TYPE teammesh_peers_live gauge", f"teammesh_peers_live {st['live_peers']}",
-            "# TYPE teammesh_peers_connected gauge",
-            f"teammesh_peers_connected {st['connected_peers']}",
-            "# TYPE teammesh_slots gauge", f"teammesh_slots {st['slots']}",
-            "# TYPE teammesh_free_slots gauge", f"teammesh_free_slots {st['free_slots']}",
-            "# TYPE teammesh_refused_handshakes_total counter",
-            f"teammesh_refused_handshakes_total {st['refused']['handshakes']}",
-            "# TYPE teammesh_ads_received_total counter",
-            f"teammesh_ads_received_total {node.mesh.ads_received}",
-            "# TYPE teammesh_ads_rejected_total counter",
-            f"teammesh_ads_rejected_total {node.mesh.ads_rejected}",
-        ]
-        if node.tasks is not None:
-            lines += node.tasks.metrics_lines()
-        return PlainTextResponse("\n".join(lines) + "\n")
+    async def metrics_text(request: Request) -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def openapi(request: Request) -> Any:
         return OPENAPI
@@ -177,7 +173,7 @@ def build_app(node: Node) -> Starlette:
     routes = [
         Route("/health", endpoint(health, auth=False)),
         Route("/openapi.json", endpoint(openapi, auth=False)),
-        Route("/metrics", endpoint(metrics)),
+        Route("/metrics", endpoint(metrics_text)),
         Route("/v1/status", endpoint(status)),
         Route("/v1/peers", endpoint(peers)),
         Route("/v1/team", endpoint(team)),
@@ -192,6 +188,7 @@ def build_app(node: Node) -> Starlette:
         from .filesapi import files_routes
 
         routes += files_routes(node.files, endpoint)
+    routes += dashboard.routes(endpoint)
     return Starlette(routes=routes)
 
 
@@ -221,11 +218,17 @@ async def serve_api(node: Node, spec: str, *,
     cfg.errorlog = None
     cfg.graceful_timeout = 0.5
     cfg.keep_alive_timeout = 75
-    app = build_app(node)
+    metrics = NodeMetrics(node)
+    dashboard = Dashboard(node)
+    app = build_app(node, metrics, dashboard)
     url = f"http://{host}:{port}"
     try:
-        await serve(app, cfg, task_status=_Started(task_status, url),  # type: ignore[arg-type]
-                    mode="asgi")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(metrics.run)
+            await nursery.start(dashboard.run)
+            await serve(app, cfg, task_status=_Started(task_status, url),  # type: ignore[arg-type]
+                        mode="asgi")
+            nursery.cancel_scope.cancel()
     finally:
         # hypercorn adopted the descriptor (fd://) and closes it; closing it again here
         # could close an unrelated file that reused the number.
