@@ -521,8 +521,8 @@ def _hub_main(seed: int, names: list[str]) -> None:
                 if len(packet) < 20 or packet[0] >> 4 != 4:
                     counts["unroutable"] += 1
                     continue
-                dst = port_of_ip.get(packet[16:20])
-                if dst is None or dst == src:
+                to = port_of_ip.get(packet[16:20])
+                if to is None or to == src:
                     counts["unroutable"] += 1
                     continue
                 if cut[src]:
@@ -533,9 +533,9 @@ def _hub_main(seed: int, names: list[str]) -> None:
                     continue
                 if delay[src]:
                     seq += 1
-                    heapq.heappush(pending, (time.monotonic() + delay[src], seq, dst, packet))
+                    heapq.heappush(pending, (time.monotonic() + delay[src], seq, to, packet))
                 else:
-                    deliver(dst, packet)
+                    deliver(to, packet)
 
 
 def main(argv: list[str]) -> None:

@@ -8,6 +8,7 @@ counts a task that did not end done with its expected output, or came back more 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +26,7 @@ from chaostools import (
     ns_mesh,
     wrong_outputs,
 )
-from meshtools import mesh, wait_for_full_mesh, wait_until
+from meshtools import Daemon, mesh, wait_for_full_mesh, wait_until
 
 from teammesh.client import Client
 
@@ -37,18 +38,24 @@ HEAL_BOUND_S = 90.0
 
 
 def lost_tasks(batch: Batch, results: list[dict[str, Any]]) -> tuple[int, list[str]]:
-    """(how many tasks were lost, why), from one result per task expected."""
+    """How many tasks did not come back exactly once, done, with their expected output;
+    and what went wrong, task by task."""
     problems = wrong_outputs(batch, results)
     ids = Counter(r.get("id") for r in results)
     tags = Counter(r.get("tag") for r in results)
-    dup = sorted(t for t, n in tags.items() if n > 1)
-    problems += [f"task id {i} delivered {n} times" for i, n in ids.items() if n > 1]
-    problems += [f"tag {t} delivered {tags[t]} times" for t in dup]
-    missing = sorted(set(batch.expected) - set(tags))
-    problems += [f"tag {t}: no result" for t in missing]
-    good = {r.get("tag") for r in results} - set(dup) - {
-        r.get("tag") for r in results if wrong_outputs(batch, [r])}
-    return len(batch.expected) - len(good & set(batch.expected)), problems
+    problems += [f"task {i} delivered {n} times" for i, n in ids.items() if n > 1]
+    problems += [f"tag {t} delivered {n} times" for t, n in tags.items() if n > 1]
+    problems += [f"tag {t}: no result" for t in batch.expected if tags[t] == 0]
+    good = {r.get("tag") for r in results
+            if tags[r.get("tag")] == 1 and ids[r.get("id")] == 1 and not wrong_outputs(batch, [r])}
+    return len(batch.expected.keys() - good), problems
+
+
+def done_at_least(node: Daemon, k: int) -> int:
+    """How many of the node's tasks are done, once that is at least ``k`` (0 before)."""
+    with Client.from_home(node.home) as c:
+        done = sum(t["state"] == "done" for t in c.tasks(limit=2000))
+    return done if done >= k else 0
 
 
 def journal_of(listed: list[dict[str, Any]], ids: set[str]) -> list[dict[str, Any]]:
@@ -101,16 +108,19 @@ def test_kill9_random_executors_during_500_task_batch(tmp_path: Path,
 
 def test_kill9_submitter_mid_batch_then_restart(tmp_path: Path, scenario_report: Any) -> None:
     n = 200
-    batch = mixed_batch(tmp_path / "batch", n, sleep_s=0.3, seed=16)
+    batch = mixed_batch(tmp_path / "batch", n, sleep_s=0.5, seed=16)
     with mesh(tmp_path, 3, slots=[0, 2, 2]) as nodes:
         wait_for_full_mesh(nodes, timeout=30)
         with Client.from_home(nodes[0].home, timeout=120) as c:
             accepted = c.submit_batch(batch.bodies)
-            assert len(accepted) == n
-            wait_until(lambda: sum(t["state"] == "done" for t in c.tasks(limit=1000)) >= n // 5,
-                       90, interval=0.3, what=f"{n // 5} results")
-        nodes[0].kill9()
-        nodes[0].start(timeout=60)
+        assert len(accepted) == n
+        # two kills: one in the middle of the batch, one while the restarted node resumes it
+        done_at_kill: list[int] = []
+        for k in (n // 5, n // 2):
+            done_at_kill.append(wait_until(functools.partial(done_at_least, nodes[0], k), 120,
+                                           interval=0.2, what=f"{k} results"))
+            nodes[0].kill9()
+            nodes[0].start(timeout=60)
         ids = {t["id"] for t in accepted}
 
         def settled() -> list[dict[str, Any]] | None:
@@ -129,7 +139,9 @@ def test_kill9_submitter_mid_batch_then_restart(tmp_path: Path, scenario_report:
                             note="did not settle")
             raise
     lost, problems = lost_tasks(batch, final)
-    scenario_report("chaos: kill -9 the submitter mid-batch", tried=n, lost=lost)
+    scenario_report("chaos: kill -9 the submitter mid-batch", tried=n, lost=lost,
+                    note=f"killed at {done_at_kill[0]} and {done_at_kill[1]} done")
+    assert done_at_kill[-1] < n, "the batch ended before the last kill: the test proved nothing"
     assert not problems, f"{len(problems)} problems, first: {problems[:10]}"
     assert {t["tag"] for t in accepted} == set(batch.expected)
 
