@@ -50,6 +50,7 @@ FETCH_MAX_EVENTS = 100_000_000
 SENDER_IDLE_S = 10.0  # an outgoing stream with nothing to send this long is closed
 OUTBOX_BYTES = 8 * 1024 * 1024  # per peer: a sender waits while more than this is queued
 WRITE_BYTES = 4 * 1024 * 1024  # queued messages joined into one write up to this size
+SERVE_SLICE_WANTS = 32  # wants read and answered at a time: at most 64 MiB of blocks
 # Block bytes a fetch accepts beyond the file size its root claims: dag-pb nodes add ~0.1%
 # (CIDv0 leaves a few bytes per 256 KiB), plus one largest block of slack.
 FETCH_OVERHEAD_DIVISOR = 64
@@ -177,14 +178,14 @@ class BitswapService:
     async def _on_message(self, peer: str, msg: bs.Message) -> None:
         self.stats.messages_in += 1
         if msg.has_wantlist and self.config.serve:
-            # Read (and hash-check) the wanted blocks on a worker thread: hashing releases
-            # the GIL, so the trio thread keeps writing the previous replies meanwhile.
-            wanted = [e.cid for e in msg.wantlist if not e.cancel]
-            found: dict[bytes, bytes | None] = {}
-            if wanted:
-                found = await trio.to_thread.run_sync(self._read_blocks, wanted)
-            for reply in self.server.receive(peer, msg, lambda c: self._served(found.get(c))):
-                await self._send(peer, reply)
+            # A wantlist may name 65,536 blocks: answer it a slice at a time, so one
+            # message holds at most SERVE_SLICE_WANTS blocks in memory (the outbox then
+            # waits on the peer), not every block it names.
+            entries = msg.wantlist
+            for start in range(0, max(len(entries), 1), SERVE_SLICE_WANTS):
+                part = bs.Message(wantlist=entries[start : start + SERVE_SLICE_WANTS],
+                                  full=msg.full and start == 0)
+                await self._serve_wants(peer, part)
         if not (msg.payload or msg.blocks or msg.presences):
             return
         blocks, unusable = bs.readdress(msg)
@@ -214,6 +215,16 @@ class BitswapService:
             logger.warning("%d bad block(s) from %s", bad, peer)
             for s in list(self._sessions):
                 await self._deliver(s, _BadBlock(peer))
+
+    async def _serve_wants(self, peer: str, msg: bs.Message) -> None:
+        # Read (and hash-check) the wanted blocks on a worker thread: hashing releases
+        # the GIL, so the trio thread keeps writing the previous replies meanwhile.
+        wanted = [e.cid for e in msg.wantlist if not e.cancel]
+        found: dict[bytes, bytes | None] = {}
+        if wanted:
+            found = await trio.to_thread.run_sync(self._read_blocks, wanted)
+        for reply in self.server.receive(peer, msg, lambda c: self._served(found.get(c))):
+            await self._send(peer, reply)
 
     async def _deliver(self, session: _Session, event: _Event) -> None:
         try:

@@ -14,11 +14,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from meshtools import Daemon, mesh, run_cli, wait_until
+import trio
+from meshtools import Daemon, init_home, mesh, run_cli, wait_until
+from teammesh.node.host import Stream, open_host
 from teammesh.node.kubo import open_kubo
+from teammesh.protocols import bitswap as bs
 from teammesh.storage.blockstore import FsBlockstore
 from teammesh.storage.cid import RAW, Cid
-from teammesh.storage.unixfs import CHUNK_SIZE, DEFAULT_MAX_FILE_BYTES, FileTooLarge
+from teammesh.storage.unixfs import (
+    CHUNK_SIZE,
+    DEFAULT_MAX_FILE_BYTES,
+    FileImporter,
+    FileTooLarge,
+)
 from test_cid import repeated_dag
 from test_kubo import JSIPFS_BIN, JsIpfs
 from test_kubo import jsipfs as jsipfs  # the js-ipfs daemon fixture, by name
@@ -26,6 +34,7 @@ from test_kubo import jsipfs as jsipfs  # the js-ipfs daemon fixture, by name
 pytestmark = pytest.mark.hostile
 
 MiB = 1024 * 1024
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 RSS_GROWTH_LIMIT = 256 * MiB  # the victim's peak RSS may grow this much, not by the claim
 
 
@@ -129,3 +138,64 @@ async def test_an_external_ipfs_file_of_repeated_blocks_is_cut_off_at_the_limit(
     assert peak < 64 * MiB
     scenario_report("files: external IPFS streaming a 7.4 GiB repeated file", tried=1, lost=0,
                     note=f"claim {claimed} bytes, cut at {limit}")
+
+
+# -- Bitswap serving: one message must not load the store into memory -----------------------
+
+
+def leaf_cids(path: Path) -> list[Cid]:
+    """The raw leaves of ``path`` as ``ipfs add --cid-version=1`` cuts it."""
+    imp = FileImporter()
+    out: list[Cid] = []
+    with path.open("rb") as f:
+        while piece := f.read(4 * MiB):
+            out += [c for c, _ in imp.feed(piece) if c.codec == RAW]
+    out += [c for c, _ in imp.finish()[1] if c.codec == RAW]
+    return out
+
+
+async def test_one_wantlist_naming_every_block_keeps_the_server_small(
+        tmp_path: Path, scenario_report) -> None:
+    size = 128 * MiB
+    with mesh(tmp_path, 1) as (a,):
+        member = init_home(tmp_path / "member")
+        run_cli(member, "join", run_cli(a.home, "team", "invite").stdout.strip())
+        seed = (member / "identity.key").read_bytes()
+        f = tmp_path / "big.bin"
+        f.write_bytes(os.urandom(size))  # setup, before any trio task runs
+        a.cli("share", str(f), timeout=300)
+        cids = leaf_cids(f)
+        wanted = {c.to_bytes() for c in cids}
+        before = peak_rss(a)
+
+        got: set[bytes] = set()
+        all_in = trio.Event()
+
+        async def receive(stream: Stream) -> None:  # A answers on streams it opens to us
+            decoder = bs.FrameDecoder()
+            while chunk := await stream.read():
+                for raw in decoder.feed(chunk):
+                    for cid, _ in bs.readdress(bs.decode(raw))[0]:
+                        got.add(cid)
+                if wanted <= got:
+                    all_in.set()
+
+        async with open_host(seed, [LOOPBACK], peer_gate=lambda p: True,
+                             stream_gate=lambda p, proto: proto in bs.BITSWAP_PROTOCOLS,
+                             gossip=False) as host:
+            for proto in bs.BITSWAP_PROTOCOLS:
+                host.set_handler(proto, receive)
+            await host.connect(a.addr)
+            stream = await host.open_stream(a.peer_id, bs.BITSWAP_PROTOCOLS[0])
+            # one 50 KB message wanting all 512 blocks (128 MiB) at once
+            await stream.write(bs.frame(bs.Message(wantlist=tuple(
+                bs.Entry(c.to_bytes(), 1, False, bs.WantType.BLOCK, False) for c in cids),
+                full=True)))
+            with trio.fail_after(240):
+                await all_in.wait()
+            await stream.close()
+        grown = peak_rss(a) - before
+        assert a.alive()
+    assert grown < 64 * MiB, f"A's peak RSS grew by {grown / MiB:.0f} MiB serving one message"
+    scenario_report("bitswap: one wantlist for a 128 MiB file", tried=1, lost=0,
+                    note=f"server peak RSS +{grown / MiB:.0f} MiB")
