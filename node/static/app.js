@@ -14,6 +14,7 @@ function el(tag, attrs = {}, ...children) {
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "class") node.className = v;
     else if (k === "title") node.title = v;
+    else if (k === "width") node.style.width = v; // CSSOM: allowed by the page's CSP
     else node.setAttribute(k, v);
   }
   for (const c of children) {
@@ -67,7 +68,7 @@ function renderOverview(o) {
       el("td", { class: "id", title: p.peer_id }, short(p.peer_id) + (p.self ? " (you)" : "")),
       el("td", {}, `${p.free_slots} / ${p.slots}`),
       el("td", {}, el("span", { class: "bar", title: `${load}%` },
-        el("span", { style: `width:${load}%` })), ` ${load}%`),
+        el("span", { width: `${load}%` })), ` ${load}%`),
       el("td", {}, p.queue),
       el("td", {}, p.cores),
       el("td", {}, health),
@@ -78,6 +79,7 @@ function renderOverview(o) {
 
   const t = o.tasks || {};
   const c = t.counters || {};
+  $("#counts").dataset.done = c.done ?? 0;
   fillDl($("#counts"), [
     ["submitted", c.submitted ?? 0], ["done", c.done ?? 0], ["failed", c.failed ?? 0],
     ["cancelled", c.cancelled ?? 0], ["retries", c.retries ?? 0],
