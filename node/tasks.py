@@ -196,6 +196,10 @@ class PeerLink:
     rtt_ms: float = 5.0
     successes: int = 0
     failures: int = 0
+    # cancelled when the peer goes silent (its ad expired): a cut link sends no FIN or RST,
+    # and its tasks would otherwise wait on it for ever
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    gone_reason: str | None = None
 
     def send(self, spec: TaskSpec, record: TaskRecord) -> None:
         self.outgoing.append(spec)
@@ -636,8 +640,21 @@ class TaskService:
             return self._candidates(r, now)
         return [], f"all {matching_slots} matching slots busy"
 
+    def _drop_silent_links(self, now: float) -> None:
+        """End links to peers whose ad expired (or who were revoked): their tasks move."""
+        table = self.node.mesh.table
+        for link in list(self.links.values()):
+            if not link.inflight or table.get(link.peer, now) is not None:
+                continue
+            offer = self.offers.get(link.peer)
+            if offer is not None and offer[2] > now:
+                continue
+            link.gone_reason = "it went silent (its capability ad expired)"
+            link.scope.cancel()
+
     def _dispatch_once(self, nursery: trio.Nursery) -> None:
         now = trio.current_time()
+        self._drop_silent_links(now)
         uptime = now - self._started_at
         deferred: list[TaskRecord] = []
         reasons_changed: list[TaskRecord] = []
@@ -994,19 +1011,23 @@ class TaskService:
         assert self.host is not None
         reason = "connection lost"
         try:
-            stream = await self.host.open_stream(link.peer, TASKS)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._link_writer, link, stream)
-                    await self._link_reader(link, stream)
-                    nursery.cancel_scope.cancel()
-            except ExceptionGroup as group:
-                # One side of the link failed; judge it by what failed, below. A group of
-                # several, or a bug, propagates unchanged.
-                raise single_leaf(group) from None
-            finally:
-                await stream.reset()
-            reason = "stream closed by the peer"
+            with link.scope:
+                stream = await self.host.open_stream(link.peer, TASKS)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._link_writer, link, stream)
+                        await self._link_reader(link, stream)
+                        nursery.cancel_scope.cancel()
+                except ExceptionGroup as group:
+                    # One side of the link failed; judge it by what failed, below. A group
+                    # of several, or a bug, propagates unchanged.
+                    raise single_leaf(group) from None
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await stream.reset()
+                reason = "stream closed by the peer"
+            if link.scope.cancelled_caught:
+                reason = link.gone_reason or "link dropped"
         except DialError as exc:
             reason = f"cannot reach it ({exc})"
         except (RemoteProtocolError, ResultRejected) as exc:
