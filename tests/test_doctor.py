@@ -1,0 +1,147 @@
+"""`teammesh doctor` against a healthy node and broken ones, as a user runs it (the CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from meshtools import CLI, Daemon, init_home, mesh, run_cli, wait_for_full_mesh
+from s3server import seaweedfs_server
+
+
+def doctor(home: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    proc = run_cli(home, "doctor", "--json", "--timeout", "2", *args, check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    report = json.loads(proc.stdout)
+    return proc.returncode, report
+
+
+def by_name(report: dict[str, Any]) -> dict[str, dict[str, str]]:
+    return {c["name"]: c for c in report["checks"]}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when we return: nothing listens
+
+
+def test_doctor_passes_on_a_healthy_running_member(tmp_path: Path) -> None:
+    with mesh(tmp_path, 2) as nodes:
+        wait_for_full_mesh(nodes, timeout=30)
+        code, report = doctor(nodes[1].home)
+        checks = by_name(report)
+        assert code == 0, report
+        assert report["ok"] is True
+        for name in ("home", "file permissions", "config", "identity", "team certificate",
+                     "node", "bootstrap peers"):
+            assert checks[name]["status"] == "pass", checks[name]
+        # nobody dialled the member (it dialled the admin): a warning that does not fail
+        assert checks["dialable"]["status"] == "warn"
+        assert "loopback only" in checks["dialable"]["detail"]
+        code, admin = doctor(nodes[0].home)
+        assert code == 0, admin
+        assert by_name(admin)["dialable"]["status"] == "pass"  # the member dialled it
+        assert "none needed" in by_name(admin)["bootstrap peers"]["detail"]
+        assert nodes[1].peer_id in checks["identity"]["detail"]
+        for name in ("kubo", "s3 mirror", "bridge"):
+            assert checks[name]["status"] == "skip"
+        # the human form: a table with every check, and the summary line
+        human = run_cli(nodes[1].home, "doctor", "--timeout", "2")
+        assert "all checks passed" in human.stdout
+        assert "team certificate" in human.stdout
+
+
+def test_doctor_fails_on_loose_permissions_and_unreachable_bootstrap(tmp_path: Path) -> None:
+    with mesh(tmp_path, 2) as nodes:
+        member: Daemon = nodes[1]
+        home = member.home
+        member.stop()
+        # the only member it knows is gone, and its secrets are readable by everyone
+        nodes[0].stop()
+        os.chmod(home / "api.token", 0o644)
+        code, report = doctor(home)
+        checks = by_name(report)
+        assert code == 1
+        assert report["ok"] is False
+        perm = checks["file permissions"]
+        assert perm["status"] == "fail"
+        assert "api.token" in perm["detail"]
+        assert f"chmod 600 {home / 'api.token'}" in perm["fix"]
+        boot = checks["bootstrap peers"]
+        assert boot["status"] == "fail", boot
+        assert "none of" in boot["detail"]
+        assert boot["fix"]
+        assert checks["node"]["status"] == "warn"  # not running: said, not failed
+        # one line per failure with its fix in the table form, exit status 1
+        human = run_cli(home, "doctor", "--timeout", "2", check=False)
+        assert human.returncode == 1
+        assert "fix: chmod 600" in human.stdout
+        assert "check(s) failed" in human.stdout
+
+
+def test_doctor_fails_on_a_home_that_is_not_one(tmp_path: Path) -> None:
+    code, report = doctor(tmp_path / "nothing")
+    assert code == 1
+    assert by_name(report)["home"]["status"] == "fail"
+    assert "teammesh --home" in by_name(report)["home"]["fix"]
+
+
+def test_doctor_checks_s3_credentials_and_the_bridge(tmp_path: Path) -> None:
+    home = init_home(tmp_path / "solo")
+    run_cli(home, "team", "create", "solo")
+    with seaweedfs_server(tmp_path / "weed") as s3:
+        base = (home / "config.toml").read_text()
+
+        def configure(secret: str) -> None:
+            (home / "config.toml").write_text(
+                base + f'\n[r2]\nendpoint = "{s3.url}"\nbucket = "doctor"\n'
+                f'access_key_id = "{s3.access_key}"\nsecret_access_key = "{secret}"\n'
+                f'region = "{s3.region}"\n'
+                f'\n[bridge]\nurl = "http://127.0.0.1:{closed_port()}"\n')
+            os.chmod(home / "config.toml", 0o600)
+
+        configure(s3.secret_key)
+        code, report = doctor(home)
+        checks = by_name(report)
+        # good credentials: the bucket is missing, which the node fixes itself (warn)
+        assert checks["s3 mirror"]["status"] in ("pass", "warn"), checks["s3 mirror"]
+        assert checks["clock"]["status"] == "pass", checks["clock"]
+        assert "s3" in checks["clock"]["detail"]
+        bridge = checks["bridge health"]
+        assert bridge["status"] == "fail"
+        assert "unreachable" in bridge["detail"]
+        assert code == 1
+
+        configure("wrong-secret")
+        code, report = doctor(home)
+        s3check = by_name(report)["s3 mirror"]
+        assert code == 1
+        assert s3check["status"] == "fail", s3check
+        assert "refused our credentials" in s3check["detail"]
+        assert "secret_access_key" in s3check["fix"]
+
+
+@pytest.mark.parametrize("bad", ["[node]\nslots = -3\n", "not toml ["])
+def test_doctor_names_the_bad_config_key(tmp_path: Path, bad: str) -> None:
+    home = init_home(tmp_path / "n")
+    (home / "config.toml").write_text(bad)
+    os.chmod(home / "config.toml", 0o600)
+    code, report = doctor(home)
+    cfg = by_name(report)["config"]
+    assert code == 1
+    assert cfg["status"] == "fail"
+    assert str(home / "config.toml") in cfg["detail"]
+
+
+def test_doctor_json_is_one_document_even_when_everything_fails(tmp_path: Path) -> None:
+    # the global --json flag, as scripts use it
+    proc = subprocess.run([*CLI, "--home", str(tmp_path / "x"), "--json", "doctor"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["ok"] is False
