@@ -727,6 +727,57 @@ def files_gc(ctx: Ctx, as_json: bool) -> None:
     _files_call(ctx, "/v1/files/gc", {}, as_json, "freed {freed_bytes} bytes")
 
 
+@cli.command()
+@click.option("--no-open", is_flag=True, help="Only print the link; do not open a browser.")
+@json_option
+@pass_ctx
+def dashboard(ctx: Ctx, no_open: bool, as_json: bool) -> None:
+    """Print (and open, on a desktop) a one-time login link to the web dashboard."""
+    with ctx.client() as c:
+        data = c.request("POST", "/v1/dashboard/login")
+    quiet = as_json or ctx.as_json
+    opened = False
+    if not (no_open or quiet):
+        from .dashboard import open_browser
+
+        opened = open_browser(data["url"])
+    data["opened"] = opened
+    emit(ctx, as_json, data, lambda: click.echo(
+        f"{data['url']}\n(one-time link, valid {data['expires_in_s']:.0f} s"
+        f"{'; opened in your browser' if opened else ''})"))
+
+
+@cli.command()
+@click.option("--timeout", default=5.0, show_default=True,
+              help="Seconds to wait for each network check.")
+@json_option
+@pass_ctx
+def doctor(ctx: Ctx, timeout: float, as_json: bool) -> None:
+    """Check this node's setup; print each problem with its fix (exit 1 if any fails)."""
+    from .doctor import render, run_doctor
+
+    report = run_doctor(ctx.home, timeout_s=timeout)
+    emit(ctx, as_json, report, lambda: render(report, console()))
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one frame and exit.")
+@json_option
+@pass_ctx
+def top(ctx: Ctx, interval: float, once: bool, as_json: bool) -> None:
+    """A live view of the team's peers and this node's tasks (Ctrl-C to leave)."""
+    from .top import run_top, snapshot
+
+    with ctx.client() as c:
+        if as_json or ctx.as_json:
+            click.echo(json.dumps(snapshot(c), default=str))
+            return
+        run_top(c, console(), interval_s=max(0.2, interval), once=once)
+
+
 @cli.group()
 def bridge() -> None:
     """The team's Cloudflare bridge (Worker)."""
