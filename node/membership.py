@@ -77,6 +77,10 @@ ENROLL_TIMEOUT_S = 10.0
 BRIDGE_MASTER_BYTES = 32
 KEY_RETRY_MIN_S = 1.0  # a member without its current bridge key asks again this often,
 KEY_RETRY_MAX_S = 30.0  # doubling up to this
+# Gossip is best effort: an admin repeats a new epoch notice this often, this many times
+# (roster sync on every dial carries it too).
+NOTICE_REPEAT_S = 10.0
+NOTICE_REPEATS = 3
 
 
 def now_s() -> int:
@@ -170,6 +174,7 @@ class Membership:
         self._key_wanted = trio.Event()
         # set when an admin's rotation waits for the Worker (journal ``bridge_rotation``)
         self._rotation_wanted = trio.Event()
+        self._notice_repeats = 0
         # The daemon's BridgeClient, when it has one: told of this node's new key, and used
         # by an admin to rotate the Worker's master (else one is made from [bridge] url).
         self.bridge: Any = None
@@ -493,6 +498,14 @@ class Membership:
             team, _ = self.require_team()
             self.epoch_notice = parse_epoch_notice(notice, team, now_s())
             self.changed.set()  # gossip it with the next roster message
+            self._notice_repeats = NOTICE_REPEATS
+
+    async def _notice_repeat_loop(self) -> None:
+        while True:
+            await trio.sleep(NOTICE_REPEAT_S)
+            if self._notice_repeats > 0:
+                self._notice_repeats -= 1
+                self.changed.set()
 
     def _bridge_url(self) -> str | None:
         from .config import load_config  # with TEAMMESH_BRIDGE_URL from the environment
@@ -781,6 +794,7 @@ class Membership:
             nursery.start_soon(self._bridge_key_loop, host)
             nursery.start_soon(self._worker_rotation_loop)
             nursery.start_soon(self._renew_loop, host)
+            nursery.start_soon(self._notice_repeat_loop)
             task_status.started()
             async for _origin, data in messages:
                 try:
