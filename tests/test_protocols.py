@@ -311,6 +311,23 @@ def test_bridge_epoch_notice_verifies_and_only_admins_issue_it(
         parse_epoch_notice(issue_revocation(root, team, admin_node, NOW).packed(), team, NOW)
 
 
+_TEAM = TeamInfo.create("t", ident(10).public)
+_NOTICE = issue_epoch_notice(ident(10), _TEAM, 7, ident(12).peer_id, NOW).packed()
+
+
+@settings(max_examples=300)
+@given(st.integers(0, len(_NOTICE) - 1), st.integers(1, 255), st.binary(max_size=8))
+def test_epoch_notice_mutations_raise_only_remote_errors(index: int, xor: int,
+                                                         tail: bytes) -> None:
+    data = bytearray(_NOTICE)
+    data[index] ^= xor
+    try:
+        got = parse_epoch_notice(bytes(data) + tail, _TEAM, NOW)
+    except (RemoteProtocolError, NotAMember):
+        return
+    assert got.epoch == 7  # a flip the decoder ignores cannot change what was signed
+
+
 def test_forged_signature_is_rejected(root: Identity, team: TeamInfo) -> None:
     cert = issue_certificate(root, team, ident(11).peer_id, (ROLE_MEMBER,), NOW, DAY)
     bad_sig = dataclasses.replace(cert, sig=flip(cert.sig, 0))
