@@ -208,6 +208,8 @@ async def run_daemon(home: Home, config: Config, options: UpOptions,
         node.bridge = BridgeClient(options.bridge, key, node.identity.peer_id,
                                    proxy=config.get("bridge", "proxy") or None)
         node.tasks.bridge = node.bridge
+        # membership swaps the client's key when the team's bridge key rotates
+        node.membership.bridge = node.bridge
     elif options.pull:
         raise ConfigError("--pull needs a bridge: give --bridge URL or set [bridge] url")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -152,7 +152,8 @@ def _team_key(home: Path) -> bytes:
 
     journal = Journal(Home(home).journal_file)
     try:
-        key = journal.get("bridge_key")
+        # the Worker holds the team's master; members hold keys derived from it
+        key = journal.get("bridge_master") or journal.get("bridge_key")
     finally:
         journal.close()
     if key is None:
