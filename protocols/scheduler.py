@@ -126,6 +126,7 @@ TRANSITIONS: Final[dict[TaskState, dict[Trigger, frozenset[TaskState]]]] = {
         Trigger.LOST: frozenset({R, Q, F}),
         Trigger.CANCELLED: frozenset({C}),
         Trigger.DEADLINE: frozenset({F}),
+        Trigger.UNPLACEABLE: frozenset({F}),  # replicas: too few members run the kind
     },
     D: {},
     F: {},
@@ -158,7 +159,7 @@ class _Outcome(enum.Enum):
     SKIP = 3  # this task waits, the next in line may still go
 
 
-Key = tuple[str, str, Where, int, bool, bool, bool]
+Key = tuple[str, str, Where, int, bool, bool, bool, bool]
 
 
 @dataclass(slots=True)
@@ -189,7 +190,10 @@ class Record:
     @property
     def key(self) -> Key:
         t = self.task
-        return (t.kind, t.version, t.where, t.memory_mb, t.gpu, t.bridge_ok, t.replicas > 1)
+        # a running task (more replicas, a retry) is in a line of its own: a kind limit
+        # that holds the queued ones back must not hold it back too
+        return (t.kind, t.version, t.where, t.memory_mb, t.gpu, t.bridge_ok, t.replicas > 1,
+                self.state is TaskState.RUNNING)
 
     @property
     def need(self) -> int:
@@ -215,7 +219,7 @@ class Scheduler:
         self._lines: dict[Key, list[tuple[int, int, str, int]]] = {}
         self._delayed: list[tuple[float, int, str, int]] = []
         self._deadlines: list[tuple[float, int, str]] = []
-        self._remote_queued: dict[str, str] = {}  # task id -> peer whose queue holds it
+        self._remote_queued: dict[tuple[str, str], None] = {}  # (task id, peer queueing it)
         self._kind_waiting: dict[tuple[str, str], tuple[float, float]] = {}  # -> (since, last)
         self._running_by_kind: dict[str, int] = {}
         self._kind_avg_s: dict[str, float] = {}
@@ -361,7 +365,7 @@ class Scheduler:
             return
         if ev.admission is Admission.STARTED:
             attempt.phase = Phase.STARTED
-            self._remote_queued.pop(rec.task.id, None)
+            self._remote_queued.pop((rec.task.id, ev.peer), None)
             if view is not None:
                 view.started(rec.task.id)
             self._set_wait(rec, Wait(WaitReason.RUNNING_ON, ev.peer))
@@ -371,8 +375,8 @@ class Scheduler:
             if view is not None:
                 view.admitted_queued(rec.task.id, ev.position)
                 self._touch(view)
-            if rec.task.replicas == 1 and ev.peer != LOCAL:
-                self._remote_queued[rec.task.id] = ev.peer
+            if ev.peer != LOCAL:
+                self._remote_queued[(rec.task.id, ev.peer)] = None
             self._set_wait(rec, Wait(WaitReason.QUEUED_ON_PEER, ev.peer, attempt.position))
         self._move(rec, Trigger.ADMITTED, TaskState.RUNNING)
 
@@ -557,7 +561,9 @@ class Scheduler:
         if t.where is Where.BRIDGE:
             return self._to_bridge_or_wait(rec, now, forced=True)
         limit = self.config.kind_limits.get(t.kind)
-        if limit is not None and self._running_by_kind.get(t.kind, 0) >= limit:
+        # a running task (more replicas, a retry beside one) is counted already
+        if limit is not None and rec.state is TaskState.QUEUED \
+                and self._running_by_kind.get(t.kind, 0) >= limit:
             self._set_wait(rec, Wait(WaitReason.KIND_LIMIT, count=limit, kind=t.kind))
             return _Outcome.BLOCKED
         placed = False
@@ -582,6 +588,8 @@ class Scheduler:
         runners = self._runners_for(t)
         if not runners:
             return self._nobody_runs(rec, now)
+        if len(set(runners) | set(rec.results)) < t.replicas:
+            return self._too_few(rec, now)
         if rec.excluded and all(p in rec.excluded or p in rec.attempts for p in runners):
             # every runner failed it once: a lost stream is usually a passing event, and
             # the retry budget still bounds this
@@ -632,6 +640,19 @@ class Scheduler:
         self._set_wait(rec, Wait(reason, kind=t.kind))
         return _Outcome.BLOCKED
 
+    def _too_few(self, rec: Record, now: float) -> _Outcome:
+        """Replicas need distinct members: fewer run the kind (after the startup grace)."""
+        assert self._started is not None
+        grace_end = self._started + self.config.startup_grace_s
+        if now < grace_end:
+            self._wake_at(grace_end)
+            self._set_wait(rec, Wait(WaitReason.REPLICAS_PENDING, count=len(rec.attempts)
+                                     + len(rec.results), total=rec.task.replicas))
+            return _Outcome.SKIP
+        self._finish(rec, Trigger.UNPLACEABLE, TaskState.FAILED,
+                     failure=Failure(FailReason.TOO_FEW_MEMBERS, attempts=rec.task.replicas))
+        return _Outcome.DONE
+
     def _to_bridge_or_wait(self, rec: Record, now: float, *, forced: bool) -> _Outcome:
         if BRIDGE in rec.attempts:
             return _Outcome.DONE
@@ -643,11 +664,11 @@ class Scheduler:
 
     def _move_queued(self, now: float) -> None:
         """Rule 6: nothing waits in a busy peer's queue if it can start sooner elsewhere."""
-        for task_id, peer in list(self._remote_queued.items()):
+        for task_id, peer in list(self._remote_queued):
             rec = self.records.get(task_id)
             attempt = rec.attempts.get(peer) if rec is not None else None
             if rec is None or attempt is None or attempt.phase is not Phase.QUEUED:
-                self._remote_queued.pop(task_id, None)
+                self._remote_queued.pop((task_id, peer), None)
                 continue
             target = self._free_target(rec)
             if target is not None:
@@ -760,6 +781,10 @@ class Scheduler:
             return 0  # unknown duration: queue nothing until results teach us
         return int(min(self.config.max_pipeline, self.config.target_queued_s / max(avg_s, 1e-6)))
 
+    def bridge_can_take(self, t: Task) -> bool:
+        """The bridge is configured and could run this task (breaker aside)."""
+        return self._bridge_eligible(t)
+
     def _bridge_eligible(self, t: Task) -> bool:
         return (self.config.bridge and t.where in (Where.ANY, Where.BRIDGE)
                 and t.replicas == 1 and t.bridge_ok and not t.gpu
@@ -804,8 +829,7 @@ class Scheduler:
     def _drop_attempt(self, rec: Record, target: str) -> None:
         if rec.attempts.pop(target, None) is not None and target == BRIDGE:
             self._bridge_inflight -= 1
-        if self._remote_queued.get(rec.task.id) == target:
-            del self._remote_queued[rec.task.id]
+        self._remote_queued.pop((rec.task.id, target), None)
 
     def _touch(self, view: PeerView) -> None:
         """Keep the per-kind free sets in step with a view's capacity."""

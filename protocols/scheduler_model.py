@@ -83,6 +83,7 @@ class FailReason(enum.Enum):
     NO_RUNNER = "no_runner"
     NO_BRIDGE = "no_bridge"  # where=bridge on a node without one
     REPLICAS_DISAGREE = "replicas_disagree"
+    TOO_FEW_MEMBERS = "too_few_members"  # fewer members run the kind than replicas wanted
     TASK_ERROR = "task_error"  # the kind itself reported an error (an accepted result)
 
 
@@ -141,6 +142,9 @@ class Failure:
             return "no member runs this kind with the resources it needs, and no bridge can"
         if self.reason is f.NO_BRIDGE:
             return "no bridge configured for this node (set [bridge] url or use --bridge URL)"
+        if self.reason is f.TOO_FEW_MEMBERS:
+            return (f"{self.attempts} replicas need as many distinct members running the "
+                    "kind, and fewer do: lower --replicas or add members")
         if self.reason is f.REPLICAS_DISAGREE:
             detail = "; ".join(f"{p} -> {d.hex()[:12]}" for p, d in self.digests)
             return f"replicas disagree: {detail}"

@@ -2,7 +2,8 @@
 ``scripts/bench sched``.
 
 Theory of operation: one virtual clock and one event heap. Every member has an executor
-(slots, a bounded queue served round-robin across submitters, admission replies, results
+(slots, a bounded queue served round-robin across submitters that, when full, gives a
+place of the submitter holding most to one holding fewer; admission replies, results
 after each task's duration, cancel). Some members are submitters, each with its own
 ``Scheduler`` that sees the other members through ads (sent on change after
 ``ad_delay_s`` and every ``ad_period_s``) and its own executor as ``LOCAL``. Messages take
@@ -25,6 +26,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .scheduler import Scheduler
@@ -154,14 +156,15 @@ class Simulation:
         self._attempt = 0
         self._cancelled: set[tuple[str, str]] = set()  # (member, task) cancelled remotely
         self._bridge_jobs: dict[str, int] = {}
+        self._reported: set[str] = set()
         for m in cfg.members:
             if m.submitter:
                 self.scheds[m.name] = Scheduler(
                     cfg.sched, jitter=lambda: rng.uniform(0.5, 1.5))
             if m.dies_at is not None:
-                self.at(m.dies_at, lambda n=m.name: self._die(n))
+                self.at(m.dies_at, partial(self._die, m.name))
         for m in cfg.members:
-            self.at(rng.uniform(0, 0.01), lambda n=m.name: self._publish(n, periodic=True))
+            self.at(rng.uniform(0, 0.01), partial(self._publish, m.name, periodic=True))
 
     # --- driving ---------------------------------------------------------------------------
     def at(self, t: float, fn: Callable[[], None]) -> None:
@@ -254,7 +257,7 @@ class Simulation:
         if ex.free > 0:
             self._start(ex, job)
             self._reply(member, sub, AdmissionReply(task.id, seen, Admission.STARTED))
-        elif ex.queued < ex.spec.queue_max:
+        elif ex.queued < ex.spec.queue_max or self._evict_for(ex, sub):
             q = ex.queues.setdefault(sub, [])
             if sub not in ex.rr:
                 ex.rr.append(sub)
@@ -265,6 +268,22 @@ class Simulation:
         else:
             self._reply(member, sub, AdmissionReply(task.id, seen, Admission.BUSY))
         self._changed(member)
+
+    def _evict_for(self, ex: Executor, sub: str) -> bool:
+        """A full queue makes room for a submitter with fewer places than the one with
+        the most: that one's newest entry is refused (busy) after the fact. Without this
+        the first submitter to fill every queue keeps the team to itself."""
+        mine = len(ex.queues.get(sub, ()))
+        top = max(ex.queues, key=lambda s: (len(ex.queues[s]), s), default=None)
+        if top is None or top == sub or len(ex.queues[top]) <= mine + 1:
+            return False
+        job = ex.queues[top].pop()
+        ex.queued_at.pop((top, job.task.id), None)
+        if not ex.queues[top]:
+            ex.rr.remove(top)
+        seen = self._as_seen(ex.spec.name, top)
+        self._reply(ex.spec.name, top, AdmissionReply(job.task.id, seen, Admission.BUSY))
+        return True
 
     def _start(self, ex: Executor, job: Job) -> None:
         ex.running[(job.submitter, job.task.id)] = job
@@ -292,6 +311,9 @@ class Simulation:
                 ex.rr.append(sub)
             ex.queued_at.pop((sub, job.task.id), None)
             self._start(ex, job)
+            # the progress message: a queued task started
+            seen = self._as_seen(ex.spec.name, sub)
+            self._reply(ex.spec.name, sub, AdmissionReply(job.task.id, seen, Admission.STARTED))
         if ex.free > 0 and ex.idle_since is None:
             ex.idle_since = self.now
         self._changed(ex.spec.name)
@@ -317,8 +339,7 @@ class Simulation:
         ex.queued_at.clear()
         for sub in self.scheds:
             if sub != name:
-                self.at(self.now + self.cfg.detect_s,
-                        lambda s=sub: self._feed(s, PeerGone(name)))
+                self.at(self.now + self.cfg.detect_s, partial(self._feed, sub, PeerGone(name)))
 
     # --- ads -------------------------------------------------------------------------------
     def _ad(self, ex: Executor, as_local: bool) -> PeerAd:
@@ -344,7 +365,7 @@ class Simulation:
         for sub in self.scheds:
             ad = self._ad(ex, sub == name)
             delay = 0.0 if sub == name else self.cfg.latency_s
-            self.at(self.now + delay, lambda s=sub, a=ad: self._feed(s, a))
+            self.at(self.now + delay, partial(self._feed, sub, ad))
         if periodic:
             self.at(self.now + self.cfg.ad_period_s * self.rng.uniform(0.9, 1.1),
                     lambda: self._publish(name, periodic=True))
@@ -392,8 +413,9 @@ class Simulation:
                                     f"{ex.spec.name}'s queue while the bridge was up")
 
     def _violation(self, text: str) -> None:
-        if text.split(" waited")[0] not in {v.split(" waited")[0]
-                                            for v in self.report.violations}:
+        key = text.split(" waited")[0]
+        if key not in self._reported:
+            self._reported.add(key)
             self.report.violations.append(f"t={self.now:.3f}: {text}")
 
     def _idle_elsewhere(self, ex: Executor, sub: str, task_id: str,
@@ -411,6 +433,7 @@ class Simulation:
                 continue
             view = sched.peers.get(seen)
             if view is None or not view.runs(rec.task) or seen in rec.excluded \
+                    or seen in rec.attempts or seen in rec.results \
                     or not view.breaker.allows(self.now):
                 continue
             if rec.task.where is Where.PEERS and seen == LOCAL:
@@ -424,8 +447,7 @@ class Simulation:
         cfg = self.cfg.sched
         if rec is None or not cfg.bridge or not self.bridge_up(self.now):
             return False
-        t = rec.task
-        eligible = (t.where is Where.ANY and t.replicas == 1 and t.bridge_ok
+        eligible = (rec.task.where is Where.ANY and sched.bridge_can_take(rec.task)
                     and sched.bridge_breaker.allows(self.now))
         limit = cfg.offer_window_s + max(cfg.bridge_rtt_s, sched.bridge_rtt_s) + self.cfg.slack_s
         own_pipeline = self._behind_own(rec, sub)
