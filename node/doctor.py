@@ -22,6 +22,7 @@ import stat
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from teammesh.protocols.errors import TeammeshError
@@ -514,3 +515,89 @@ def render(report: dict[str, Any], console: Any) -> None:
     failed = sum(c["status"] == "fail" for c in report["checks"])
     console.print("[green]all checks passed[/green]" if report["ok"] else
                   f"[bold red]{failed} check(s) failed[/bold red]")
+
+
+# --- the systemd service ------------------------------------------------------------------
+# Sandboxing that needs a mount namespace or capabilities a user's service manager may not
+# have: left out of user units (NoNewPrivileges, ProtectSystem and PrivateTmp stay; on a
+# system without unprivileged user namespaces, use a system unit).
+SYSTEM_ONLY_OPTIONS = ("PrivateDevices=", "ProtectKernelTunables=", "ProtectKernelModules=",
+                       "ProtectKernelLogs=", "ProtectControlGroups=", "ProtectClock=",
+                       "ProtectHostname=")
+UNIT_NAME = "teammesh.service"
+
+
+def service_unit(*, home: str, executable: str, scope: str, user: str | None = None,
+                 up_args: tuple[str, ...] = ()) -> str:
+    """The systemd unit text for a node in ``home`` (scope "system" or "user").
+
+    Args:
+        home: the node's home directory (absolute).
+        executable: the absolute path of the ``teammesh`` command.
+        scope: "system" (/etc/systemd/system, runs as ``user``) or "user"
+            (~/.config/systemd/user, runs as the user who installs it).
+        user: the account a system unit runs as.
+        up_args: extra arguments for ``teammesh up``.
+    Raises:
+        TeammeshError: a bad scope, or a system unit without a user.
+    """
+    import shlex
+    from importlib import resources
+
+    if scope not in ("system", "user"):
+        raise TeammeshError(f"service scope must be 'system' or 'user', not {scope!r}")
+    if scope == "system" and not user:
+        raise TeammeshError("a system service needs the user it runs as")
+    template = resources.files("teammesh.node").joinpath(
+        "static", "teammesh.service.in").read_text()
+    exec_start = " ".join(shlex.quote(a) for a in (executable, "--home", home, "up",
+                                                   *up_args))
+    text = template.format(
+        scope=scope, home=home, exec_start=exec_start,
+        journal_flag="" if scope == "system" else "--user ",
+        user_lines=f"User={user}\nGroup={user}\n" if scope == "system" else "",
+        wanted_by="multi-user.target" if scope == "system" else "default.target")
+    if scope == "user":
+        text = "".join(line for line in text.splitlines(keepends=True)
+                       if not line.startswith(SYSTEM_ONLY_OPTIONS))
+    return text
+
+
+def service_path(scope: str) -> Path:
+    """Where the unit goes for ``scope``."""
+    if scope == "system":
+        return Path("/etc/systemd/system") / UNIT_NAME
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "systemd" / "user" / UNIT_NAME
+
+
+def install_service(unit: str, scope: str, *, start: bool = True) -> dict[str, Any]:
+    """Write the unit, reload systemd, enable it and (with ``start``) start it now.
+
+    Raises:
+        TeammeshError: no systemd here, no permission to write the unit, or systemctl
+            failed (its message is included).
+    """
+    import shutil
+    import subprocess
+
+    path = service_path(scope)
+    if shutil.which("systemctl") is None:
+        raise TeammeshError(f"systemctl is not available here; the unit was not installed"
+                            f" (save `teammesh join ... --service --print` as {path})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(unit)
+    except PermissionError as exc:
+        raise TeammeshError(f"cannot write {path} ({exc.strerror}): a system service needs"
+                            " root (sudo), or use --service user") from exc
+    base = ["systemctl"] + (["--user"] if scope == "user" else [])
+    steps = [[*base, "daemon-reload"], [*base, "enable", *(["--now"] if start else []),
+                                        UNIT_NAME]]
+    for cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        if proc.returncode != 0:
+            msg = (proc.stderr or proc.stdout).strip().splitlines()
+            raise TeammeshError(f"`{' '.join(cmd)}` failed: {msg[-1] if msg else proc.returncode}"
+                                f" (the unit is at {path})")
+    return {"unit": str(path), "scope": scope, "started": start}
