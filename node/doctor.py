@@ -527,13 +527,14 @@ SYSTEM_ONLY_OPTIONS = ("PrivateDevices=", "ProtectKernelTunables=", "ProtectKern
 UNIT_NAME = "teammesh.service"
 
 
-def service_unit(*, home: str, executable: str, scope: str, user: str | None = None,
-                 up_args: tuple[str, ...] = ()) -> str:
+def service_unit(*, home: str, executable: str | tuple[str, ...], scope: str,
+                 user: str | None = None, up_args: tuple[str, ...] = ()) -> str:
     """The systemd unit text for a node in ``home`` (scope "system" or "user").
 
     Args:
         home: the node's home directory (absolute).
-        executable: the absolute path of the ``teammesh`` command.
+        executable: the absolute path of the ``teammesh`` command, or the command as
+            a tuple (``(python, "-m", "teammesh.node.cli")``).
         scope: "system" (/etc/systemd/system, runs as ``user``) or "user"
             (~/.config/systemd/user, runs as the user who installs it).
         user: the account a system unit runs as.
@@ -550,8 +551,8 @@ def service_unit(*, home: str, executable: str, scope: str, user: str | None = N
         raise TeammeshError("a system service needs the user it runs as")
     template = resources.files("teammesh.node").joinpath(
         "static", "teammesh.service.in").read_text()
-    exec_start = " ".join(shlex.quote(a) for a in (executable, "--home", home, "up",
-                                                   *up_args))
+    command = (executable,) if isinstance(executable, str) else executable
+    exec_start = " ".join(shlex.quote(a) for a in (*command, "--home", home, "up", *up_args))
     text = template.format(
         scope=scope, home=home, exec_start=exec_start,
         journal_flag="" if scope == "system" else "--user ",
@@ -601,3 +602,29 @@ def install_service(unit: str, scope: str, *, start: bool = True) -> dict[str, A
             raise TeammeshError(f"`{' '.join(cmd)}` failed: {msg[-1] if msg else proc.returncode}"
                                 f" (the unit is at {path})")
     return {"unit": str(path), "scope": scope, "started": start}
+
+
+def service_command() -> tuple[str, ...]:
+    """How a unit starts this installation's CLI: the ``teammesh`` script that is running
+    now if it is one, else this Python with ``-m`` (a venv's python is absolute)."""
+    import sys
+
+    argv0 = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name == "teammesh" and argv0.is_file():
+        return (str(argv0),)
+    return (str(Path(sys.executable).absolute()), "-m", "teammesh.node.cli")
+
+
+def install_node_service(home: Path, scope: str, *, up_args: tuple[str, ...] = (),
+                         start: bool = True) -> dict[str, Any]:
+    """Render and install the unit for the node in ``home``, running as the current user
+    (``teammesh join INVITE --service``). Returns {unit, scope, started, exec}."""
+    import pwd
+
+    user = pwd.getpwuid(os.getuid()).pw_name
+    command = service_command()
+    unit = service_unit(home=str(home.absolute()), executable=command, scope=scope,
+                        user=user if scope == "system" else None, up_args=up_args)
+    result = install_service(unit, scope, start=start)
+    result["exec"] = " ".join(command)
+    return result
