@@ -228,7 +228,8 @@ def check_bootstrap(s: _State) -> list[Check]:
         return [Check("bootstrap peers", Status.FAIL, "no bootstrap address is known",
                       "add a member's full multiaddr to node.bootstrap in config.toml, or"
                       " `teammesh up --bootstrap ADDR`")]
-    reachable, failed = [], []
+    reachable: list[str] = []
+    failed: list[str] = []
     for addr in addrs:
         err = _tcp_probe(addr, s.timeout_s)
         (failed if err else reachable).append(f"{addr} ({err})" if err else addr)
