@@ -584,15 +584,15 @@ def install_service(unit: str, scope: str, *, start: bool = True) -> dict[str, A
     import subprocess
 
     path = service_path(scope)
-    if shutil.which("systemctl") is None:
-        raise TeammeshError(f"systemctl is not available here; the unit was not installed"
-                            f" (save `teammesh join ... --service --print` as {path})")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(unit)
     except PermissionError as exc:
         raise TeammeshError(f"cannot write {path} ({exc.strerror}): a system service needs"
                             " root (sudo), or use --service user") from exc
+    if shutil.which("systemctl") is None:
+        raise TeammeshError(f"systemctl is not available here: the unit is at {path}, but"
+                            " nothing started it (start the node with `teammesh up`)")
     base = ["systemctl"] + (["--user"] if scope == "user" else [])
     steps = [[*base, "daemon-reload"], [*base, "enable", *(["--now"] if start else []),
                                         UNIT_NAME]]

@@ -145,3 +145,29 @@ def test_doctor_json_is_one_document_even_when_everything_fails(tmp_path: Path) 
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["ok"] is False
+
+
+def test_doctor_checks_the_bridge_health_and_signature(tmp_path: Path) -> None:
+    from test_bridge import BRIDGE_DIR, run_worker
+
+    if not (BRIDGE_DIR / "node_modules" / "wrangler").is_dir():
+        pytest.skip("bridge/node_modules is missing: run `npm ci` in bridge/")
+    home = init_home(tmp_path / "admin")
+    run_cli(home, "team", "create", "bridged")
+    master = json.loads(run_cli(home, "team", "bridge-key", "--json").stdout)["master"]
+    base = (home / "config.toml").read_text()
+    for key_hex, good in ((master, True), ("ab" * 32, False)):
+        with run_worker(tmp_path / f"worker-{good}", key_hex) as url:
+            (home / "config.toml").write_text(base + f'\n[bridge]\nurl = "{url}"\n')
+            code, report = doctor(home)
+        checks = by_name(report)
+        assert checks["bridge health"]["status"] == "pass", checks["bridge health"]
+        sig = checks["bridge signature"]
+        if good:
+            assert sig["status"] == "pass", sig
+            assert code == 0, report
+        else:
+            # a Worker holding another team's key: refused, and the fix names the key
+            assert sig["status"] == "fail", sig
+            assert code == 1
+            assert "BRIDGE_KEY" in sig["fix"] or "join again" in sig["fix"]
