@@ -8,7 +8,9 @@ counts a task that did not end done with its expected output, or came back more 
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,7 +28,7 @@ from chaostools import (
     ns_mesh,
     wrong_outputs,
 )
-from meshtools import Daemon, mesh, wait_for_full_mesh, wait_until
+from meshtools import Daemon, mesh, run_cli, wait_for_full_mesh, wait_until
 
 from teammesh.client import Client
 
@@ -144,6 +146,38 @@ def test_kill9_submitter_mid_batch_then_restart(tmp_path: Path, scenario_report:
     assert done_at_kill[-1] < n, "the batch ended before the last kill: the test proved nothing"
     assert not problems, f"{len(problems)} problems, first: {problems[:10]}"
     assert {t["tag"] for t in accepted} == set(batch.expected)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "daemon bug: an output over 1 MiB is added to the executor's block store only"
+    " (node/executor.py _store_spill -> node/tasks.py _store_spilled); the submitter marks the"
+    " task done with the CID and never fetches or pins the blocks, so when that executor is"
+    " gone the done task's output is lost"))
+def test_big_outputs_outlive_their_executor(tmp_path: Path, scenario_report: Any) -> None:
+    n = 6
+    payloads = [hashlib.sha256(bytes([i])).digest() * 40_000 for i in range(n)]  # 1.28 MB
+    with mesh(tmp_path, 3, slots=[0, 1, 1]) as nodes:
+        wait_for_full_mesh(nodes, timeout=30)
+        bodies = [{"kind": "base64.decode", "tag": i, "no_cache": True,
+                   "input_b64": base64.b64encode(base64.b64encode(p)).decode()}
+                  for i, p in enumerate(payloads)]
+        with Client.from_home(nodes[0].home, timeout=180) as c:
+            done = c.request("POST", "/v1/tasks/batch", json={"tasks": bodies, "wait": True})
+        assert all(t["state"] == "done" for t in done), [t["error"] for t in done]
+        # over 1 MiB, an output comes back as {"$cid", "size"}, not inline
+        assert all(isinstance(t["output"], dict) and "$cid" in t["output"] for t in done)
+        for d in nodes[1:]:  # the executors leave for good right after the batch
+            d.kill9()
+        got: list[bool] = []
+        for t in done:
+            out = tmp_path / f"out{t['tag']}.bin"
+            proc = run_cli(nodes[0].home, "get", t["output"]["$cid"], "-o", str(out),
+                           check=False, timeout=60)
+            got.append(proc.returncode == 0 and out.exists()
+                       and out.read_bytes() == payloads[t["tag"]])
+    scenario_report("chaos: big outputs after their executor died", tried=n,
+                    lost=got.count(False))
+    assert all(got), f"{got.count(False)} of {n} done outputs cannot be fetched any more"
 
 
 def _require_netns() -> None:
