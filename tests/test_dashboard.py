@@ -237,8 +237,32 @@ def test_dashboard_in_headless_chromium(team: list[Daemon], tmp_path: Path) -> N
         wait_until(lambda: wd.js(state) in ("done", "failed"), 60,
                    what="the task to end in the page")
         assert wd.js(state) == "done"
+        # running where: a task that takes a while shows the peer it runs on
+        wd.js("document.querySelector('#kind').value = 'sleep';"
+              "document.querySelector('#params').value = '{\"seconds\": 2}'")
+        wd.cmd("POST", f"/element/{wd.element('#submit-button')}/click", {})
+        sleeper = wait_until(lambda: (lambda t: t if t and t != task_id else None)(wd.js(
+            "return document.querySelector('#submit-result').dataset.task")), 30,
+            what="the second submission")
+        row = f"document.querySelector('tr[data-task=\"{sleeper}\"]')"
+        where = wait_until(lambda: wd.js(f"const r = {row}; return r && r.dataset.state =="
+                                         " 'running' ? r.cells[3].textContent : null"), 30,
+                           what="the page to show the task running")
+        assert where.startswith("on 12D3")
+        # failed with the reason: the error the API reports is in the row
+        failing = httpx.post(f"{url}/v1/tasks", headers=bearer(d), timeout=60, json={
+            "kind": "sleep", "params": {"seconds": 30}, "timeout_s": 0.5, "where": "peers",
+            "wait": 60}).json()
+        assert failing["state"] == "failed"
+        frow = f"document.querySelector('tr[data-task=\"{failing['id']}\"]')"
+        shown = wait_until(lambda: wd.js(f"const r = {frow}; return r && r.dataset.state =="
+                                         " 'failed' ? r.cells[4].textContent : null"), 30,
+                           what="the failed task in the page")
+        assert shown == failing["error"]
+        wait_until(lambda: wd.js(f"return {row}.dataset.state") == "done", 60,
+                   what="the sleeping task to end")
         wait_until(lambda: int(wd.js("return document.querySelector('#counts').dataset.done"
-                                     " || '0'")) >= 1, 10, what="the counters to count it")
+                                     " || '0'")) >= 2, 10, what="the counters to count both")
         shot = tmp_path / "dashboard.png"
         shot.write_bytes(base64.b64decode(wd.cmd("GET", "/screenshot")))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

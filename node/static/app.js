@@ -143,6 +143,7 @@ function taskDetail(t) {
 function where(t) {
   const running = (t.attempts || []).filter((a) => a.ended == null).map((a) => a.peer);
   if (t.state === "running" && running.length) return "on " + running.map(short).join(", ");
+  if (t.executed_by && t.state !== "done") return "on " + t.executed_by.split(",").map(short).join(", ");
   if (t.executed_by) return "by " + t.executed_by.split(",").map(short).join(", ") + (t.cached ? " (cache)" : "");
   return t.where;
 }
