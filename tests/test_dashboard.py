@@ -261,8 +261,26 @@ def test_dashboard_in_headless_chromium(team: list[Daemon], tmp_path: Path) -> N
         assert shown == failing["error"]
         wait_until(lambda: wd.js(f"return {row}.dataset.state") == "done", 60,
                    what="the sleeping task to end")
-        wait_until(lambda: int(wd.js("return document.querySelector('#counts').dataset.done"
-                                     " || '0'")) >= 2, 10, what="the counters to count both")
+        # a long task is cancelled from its row
+        long = httpx.post(f"{url}/v1/tasks", headers=bearer(d), json={
+            "kind": "sleep", "params": {"seconds": 600}, "where": "peers"}).json()
+        button = f"[data-cancel=\"{long['id']}\"]"
+        wait_until(lambda: wd.js(f"return !!document.querySelector('{button}')"), 30,
+                   what="the cancel button of the long task")
+        wd.cmd("POST", f"/element/{wd.element(button)}/click", {})
+        lrow = f"document.querySelector('tr[data-task=\"{long['id']}\"]')"
+        wait_until(lambda: wd.js(f"return {lrow}.dataset.state") == "cancelled", 30,
+                   what="the page to show the task cancelled")
+        assert httpx.get(f"{url}/v1/tasks/{long['id']}",
+                         headers=bearer(d)).json()["state"] == "cancelled"
+        counts = "return document.querySelector('#counts').dataset"
+        wait_until(lambda: int(wd.js(counts)["done"]) >= 2
+                   and int(wd.js(counts)["cancelled"]) >= 1, 10, what="the counters")
+        # the cancelled task stopped on its executor: every slot is free again
+        free = ("return [...document.querySelectorAll('#peers tbody tr')]"
+                ".every(r => { const [f, s] = r.cells[1].textContent.split('/');"
+                " return f.trim() === s.trim(); })")
+        wait_until(lambda: wd.js(free), 30, what="every slot to be free again")
         shot = tmp_path / "dashboard.png"
         shot.write_bytes(base64.b64decode(wd.cmd("GET", "/screenshot")))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -80,6 +80,7 @@ function renderOverview(o) {
   const t = o.tasks || {};
   const c = t.counters || {};
   $("#counts").dataset.done = c.done ?? 0;
+  $("#counts").dataset.cancelled = c.cancelled ?? 0;
   fillDl($("#counts"), [
     ["submitted", c.submitted ?? 0], ["done", c.done ?? 0], ["failed", c.failed ?? 0],
     ["cancelled", c.cancelled ?? 0], ["retries", c.retries ?? 0],
@@ -159,8 +160,23 @@ function renderTasks() {
       el("td", { class: "state-" + t.state }, t.state),
       el("td", {}, where(t)),
       el("td", {}, taskDetail(t)),
-      el("td", {}, took));
+      el("td", {}, took),
+      el("td", {}, t.state === "queued" || t.state === "running"
+        ? el("button", { type: "button", class: "link cancel", "data-cancel": t.id }, "cancel")
+        : ""));
   }));
+}
+
+async function cancelTask(id) {
+  try {
+    const t = await api("POST", `/v1/tasks/${encodeURIComponent(id)}/cancel`);
+    tasks.set(t.id, t);
+    renderTasks();
+  } catch (err) {
+    const result = $("#submit-result");
+    result.textContent = `cancel ${id}: ${err.message}`;
+    result.className = "error";
+  }
 }
 
 function connect() {
@@ -226,6 +242,10 @@ function setupForm() {
       result.textContent = err.message;
       result.className = "error";
     }
+  });
+  $("#tasks").addEventListener("click", (e) => {
+    const id = e.target instanceof Element ? e.target.getAttribute("data-cancel") : null;
+    if (id) cancelTask(id);
   });
   $("#logout").addEventListener("click", async () => {
     await api("POST", "/logout").catch(() => null);
