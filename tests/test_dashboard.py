@@ -292,3 +292,16 @@ def test_dashboard_in_headless_chromium(team: list[Daemon], tmp_path: Path) -> N
     assert task["kind"] == "text.stats"
     assert task["executed_by"] in {team[1].peer_id, team[2].peer_id}
     assert task["output"]["words"] == 5
+
+
+def test_a_node_with_a_dashboard_open_stops_cleanly(tmp_path: Path) -> None:
+    with mesh(tmp_path, 1) as (d,):
+        browser = httpx.Client(timeout=30)
+        browser.get(login_link(d))
+        with browser.stream("GET", f"{d.api['url']}/v1/events") as resp:
+            events = sse_events(resp.iter_lines())
+            assert next(events)[0] == "tasks"
+            assert next(events)[0] == "overview"
+            # SIGTERM with the stream open: a clean exit (stop() kills after 10 s: -9)
+            assert d.stop() == 0
+        browser.close()
