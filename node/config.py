@@ -221,6 +221,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Check, str]]] = {
     },
     "files": {
         "limit_mb": (10240, _is_int(0), "an integer number of MiB (0 = no limit)"),
+        "max_file_mb": (65536, _is_int(0),
+                        "an integer number of MiB: the largest file a DAG may claim"
+                        " (0 = the default, 64 GiB)"),
         "fetch_order": (["local", "peers", "ipfs", "r2"], _is_str_list,
                         'a list drawn from "local", "peers", "ipfs", "r2"'),
         "serve": ("members", lambda v: v in ("members", "public"),

@@ -124,6 +124,7 @@ class Node:
             },
             "refused": {"handshakes": stats.refused_handshakes,
                         "streams": stats.refused_streams,
+                        "penalised": stats.penalised,
                         "bad_gossip_streams": stats.bad_gossip_streams},
             "version": teammesh.__version__,
             "pid": os.getpid(),

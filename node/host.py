@@ -69,6 +69,14 @@ MAX_GOSSIP_RPC_BYTES = 1024 * 1024
 # Inbound streams one peer may have open at once on one protocol; more are reset, so one
 # member cannot tie up every handler (a task session and a Bitswap session each use one).
 MAX_INBOUND_STREAMS_PER_PEER = 64
+# A member that sends this many malformed messages (or trips handlers) within the window
+# is benched: its connection closed and its streams refused for a while, doubling each
+# time it comes back and does it again. One bad message costs a stream; a stream of them
+# costs the peer its access, not the node its time.
+STRIKES_PER_WINDOW = 10
+STRIKE_WINDOW_S = 60.0
+BENCH_BASE_S = 30.0
+BENCH_MAX_S = 600.0
 
 
 # Exceptions that mean "this stream or connection is gone", as opposed to our bugs.
@@ -155,6 +163,7 @@ class HostStats:
     bad_gossip_messages: int = 0
     handler_errors: int = 0
     inbound_connections: int = 0
+    penalised: int = 0  # times a peer was benched for misbehaving
     inbound_peers: set[str] = field(default_factory=set)
     observed: dict[str, set[str]] = field(default_factory=dict)  # our addr -> observers
 
@@ -171,6 +180,35 @@ class MeshHost:
         # inbound streams being served, by peer: a revoked peer's are reset at once
         self._inbound: dict[str, set[Stream]] = {}
         self._open: dict[tuple[str, str], int] = {}  # (peer, protocol) -> streams served
+        self._strikes: dict[str, list[float]] = {}  # peer -> recent misbehaviour times
+        self._benched: dict[str, tuple[float, int]] = {}  # peer -> (until, times benched)
+
+    def benched(self, peer_id: str) -> bool:
+        b = self._benched.get(peer_id)
+        return b is not None and time.monotonic() < b[0]
+
+    async def strike(self, peer_id: str, reason: str) -> None:
+        """Count one misbehaviour of ``peer_id`` (logged with its id); bench it when they
+        add up (see STRIKES_PER_WINDOW)."""
+        now = time.monotonic()
+        recent = [t for t in self._strikes.get(peer_id, []) if t > now - STRIKE_WINDOW_S]
+        recent.append(now)
+        self._strikes[peer_id] = recent
+        if len(self._strikes) > 4096:  # bounded whoever misbehaves
+            self._strikes.pop(next(iter(self._strikes)))
+        if len(recent) < STRIKES_PER_WINDOW or self.benched(peer_id):
+            return
+        times = self._benched.get(peer_id, (0.0, 0))[1]
+        period = min(BENCH_MAX_S, BENCH_BASE_S * 2 ** times)
+        self._benched[peer_id] = (now + period, times + 1)
+        self._strikes.pop(peer_id, None)
+        self.stats.penalised += 1
+        logger.warning("penalising %s: %d protocol errors in %.0f s (last: %s); its streams"
+                       " are refused for %.0f s", peer_id, len(recent), STRIKE_WINDOW_S,
+                       reason, period)
+        for stream in list(self._inbound.get(peer_id, ())):
+            await stream.reset()
+        await self.disconnect(peer_id)
 
     @property
     def listen_addrs(self) -> list[str]:
@@ -251,6 +289,10 @@ class MeshHost:
                 logger.warning("refused %s stream from non-member %s", protocol, stream.peer_id)
                 await stream.reset()
                 return
+            if self.benched(stream.peer_id):
+                self.stats.refused_streams += 1
+                await stream.reset()
+                return
             key = (stream.peer_id, protocol)
             if self._open.get(key, 0) >= MAX_INBOUND_STREAMS_PER_PEER:
                 self.stats.excess_streams += 1
@@ -270,6 +312,7 @@ class MeshHost:
             except TeammeshError as exc:
                 logger.warning("%s from %s: %s", protocol, stream.peer_id, exc)
                 await stream.reset()
+                await self.strike(stream.peer_id, str(exc))
             except ExceptionGroup as group:
                 # handlers with their own nursery wrap what they raise
                 errors = leaves(group)
@@ -281,10 +324,13 @@ class MeshHost:
                     logger.error("%s handler failed for %s", protocol, stream.peer_id,
                                  exc_info=group)
                 await stream.reset()
-            except Exception:  # a handler bug must cost one stream, not the node
+                if any(isinstance(e, TeammeshError) for e in errors):
+                    await self.strike(stream.peer_id, "; ".join(map(str, errors)))
+            except Exception as exc:  # a handler bug must cost one stream, not the node
                 self.stats.handler_errors += 1
                 logger.exception("%s handler failed for %s", protocol, stream.peer_id)
                 await stream.reset()
+                await self.strike(stream.peer_id, f"{type(exc).__name__}: {exc}")
             finally:
                 served.discard(stream)
                 if not served:

@@ -20,7 +20,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-from teammesh.protocols.errors import TeammeshError
 from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 
 from .bridge import BridgeError, BridgeRateLimited, BridgeRejected, BridgeUnavailable
@@ -108,13 +107,9 @@ class PullWorker:
         self.node.files.start_job(functools.partial(self._resolve_and_run, job, peers))
 
     async def _resolve_and_run(self, job: Job, peers: list[str]) -> None:
-        try:
-            spec = await self.node.files.resolve_spec(job.spec, peers)
-        except TeammeshError as exc:
-            self._done(job, make_result(job.spec.id, False, None,
-                                        f"cannot read input file: {exc}", 0, 0))
-            return
-        self.node.tasks.executor.submit_nowait(Job(spec, "bridge", self._done))
+        # the input file goes to the spool and the worker reads it there: a big file never
+        # sits whole in the daemon (failures reach self._done as the task's result)
+        await self.node.tasks.run_with_files(Job(job.spec, "bridge", self._done), peers)
 
     def _done(self, job: Job, result: TaskResult) -> None:
         try:

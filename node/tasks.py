@@ -1034,6 +1034,8 @@ class TaskService:
             reason = str(exc)
             self.counters["rejected_results"] += isinstance(exc, ResultRejected)
             logger.warning("dropping link to %s: %s", link.peer, exc)
+            with trio.CancelScope(shield=True):
+                await self.host.strike(link.peer, reason)
         except STREAM_ERRORS as exc:
             reason = f"connection lost ({type(exc).__name__})"
         except Exception as exc:

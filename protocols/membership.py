@@ -344,7 +344,9 @@ class Roster:
         for r in revocations:
             try:
                 rev = self.add_revocation(r, now)
-            except RemoteProtocolError:
+            except (RemoteProtocolError, NotAMember):
+                # another team's revocation, or one whose admin chain lapsed: skipping it
+                # must not hold back the valid ones after it
                 continue
             if rev is not None:
                 revoked.append(rev.peer_id)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from . import wire
 from .envelope import open_sealed, seal
-from .errors import MalformedMessage, ResultRejected
+from .errors import MalformedMessage, ResultRejected, TeammeshError
 from .identity import Identity
 
 DOMAIN_RESULTS = "results"
@@ -175,7 +175,7 @@ def open_results(sealed: bytes, executor: str, submitter: str) -> list[TaskResul
         opened = open_sealed(sealed, DOMAIN_RESULTS, max_bytes=wire.MAX_FRAME_BYTES)
     except MalformedMessage as exc:
         raise ResultRejected(f"result batch from {executor} is malformed: {exc}") from exc
-    except Exception as exc:  # BadSignature and friends: name the peer
+    except TeammeshError as exc:  # BadSignature and friends: name the peer
         raise ResultRejected(f"result batch from {executor} has a bad signature") from exc
     if opened.signer != executor:
         raise ResultRejected(f"result batch on {executor}'s stream signed by {opened.signer}")

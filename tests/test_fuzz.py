@@ -22,7 +22,7 @@ from teammesh.protocols import bitswap as bs
 from teammesh.protocols import tasks, wire
 from teammesh.protocols.capability import DOMAIN_CAP, CapabilityAd, open_ad
 from teammesh.protocols.envelope import open_sealed, seal
-from teammesh.protocols.errors import MalformedMessage, NotAMember, TeammeshError
+from teammesh.protocols.errors import MalformedMessage, TeammeshError
 from teammesh.protocols.identity import Identity, is_peer_id, verify_by_peer
 from teammesh.protocols.membership import (
     DOMAIN_CERT,
@@ -428,11 +428,6 @@ OTHER_ROOT = Identity(bytes([5]) * 32)
 OTHER_TEAM = TeamInfo.create("other", OTHER_ROOT.public)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Roster.merge catches only RemoteProtocolError around add_revocation; a revocation for"
-    " another team (or one whose admin chain expired) raises NotAMember out of merge, and"
-    " the valid revocations after it are never applied. Fix in protocols/membership.py:"
-    " catch (RemoteProtocolError, NotAMember) there, as the certificate loop does."))
 def test_roster_merge_skips_a_foreign_revocation_and_applies_the_rest() -> None:
     foreign = issue_revocation(OTHER_ROOT, OTHER_TEAM, MEMBER.peer_id, NOW).packed()
     expired_chain = issue_revocation(
@@ -444,17 +439,15 @@ def test_roster_merge_skips_a_foreign_revocation_and_applies_the_rest() -> None:
 
 
 def test_fuzz_roster_merge_never_raises(scenario_report) -> None:
-    """merge skips invalid entries (its contract): nothing but the NotAMember of the xfail
-    above may escape it, whatever the entries hold."""
+    """merge skips invalid entries (its contract): nothing escapes it, whatever the
+    entries hold."""
     entries = st.lists(bytes_like(CERT.packed(), CHAINED.packed(), REVOCATION.packed())
                        | root_signed("cert", DOMAIN_CERT), max_size=4)
 
     def check(args: tuple[list[bytes], list[bytes]]) -> None:
         try:
             Roster(TEAM).merge(args[0], args[1], NOW + 1)
-        except NotAMember:
-            pass  # the known escape from the revocation loop: the xfail above
-        except TeammeshError as exc:  # anything else means merge broke its contract
+        except TeammeshError as exc:  # merge broke its contract
             raise AssertionError(f"Roster.merge raised {exc!r}") from exc
 
     fuzz("fuzz: membership.Roster.merge (no raise)", st.tuples(entries, entries), check,

@@ -280,7 +280,7 @@ def ads_rejected(d: Daemon) -> int:
     token = (d.home / "api.token").read_text().strip()
     r = httpx.get(f"{d.api['url']}/metrics", headers={"authorization": f"Bearer {token}"})
     line = next(x for x in r.text.splitlines() if x.startswith("teammesh_ads_rejected_total"))
-    return int(line.split()[1])
+    return int(float(line.split()[1]))
 
 
 def test_ad_sync_answers_members_and_takes_only_genuine_ads(team: Team) -> None:

@@ -575,3 +575,58 @@ def test_oversized_params_and_a_100k_kind_ad_are_refused(tmp_path: Path,
         assert "k99999" not in kinds
         assert_alive(sub, ex)
     scenario_report("oversized params, an ad with 100,000 kinds", tried=2, lost=0)
+
+
+def test_a_member_sending_malformed_streams_is_benched(tmp_path: Path, scenario_report) -> None:
+    """15 deliverable 2: peer input resets the stream, penalises the peer, and is logged
+    with its id; honest members are not affected."""
+    import trio
+    from teammesh.node.host import STREAM_ERRORS, DialError, open_host
+    from teammesh.node.protocol_ids import ROSTER_SYNC
+    from teammesh.protocols.identity import Identity
+
+    with mesh(tmp_path, 2, slots=[0, 1]) as (sub, ex):
+        wait_until(lambda: len(sub.peers()) == 1, 20, what="the mesh")
+        member = joined(tmp_path, sub, "member")
+        seed = (member / "identity.key").read_bytes()
+        bad_id = Identity(seed).peer_id
+        addr, peer = ex.addr, ex.peer_id
+        outcome: dict[str, int] = {"sent": 0, "refused_after": 0}
+
+        async def attack() -> None:
+            async with open_host(seed, [LOOPBACK], peer_gate=lambda p: True,
+                                 stream_gate=lambda p, proto: False, gossip=False) as host:
+                with trio.fail_after(10):
+                    await host.connect(addr)
+                for _ in range(12):
+                    try:
+                        s = await host.open_stream(peer, ROSTER_SYNC)
+                        await s.write(wire.frame(b"\xc1 not msgpack"))
+                        with trio.fail_after(5):
+                            while await s.read():
+                                pass
+                        outcome["sent"] += 1
+                    except (*STREAM_ERRORS, DialError):
+                        outcome["sent"] += 1
+                # benched: a well-formed request is refused now
+                try:
+                    with trio.fail_after(10):
+                        await host.connect(addr)
+                    s = await host.open_stream(peer, ROSTER_SYNC)
+                    await s.write(wire.frame_message({"t": "roster", "v": 1, "certs": [],
+                                                      "revocations": []}))
+                    with trio.fail_after(5):
+                        got = await s.read()
+                    outcome["refused_after"] = int(not got)
+                except (*STREAM_ERRORS, DialError, trio.TooSlowError):
+                    outcome["refused_after"] = 1
+
+        trio.run(attack)
+        assert outcome["refused_after"] == 1
+        assert f"penalising {bad_id}" in ex.log.read_text()
+        assert ex.cli("status")["refused"]["penalised"] >= 1
+        tried, lost = _honest_batch(sub.home, 10, "after-bench")
+        assert lost == 0
+        assert_alive(sub, ex)
+    scenario_report("malformed streams from one member (benched)", tried=outcome["sent"] + tried,
+                    lost=lost)
