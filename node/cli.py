@@ -173,15 +173,21 @@ def team_members(ctx: Ctx, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("invite")
+@click.option("--up", "then_up", is_flag=True,
+              help="Then run the node in the foreground (as `teammesh up`).")
+@click.option("--service", type=click.Choice(["user", "system"]), default=None,
+              help="Then install and start a systemd unit (user or system) running the node.")
 @json_option
 @pass_ctx
-def join(ctx: Ctx, invite: str, as_json: bool) -> None:
+def join(ctx: Ctx, invite: str, as_json: bool, then_up: bool, service: str | None) -> None:
     """Join a team with an INVITE from `teammesh team invite`."""
     import trio
 
     from .journal import Journal
     from .membership import join as do_join
 
+    if (then_up or service) and not ctx.home.initialized:
+        ctx.home.init()  # one command from an invite to a running node
     identity = ctx.home.identity()
     journal = Journal(ctx.home.journal_file)
     quiet = as_json or ctx.as_json
@@ -190,7 +196,26 @@ def join(ctx: Ctx, invite: str, as_json: bool) -> None:
                         (lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
     finally:
         journal.close()
-    emit(ctx, as_json, {"team": info.team_id, "name": info.name, "peer_id": identity.peer_id},
+    data: dict[str, Any] = {"team": info.team_id, "name": info.name,
+                            "peer_id": identity.peer_id}
+    if service:
+        from .doctor import install_node_service
+
+        try:
+            data["service"] = install_node_service(ctx.home.path, service)
+        except TeammeshError as exc:
+            raise TeammeshError(f"joined team {info.name!r}, but the service did not start:"
+                                f" {exc}") from exc
+        emit(ctx, as_json, data, lambda: click.echo(
+            f"joined team {info.name!r} ({info.team_id}); the node runs as the {service}"
+            f" service {data['service']['unit']}"))
+        return
+    if then_up:
+        click.echo(f"joined team {info.name!r} ({info.team_id}); starting the node", err=True)
+        click.get_current_context().invoke(up, listen=(), bootstrap=(), api=None, slots=None,
+                                           pull=False, bridge=None)
+        return
+    emit(ctx, as_json, data,
          lambda: click.echo(f"joined team {info.name!r} ({info.team_id}); start with"
                             " `teammesh up`"))
 

@@ -201,3 +201,53 @@ def test_dockerfile_lints_clean_and_uses_the_entrypoint() -> None:
     proc = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_join_up_goes_from_invite_to_a_running_member(tmp_path: Path) -> None:
+    home = tmp_path / "new"  # not even initialised: join --up does it
+    with mesh(tmp_path / "team", 1) as (admin,):
+        invite = run_cli(admin.home, "team", "invite").stdout.strip()
+        log = tmp_path / "join-up.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "teammesh.node.cli", "--home", str(home), "join",
+                 invite, "--up"], stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # loopback only in tests (the default listens on 0.0.0.0:4117)
+                env={**os.environ, "TEAMMESH_NODE_LISTEN": f'["{LOOPBACK}"]'})
+        try:
+            wait_until(lambda: (home / "api.json").exists() or proc.poll() is not None, 60,
+                       what="join --up to start the node")
+            assert proc.poll() is None, log.read_text()
+            peer = json.loads((home / "api.json").read_text())["peer_id"]
+            wait_until(lambda: peer in {p["peer_id"] for p in admin.peers()}, 30,
+                       what="the admin to list the new member")
+            assert "joined team" in log.read_text()
+        finally:
+            assert stop(proc) == 0
+
+
+def test_join_service_writes_a_hardened_unit_for_this_home(tmp_path: Path) -> None:
+    home = tmp_path / "svc"
+    run_cli(home, "init")
+    with mesh(tmp_path / "team", 1) as (admin,):
+        invite = run_cli(admin.home, "team", "invite").stdout.strip()
+        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+        proc = subprocess.run([sys.executable, "-m", "teammesh.node.cli", "--home", str(home),
+                               "join", invite, "--service", "user"],
+                              capture_output=True, text=True, timeout=120, env=env)
+    unit = tmp_path / "xdg" / "systemd" / "user" / "teammesh.service"
+    assert unit.exists(), proc.stderr
+    text = unit.read_text()
+    assert f"--home {home} up" in text
+    for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
+                 f"ReadWritePaths={home}"):
+        assert line in text.splitlines()
+    if proc.returncode != 0:
+        # no systemd user manager here (CI containers): one line that says what happened
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1, proc.stderr
+        assert "joined team" in errors[0]
+        assert str(unit) in errors[0]
+    else:
+        assert "teammesh.service" in proc.stdout
