@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -116,8 +118,11 @@ def test_kill9_submitter_mid_batch_then_restart(tmp_path: Path, scenario_report:
         with Client.from_home(nodes[0].home, timeout=120) as c:
             accepted = c.submit_batch(batch.bodies)
         assert len(accepted) == n
-        # two kills: one in the middle of the batch, one while the restarted node resumes it
-        done_at_kill: list[int] = []
+        # three kills: right after the batch was accepted, in the middle of it, and while
+        # the restarted node resumes it
+        nodes[0].kill9()
+        nodes[0].start(timeout=60)
+        done_at_kill = [0]
         for k in (n // 5, n // 2):
             done_at_kill.append(wait_until(functools.partial(done_at_least, nodes[0], k), 120,
                                            interval=0.2, what=f"{k} results"))
@@ -142,10 +147,50 @@ def test_kill9_submitter_mid_batch_then_restart(tmp_path: Path, scenario_report:
             raise
     lost, problems = lost_tasks(batch, final)
     scenario_report("chaos: kill -9 the submitter mid-batch", tried=n, lost=lost,
-                    note=f"killed at {done_at_kill[0]} and {done_at_kill[1]} done")
+                    note="killed at {} done".format(", ".join(map(str, done_at_kill))))
     assert done_at_kill[-1] < n, "the batch ended before the last kill: the test proved nothing"
     assert not problems, f"{len(problems)} problems, first: {problems[:10]}"
     assert {t["tag"] for t in accepted} == set(batch.expected)
+
+
+def test_frozen_executor_thaws_after_its_tasks_moved(tmp_path: Path,
+                                                    scenario_report: Any) -> None:
+    """SIGSTOP an executor mid-batch (a laptop lid closed) until the others drop it, then
+    SIGCONT: its tasks moved meanwhile, and the results it sends on waking are not
+    delivered a second time."""
+    n = 120
+    batch = mixed_batch(tmp_path / "batch", n, sleep_s=0.3, seed=21)
+    with mesh(tmp_path, 3, slots=[0, 2, 2]) as nodes:
+        wait_for_full_mesh(nodes, timeout=30)
+        victim = nodes[2]
+        assert victim.proc is not None
+        run = BatchRun(nodes[0].home, batch.file)
+        try:
+            wait_until(lambda: len(run.lines) >= 20 or run.proc.poll() is not None, 60,
+                       what="the first 20 results")
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            frozen_at = len(run.lines)
+            try:
+                wait_until(lambda: victim.peer_id not in {p["peer_id"] for p in nodes[0].peers()},
+                           60, interval=1.0, what="the submitter to drop the frozen executor")
+            finally:
+                os.kill(victim.proc.pid, signal.SIGCONT)
+            rc, err = run.wait(timeout=120)
+        finally:
+            run.stop()
+        wait_for_full_mesh(nodes, timeout=HEAL_BOUND_S)
+        ids = {r["id"] for r in run.lines}
+        journal = journal_of(nodes[0].cli("task", "list", "--limit", "2000"), ids)
+    lost, problems = lost_tasks(batch, run.lines)
+    scenario_report("chaos: SIGSTOP an executor mid-batch, then SIGCONT", tried=n, lost=lost,
+                    note=f"frozen at {frozen_at} results")
+    assert not problems, f"{len(problems)} problems, first: {problems[:10]}; {err[-2000:]}"
+    assert rc == 0, err[-2000:]
+    by_id = {r["id"]: r for r in run.lines}
+    assert Counter(t["id"] for t in journal) == Counter(ids)
+    assert all(t["state"] == "done" and t["output"] == by_id[t["id"]]["output"]
+               and t["executed_by"] == by_id[t["id"]]["executed_by"] for t in journal)
+    assert any(len(t["attempts"]) > 1 for t in journal), "no task moved off the frozen node"
 
 
 @pytest.mark.xfail(strict=False, reason=(
