@@ -12,6 +12,7 @@ import base64
 import functools
 import hashlib
 import os
+import random
 import signal
 import time
 from collections import Counter
@@ -151,6 +152,46 @@ def test_kill9_submitter_mid_batch_then_restart(tmp_path: Path, scenario_report:
     assert done_at_kill[-1] < n, "the batch ended before the last kill: the test proved nothing"
     assert not problems, f"{len(problems)} problems, first: {problems[:10]}"
     assert {t["tag"] for t in accepted} == set(batch.expected)
+
+
+def test_kill9_executors_while_they_fetch_inputs_by_cid(tmp_path: Path,
+                                                         scenario_report: Any) -> None:
+    """Inputs over the inline limit travel by CID (`teammesh share`, then input_cid): the
+    executors fetch them over Bitswap, and get killed while they do."""
+    n = 32
+    rng = random.Random(22)
+    files = []
+    for i in range(n):
+        f = tmp_path / f"input{i}.bin"
+        f.write_bytes(rng.randbytes(8_000_000))
+        files.append(f)
+    with mesh(tmp_path, 3, slots=[0, 1, 1]) as nodes:
+        wait_for_full_mesh(nodes, timeout=30)
+        cids = [nodes[0].cli("share", str(f), timeout=120)["cid"] for f in files]
+        bodies = [{"kind": "hash.sha256", "input_cid": cid, "tag": i, "no_cache": True}
+                  for i, cid in enumerate(cids)]
+        killer = Killer(nodes[1:], lo=0.3, hi=1.0, down_s=0.5, max_kills=10, seed=7)
+        with Client.from_home(nodes[0].home, timeout=300) as c:
+            accepted = c.submit_batch(bodies)
+            killer.start()
+            try:
+                final = [c.task(t["id"], wait=150) for t in accepted]
+            finally:
+                killer.stop()
+        left = {d.home.name: sorted(p.name for p in (d.home / "spool").glob("*"))
+                for d in nodes if (d.home / "spool").is_dir()}
+        orphans = killer.orphans()
+        killer.end_orphans()
+    expected = {i: hashlib.sha256(f.read_bytes()).hexdigest() for i, f in enumerate(files)}
+    bad = [(t["tag"], t["state"], t["error"]) for t in final
+           if t["state"] != "done" or t["output"] != expected[t["tag"]]]
+    scenario_report("chaos: kill -9 executors fetching inputs by CID", tried=n, lost=len(bad),
+                    note=f"{len(killer.kills)} kills")
+    assert len(killer.kills) >= 2, killer.kills
+    assert not bad, bad
+    assert any(len(t["attempts"]) > 1 for t in final), "no kill landed on a task"
+    assert not any(left.values()), f"files left in the spools: {left}"
+    assert not orphans, f"worker processes outlived their killed daemon: {orphans}"
 
 
 def test_frozen_executor_thaws_after_its_tasks_moved(tmp_path: Path,
