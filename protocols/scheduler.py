@@ -90,6 +90,8 @@ from .scheduler_model import (
 )
 from .scheduler_peers import Breaker, PeerView, ewma, sane_weights
 
+KIND_CLOCK_IDLE_S = 1.0  # a kind idle this long past its window waits a window again
+
 
 class Trigger(enum.Enum):
     """What moved a task: an event, or a decision the scheduler took on one."""
@@ -220,7 +222,18 @@ class Scheduler:
         self._delayed: list[tuple[float, int, str, int]] = []
         self._deadlines: list[tuple[float, int, str]] = []
         self._remote_queued: dict[tuple[str, str], None] = {}  # (task id, peer queueing it)
-        self._kind_waiting: dict[tuple[str, str], tuple[float, float]] = {}  # -> (since, last)
+        self._kind_waiting: dict[tuple[str, str], tuple[float, float]] = {}  # (since, last)
+        # Capacity epoch: bumped whenever room may have appeared (an ad, a result, a slot
+        # or bridge place given back). A line whose head found no room is not looked at
+        # again until the epoch moves or its wake-up time comes: in a saturated team most
+        # events change nothing, and re-deciding cost O(members) each time.
+        self._epoch = 0
+        self._blocked: dict[Key, tuple[int, float]] = {}  # line -> (epoch, wake-up)
+        self._moved: tuple[int, float] = (-1, math.inf)  # Rule 6's (epoch, wake-up)
+        self._line_wake = math.inf
+        self._free_epoch = 0  # bumped when a member gets a free slot or the bridge a place
+        self._roster = 0  # bumped when who-runs-what changes
+        self._runner_cache: dict[Key, tuple[int, list[str], int]] = {}
         self._running_by_kind: dict[str, int] = {}
         self._kind_avg_s: dict[str, float] = {}
         self.bridge_rtt_s = self.config.bridge_rtt_s
@@ -327,19 +340,25 @@ class Scheduler:
         if view is None:
             view = PeerView.from_ad(ev)
             self.peers[ev.peer] = view
+            self._roster += 1
         else:
+            before = (view.kinds, view.slots, view.memory_mb, view.gpus)
             for kind in view.kinds:
                 self._runners.get(kind, set()).discard(ev.peer)
                 self._free.get(kind, set()).discard(ev.peer)
             view.update(ev)
+            if before != (view.kinds, view.slots, view.memory_mb, view.gpus):
+                self._roster += 1
         for kind in view.kinds:
             self._runners.setdefault(kind, set()).add(ev.peer)
         self._touch(view)
+        self._grew()
 
     def _on_peer_gone(self, ev: PeerGone, now: float) -> None:
         view = self.peers.pop(ev.peer, None)
         if view is None:
             return
+        self._roster += 1
         for kind in view.kinds:
             self._runners.get(kind, set()).discard(ev.peer)
             self._free.get(kind, set()).discard(ev.peer)
@@ -377,6 +396,7 @@ class Scheduler:
                 self._touch(view)
             if ev.peer != LOCAL:
                 self._remote_queued[(rec.task.id, ev.peer)] = None
+                self._moved = (-1, math.inf)
             self._set_wait(rec, Wait(WaitReason.QUEUED_ON_PEER, ev.peer, attempt.position))
         self._move(rec, Trigger.ADMITTED, TaskState.RUNNING)
 
@@ -530,9 +550,16 @@ class Scheduler:
             rec = self._head(line)
             if rec is None:
                 continue
+            cached = self._blocked.get(key)
+            if cached is not None and cached[0] == self._epoch and now < cached[1]:
+                self._wake_at(cached[1])
+                continue
+            epoch, self._line_wake = self._epoch, math.inf
             outcome = self._decide(rec, now)
             if outcome is _Outcome.BLOCKED:
+                self._blocked[key] = (epoch, self._line_wake)
                 continue
+            self._blocked.pop(key, None)
             heapq.heappop(line)
             if outcome is _Outcome.SKIP:
                 skipped.append(rec)
@@ -585,7 +612,7 @@ class Scheduler:
     def _no_room(self, rec: Record, now: float) -> _Outcome:
         """Rule 5."""
         t = rec.task
-        runners = self._runners_for(t)
+        runners, slots = self._runners_for(rec)
         if not runners:
             return self._nobody_runs(rec, now)
         if len(set(runners) | set(rec.results)) < t.replicas:
@@ -601,7 +628,7 @@ class Scheduler:
         window_end = rec.waiting_since + self.config.offer_window_s
         bridge = self._bridge_eligible(t)
         peer, peer_wait = self._best_queue(
-            rec, unknown_ok=not (bridge and self._bridge_open(now)))
+            rec, runners, unknown_ok=not (bridge and self._bridge_open(now)))
         if bridge and self._bridge_open(now):
             if now >= window_end and self.bridge_rtt_s <= peer_wait:
                 return self._escalate(rec, now)
@@ -620,7 +647,6 @@ class Scheduler:
             self._set_wait(rec, Wait(WaitReason.REPLICAS_PENDING, count=len(rec.attempts)
                                      + len(rec.results), total=t.replicas))
         else:
-            slots = sum(self.peers[p].slots for p in runners)
             self._set_wait(rec, Wait(WaitReason.ALL_BUSY, count=slots, kind=t.kind))
         return _Outcome.SKIP if rec.excluded or rec.attempts or rec.results else _Outcome.BLOCKED
 
@@ -630,9 +656,10 @@ class Scheduler:
         grace_end = self._started + self.config.startup_grace_s
         if self._bridge_eligible(t) and now >= grace_end:
             return self._to_bridge_or_wait(rec, now, forced=False)
-        if now >= grace_end and not rec.attempts and not rec.results:
-            self._finish(rec, Trigger.UNPLACEABLE, TaskState.FAILED,
-                         failure=Failure(FailReason.NO_RUNNER))
+        if now >= grace_end and not rec.attempts:
+            failure = (Failure(FailReason.TOO_FEW_MEMBERS, attempts=t.replicas) if rec.results
+                       else Failure(FailReason.NO_RUNNER))
+            self._finish(rec, Trigger.UNPLACEABLE, TaskState.FAILED, failure=failure)
             return _Outcome.DONE
         self._wake_at(grace_end)
         any_kind = bool(self._runners.get(t.kind))
@@ -664,48 +691,69 @@ class Scheduler:
 
     def _move_queued(self, now: float) -> None:
         """Rule 6: nothing waits in a busy peer's queue if it can start sooner elsewhere."""
-        for task_id, peer in list(self._remote_queued):
+        epoch, wake = self._moved
+        if epoch == self._free_epoch and now < wake:
+            self._wake_at(wake)
+            return
+        self._line_wake = math.inf
+        epoch = self._free_epoch
+        free_kinds = {kind for kind, peers in self._free.items() if peers}
+        bridge_open = self.config.bridge and self._bridge_open(now)
+        if self.config.bridge and self._remote_queued:
+            self._wake_at(self.bridge_breaker.open_until)  # a closed breaker reopens
+        for task_id, peer in list(self._remote_queued) if free_kinds or bridge_open else ():
             rec = self.records.get(task_id)
             attempt = rec.attempts.get(peer) if rec is not None else None
             if rec is None or attempt is None or attempt.phase is not Phase.QUEUED:
                 self._remote_queued.pop((task_id, peer), None)
                 continue
-            target = self._free_target(rec)
+            target = self._free_target(rec) if rec.task.kind in free_kinds else None
             if target is not None:
                 self._take_back(rec, peer)
                 self._assign(rec, target, now, trigger=Trigger.MOVED)
                 continue
-            if not (self._bridge_eligible(rec.task) and self._bridge_open(now)):
+            if not (bridge_open and self._bridge_eligible(rec.task)
+                    and self._bridge_open(now)):
                 continue
             window_end = attempt.queued_at + self.config.offer_window_s
             left = max(self._queued_left(rec, peer, attempt), now - attempt.queued_at)
             if now >= window_end and self.bridge_rtt_s < left:
                 self._take_back(rec, peer)
                 self._escalate(rec, now, trigger=Trigger.MOVED)
-            elif now < window_end:
-                self._wake_at(window_end)
+            else:  # the window ends, or the time waited passes the bridge's round trip
+                self._wake_at(window_end if now < window_end
+                              else attempt.queued_at + self.bridge_rtt_s + 1e-6)
+        self._moved = (epoch, self._line_wake)
 
     # --- helpers ---------------------------------------------------------------------------
     def _kind_clock(self, t: Task, now: float) -> float:
         """Since when tasks of this kind found no room. The clock is the kind's: once a
         kind has waited a whole window, the next task need not wait another (sustained
-        saturation escalates at once); a clock not seen for a window starts again."""
+        saturation escalates at once). It stops when a task of the kind gets a free slot,
+        or when no task of it found no room for a window and KIND_CLOCK_IDLE_S."""
         key = (t.kind, t.version)
         since, last = self._kind_waiting.get(key, (now, now))
-        if now - last > self.config.offer_window_s:
+        if now - last > self.config.offer_window_s + KIND_CLOCK_IDLE_S:
             since = now
         self._kind_waiting[key] = (since, now)
         return since
 
-    def _runners_for(self, t: Task) -> list[str]:
-        """Members that run the kind with the resources the task needs (breakers aside)."""
-        names = self._runners.get(t.kind, set())
-        ok = [p for p in names if self.peers[p].runs(t)]
+    def _runners_for(self, rec: Record) -> tuple[list[str], int]:
+        """Members that run the kind with the resources the task needs (breakers aside),
+        sorted, and their slots; cached per line until the roster changes."""
+        key = rec.key
+        cached = self._runner_cache.get(key)
+        if cached is not None and cached[0] == self._roster:
+            return cached[1], cached[2]
+        t = rec.task
+        ok = sorted(p for p in self._runners.get(t.kind, ()) if self.peers[p].runs(t))
         if t.where is Where.LOCAL:
-            return [p for p in ok if p == LOCAL]
-        if t.where is Where.PEERS:
-            return [p for p in ok if p != LOCAL]
-        return ok
+            ok = [p for p in ok if p == LOCAL]
+        elif t.where is Where.PEERS:
+            ok = [p for p in ok if p != LOCAL]
+        slots = sum(self.peers[p].slots for p in ok)
+        self._runner_cache[key] = (self._roster, ok, slots)
+        return ok, slots
 
     def _usable(self, rec: Record, peer: str) -> bool:
         return (peer not in rec.attempts and peer not in rec.results
@@ -734,7 +782,8 @@ class Scheduler:
                 best, best_score = peer, s
         return best
 
-    def _best_queue(self, rec: Record, *, unknown_ok: bool) -> tuple[str | None, float]:
+    def _best_queue(self, rec: Record, runners: list[str], *,
+                    unknown_ok: bool) -> tuple[str | None, float]:
         """The peer whose queue would start the task soonest, and its estimated wait.
 
         Behind our own tasks the wait is known (their times are ours): short kinds are
@@ -748,9 +797,9 @@ class Scheduler:
         kind_avg = self._kind_avg_s.get(t.kind)
         depth = self._pipeline(kind_avg)
         best, best_rank, best_wait = None, (math.inf, math.inf), math.inf
-        for peer in self._runners.get(t.kind, ()):
+        for peer in runners:
             view = self.peers[peer]
-            if peer == LOCAL or view.full or not self._usable(rec, peer) or not view.runs(t):
+            if peer == LOCAL or view.full or not self._usable(rec, peer):
                 continue
             mine = len(view.inflight)
             avg = view.avg_task_s if view.avg_task_s is not None else kind_avg
@@ -827,8 +876,11 @@ class Scheduler:
         self._drop_attempt(rec, peer)
 
     def _drop_attempt(self, rec: Record, target: str) -> None:
-        if rec.attempts.pop(target, None) is not None and target == BRIDGE:
-            self._bridge_inflight -= 1
+        if rec.attempts.pop(target, None) is not None:
+            self._grew()  # a place given back (or a bridge place)
+            if target == BRIDGE:
+                self._bridge_inflight -= 1
+                self._free_epoch += 1
         self._remote_queued.pop((rec.task.id, target), None)
 
     def _touch(self, view: PeerView) -> None:
@@ -837,12 +889,16 @@ class Scheduler:
         for kind in view.kinds:
             s = self._free.setdefault(kind, set())
             if free:
-                s.add(view.peer)
+                if view.peer not in s:
+                    s.add(view.peer)
+                    self._free_epoch += 1
             else:
                 s.discard(view.peer)
 
     def _enqueue(self, rec: Record) -> None:
         rec.token += 1
+        if rec.attempts or rec.results or rec.excluded:
+            self._blocked.pop(rec.key, None)  # not like the rest of its line
         if rec.not_before > self._now:
             heapq.heappush(self._delayed, (rec.not_before, rec.seq, rec.task.id, rec.token))
             return
@@ -856,6 +912,7 @@ class Scheduler:
             self._running_by_kind[rec.task.kind] = self._running_by_kind.get(rec.task.kind, 0) + 1
         elif old is TaskState.RUNNING and new is not TaskState.RUNNING:
             self._running_by_kind[rec.task.kind] -= 1
+            self._grew()
         self._dirty[rec.task.id] = None
 
     def _set_wait(self, rec: Record, wait: Wait) -> None:
@@ -866,6 +923,11 @@ class Scheduler:
     def _wake_at(self, t: float) -> None:
         if t > self._now:
             self._wakeup = min(self._wakeup, t)
+            self._line_wake = min(self._line_wake, t)
+
+    def _grew(self) -> None:
+        """Room may have appeared: every waiting line is worth another look."""
+        self._epoch += 1
 
     def _flush_persist(self) -> None:
         for task_id in self._dirty:

@@ -408,7 +408,7 @@ class Simulation:
                 if other is not None:
                     self._violation(f"{task_id} of {sub} waited {waited:.2f} s in "
                                     f"{ex.spec.name}'s queue while {other} had a free slot")
-                elif self._bridge_could(sub, task_id, waited):
+                elif self._bridge_could(sub, task_id, since):
                     self._violation(f"{task_id} of {sub} waited {waited:.2f} s in "
                                     f"{ex.spec.name}'s queue while the bridge was up")
 
@@ -441,7 +441,7 @@ class Simulation:
             return name
         return None
 
-    def _bridge_could(self, sub: str, task_id: str, waited: float) -> bool:
+    def _bridge_could(self, sub: str, task_id: str, since: float) -> bool:
         sched = self.scheds[sub]
         rec = sched.records.get(task_id)
         cfg = self.cfg.sched
@@ -450,6 +450,8 @@ class Simulation:
         eligible = (rec.task.where is Where.ANY and sched.bridge_can_take(rec.task)
                     and sched.bridge_breaker.allows(self.now))
         limit = cfg.offer_window_s + max(cfg.bridge_rtt_s, sched.bridge_rtt_s) + self.cfg.slack_s
+        # counted from when the submitter could know the bridge was back (its breaker)
+        waited = self.now - max(since, sched.bridge_breaker.open_until)
         own_pipeline = self._behind_own(rec, sub)
         return eligible and not own_pipeline and waited > limit
 
