@@ -233,7 +233,14 @@ class Scheduler:
         self._line_wake = math.inf
         self._free_epoch = 0  # bumped when a member gets a free slot or the bridge a place
         self._roster = 0  # bumped when who-runs-what changes
-        self._runner_cache: dict[Key, tuple[int, list[str], int]] = {}
+        self._runner_cache: dict[Key, tuple[int, list[str], int, frozenset[str]]] = {}
+        # Lazy heaps (entries carry the view's stamp; a touched view's old ones are stale):
+        # free peers by score per (kind, version), queue places by load per kind, so a
+        # placement costs O(log members), not a scan of the team.
+        self._free_heaps: dict[tuple[str, str], list[tuple[float, str, int]]] = {}
+        self._queue_heaps: dict[str, list[tuple[float, str, int]]] = {}
+        self._filled: set[str] = set()  # peers whose slots all hold our tasks
+        self._versions: dict[str, set[str]] = {}  # kind -> versions with a free heap
         self._running_by_kind: dict[str, int] = {}
         self._kind_avg_s: dict[str, float] = {}
         self.bridge_rtt_s = self.config.bridge_rtt_s
@@ -359,6 +366,7 @@ class Scheduler:
         if view is None:
             return
         self._roster += 1
+        self._filled.discard(ev.peer)
         for kind in view.kinds:
             self._runners.get(kind, set()).discard(ev.peer)
             self._free.get(kind, set()).discard(ev.peer)
@@ -612,10 +620,10 @@ class Scheduler:
     def _no_room(self, rec: Record, now: float) -> _Outcome:
         """Rule 5."""
         t = rec.task
-        runners, slots = self._runners_for(rec)
+        runners, slots, allowed = self._runners_for(rec)
         if not runners:
             return self._nobody_runs(rec, now)
-        if len(set(runners) | set(rec.results)) < t.replicas:
+        if t.replicas > 1 and len(set(runners) | set(rec.results)) < t.replicas:
             return self._too_few(rec, now)
         if rec.excluded and all(p in rec.excluded or p in rec.attempts for p in runners):
             # every runner failed it once: a lost stream is usually a passing event, and
@@ -628,7 +636,7 @@ class Scheduler:
         window_end = rec.waiting_since + self.config.offer_window_s
         bridge = self._bridge_eligible(t)
         peer, peer_wait = self._best_queue(
-            rec, runners, unknown_ok=not (bridge and self._bridge_open(now)))
+            rec, allowed, unknown_ok=not (bridge and self._bridge_open(now)))
         if bridge and self._bridge_open(now):
             if now >= window_end and self.bridge_rtt_s <= peer_wait:
                 return self._escalate(rec, now)
@@ -738,13 +746,13 @@ class Scheduler:
         self._kind_waiting[key] = (since, now)
         return since
 
-    def _runners_for(self, rec: Record) -> tuple[list[str], int]:
+    def _runners_for(self, rec: Record) -> tuple[list[str], int, frozenset[str]]:
         """Members that run the kind with the resources the task needs (breakers aside),
         sorted, and their slots; cached per line until the roster changes."""
         key = rec.key
         cached = self._runner_cache.get(key)
         if cached is not None and cached[0] == self._roster:
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[3]
         t = rec.task
         ok = sorted(p for p in self._runners.get(t.kind, ()) if self.peers[p].runs(t))
         if t.where is Where.LOCAL:
@@ -752,8 +760,8 @@ class Scheduler:
         elif t.where is Where.PEERS:
             ok = [p for p in ok if p != LOCAL]
         slots = sum(self.peers[p].slots for p in ok)
-        self._runner_cache[key] = (self._roster, ok, slots)
-        return ok, slots
+        self._runner_cache[key] = (self._roster, ok, slots, frozenset(ok))
+        return ok, slots, frozenset(ok)
 
     def _usable(self, rec: Record, peer: str) -> bool:
         return (peer not in rec.attempts and peer not in rec.results
@@ -770,19 +778,52 @@ class Scheduler:
             return LOCAL
         if t.where not in (Where.ANY, Where.PEERS):
             return None
-        best, best_score = None, -math.inf
-        for peer in free:
-            if peer == LOCAL or not self._usable(rec, peer):
-                continue
-            view = self.peers[peer]
-            if not view.runs(t):
-                continue
-            s = view.score(t, self.weights)
-            if s > best_score or (s == best_score and best is not None and peer < best):
-                best, best_score = peer, s
-        return best
+        heap = self._free_heap(t.kind, t.version)
+        return self._pick(heap, lambda view: view.can_start() and self._usable(rec, view.peer)
+                          and view.runs(t))
 
-    def _best_queue(self, rec: Record, runners: list[str], *,
+    def _pick(self, heap: list[tuple[float, str, int]],
+              fits: Callable[[PeerView], bool]) -> str | None:
+        """The best live entry of a lazy heap that ``fits``; stale entries are dropped."""
+        passed: list[tuple[float, str, int]] = []
+        found = None
+        while heap:
+            entry = heap[0]
+            view = self.peers.get(entry[1])
+            if view is None or view.stamp != entry[2]:
+                heapq.heappop(heap)
+                continue
+            if fits(view):
+                found = view.peer
+                break
+            passed.append(heapq.heappop(heap))
+        for entry in passed:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _free_heap(self, kind: str, version: str) -> list[tuple[float, str, int]]:
+        heap = self._free_heaps.get((kind, version))
+        if heap is None or len(heap) > 4 * len(self.peers) + 64:
+            heap = []
+            for peer in self._free.get(kind, ()):
+                view = self.peers[peer]
+                if peer != LOCAL:
+                    heap.append((-view.score_for(kind, version, self.weights), peer, view.stamp))
+            heapq.heapify(heap)
+            self._free_heaps[(kind, version)] = heap
+            self._versions.setdefault(kind, set()).add(version)
+        return heap
+
+    def _queue_heap(self, kind: str) -> list[tuple[float, str, int]]:
+        heap = self._queue_heaps.get(kind)
+        if heap is None or len(heap) > 4 * len(self.peers) + 64:
+            heap = [(view.load, peer, view.stamp) for peer in self._runners.get(kind, ())
+                    if peer != LOCAL and (view := self.peers[peer]).slots > 0]
+            heapq.heapify(heap)
+            self._queue_heaps[kind] = heap
+        return heap
+
+    def _best_queue(self, rec: Record, allowed: frozenset[str], *,
                     unknown_ok: bool) -> tuple[str | None, float]:
         """The peer whose queue would start the task soonest, and its estimated wait.
 
@@ -797,23 +838,22 @@ class Scheduler:
         kind_avg = self._kind_avg_s.get(t.kind)
         depth = self._pipeline(kind_avg)
         best, best_rank, best_wait = None, (math.inf, math.inf), math.inf
-        for peer in runners:
+        for peer in sorted(self._filled & allowed) if depth else ():
             view = self.peers[peer]
-            if peer == LOCAL or view.full or not self._usable(rec, peer):
-                continue
             mine = len(view.inflight)
-            avg = view.avg_task_s if view.avg_task_s is not None else kind_avg
-            if mine >= view.slots and view.queue <= mine - view.slots \
-                    and mine < view.slots * (1 + depth):
-                wait = view.wait_s(avg)
-            elif unknown_ok and mine < 2 * view.slots:
-                wait = math.inf
-            else:
+            if view.full or not self._usable(rec, peer) or view.queue > mine - view.slots \
+                    or mine >= view.slots * (1 + depth):
                 continue
-            rank = (wait, (view.queue + 1) / view.slots)
-            if rank < best_rank or (rank == best_rank and best is not None and peer < best):
+            wait = view.wait_s(view.avg_task_s if view.avg_task_s is not None else kind_avg)
+            rank = (wait, view.load)
+            if rank < best_rank:
                 best, best_rank, best_wait = peer, rank, wait
-        return best, best_wait
+        if best is not None or not unknown_ok:
+            return best, best_wait
+        reserve = self._pick(self._queue_heap(t.kind), lambda view: (
+            view.peer in allowed and not view.full and len(view.inflight) < 2 * view.slots
+            and self._usable(rec, view.peer)))
+        return reserve, math.inf
 
     def _queued_left(self, rec: Record, peer: str, attempt: Attempt) -> float:
         """Estimated wait left in ``peer``'s queue. A task that already waited longer than
@@ -884,8 +924,23 @@ class Scheduler:
         self._remote_queued.pop((rec.task.id, target), None)
 
     def _touch(self, view: PeerView) -> None:
-        """Keep the per-kind free sets in step with a view's capacity."""
+        """Keep the per-kind free sets and heaps in step with a view's capacity."""
+        view.stamp += 1
         free = view.can_start()
+        if view.peer != LOCAL:
+            for kind in view.kinds:
+                for version in self._versions.get(kind, ()):
+                    heap = self._free_heaps.get((kind, version))
+                    if heap is not None and free:
+                        heapq.heappush(heap, (-view.score_for(kind, version, self.weights),
+                                              view.peer, view.stamp))
+                heap = self._queue_heaps.get(kind)
+                if heap is not None and view.slots > 0 and not view.full:
+                    heapq.heappush(heap, (view.load, view.peer, view.stamp))
+            if view.slots and len(view.inflight) >= view.slots:
+                self._filled.add(view.peer)
+            else:
+                self._filled.discard(view.peer)
         for kind in view.kinds:
             s = self._free.setdefault(kind, set())
             if free:

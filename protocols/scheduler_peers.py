@@ -84,6 +84,7 @@ class PeerView:
     successes: int = 0
     failures: int = 0
     breaker: Breaker = field(default_factory=Breaker)
+    stamp: int = 0  # bumped on every change the scheduler's indexes care about
 
     @classmethod
     def from_ad(cls, ad: PeerAd) -> PeerView:
@@ -170,9 +171,17 @@ class PeerView:
     def health(self) -> float:
         return (self.successes + 1) / (self.successes + self.failures + 1)
 
+    @property
+    def load(self) -> float:
+        """Queue places per slot, counting one more (what a new task would find)."""
+        return (self.queue + 1) / max(1, self.slots)
+
     def score(self, task: Task, w: Weights) -> float:
+        return self.score_for(task.kind, task.version, w)
+
+    def score_for(self, kind: str, version: str, w: Weights) -> float:
         """Compatibility 40, latency 30, cost 20, health 10 (by default); higher is better."""
-        compat = 1.0 if self.kinds.get(task.kind) == task.version else 0.5
+        compat = 1.0 if self.kinds.get(kind) == version else 0.5
         return (w.compatibility * compat + w.latency / (1 + self.rtt_ms / 10)
                 + w.cost / (1 + self.cost) + w.health * self.health)
 
