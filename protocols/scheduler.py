@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .errors import LocalProtocolError
+from .scheduler_index import PeerIndex
 from .scheduler_model import (
     BRIDGE,
     LOCAL,
@@ -88,7 +89,7 @@ from .scheduler_model import (
     WaitReason,
     Where,
 )
-from .scheduler_peers import Breaker, PeerView, ewma, sane_weights
+from .scheduler_peers import Breaker, ewma, sane_weights
 
 KIND_CLOCK_IDLE_S = 1.0  # a kind idle this long past its window waits a window again
 
@@ -98,7 +99,6 @@ class Trigger(enum.Enum):
 
     PLACED = "placed"  # Send / RunLocal / Escalate
     MOVED = "moved"  # taken out of a busy peer's queue to a better place
-    WAITING = "waiting"  # still waiting, maybe for another reason
     ADMITTED = "admitted"  # AdmissionReply started/queued
     REFUSED_BUSY = "refused_busy"  # AdmissionReply busy
     RESULT = "result"  # ResultArrived / BridgeResult
@@ -113,7 +113,6 @@ Q, R, D, F, C = (TaskState.QUEUED, TaskState.RUNNING, TaskState.DONE, TaskState.
 TRANSITIONS: Final[dict[TaskState, dict[Trigger, frozenset[TaskState]]]] = {
     Q: {
         Trigger.PLACED: frozenset({R}),
-        Trigger.WAITING: frozenset({Q}),
         Trigger.CANCELLED: frozenset({C}),
         Trigger.DEADLINE: frozenset({F}),
         Trigger.UNPLACEABLE: frozenset({F}),
@@ -121,7 +120,6 @@ TRANSITIONS: Final[dict[TaskState, dict[Trigger, frozenset[TaskState]]]] = {
     R: {
         Trigger.PLACED: frozenset({R}),  # another replica
         Trigger.MOVED: frozenset({R}),
-        Trigger.WAITING: frozenset({R}),
         Trigger.ADMITTED: frozenset({R}),
         Trigger.REFUSED_BUSY: frozenset({R, Q}),
         Trigger.RESULT: frozenset({R, D, F}),  # R: a replica, short of the quorum
@@ -215,9 +213,8 @@ class Scheduler:
         self.weights = sane_weights(self.config.weights)
         self._jitter = jitter
         self.records: dict[str, Record] = {}
-        self.peers: dict[str, PeerView] = {}
-        self._runners: dict[str, set[str]] = {}  # kind -> peers (and LOCAL) running it
-        self._free: dict[str, set[str]] = {}  # kind -> those with a free slot
+        self.index = PeerIndex(self.weights)
+        self.peers = self.index.views
         self._lines: dict[Key, list[tuple[int, int, str, int]]] = {}
         self._delayed: list[tuple[float, int, str, int]] = []
         self._deadlines: list[tuple[float, int, str]] = []
@@ -231,16 +228,7 @@ class Scheduler:
         self._blocked: dict[Key, tuple[int, float]] = {}  # line -> (epoch, wake-up)
         self._moved: tuple[int, float] = (-1, math.inf)  # Rule 6's (epoch, wake-up)
         self._line_wake = math.inf
-        self._free_epoch = 0  # bumped when a member gets a free slot or the bridge a place
-        self._roster = 0  # bumped when who-runs-what changes
-        self._runner_cache: dict[Key, tuple[int, list[str], int, frozenset[str]]] = {}
-        # Lazy heaps (entries carry the view's stamp; a touched view's old ones are stale):
-        # free peers by score per (kind, version), queue places by load per kind, so a
-        # placement costs O(log members), not a scan of the team.
-        self._free_heaps: dict[tuple[str, str], list[tuple[float, str, int]]] = {}
-        self._queue_heaps: dict[str, list[tuple[float, str, int]]] = {}
-        self._filled: set[str] = set()  # peers whose slots all hold our tasks
-        self._versions: dict[str, set[str]] = {}  # kind -> versions with a free heap
+        self._bridge_epoch = 0  # bumped when the bridge gets a place back
         self._running_by_kind: dict[str, int] = {}
         self._kind_avg_s: dict[str, float] = {}
         self.bridge_rtt_s = self.config.bridge_rtt_s
@@ -343,33 +331,13 @@ class Scheduler:
         self._finish(rec, Trigger.CANCELLED, TaskState.CANCELLED)
 
     def _on_peer_ad(self, ev: PeerAd) -> None:
-        view = self.peers.get(ev.peer)
-        if view is None:
-            view = PeerView.from_ad(ev)
-            self.peers[ev.peer] = view
-            self._roster += 1
-        else:
-            before = (view.kinds, view.slots, view.memory_mb, view.gpus)
-            for kind in view.kinds:
-                self._runners.get(kind, set()).discard(ev.peer)
-                self._free.get(kind, set()).discard(ev.peer)
-            view.update(ev)
-            if before != (view.kinds, view.slots, view.memory_mb, view.gpus):
-                self._roster += 1
-        for kind in view.kinds:
-            self._runners.setdefault(kind, set()).add(ev.peer)
-        self._touch(view)
+        self.index.upsert(ev)
         self._grew()
 
     def _on_peer_gone(self, ev: PeerGone, now: float) -> None:
-        view = self.peers.pop(ev.peer, None)
+        view = self.index.remove(ev.peer)
         if view is None:
             return
-        self._roster += 1
-        self._filled.discard(ev.peer)
-        for kind in view.kinds:
-            self._runners.get(kind, set()).discard(ev.peer)
-            self._free.get(kind, set()).discard(ev.peer)
         for task_id in sorted(view.inflight):
             rec = self.records.get(task_id)
             if rec is not None and ev.peer in rec.attempts:
@@ -385,7 +353,7 @@ class Scheduler:
             self._drop_attempt(rec, ev.peer)
             if view is not None:
                 view.refused_busy(rec.task.id)
-                self._touch(view)
+                self.index.touch(view)
             new = TaskState.QUEUED if not rec.attempts else TaskState.RUNNING
             self._move(rec, Trigger.REFUSED_BUSY, new)
             self._enqueue(rec)
@@ -401,7 +369,7 @@ class Scheduler:
                 Phase.QUEUED, max(1, ev.position), now)
             if view is not None:
                 view.admitted_queued(rec.task.id, ev.position)
-                self._touch(view)
+                self.index.touch(view)
             if ev.peer != LOCAL:
                 self._remote_queued[(rec.task.id, ev.peer)] = None
                 self._moved = (-1, math.inf)
@@ -418,7 +386,7 @@ class Scheduler:
             view.successes += 1
             view.breaker.success()
             view.released(rec.task.id, wall)
-            self._touch(view)
+            self.index.touch(view)
         if wall is not None:
             self._kind_avg_s[rec.task.kind] = ewma(self._kind_avg_s.get(rec.task.kind), wall)
         self._drop_attempt(rec, ev.peer)
@@ -485,7 +453,7 @@ class Scheduler:
             if blame:
                 view.failures += 1
                 view.breaker.failure(now, self.config)
-            self._touch(view)
+            self.index.touch(view)
         self._drop_attempt(rec, target)
         rec.excluded.add(target)
         rec.retries += 1
@@ -521,7 +489,7 @@ class Scheduler:
             view = self.peers.get(target)
             if view is not None:
                 view.released(rec.task.id, None)
-                self._touch(view)
+                self.index.touch(view)
             self._drop_attempt(rec, target)
         del self.records[rec.task.id]
         self._dirty.pop(rec.task.id, None)
@@ -594,7 +562,7 @@ class Scheduler:
         if rec.need <= 0:
             return _Outcome.DONE
         if t.where is Where.BRIDGE:
-            return self._to_bridge_or_wait(rec, now, forced=True)
+            return self._to_bridge_or_wait(rec, now)
         limit = self.config.kind_limits.get(t.kind)
         # a running task (more replicas, a retry beside one) is counted already
         if limit is not None and rec.state is TaskState.QUEUED \
@@ -620,7 +588,7 @@ class Scheduler:
     def _no_room(self, rec: Record, now: float) -> _Outcome:
         """Rule 5."""
         t = rec.task
-        runners, slots, allowed = self._runners_for(rec)
+        runners, slots, allowed = self.index.runners_for(rec.key, t)
         if not runners:
             return self._nobody_runs(rec, now)
         if t.replicas > 1 and len(set(runners) | set(rec.results)) < t.replicas:
@@ -663,14 +631,14 @@ class Scheduler:
         assert self._started is not None
         grace_end = self._started + self.config.startup_grace_s
         if self._bridge_eligible(t) and now >= grace_end:
-            return self._to_bridge_or_wait(rec, now, forced=False)
+            return self._to_bridge_or_wait(rec, now)
         if now >= grace_end and not rec.attempts:
             failure = (Failure(FailReason.TOO_FEW_MEMBERS, attempts=t.replicas) if rec.results
                        else Failure(FailReason.NO_RUNNER))
             self._finish(rec, Trigger.UNPLACEABLE, TaskState.FAILED, failure=failure)
             return _Outcome.DONE
         self._wake_at(grace_end)
-        any_kind = bool(self._runners.get(t.kind))
+        any_kind = bool(self.index.runners.get(t.kind))
         reason = WaitReason.NO_RESOURCES if any_kind else WaitReason.NO_RUNNER
         self._set_wait(rec, Wait(reason, kind=t.kind))
         return _Outcome.BLOCKED
@@ -688,7 +656,7 @@ class Scheduler:
                      failure=Failure(FailReason.TOO_FEW_MEMBERS, attempts=rec.task.replicas))
         return _Outcome.DONE
 
-    def _to_bridge_or_wait(self, rec: Record, now: float, *, forced: bool) -> _Outcome:
+    def _to_bridge_or_wait(self, rec: Record, now: float) -> _Outcome:
         if BRIDGE in rec.attempts:
             return _Outcome.DONE
         if self._bridge_open(now):
@@ -700,12 +668,12 @@ class Scheduler:
     def _move_queued(self, now: float) -> None:
         """Rule 6: nothing waits in a busy peer's queue if it can start sooner elsewhere."""
         epoch, wake = self._moved
-        if epoch == self._free_epoch and now < wake:
+        if epoch == self.index.free_epoch + self._bridge_epoch and now < wake:
             self._wake_at(wake)
             return
         self._line_wake = math.inf
-        epoch = self._free_epoch
-        free_kinds = {kind for kind, peers in self._free.items() if peers}
+        epoch = self.index.free_epoch + self._bridge_epoch
+        free_kinds = {kind for kind, peers in self.index.free.items() if peers}
         bridge_open = self.config.bridge and self._bridge_open(now)
         if self.config.bridge and self._remote_queued:
             self._wake_at(self.bridge_breaker.open_until)  # a closed breaker reopens
@@ -746,23 +714,6 @@ class Scheduler:
         self._kind_waiting[key] = (since, now)
         return since
 
-    def _runners_for(self, rec: Record) -> tuple[list[str], int, frozenset[str]]:
-        """Members that run the kind with the resources the task needs (breakers aside),
-        sorted, and their slots; cached per line until the roster changes."""
-        key = rec.key
-        cached = self._runner_cache.get(key)
-        if cached is not None and cached[0] == self._roster:
-            return cached[1], cached[2], cached[3]
-        t = rec.task
-        ok = sorted(p for p in self._runners.get(t.kind, ()) if self.peers[p].runs(t))
-        if t.where is Where.LOCAL:
-            ok = [p for p in ok if p == LOCAL]
-        elif t.where is Where.PEERS:
-            ok = [p for p in ok if p != LOCAL]
-        slots = sum(self.peers[p].slots for p in ok)
-        self._runner_cache[key] = (self._roster, ok, slots, frozenset(ok))
-        return ok, slots, frozenset(ok)
-
     def _usable(self, rec: Record, peer: str) -> bool:
         return (peer not in rec.attempts and peer not in rec.results
                 and peer not in rec.excluded and self.peers[peer].breaker.allows(self._now))
@@ -770,7 +721,7 @@ class Scheduler:
     def _free_target(self, rec: Record) -> str | None:
         """Rule 4: local with a free slot, else the best-scoring peer with one."""
         t = rec.task
-        free = self._free.get(t.kind)
+        free = self.index.free.get(t.kind)
         if not free:
             return None
         if t.where in (Where.ANY, Where.LOCAL) and LOCAL in free and self._usable(rec, LOCAL) \
@@ -778,50 +729,8 @@ class Scheduler:
             return LOCAL
         if t.where not in (Where.ANY, Where.PEERS):
             return None
-        heap = self._free_heap(t.kind, t.version)
-        return self._pick(heap, lambda view: view.can_start() and self._usable(rec, view.peer)
-                          and view.runs(t))
-
-    def _pick(self, heap: list[tuple[float, str, int]],
-              fits: Callable[[PeerView], bool]) -> str | None:
-        """The best live entry of a lazy heap that ``fits``; stale entries are dropped."""
-        passed: list[tuple[float, str, int]] = []
-        found = None
-        while heap:
-            entry = heap[0]
-            view = self.peers.get(entry[1])
-            if view is None or view.stamp != entry[2]:
-                heapq.heappop(heap)
-                continue
-            if fits(view):
-                found = view.peer
-                break
-            passed.append(heapq.heappop(heap))
-        for entry in passed:
-            heapq.heappush(heap, entry)
-        return found
-
-    def _free_heap(self, kind: str, version: str) -> list[tuple[float, str, int]]:
-        heap = self._free_heaps.get((kind, version))
-        if heap is None or len(heap) > 4 * len(self.peers) + 64:
-            heap = []
-            for peer in self._free.get(kind, ()):
-                view = self.peers[peer]
-                if peer != LOCAL:
-                    heap.append((-view.score_for(kind, version, self.weights), peer, view.stamp))
-            heapq.heapify(heap)
-            self._free_heaps[(kind, version)] = heap
-            self._versions.setdefault(kind, set()).add(version)
-        return heap
-
-    def _queue_heap(self, kind: str) -> list[tuple[float, str, int]]:
-        heap = self._queue_heaps.get(kind)
-        if heap is None or len(heap) > 4 * len(self.peers) + 64:
-            heap = [(view.load, peer, view.stamp) for peer in self._runners.get(kind, ())
-                    if peer != LOCAL and (view := self.peers[peer]).slots > 0]
-            heapq.heapify(heap)
-            self._queue_heaps[kind] = heap
-        return heap
+        return self.index.best_free(t.kind, t.version, lambda view: (
+            view.can_start() and self._usable(rec, view.peer) and view.runs(t)))
 
     def _best_queue(self, rec: Record, allowed: frozenset[str], *,
                     unknown_ok: bool) -> tuple[str | None, float]:
@@ -838,7 +747,7 @@ class Scheduler:
         kind_avg = self._kind_avg_s.get(t.kind)
         depth = self._pipeline(kind_avg)
         best, best_rank, best_wait = None, (math.inf, math.inf), math.inf
-        for peer in sorted(self._filled & allowed) if depth else ():
+        for peer in sorted(self.index.filled & allowed) if depth else ():
             view = self.peers[peer]
             mine = len(view.inflight)
             if view.full or not self._usable(rec, peer) or view.queue > mine - view.slots \
@@ -850,7 +759,7 @@ class Scheduler:
                 best, best_rank, best_wait = peer, rank, wait
         if best is not None or not unknown_ok:
             return best, best_wait
-        reserve = self._pick(self._queue_heap(t.kind), lambda view: (
+        reserve = self.index.least_loaded(t.kind, lambda view: (
             view.peer in allowed and not view.full and len(view.inflight) < 2 * view.slots
             and self._usable(rec, view.peer)))
         return reserve, math.inf
@@ -889,7 +798,7 @@ class Scheduler:
         rec.waiting_since = None
         view = self.peers[target]
         view.assigned(rec.task.id)
-        self._touch(view)
+        self.index.touch(view)
         self._move(rec, trigger, TaskState.RUNNING)
         if target == LOCAL:
             self._out.append(RunLocal(rec.task))
@@ -912,7 +821,7 @@ class Scheduler:
         view = self.peers.get(peer)
         if view is not None:
             view.released(rec.task.id, None)
-            self._touch(view)
+            self.index.touch(view)
         self._drop_attempt(rec, peer)
 
     def _drop_attempt(self, rec: Record, target: str) -> None:
@@ -920,35 +829,8 @@ class Scheduler:
             self._grew()  # a place given back (or a bridge place)
             if target == BRIDGE:
                 self._bridge_inflight -= 1
-                self._free_epoch += 1
+                self._bridge_epoch += 1
         self._remote_queued.pop((rec.task.id, target), None)
-
-    def _touch(self, view: PeerView) -> None:
-        """Keep the per-kind free sets and heaps in step with a view's capacity."""
-        view.stamp += 1
-        free = view.can_start()
-        if view.peer != LOCAL:
-            for kind in view.kinds:
-                for version in self._versions.get(kind, ()):
-                    heap = self._free_heaps.get((kind, version))
-                    if heap is not None and free:
-                        heapq.heappush(heap, (-view.score_for(kind, version, self.weights),
-                                              view.peer, view.stamp))
-                heap = self._queue_heaps.get(kind)
-                if heap is not None and view.slots > 0 and not view.full:
-                    heapq.heappush(heap, (view.load, view.peer, view.stamp))
-            if view.slots and len(view.inflight) >= view.slots:
-                self._filled.add(view.peer)
-            else:
-                self._filled.discard(view.peer)
-        for kind in view.kinds:
-            s = self._free.setdefault(kind, set())
-            if free:
-                if view.peer not in s:
-                    s.add(view.peer)
-                    self._free_epoch += 1
-            else:
-                s.discard(view.peer)
 
     def _enqueue(self, rec: Record) -> None:
         rec.token += 1
