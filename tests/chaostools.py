@@ -47,10 +47,11 @@ class Batch:
     expected: dict[int, Any]
 
 
-def mixed_batch(folder: Path, n: int, *, sleep_s: float, seed: int) -> Batch:
+def mixed_batch(folder: Path, n: int, *, sleep_s: float, seed: int,
+                input_bytes: int = 2048) -> Batch:
     """``n`` tasks alternating two kinds, each with a distinct, checkable output.
 
-    Even tags: ``base64.encode`` of 2 KiB of distinct random bytes (always a worker process,
+    Even tags: ``base64.encode`` of ``input_bytes`` (2 KiB) of distinct random bytes (always a worker process,
     never the daemon's inline path; the output is the input's base64). Odd tags: ``sleep``
     for ``sleep_s`` plus a per-task offset, whose output echoes the seconds asked for; the
     sleeps make the batch last long enough for kills and cuts to land in the middle of it,
@@ -63,7 +64,7 @@ def mixed_batch(folder: Path, n: int, *, sleep_s: float, seed: int) -> Batch:
     expected: dict[int, Any] = {}
     for tag in range(n):
         if tag % 2 == 0:
-            data = rng.randbytes(2048)
+            data = rng.randbytes(input_bytes)
             name = f"in{tag}.bin"
             (folder / name).write_bytes(data)
             lines.append(json.dumps({"kind": "base64.encode", "input": name, "tag": tag,

@@ -417,7 +417,8 @@ def test_heal_then_a_bad_network_in_namespaces(tmp_path: Path, scenario_report: 
         # 2. 100 ms round trips and 1 % loss on every link: a batch still completes
         lab.impair(50, 1)
         n = 60
-        batch = mixed_batch(tmp_path / "slow", n, sleep_s=0.2, seed=18)
+        # 64 KiB inputs: a few MB each way, so the loss hits streams mid-flight
+        batch = mixed_batch(tmp_path / "slow", n, sleep_s=0.2, seed=18, input_bytes=65536)
         run = BatchRun(nodes[0].home, batch.file, netns=lab.names[0])
         try:
             rc, err = run.wait(timeout=180)
