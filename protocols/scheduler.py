@@ -20,7 +20,9 @@ Rule 1 (deadlines). A task whose deadline passed fails (``FailReason.DEADLINE``)
     every attempt of it is cancelled, the bridge's included.
 Rule 2 (order). Waiting tasks are considered by priority, then submission order. Tasks
     that need the same kind of place (kind, version, where, resources) form one line; when
-    the head of a line finds no room, the rest of the line waits too (this pass).
+    the head of a line finds no room, the rest of the line waits too, and the line is not
+    looked at again until room may have appeared (the capacity epoch moved: an ad, a
+    result, a place given back) or its wake-up time (window end, breaker, grace) comes.
 Rule 3 (kind limits). At most ``kind_limits[kind]`` tasks of a kind run at once.
 Rule 4 (placement). Local first when it runs the kind and has a free slot; then the
     best-scoring peer with a free slot (compatibility/latency/cost/health, 40/30/20/10 by
@@ -43,7 +45,8 @@ Rule 8 (retries). A lost attempt excludes that peer for the task, counts a failu
     ``max_attempts`` the task fails (``GAVE_UP``). The bridge being down is not the task's
     fault: it waits for the bridge's breaker and is never failed for it.
 Rule 9 (quorum). A task with n replicas is done when k results have the same digest; it
-    fails with ``REPLICAS_DISAGREE`` as soon as no digest can reach k.
+    fails with ``REPLICAS_DISAGREE`` as soon as no digest can reach k, and with
+    ``TOO_FEW_MEMBERS`` when fewer than n members run the kind after the startup grace.
 """
 
 from __future__ import annotations
