@@ -212,6 +212,8 @@ def scenarios(draw: st.DrawFn) -> tuple[SimConfig, list[tuple[str, Task, float, 
     return cfg, subs
 
 
+# No shrinking: shrinking a failing simulated team took over five minutes. A failure
+# prints the whole scenario and the seed, which replay it exactly (Simulation is pure).
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(scenarios(), st.integers(0, 2**32))
