@@ -480,3 +480,17 @@ def test_peer_view_counts_our_own_unconfirmed_assignments_against_a_new_ad() -> 
     v.started("x")
     v.update(ad("p", slots=2, free=1))
     assert v.free == 1
+
+
+def test_where_local_and_where_peers_are_honoured() -> None:
+    s = sched(ad(LOCAL, free=0), ad("p", slots=4), bridge=True, offer_window_s=0.0)
+    out = s.handle(Submitted(task("l", where=Where.LOCAL)), 1.0)
+    assert sends(out) == []
+    assert only(out, Escalate) == []
+    assert only(s.handle(ad(LOCAL), 1.5), RunLocal) == [RunLocal(task("l", where=Where.LOCAL))]
+    s = sched(ad(LOCAL, slots=4), ad("p", free=0), bridge=True, offer_window_s=0.0)
+    out = s.handle(Submitted(task("q", where=Where.PEERS)), 1.0)
+    assert only(out, RunLocal) == []
+    assert only(out, Escalate) == []
+    # only p may take it and nothing else can: it takes a queue place there
+    assert sends(out) == [("p", "q")]
