@@ -763,8 +763,7 @@ class Scheduler:
         if best is not None or not unknown_ok:
             return best, best_wait
         reserve = self.index.least_loaded(t.kind, lambda view: (
-            view.peer in allowed and not view.full and len(view.inflight) < 2 * view.slots
-            and self._usable(rec, view.peer)))
+            view.peer in allowed and view.has_queue_place and self._usable(rec, view.peer)))
         return reserve, math.inf
 
     def _queued_left(self, rec: Record, peer: str, attempt: Attempt) -> float:

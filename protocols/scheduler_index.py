@@ -78,7 +78,7 @@ class PeerIndex:
                         heapq.heappush(heap, (-view.score_for(kind, version, self.weights),
                                               view.peer, view.stamp))
                 heap = self._queue_heaps.get(kind)
-                if heap is not None and view.slots > 0 and not view.full:
+                if heap is not None and view.has_queue_place:
                     heapq.heappush(heap, (view.load, view.peer, view.stamp))
             if view.slots and len(view.inflight) >= view.slots:
                 self.filled.add(view.peer)
@@ -115,7 +115,8 @@ class PeerIndex:
         return self._pick(self._free_heap(kind, version), fits)
 
     def least_loaded(self, kind: str, fits: Callable[[PeerView], bool]) -> str | None:
-        """The peer (never LOCAL) running ``kind`` with the fewest queued per slot."""
+        """The peer (never LOCAL) running ``kind`` with a queue place for us and the
+        fewest queued per slot."""
         return self._pick(self._queue_heap(kind), fits)
 
     def _pick(self, heap: list[Entry], fits: Callable[[PeerView], bool]) -> str | None:
@@ -149,7 +150,7 @@ class PeerIndex:
         heap = self._queue_heaps.get(kind)
         if heap is None or len(heap) > 4 * len(self.views) + 64:
             heap = [(v.load, p, v.stamp) for p in self.runners.get(kind, ())
-                    if p != LOCAL and (v := self.views[p]).slots > 0 and not v.full]
+                    if p != LOCAL and (v := self.views[p]).has_queue_place]
             heapq.heapify(heap)
             self._queue_heaps[kind] = heap
         return heap

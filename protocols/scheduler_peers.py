@@ -158,6 +158,11 @@ class PeerView:
     def can_start(self) -> bool:
         return self.free > 0 and not self.full
 
+    @property
+    def has_queue_place(self) -> bool:
+        """Room for one more of ours in its queue: one queue place per slot (Rule 5)."""
+        return not self.full and 0 < self.slots and len(self.inflight) < 2 * self.slots
+
     def wait_s(self, kind_avg_s: float | None) -> float:
         """Estimated time until a task sent now would start here (inf when unknown)."""
         if self.can_start():
