@@ -321,7 +321,9 @@ class _Session:
     def take_output(self) -> bytes:
         while self.queued:
             n = size = 0
-            while n < len(self.queued) and n < MAX_TASKS_PER_FRAME and size < MAX_FRAME_BYTES:
+            # a submission sent alone (after its batch was refused) goes in a frame of one
+            while n < len(self.queued) and n < MAX_TASKS_PER_FRAME and size < MAX_FRAME_BYTES \
+                    and not (n and (self.queued[n][2] or self.queued[0][2])):
                 size += len(self.queued[n][0].get("input_b64") or "")
                 n += 1
             chunk = self.queued[:n]
@@ -1065,6 +1067,8 @@ class AsyncClient:
                 try:
                     while True:
                         _run_all(session.feed(await stream.receive(1 << 20)))
+                        if session.queued or session.out:
+                            self._kick()  # resubmissions, or cancels of acknowledged tasks
                 except (anyio.EndOfStream, anyio.BrokenResourceError, OSError,
                         TeammeshError) as exc:
                     failure = exc

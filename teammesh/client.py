@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
-from teammesh.node.client import AsyncClient, Client
+from teammesh.node.client import (
+    AsyncClient,
+    AsyncTaskFuture,
+    Client,
+    ClientClosed,
+    TaskCancelled,
+    TaskFailed,
+    TaskFuture,
+    TeamExecutor,
+)
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "AsyncTaskFuture", "Client", "ClientClosed", "TaskCancelled",
+           "TaskFailed", "TaskFuture", "TeamExecutor"]
