@@ -51,8 +51,8 @@ def mixed_batch(folder: Path, n: int, *, sleep_s: float, seed: int,
                 input_bytes: int = 2048) -> Batch:
     """``n`` tasks alternating two kinds, each with a distinct, checkable output.
 
-    Even tags: ``base64.encode`` of ``input_bytes`` (2 KiB) of distinct random bytes (always a worker process,
-    never the daemon's inline path; the output is the input's base64). Odd tags: ``sleep``
+    Even tags: ``base64.encode`` of ``input_bytes`` of distinct random bytes (always a worker
+    process, never the daemon's inline path; the output is the input's base64). Odd tags: ``sleep``
     for ``sleep_s`` plus a per-task offset, whose output echoes the seconds asked for; the
     sleeps make the batch last long enough for kills and cuts to land in the middle of it,
     and the offsets make every output name its own task. All ``no_cache``.
