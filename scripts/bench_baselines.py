@@ -358,6 +358,144 @@ def _run_ray(n_tasks: int, n_seq: int) -> dict[str, Any]:
 _RUNNERS = {"dask": _run_dask, "ray": _run_ray}
 
 
+# --------------------------------------------------------------------------- #
+# Serve mode: one cluster kept up for interleaved rounds (scripts/bench_tasks.py)
+# --------------------------------------------------------------------------- #
+
+
+def b64_task(data: bytes) -> str:
+    """The worker-path task: base64 of a 1 KiB input, as teammesh's base64.encode."""
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def _serve(framework: str) -> int:
+    """Start ``framework``, then run rounds on request: stdin lines ``MODE N``, one JSON
+    line back per round; ``quit`` (or end of input) shuts the cluster down.
+
+    Modes: ray ``remote`` (N ``.remote()`` calls, then one ``ray.get`` of the list);
+    dask ``submit`` (N ``client.submit``, then ``client.gather``) and ``map``
+    (``client.map`` of the list, then ``client.gather``). Every task runs in a worker
+    process; results are checked outside the timed part."""
+    import base64
+    from importlib.metadata import version
+
+    t0 = time.perf_counter()
+    if framework == "ray":
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+        import logging
+
+        import ray
+
+        ray.init(num_cpus=N_WORKERS, include_dashboard=False, _node_ip_address=HOST,
+                 logging_level=logging.WARNING, configure_logging=True)
+        remote = ray.remote(num_cpus=1)(b64_task)
+
+        def run(mode: str, xs: list[bytes]) -> list[str]:
+            res: list[str] = ray.get([remote.remote(x) for x in xs])
+            return res
+
+        def stop() -> None:
+            ray.shutdown()
+
+        ver = f"ray {ray.__version__}"
+    else:
+        import logging
+
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=N_WORKERS, threads_per_worker=1, processes=True, host=HOST,
+            dashboard_address=None, silence_logs=logging.WARNING)
+        client = Client(cluster)  # type: ignore[no-untyped-call]
+        client.wait_for_workers(N_WORKERS)
+
+        def run(mode: str, xs: list[bytes]) -> list[str]:
+            if mode == "map":
+                futs = client.map(b64_task, xs, pure=False)  # type: ignore[no-untyped-call]
+            else:
+                futs = [client.submit(b64_task, x, pure=False) for x in xs]
+            res: list[str] = client.gather(futs)  # type: ignore[no-untyped-call]
+            return res
+
+        def stop() -> None:
+            client.close()  # type: ignore[no-untyped-call]
+            cluster.close()
+
+        ver = f"dask {version('dask')}, distributed {version('distributed')}"
+    start_s = time.perf_counter() - t0
+    children = _descendant_pids()
+    try:
+        run("submit", make_inputs(200))  # warm-up: every worker process started
+        print(json.dumps({"ready": True, "version": ver, "start_s": start_s}), flush=True)
+        for line in sys.stdin:
+            if line.strip() in ("", "quit"):
+                break
+            mode, n = line.split()
+            xs = make_inputs(int(n))
+            t1 = time.perf_counter()
+            got = run(mode, xs)
+            wall = time.perf_counter() - t1
+            if got != [base64.b64encode(x).decode() for x in xs]:
+                raise AssertionError(f"{framework} {mode}: wrong results")
+            print(json.dumps({"mode": mode, "n": len(xs), "tasks_per_s": len(xs) / wall}),
+                  flush=True)
+        children |= _descendant_pids()
+    finally:
+        stop()
+        _reap_leftovers(children)
+    return 0
+
+
+class Server:
+    """A baseline cluster in a child process (``--serve``) for interleaved rounds."""
+
+    def __init__(self, framework: str, timeout: float = DEFAULT_RUN_TIMEOUT_S) -> None:
+        self.framework = framework
+        self.timeout = timeout
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve", framework],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, start_new_session=True)
+        hello = self._line()
+        self.version = str(hello["version"])
+        self.start_s = float(hello["start_s"])
+
+    def _line(self) -> dict[str, Any]:
+        import selectors
+
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(self.timeout):
+                self.close()
+                raise BaselineError(f"{self.framework}: no answer in {self.timeout:.0f} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            self.close()
+            raise BaselineError(f"{self.framework}: the cluster process ended")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def round(self, mode: str, n: int) -> float:
+        """One round of n tasks; tasks per second."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{mode} {n}\n")
+        self.proc.stdin.flush()
+        return float(self._line()["tasks_per_s"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+                self.proc.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                _kill_tree(self.proc.pid)
+
+
 def _child_main(framework: str, n_tasks: int, n_seq: int, result_file: str) -> int:
     result = _RUNNERS[framework](n_tasks, n_seq)
     Path(result_file).write_text(json.dumps(result))
@@ -554,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=DEFAULT_RUN_TIMEOUT_S, help="per run, s")
     p.add_argument("--verbose", action="store_true", help="pass child output through")
     p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    p.add_argument("--serve", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
@@ -562,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     n_seq = a.n_seq if a.n_seq is not None else (QUICK_N_SEQ if a.quick else DEFAULT_N_SEQ)
 
+    if a.serve:
+        return _serve(a.serve)
     if a.child:
         if not a.result_file:
             p.error("--child needs --result-file")
