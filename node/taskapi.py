@@ -11,7 +11,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
-from teammesh.protocols.errors import TaskError
+from teammesh.protocols.errors import TaskError, TeammeshError
 
 from .api import json_body
 
@@ -36,9 +36,76 @@ def _wait_arg(request: Request, default: float | None = None) -> float | None:
         raise TaskError("wait must be a number of seconds") from exc
 
 
-async def op_submit(svc: TaskService, body: dict[str, Any]) -> dict[str, Any]:
+class SubmitGroup:
+    """Single-task submissions that arrive together go into the journal together.
+
+    Each ``submit_many`` is one journal transaction; with many clients each sending one
+    task per request (curl, other languages) that transaction was most of the submit cost.
+    The first caller waits one scheduling round (shielded, so it submits for the others
+    even if its own request goes away), then submits every body that joined meanwhile in
+    one call. A body the node refuses fails alone: on a refused group, each body is
+    submitted on its own (a refused batch wrote nothing, so none is submitted twice)."""
+
+    def __init__(self, svc: TaskService) -> None:
+        self.svc = svc
+        self.pending: list[_Joined] = []
+
+    async def submit(self, body: dict[str, Any]) -> TaskRecord:
+        me = _Joined(body)
+        self.pending.append(me)
+        if len(self.pending) == 1:
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.checkpoint()  # let requests that arrived join
+            group, self.pending = self.pending, []
+            self._submit(group)
+        else:
+            await me.done.wait()
+        if me.error is not None:
+            raise me.error
+        assert me.record is not None
+        return me.record
+
+    def _submit(self, group: list[_Joined]) -> None:
+        try:
+            records = self.svc.submit_many([j.body for j in group])
+        except TeammeshError as exc:
+            if len(group) == 1:
+                group[0].error = exc
+            else:
+                for j in group:
+                    try:
+                        (j.record,) = self.svc.submit_many([j.body])
+                    except TeammeshError as one:
+                        j.error = one
+        except BaseException as exc:  # a bug: every waiting request answers it, not hangs
+            for j in group:
+                j.error = exc
+            raise
+        else:
+            for j, r in zip(group, records, strict=True):
+                j.record = r
+        finally:
+            for j in group:
+                j.done.set()
+
+
+class _Joined:
+    __slots__ = ("body", "done", "error", "record")
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.done = trio.Event()
+        self.record: TaskRecord | None = None
+        self.error: BaseException | None = None
+
+
+async def op_submit(svc: TaskService, body: dict[str, Any],
+                    group: SubmitGroup | None = None) -> dict[str, Any]:
     """POST /v1/tasks, also served on the control socket."""
-    (record,) = svc.submit_many([body])
+    if group is not None:
+        record = await group.submit(body)
+    else:
+        (record,) = svc.submit_many([body])
     wait = body.get("wait")
     if wait:
         limit = float(wait) if not isinstance(wait, bool) else MAX_WAIT_S
@@ -78,8 +145,10 @@ async def op_show(svc: TaskService, task_id: str, wait: float | None) -> dict[st
 
 
 def task_routes(svc: TaskService, endpoint: Any) -> list[Route]:
+    group = SubmitGroup(svc)
+
     async def submit(request: Request) -> Any:
-        return await op_submit(svc, await json_body(request))
+        return await op_submit(svc, await json_body(request), group)
 
     async def batch(request: Request) -> Any:
         body = await json_body(request)

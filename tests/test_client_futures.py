@@ -247,3 +247,30 @@ def test_losing_the_node_fails_pending_futures(tmp_path: Path) -> None:
         c.close()
     assert len(_io_threads()) == before
 
+
+
+async def test_concurrent_http_submissions_fail_alone(home: Path) -> None:
+    """Per-task HTTP requests that arrive together are journaled together (taskapi's
+    SubmitGroup); a request the node refuses still fails alone, with its reason."""
+    import httpx
+    import trio
+
+    c = AsyncClient.from_home(home, timeout=120)
+    inputs = [os.urandom(256) for _ in range(30)]
+    answers: dict[int, httpx.Response] = {}
+
+    async def post(i: int, body: dict[str, object]) -> None:
+        answers[i] = await c._http.post("/v1/tasks", json=body)
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for i, x in enumerate(inputs):
+                nursery.start_soon(post, i, {"kind": "base64.encode", "input_b64": _b64(x),
+                                             "no_cache": True, "wait": 60})
+            nursery.start_soon(post, -1, {"kind": "base64.encode", "where": "nowhere"})
+    await c.__aexit__(None, None, None)
+    assert answers[-1].status_code == 422
+    assert "'where' must be one of" in answers[-1].json()["error"]["message"]
+    for i, x in enumerate(inputs):
+        assert answers[i].status_code == 200
+        assert answers[i].json()["output"] == _b64(x)
