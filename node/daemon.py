@@ -24,6 +24,7 @@ from teammesh.protocols.errors import ConfigError
 import teammesh
 
 from .config import Config, Home
+from .gpu import detect_gpus
 from .host import MeshHost, open_host
 from .journal import Journal
 from .membership import Membership
@@ -71,7 +72,7 @@ class Node:
         self.mesh = Mesh(self.identity, self.membership, self.capacity,
                          interval_s=config.get("gossip", "ad_interval_s"),
                          ttl_s=config.get("gossip", "ad_ttl_s"), bootstrap=bootstrap,
-                         max_peers=config.get("node", "max_peers"))
+                         max_peers=config.get("node", "max_peers"), gpus=detect_gpus())
         self.host: MeshHost | None = None
         self.api_url = ""
         self.api_socket: str | None = None

@@ -122,7 +122,7 @@ def _peer_of(addr: str) -> str | None:
 class Mesh:
     def __init__(self, identity: Identity, membership: Membership, capacity: Capacity,
                  *, interval_s: float, ttl_s: float, bootstrap: list[str], max_peers: int,
-                 memory_bytes: int | None = None) -> None:
+                 memory_bytes: int | None = None, gpus: tuple[str, ...] = ()) -> None:
         self.identity = identity
         self.membership = membership
         self.capacity = capacity
@@ -133,6 +133,7 @@ class Mesh:
         self.seq = int(time.time() * 1000)
         self.cores = os.cpu_count() or 1
         self.memory_bytes = memory_bytes or psutil.virtual_memory().total
+        self.gpus = gpus
         self.targets: dict[str, _Target] = {}
         self.bootstrap = bootstrap
         for addr in bootstrap:
@@ -180,7 +181,7 @@ class Mesh:
             peer_id=self.identity.peer_id, team_id=team.team_id,
             addrs=tuple(dialable_addrs(host.listen_addrs, host.peer_id)) if not c.pull else (),
             cores=self.cores, slots=c.slots, free_slots=c.free_slots,
-            memory_bytes=self.memory_bytes, gpus=(), kinds=dict(c.kinds), queue=c.queue,
+            memory_bytes=self.memory_bytes, gpus=self.gpus, kinds=dict(c.kinds), queue=c.queue,
             cost=c.cost, storage=c.storage, software=teammesh.__version__, seq=self.seq,
             ttl_ms=int(self.effective_ttl_s * 1000), cert=self.membership.cert.packed(),
             pull=c.pull,

@@ -18,6 +18,7 @@ unfinished tasks at start and executors return stored results for ids they alrea
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import hashlib
 import heapq
@@ -71,6 +72,40 @@ ACK_DELAY_S = 0.01
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
 MAX_INTERRUPTIONS = 3  # a task running when the node stopped runs again at most twice
 PRUNE_EVERY_S = 3600.0
+
+
+class NoRoom(enum.Enum):
+    """Why no target can take a task now. Control flow reads this, never the text."""
+
+    NOBODY_RUNS = "nobody_runs"  # no live member runs the kind
+    NO_SLOTS = "no_slots"  # members run it but offer 0 slots
+    NOT_LOCAL = "not_local"  # where=local, and this node cannot
+    UNFIT = "unfit"  # the members that run it lack its resources (GPU, memory)
+    BUSY = "busy"  # every matching slot is taken
+
+
+# Reasons that do not pass by waiting for a slot: after the start-up grace, the task fails
+# unless its kind ran on the team recently (members that are only unreachable come back).
+FINAL = frozenset({NoRoom.NOBODY_RUNS, NoRoom.NO_SLOTS, NoRoom.NOT_LOCAL, NoRoom.UNFIT})
+KIND_MEMORY_S = 3600.0  # a kind seen on the team this recently is worth waiting for
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    why: NoRoom
+    text: str  # for people (waiting_reason, errors); rendered here, never parsed
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def fits(resources: Any, memory_bytes: int, gpus: tuple[str, ...]) -> bool:
+    """Can a node with this memory and these GPUs run a kind that needs ``resources``?"""
+    if resources is None:
+        return True
+    if getattr(resources, "gpu", False) and not gpus:
+        return False
+    return int(getattr(resources, "memory_mb", 0)) * 1024 * 1024 <= memory_bytes
 
 
 def new_task_id() -> str:
@@ -260,6 +295,7 @@ class TaskService:
         self.bridge: Any = None  # BridgeClient, when the node has a bridge URL and key
         self.offers: dict[str, tuple[str, int, float]] = {}  # peer -> (kind, free, until)
         self.waiting_since: dict[tuple[str, str], float] = {}  # (kind, version) -> first wait
+        self._kind_seen: dict[str, float] = {}  # kind -> last time a live ad listed it
         self.last_call: dict[tuple[str, str], float] = {}
         self.calls_to_publish: list[tuple[str, str, int]] = []
         self._calls_wake = trio.Event()
@@ -560,15 +596,24 @@ class TaskService:
         ms = self.kind_ms.get(kind, DEFAULT_KIND_MS)
         return int(min(MAX_PIPELINE, TARGET_QUEUED_MS / max(ms, 0.01)))
 
-    def _candidates(self, r: TaskRecord, now: float) -> tuple[list[tuple[float, str]], str]:
-        """Scored targets with room, and a reason if there are none."""
+    def _candidates(self, r: TaskRecord,
+                    now: float) -> tuple[list[tuple[float, str]], Waiting | None]:
+        """Scored targets with room, or why there are none."""
         out: list[tuple[float, str]] = []
         runners = 0
         idle_runners = 0  # run the kind but offer no slots
+        unfit = 0  # run the kind but lack its resources
         matching_slots = 0
         taken = set(r.inflight) | set(r.replica_results)
         w = self.weights
-        if r.where in ("any", "local") and r.kind in self.kinds and self.executor.slots > 0:
+        known = self.kinds.get(r.kind)
+        needs = known.resources if known is not None else None
+        mesh = self.node.mesh
+        local_fits = fits(needs, mesh.memory_bytes, mesh.gpus)
+        if r.where in ("any", "local") and r.kind in self.kinds and self.executor.slots > 0 \
+                and not local_fits:
+            unfit += 1
+        elif r.where in ("any", "local") and r.kind in self.kinds and self.executor.slots > 0:
             runners += 1
             matching_slots += self.executor.slots
             free = self.executor.slots - self.node.capacity.busy - self.node.capacity.queue
@@ -581,8 +626,12 @@ class TaskService:
                 ad = e.ad
                 if r.kind not in ad.kinds:
                     continue
+                self._kind_seen[r.kind] = now
                 if ad.slots == 0:
                     idle_runners += 1
+                    continue
+                if not fits(needs, ad.memory_bytes, ad.gpus):
+                    unfit += 1
                     continue
                 runners += 1
                 matching_slots += ad.slots
@@ -625,20 +674,27 @@ class TaskService:
                 if (len(link.inflight) if link else 0) < free:
                     out.append((1.0, peer))
         if out:
-            return out, ""
+            return out, None
+        if (runners == 0 and unfit and r.where != "local") or (r.where == "local" and unfit):
+            need = "a GPU" if getattr(needs, "gpu", False) else \
+                f"{getattr(needs, 'memory_mb', 0)} MiB of memory"
+            return [], Waiting(NoRoom.UNFIT, f"the {unfit} members that run kind {r.kind}"
+                               f" lack what it needs ({need})")
         if runners == 0 and idle_runners and r.where != "local":
-            return [], (f"no member runs kind {r.kind} with free capacity: the {idle_runners}"
-                        " that run it offer 0 slots (no capacity)")
+            return [], Waiting(NoRoom.NO_SLOTS,
+                               f"no member runs kind {r.kind} with free capacity: the"
+                               f" {idle_runners} that run it offer 0 slots (no capacity)")
         if runners == 0:
             if r.where == "local":
-                return [], f"this node does not run kind {r.kind} (or has no slots)"
-            return [], f"no member runs kind {r.kind}"
+                return [], Waiting(NoRoom.NOT_LOCAL,
+                                   f"this node does not run kind {r.kind} (or has no slots)")
+            return [], Waiting(NoRoom.NOBODY_RUNS, f"no member runs kind {r.kind}")
         if r.excluded and len(r.excluded) >= runners:
             # Every runner failed it once: try them again (the retry budget still bounds
             # this); a lost stream is usually a passing network event, not a bad peer.
             r.excluded.clear()
             return self._candidates(r, now)
-        return [], f"all {matching_slots} matching slots busy"
+        return [], Waiting(NoRoom.BUSY, f"all {matching_slots} matching slots busy")
 
     def _drop_silent_links(self, now: float) -> None:
         """End links to peers whose ad expired (or who were revoked): their tasks move."""
@@ -659,7 +715,7 @@ class TaskService:
         deferred: list[TaskRecord] = []
         reasons_changed: list[TaskRecord] = []
         local_batch: list[TaskRecord] = []
-        no_room: dict[tuple[str, str], str] = {}
+        no_room: dict[tuple[str, str], Waiting] = {}
         hits = 0
         while self.queue:
             if hits >= 32:
@@ -705,25 +761,37 @@ class TaskService:
                 # waiting tasks cost 2,000 candidate scans per result, most of a submitter's CPU.
                 plain = not r.inflight and not r.replica_results and not r.excluded
                 key = (r.kind, r.where)
+                waiting: Waiting | None
                 if plain and key in no_room:
-                    candidates, reason = [], no_room[key]
+                    candidates, waiting = [], no_room[key]
                     hits += 1
                 else:
                     hits = 0
-                    candidates, reason = self._candidates(r, now)
-                    if not candidates and plain:
-                        no_room[key] = reason
-                if not candidates and self._should_escalate(r, reason, now, uptime):
+                    candidates, waiting = self._candidates(r, now)
+                    if waiting is not None and plain:
+                        no_room[key] = waiting
+                if waiting is not None and self._should_escalate(r, waiting, now, uptime):
                     self._escalate(r, nursery, now)
                     continue
-                if not candidates:
-                    if reason.startswith("no member runs") or reason.startswith("this node does"):
-                        if uptime > self.startup_grace_s:
-                            self._finalise(r, "failed", error=reason + self._known_kinds_hint())
+                if waiting is not None:
+                    text = waiting.text
+                    if waiting.why in FINAL:
+                        seen = self._kind_seen.get(r.kind)
+                        if uptime <= self.startup_grace_s:
+                            text += " (waiting for peers to announce themselves)"
+                        elif waiting.why is NoRoom.NOBODY_RUNS and (
+                                r.attempts or (seen is not None and now - seen < KIND_MEMORY_S)):
+                            # members that ran it are unreachable, not gone: a laptop whose
+                            # network drops must not fail its whole queue
+                            ago = f"{now - seen:.0f} s ago" if seen is not None else "earlier"
+                            text = (f"no member that runs kind {r.kind} is reachable now (one"
+                                    f" was {ago}); waiting for one")
+                        else:
+                            self._finalise(r, "failed",
+                                           error=text + self._known_kinds_hint())
                             continue
-                        reason += " (waiting for peers to announce themselves)"
                     deferred.append(r)
-                    self._set_reason(r, reason, reasons_changed)
+                    self._set_reason(r, text, reasons_changed)
                     self._note_waiting(r, now)
                     continue
                 self.waiting_since.pop((r.kind, r.version), None)
@@ -757,19 +825,22 @@ class TaskService:
         counted at restart (MAX_INTERRUPTIONS), so no task can crash-loop a node."""
         if not self._now_running:
             return
-        rows = [(r.started, r.id) for r in self._now_running if r.state == "running"]
+        # only a run on this node can be what stopped it: a task on a peer is unaffected
+        # by our restarts and stays 'queued' in the journal (it is re-sent at start)
+        rows = [(r.started, r.id) for r in self._now_running
+                if r.state == "running" and "local" in r.inflight]
         self._now_running = []
         with self.journal.transaction() as db:
             db.executemany("UPDATE tasks SET state='running', started=? WHERE id=?"
                            " AND state='queued'", rows)
 
-    def _rest_waits(self, no_room: dict[tuple[str, str], str], now: float) -> bool:
+    def _rest_waits(self, no_room: dict[tuple[str, str], Waiting], now: float) -> bool:
         """Would every task still queued just wait again (no room for its kind, nothing
         to fail, time out or escalate)?"""
         if self.bridge is not None:
             return False
-        for reason in no_room.values():
-            if reason.startswith(("no member runs", "this node does")):
+        for waiting in no_room.values():
+            if waiting.why in FINAL:
                 return False
         for t in self.queue:
             if t.state in TERMINAL:
@@ -795,7 +866,8 @@ class TaskService:
                     " mirror configured ([r2] in config.toml)")
         return None
 
-    def _should_escalate(self, r: TaskRecord, reason: str, now: float, uptime: float) -> bool:
+    def _should_escalate(self, r: TaskRecord, waiting: Waiting, now: float,
+                         uptime: float) -> bool:
         if self.bridge is None or r.where != "any" or r.replicas != 1 or "bridge" in r.inflight:
             return False
         if self._bridge_cannot_run(r) is not None:
@@ -809,7 +881,9 @@ class TaskService:
         kind_since = self.waiting_since.get((r.kind, r.version), now)
         r.waiting_since = min(r.waiting_since if r.waiting_since is not None else now,
                               kind_since)
-        nobody = reason.startswith("no member runs")
+        if waiting.why in (NoRoom.UNFIT, NoRoom.NOT_LOCAL):
+            return False  # the bridge has no GPU either; where=local never escalates
+        nobody = waiting.why in (NoRoom.NOBODY_RUNS, NoRoom.NO_SLOTS)
         if nobody and uptime <= self.startup_grace_s:
             return False
         # saturated or empty mesh: give peers one offer window to free up first
@@ -1101,6 +1175,12 @@ class TaskService:
                     for res in results:
                         link.inflight.pop(res.id, None)
                         link.sent_at.pop(res.id, None)
+                    files = [res for res in results if _output_file(res) is not None]
+                    if files:
+                        results = [res for res in results if _output_file(res) is None]
+                        for res in files:
+                            self.node.files.start_job(
+                                functools.partial(self._collect_output, link.peer, res))
                     with self.journal.transaction() as db:
                         self.apply_results(link.peer, results, db)
                     link.successes += len(results)
@@ -1113,6 +1193,23 @@ class TaskService:
                         if r is not None and r.state == "running":
                             r.waiting_reason = None
                             r.notify()
+
+    async def _collect_output(self, peer: str, res: TaskResult) -> None:
+        """A result whose output is a file on the executor: copy the file here (pinned)
+        before the task is done, so the output outlives the executor."""
+        r = self.records.get(res.id)
+        cid = _output_file(res)
+        if r is None or r.state in TERMINAL or peer not in r.inflight or cid is None:
+            return
+        r.waiting_reason = f"fetching its output ({cid}) from {peer}"
+        r.notify()
+        try:
+            await self.node.files.pin(cid)
+        except TeammeshError as exc:
+            self.attempt_lost(r, peer, f"its output {cid} could not be fetched: {exc}")
+            return
+        with self.journal.transaction() as db:
+            self.apply_results(peer, [res], db)
 
     # --- service --------------------------------------------------------------------------
     def _resume_from_journal(self) -> int:
@@ -1323,6 +1420,15 @@ class TaskService:
         from .taskapi import task_routes
 
         return task_routes(self, endpoint)
+
+
+def _output_file(res: TaskResult) -> str | None:
+    """The CID of a result's output when it is a file reference (a big output)."""
+    out = res.output
+    if res.ok and isinstance(out, dict) and isinstance(out.get("$cid"), str) and \
+            set(out) <= {"$cid", "size", "format"}:
+        return str(out["$cid"])
+    return None
 
 
 def _write_private(path: Path, data: bytes) -> None:
