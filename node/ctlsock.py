@@ -50,6 +50,7 @@ MAX_CALLS_PER_CONNECTION = 256
 # Unfinished tasks one connection may watch. The watch channel is sized to it, so the
 # scheduler's send_nowait on a task's end can never block (node/tasks.py, _finalise).
 MAX_WATCHED = 200_000
+MAX_ENDED_PER_FRAME = 1000  # ended tasks per "res" frame (each up to ~1.5 KiB plus output)
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 
@@ -162,7 +163,8 @@ class _Connection:
                 found = r if r is not None else svc.get(task_id)
                 if found is not None:
                     tasks.append(found if isinstance(found, dict) else found.to_json())
-            await self.send({"t": "res", "tasks": tasks})
+            for i in range(0, len(tasks), MAX_ENDED_PER_FRAME):
+                await self.send({"t": "res", "tasks": tasks[i:i + MAX_ENDED_PER_FRAME]})
 
     def watch(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         svc = self.node.tasks
