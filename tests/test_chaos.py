@@ -154,11 +154,6 @@ def test_kill9_submitter_mid_batch_then_restart(tmp_path: Path, scenario_report:
     assert {t["tag"] for t in accepted} == set(batch.expected)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "daemon bug: node/tasks.py _resume_from_journal counts every task in state 'running' as"
-    " interrupted by the restart, also one running on a peer (a 0-slot submitter runs"
-    " nothing itself); at MAX_INTERRUPTIONS (3) it fails it with 'the node stopped while"
-    " running it', a guard meant for tasks that crash their own node"))
 def test_remote_task_survives_three_submitter_restarts(tmp_path: Path,
                                                         scenario_report: Any) -> None:
     # the executor has slots to spare, so each restarted submitter sends the task again at
@@ -262,11 +257,6 @@ def test_frozen_executor_thaws_after_its_tasks_moved(tmp_path: Path,
     assert any(len(t["attempts"]) > 1 for t in journal), "no task moved off the frozen node"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "daemon bug: an output over 1 MiB is added to the executor's block store only"
-    " (node/executor.py _store_spill -> node/tasks.py _store_spilled); the submitter marks the"
-    " task done with the CID and never fetches or pins the blocks, so when that executor is"
-    " gone the done task's output is lost"))
 def test_big_outputs_outlive_their_executor(tmp_path: Path, scenario_report: Any) -> None:
     n = 6
     payloads = [hashlib.sha256(bytes([i])).digest() * 40_000 for i in range(n)]  # 1.28 MB
@@ -343,11 +333,6 @@ def test_cut_executor_mid_batch_tasks_move(tmp_path: Path, scenario_report: Any)
             (t["id"], t["state"], str(t["output"]), t["executed_by"]) for t in journal)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "daemon bug: when a submitter loses sight of every member for longer than the ad TTL"
-    " (15 s), node/tasks.py's dispatch loop (the `not candidates` branch: reason 'no member"
-    " runs kind X' and uptime > startup_grace_s) fails every queued task at once instead of"
-    " waiting for the members to come back"))
 def test_submitter_cut_off_then_healed_loses_nothing(tmp_path: Path,
                                                       scenario_report: Any) -> None:
     _require_netns()
