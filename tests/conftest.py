@@ -29,3 +29,33 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: igno
     for name, tried, lost, note in _SCENARIOS:
         terminalreporter.write_line(f"{name:<48} tried {tried:>6}  lost {lost:>4}"
                                     + (f"  ({note})" if note else ""))
+
+
+# --- skips fail the run (scripts/test sets TEAMMESH_FAIL_ON_SKIP=1) ----------------------
+# A test may skip only if it carries ``@pytest.mark.machine_kind("why")``: something this
+# machine kind cannot have (the README lists them). Any other skip means an installer
+# failed quietly, and the run must not pass as if it had tested everything.
+_BAD_SKIPS: list[str] = []
+
+
+def pytest_configure(config):  # type: ignore[no-untyped-def]
+    config.addinivalue_line("markers", "machine_kind(why): may skip on this machine kind")
+
+
+def pytest_runtest_logreport(report):  # type: ignore[no-untyped-def]
+    if report.skipped and not hasattr(report, "wasxfail"):
+        if "machine_kind" not in report.keywords:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+            _BAD_SKIPS.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
+    import os
+
+    if _BAD_SKIPS and os.environ.get("TEAMMESH_FAIL_ON_SKIP") == "1" and exitstatus == 0:
+        session.exitstatus = 1
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.section("skipped tests fail this run (TEAMMESH_FAIL_ON_SKIP=1)")
+            for line in _BAD_SKIPS:
+                tr.write_line(line)
