@@ -21,12 +21,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Ctx:
-    def __init__(self, home: Path | None, as_json: bool, verbose: int) -> None:
+    def __init__(self, home: Path | None, as_json: bool, verbose: int,
+                 log_format: str = "text") -> None:
         from .config import Home, default_home
 
         self.home = Home(home if home is not None else default_home())
         self.as_json = as_json
         self.verbose = verbose
+        self.log_format = log_format
 
     def client(self) -> Any:
         from .client import Client
@@ -56,11 +58,15 @@ def console() -> Any:
               help="Node home directory (default: platform data dir; env TEAMMESH_HOME).")
 @click.option("--json", "as_json", is_flag=True, help="JSON output for every command.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              envvar="TEAMMESH_LOG_FORMAT", show_default=True,
+              help="json: one object per line with peer and task ids (for log collectors).")
 @click.version_option(package_name="teammesh")
 @click.pass_context
-def cli(click_ctx: click.Context, home: Path | None, as_json: bool, verbose: int) -> None:
+def cli(click_ctx: click.Context, home: Path | None, as_json: bool, verbose: int,
+        log_format: str) -> None:
     """teammesh: share cores, tasks and files across your team's machines."""
-    click_ctx.obj = Ctx(home, as_json, verbose)
+    click_ctx.obj = Ctx(home, as_json, verbose, log_format)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -238,7 +244,7 @@ def up(ctx: Ctx, listen: tuple[str, ...], bootstrap: tuple[str, ...], api: str |
     from .daemon import UpOptions, run_daemon
 
     ctx.home.require()
-    setup_logging(ctx.verbose)
+    setup_logging(ctx.verbose, ctx.log_format)
     config = load_config(ctx.home)
     if ctx.home.api_file.exists():
         try:
@@ -271,6 +277,44 @@ def down(ctx: Ctx, as_json: bool) -> None:
     with ctx.client() as c:
         data = c.request("POST", "/v1/stop")
     emit(ctx, as_json, data, lambda: click.echo("stopping"))
+
+
+@cli.command()
+@click.option("--verify", is_flag=True, help="Check the hash chain; exit 1 if it is broken.")
+@click.option("--tail", "tail", type=click.IntRange(0), default=20, show_default=True,
+              help="How many of the last records to show.")
+@json_option
+@pass_ctx
+def audit(ctx: Ctx, verify: bool, tail: int, as_json: bool) -> None:
+    """Show (or --verify) the audit log: membership changes, who ran what for whom."""
+    from .audit import verify as verify_chain
+
+    path = ctx.home.path / "audit.log"
+    if not path.exists():
+        raise TeammeshError(f"no audit log at {path} yet (the node writes it while it runs)")
+    if verify:
+        result = verify_chain(path)
+        emit(ctx, as_json, result, lambda: click.echo(
+            f"audit log intact: {result['lines']} records" if result["ok"]
+            else f"audit log BROKEN: {result['reason']}"))
+        if not result["ok"]:
+            sys.exit(1)
+        return
+    lines = path.read_text(errors="replace").splitlines()[-tail:] if tail else []
+    records = []
+    for raw in lines:
+        try:
+            records.append(json.loads(raw))
+        except ValueError:
+            continue
+
+    def human() -> None:
+        for r in records:
+            rest = {k: v for k, v in r.items() if k not in ("seq", "ts", "event", "prev", "hash")}
+            click.echo(f"{r.get('seq')}\t{r.get('ts')}\t{r.get('event')}\t"
+                       + " ".join(f"{k}={v}" for k, v in rest.items()))
+
+    emit(ctx, as_json, records, human)
 
 
 @cli.command()
@@ -846,10 +890,17 @@ def parse_duration(text: str) -> int:
         raise TeammeshError(f"bad duration {text!r}; use e.g. 90s, 30m, 1h, 2d") from exc
 
 
-def setup_logging(verbose: int) -> None:
+def setup_logging(verbose: int, log_format: str = "text") -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    if log_format == "json":
+        from .logjson import JsonFormatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("teammesh").setLevel(min(level, logging.INFO))
 
 

@@ -23,6 +23,7 @@ from teammesh.protocols.errors import ConfigError
 
 import teammesh
 
+from .audit import AuditLog
 from .config import Config, Home
 from .gpu import detect_gpus
 from .host import MeshHost, open_host
@@ -53,10 +54,12 @@ class Node:
         home.tighten()  # homes from before 0600 was the rule hold the bridge key at 0644
         self.identity = home.identity()
         self.journal = Journal(home.journal_file)
+        self.audit = AuditLog(home.path / "audit.log")
         self.membership = Membership(
             home, self.journal, self.identity,
             bitswap_peers=set(config.get("files", "allow_peers")),
             bitswap_public=config.get("files", "serve") == "public")
+        self.membership.audit = self.audit
         self.membership.require_team()
         slots = options.slots if options.slots is not None else config.get("node", "slots")
         self.capacity = Capacity(slots=slots, cost=config.get("node", "cost"),
@@ -142,6 +145,7 @@ class Node:
                 self.host = host
                 async with contextlib.AsyncExitStack() as stack, \
                         trio.open_nursery() as nursery:
+                    await nursery.start(self.audit.run)
                     await nursery.start(self.membership.run, host)
                     api = self.config.get("ipfs", "api")
                     if self.files is not None and api:

@@ -150,6 +150,7 @@ class Membership:
                  bitswap_peers: set[str] | None = None, bitswap_public: bool = False) -> None:
         self.home = home
         self.journal = journal
+        self.audit: Any = None  # the node's AuditLog, when a daemon runs
         self.identity = identity
         raw = journal.get("team")
         self.team: TeamInfo | None = None
@@ -576,6 +577,10 @@ class Membership:
         self.enroll_peers.add(invite.enroll_peer_id)
         return invite
 
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.append(event, **fields)
+
     def revoke(self, peer_id: str) -> bytes:
         team, _roster = self.require_team()
         if self.root is None:
@@ -584,6 +589,7 @@ class Membership:
             raise MembershipError("an admin cannot revoke itself")
         rev = issue_revocation(self.root, team, peer_id, now_s())
         data = rev.packed()
+        self._audit("revoked", peer=peer_id)
         self._apply(certs=[], revocations=[data])
         self.pending_revocations.append(data)
         if self.bridge_master is not None:
@@ -654,6 +660,7 @@ class Membership:
         await stream.write(wire.frame_message(reply))
         await stream.close()
         logger.info("enrolled new member %s", peer)
+        self._audit("enrolled", peer=peer, roles=[ROLE_MEMBER])
         self.new_certs.append(cert.packed())
         self.changed.set()
 
@@ -679,6 +686,7 @@ class Membership:
             await stream.write(wire.frame_message({"t": "renewed", "v": 1,
                                                    "cert": cert.packed()}))
             logger.info("renewed the certificate of %s until %s", peer, _utc(cert.expires))
+            self._audit("renewed", peer=peer, until=cert.expires)
         await stream.close()
 
     async def renew_from_admin(self, host: MeshHost) -> bool:
@@ -816,6 +824,7 @@ class Membership:
                 n = host.inbound_streams(peer)
                 await host.drop_peer(peer)
                 logger.warning("cut off revoked member %s (%d open streams reset)", peer, n)
+                self._audit("cut_off", peer=peer, streams=n)
 
     async def _publish_loop(self, host: MeshHost, topic: str) -> None:
         while True:

@@ -493,6 +493,7 @@ class TaskService:
             conn.execute("INSERT OR REPLACE INTO cache(key, output, executed_by, created)"
                          " VALUES(?,?,?,?)", (self._cache_key(r), _pack_output(output),
                                               executed_by, r.finished))
+        self.node.audit.append("result", task=r.id, kind=r.kind, state=state, by=executed_by)
         r.notify()
         watcher = self.watchers.pop(r.id, None)
         if watcher is not None:

@@ -188,6 +188,8 @@ class TaskServer:
             session.push_started(job.spec.id)
 
     def _done(self, job: Job, result: TaskResult) -> None:
+        self.service.node.audit.append("ran", task=job.spec.id, kind=job.spec.kind,
+                                       submitter=job.submitter, ok=result.ok)
         session = self.sessions.get(job.submitter)
         if session is not None and session.alive:
             session.push_result(result)
