@@ -1,8 +1,8 @@
 """The audit log: an append-only, hash-chained record of membership changes and of who
 ran which task for whom (``HOME/audit.log``, JSON lines, 0600).
 
-Each line holds ``prev`` (the previous line's hash) and ``hash`` =
-sha256(prev || the line's canonical JSON without ``hash``): editing, removing or
+Each line holds ``prev`` (the previous line's hash) and, last, ``hash`` =
+sha256(prev || the line's text before its hash field): editing, removing or
 reordering a line breaks the chain from there on, and ``teammesh audit --verify`` names
 the first bad line. (Someone who can rewrite the whole file can rewrite the chain too;
 ship the log elsewhere, e.g. with journald or a log collector, to guard against that.)
@@ -30,9 +30,15 @@ FLUSH_S = 1.0
 MAX_PENDING = 100_000  # lines held before a forced write (a flood must not grow memory)
 
 
-def _digest(prev: str, body: dict[str, Any]) -> str:
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(prev.encode() + canon.encode()).hexdigest()
+_HASH_TAIL = len(',"hash":"') + 64 + 2  # what follows the hashed part of a line
+
+
+def _seal(prev: str, body: dict[str, Any]) -> tuple[str, str]:
+    """The line for ``body`` and its hash: sha256(prev || the line up to its hash field)
+    — the exact bytes written, so checking needs no canonical re-encoding."""
+    text = json.dumps(body, separators=(",", ":"), default=str)
+    h = hashlib.sha256((prev + text).encode()).hexdigest()
+    return text[:-1] + ',"hash":"' + h + '"}', h
 
 
 class AuditLog:
@@ -63,11 +69,8 @@ class AuditLog:
         self._seq += 1
         body = {"seq": self._seq, "ts": round(time.time(), 3), "event": event, **fields,
                 "prev": self._prev}
-        h = _digest(self._prev, body)
-        body["hash"] = h
-        self._prev = h
-        self._pending.append(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                        default=str))
+        line, self._prev = _seal(self._prev, body)
+        self._pending.append(line)
         if len(self._pending) >= MAX_PENDING:
             self.flush()
 
@@ -96,9 +99,13 @@ def verify(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, raw in enumerate(f, 1):
             n = lineno
+            raw = raw.rstrip("\n")
             try:
                 body = json.loads(raw)
-                h = body.pop("hash")
+                h = body["hash"]
+                hashed = raw[:-_HASH_TAIL] + "}"
+                if raw[-_HASH_TAIL:] != ',"hash":"' + h + '"}':
+                    raise ValueError("the hash is not the last field")
             except (ValueError, KeyError, TypeError):
                 return {"ok": False, "lines": n, "first_bad": lineno,
                         "reason": f"line {lineno} is not an audit record"}
@@ -106,7 +113,7 @@ def verify(path: Path) -> dict[str, Any]:
                 return {"ok": False, "lines": n, "first_bad": lineno,
                         "reason": f"line {lineno} does not follow line {lineno - 1}"
                                   " (a line was removed, inserted or reordered)"}
-            if _digest(prev, body) != h:
+            if hashlib.sha256((prev + hashed).encode()).hexdigest() != h:
                 return {"ok": False, "lines": n, "first_bad": lineno,
                         "reason": f"line {lineno} was altered (its hash does not match)"}
             prev = h
