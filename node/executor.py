@@ -79,18 +79,17 @@ class Limits:
         return self.kind_output_mb.get(kind, self.max_output_mb) * MiB
 
     def input_error(self, kind: str, size: int) -> str:
-        mb = self.kind_input_mb.get(kind, self.max_input_mb)
-        key = "executor.kind_max_input_mb" if kind in self.kind_input_mb \
-            else "executor.max_input_mb"
-        return (f"input of {size} bytes exceeds this node's limit of {mb} MiB for {kind}"
-                f" ({key})")
+        return self._error("input", kind, size, self.kind_input_mb, self.max_input_mb)
 
     def output_error(self, kind: str, size: int) -> str:
-        mb = self.kind_output_mb.get(kind, self.max_output_mb)
-        key = "executor.kind_max_output_mb" if kind in self.kind_output_mb \
-            else "executor.max_output_mb"
-        return (f"output of {size} bytes exceeds this node's limit of {mb} MiB for {kind}"
-                f" ({key})")
+        return self._error("output", kind, size, self.kind_output_mb, self.max_output_mb)
+
+    @staticmethod
+    def _error(what: str, kind: str, size: int, per_kind: Mapping[str, int],
+               default_mb: int) -> str:
+        key = f"executor.kind_max_{what}_mb" if kind in per_kind else f"executor.max_{what}_mb"
+        return (f"{what} of {size} bytes exceeds this node's limit of"
+                f" {per_kind.get(kind, default_mb)} MiB for {kind} ({key})")
 
 
 def worker_env(base: Mapping[str, str]) -> dict[str, str]:

@@ -20,11 +20,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
+from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
 
 from .bridge import BridgeError, BridgeRateLimited, BridgeRejected, BridgeUnavailable
 from .executor import Job
-from .tasks import json_safe
 
 if TYPE_CHECKING:
     from .daemon import Node

@@ -46,7 +46,7 @@ from teammesh.protocols.errors import (
     TaskError,
     TeammeshError,
 )
-from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
+from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
 
 from .executor import Executor, Job, Limits
 from .host import STREAM_ERRORS, DialError, MeshHost, Stream, single_leaf
@@ -110,19 +110,6 @@ def fits(resources: Any, memory_bytes: int, gpus: tuple[str, ...]) -> bool:
 
 def new_task_id() -> str:
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
-
-
-def json_safe(value: Any) -> Any:
-    """Task outputs may hold bytes; JSON shows them as {"$base64": ...}."""
-    if isinstance(value, bytes):
-        import base64
-
-        return {"$base64": base64.b64encode(value).decode()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    return value
 
 
 @dataclass(slots=True)

@@ -79,18 +79,6 @@ def run_one(kinds: dict[str, Any], task: dict[str, Any], cpu_s: int) -> dict[str
             "wall": (time.perf_counter() - t0) * 1000, "cpu": (_cpu_s() - c0) * 1000}
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, bytes):
-        import base64
-
-        return {"$base64": base64.b64encode(value).decode()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
-
-
 def encode_result(result: dict[str, Any], task: dict[str, Any], spool: str | None) -> bytes:
     """The frame for one result: inline when small, else the output goes to a spool file
     (raw bytes, or JSON for structured outputs, so `teammesh get` gives a usable file)."""
@@ -109,7 +97,9 @@ def encode_result(result: dict[str, Any], task: dict[str, Any], spool: str | Non
     if isinstance(output, bytes):
         data, fmt = output, "bytes"
     else:
-        data, fmt = json.dumps(_json_safe(output), separators=(",", ":")).encode(), "json"
+        from teammesh.protocols.tasks import json_safe  # only here: workers start lean
+
+        data, fmt = json.dumps(json_safe(output), separators=(",", ":")).encode(), "json"
     if limit and len(data) > limit:
         result.update(ok=False, output=None,
                       error=f"output of {len(data)} bytes exceeds this node's limit of"

@@ -225,20 +225,29 @@ def issue_revocation(
                       _chain_of(issuer_cert))
 
 
-def parse_revocation(data: bytes, team: TeamInfo, now: int) -> Revocation:
+def _open_team_signed(data: bytes, outer_type: str, body_type: str, team: TeamInfo,
+                      what: str) -> tuple[wire.Message, bytes, bytes, bytes | None]:
+    """The envelope every team-signed statement shares (revocations, epoch notices):
+    (body fields, body bytes, signature, issuer's chain); the caller verifies."""
     outer = wire.unpack(data, max_bytes=MAX_CERT_BYTES)
-    if outer["t"] != "signed_revoke":
-        raise MalformedMessage("not a revocation")
+    if outer["t"] != outer_type:
+        raise MalformedMessage(f"not a {what}")
     body = wire.field_bytes(outer, "body", max_len=MAX_CERT_BYTES)
     sig = wire.field_bytes(outer, "sig", max_len=64)
     chain = outer.get("chain")
     if chain is not None and not isinstance(chain, bytes):
-        raise MalformedMessage("revocation chain must be bytes")
+        raise MalformedMessage(f"{what} chain must be bytes")
     m = wire.unpack(body, max_bytes=MAX_CERT_BYTES)
-    if m["t"] != "revoke":
-        raise MalformedMessage("revocation body has the wrong type")
+    if m["t"] != body_type:
+        raise MalformedMessage(f"{what} body has the wrong type")
     if wire.field_str(m, "team") != team.team_id:
-        raise NotAMember("revocation is for another team")
+        raise NotAMember(f"{what} is for another team")
+    return m, body, sig, chain
+
+
+def parse_revocation(data: bytes, team: TeamInfo, now: int) -> Revocation:
+    m, body, sig, chain = _open_team_signed(data, "signed_revoke", "revoke", team,
+                                            "revocation")
     peer = wire.field_str(m, "peer")
     issuer = wire.field_str(m, "issuer")
     at = wire.field_int(m, "at")
@@ -282,19 +291,8 @@ def issue_epoch_notice(
 
 def parse_epoch_notice(data: bytes, team: TeamInfo, now: int) -> EpochNotice:
     """Decode and verify a bridge epoch notice for ``team``."""
-    outer = wire.unpack(data, max_bytes=MAX_CERT_BYTES)
-    if outer["t"] != "signed_epoch":
-        raise MalformedMessage("not a bridge epoch notice")
-    body = wire.field_bytes(outer, "body", max_len=MAX_CERT_BYTES)
-    sig = wire.field_bytes(outer, "sig", max_len=64)
-    chain = outer.get("chain")
-    if chain is not None and not isinstance(chain, bytes):
-        raise MalformedMessage("epoch notice chain must be bytes")
-    m = wire.unpack(body, max_bytes=MAX_CERT_BYTES)
-    if m["t"] != "epoch":
-        raise MalformedMessage("epoch notice body has the wrong type")
-    if wire.field_str(m, "team") != team.team_id:
-        raise NotAMember("bridge epoch notice is for another team")
+    m, body, sig, chain = _open_team_signed(data, "signed_epoch", "epoch", team,
+                                            "bridge epoch notice")
     epoch = wire.field_int(m, "epoch")
     if epoch < 0:
         raise MalformedMessage("bridge epoch must not be negative")

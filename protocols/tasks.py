@@ -102,6 +102,19 @@ def params_size(params: dict[str, Any]) -> int:
     return len(wire.pack({"p": params})) if params else 0
 
 
+def json_safe(value: Any) -> Any:
+    """Task outputs may hold bytes; JSON shows them as {"$base64": ...}."""
+    if isinstance(value, bytes):
+        import base64
+
+        return {"$base64": base64.b64encode(value).decode()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
+
+
 def is_cid_ref(value: Any) -> bool:
     """A param given as a file: ``{"$cid": "bafy..."}``."""
     return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("$cid"), str)
