@@ -45,6 +45,7 @@ class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._pending: list[str] = []
+        self._warned = -1e9
         self._seq, self._prev = self._tail()
 
     def _tail(self) -> tuple[int, str]:
@@ -71,16 +72,26 @@ class AuditLog:
                 "prev": self._prev}
         line, self._prev = _seal(self._prev, body)
         self._pending.append(line)
-        if len(self._pending) >= MAX_PENDING:
+        if len(self._pending) >= MAX_PENDING and time.monotonic() - self._warned > 60:
             self.flush()
 
     def flush(self) -> None:
         if not self._pending:
             return
         lines, self._pending = self._pending, []
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write("\n".join(lines) + "\n")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a") as f:
+                f.write("\n".join(lines) + "\n")
+        except OSError as exc:
+            # a full disk must not stop the node; the records wait (bounded), and a gap
+            # they leave if they are dropped shows in --verify as a broken chain
+            self._pending = (lines + self._pending)[-MAX_PENDING:]
+            now = time.monotonic()
+            if now - self._warned > 60:
+                self._warned = now
+                logger.warning("cannot write the audit log %s: %s (%d records waiting)",
+                               self.path, exc, len(self._pending))
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

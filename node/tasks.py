@@ -360,6 +360,14 @@ class TaskService:
     def submit_many(self, bodies: list[dict[str, Any]]) -> list[TaskRecord]:
         """Validate all, journal all in one transaction, then queue: all or nothing."""
         records = [self._spec_from_request(b) for b in bodies]
+        try:
+            return self._journal_and_queue(records)
+        except sqlite3.OperationalError as exc:
+            # nothing was accepted (the transaction rolled back): the caller is told why
+            raise TaskError(f"this node's journal cannot take the tasks ({exc}); free disk"
+                            f" space in {self.node.home.path} and submit again") from exc
+
+    def _journal_and_queue(self, records: list[TaskRecord]) -> list[TaskRecord]:
         now = trio.current_time()
         hits: list[TaskRecord] = []
         with self.journal.transaction() as db:

@@ -630,3 +630,58 @@ def test_a_member_sending_malformed_streams_is_benched(tmp_path: Path, scenario_
         assert_alive(sub, ex)
     scenario_report("malformed streams from one member (benched)", tried=outcome["sent"] + tried,
                     lost=lost)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 6 MiB tmpfs the test mounts itself (root works on this machine kind)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(where)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the full-disk test: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_refuses_new_tasks_clearly_and_keeps_the_accepted(
+        small_disk: Path, scenario_report) -> None:
+    from teammesh.protocols.errors import TeammeshError
+
+    home = init_home(small_disk / "n0")
+    run_cli(home, "team", "create", "t")
+    node = Daemon(home, ["--slots", "0"]).start()
+    accepted: list[str] = []
+    refusal = ""
+    try:
+        with Client.from_home(home, timeout=60) as c:
+            for _ in range(40):  # 40 x 512 KiB is past the 6 MiB disk
+                try:
+                    accepted.append(c.submit("base64.encode", os.urandom(512 * 1024),
+                                             no_cache=True)["id"])
+                except TeammeshError as exc:
+                    refusal = str(exc)
+                    break
+            assert refusal, "the disk never filled"
+            assert "free disk space" in refusal
+            assert node.alive(), node.log.read_text()[-3000:]
+            listed = {t["id"]: t["state"] for t in c.tasks(limit=100)}
+            lost = sum(1 for tid in accepted if listed.get(tid) != "queued")
+            assert lost == 0
+    finally:
+        node.stop()
+    # the journal on the full disk still holds every accepted task
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{home / 'journal.db'}?mode=ro", uri=True)
+    try:
+        stored = {row[0] for row in db.execute("SELECT id FROM tasks")}
+    finally:
+        db.close()
+    lost = sum(1 for tid in accepted if tid not in stored)
+    assert lost == 0
+    scenario_report("a full disk under a submitter", tried=len(accepted) + 1, lost=lost,
+                    note=f"{len(accepted)} accepted, then a clear refusal")
