@@ -1116,6 +1116,18 @@ class AsyncClient:
 
     async def submit(self, kind: str, input: bytes | None = None,
                      params: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
+        """Submit one task; its JSON (with ``wait=True``, once it has ended).
+
+        Inside ``async with``, ``wait=True`` rides the futures connection, so many
+        concurrent submits go out together instead of one HTTP request each."""
+        if options.get("wait") is True and self._tg is not None and not self._closed \
+                and self._socket_path is not None:
+            fut = self.future(kind, input, params, **options)
+            exc = await fut.exception()
+            if fut._record is None:
+                assert exc is not None
+                raise exc  # refused, or the connection or client went away
+            return fut._record
         return dict(await self.request("POST", "/v1/tasks",
                                        json=_submit_body(kind, input, params, options)))
 

@@ -116,6 +116,7 @@ WORKER_TASKS = 2000
 WORKER_ROUNDS = 5
 WORKER_ROUNDS_QUICK = 3
 HTTP_PARALLEL = 64  # keep-alive connections curl keeps busy at once
+ASYNC_IN_FLIGHT = 64
 WORKER_KIND = "base64.encode"  # runs in the executor's worker process (hashes run inline)
 
 # (figure, unit, what it measures)
@@ -123,6 +124,8 @@ WORKER_FIGURES = {
     "futures": "N `executor().submit(\"base64.encode\", x)` then `.result()` on each, in order"
                " (Python client, control socket; submissions coalesced into batch frames)",
     "batch": "one `POST /v1/tasks/batch` of N tasks with wait (Python client, control socket)",
+    "async_submit": f"N `await AsyncClient.submit(kind, x, wait=True)` under trio,"
+                    f" {ASYNC_IN_FLIGHT} in flight (the one-call-per-task idiom)",
     "http": f"N `POST /v1/tasks` with wait, one request per task, curl --parallel with"
             f" {HTTP_PARALLEL} keep-alive connections (what another language pays)",
     "ray": "N `f.remote(x)` then one `ray.get` of the list (ray.init(num_cpus=2),"
@@ -225,7 +228,37 @@ def bench_worker_path(n_tasks: int, rounds: int) -> list[dict[str, Any]]:
                         raise RuntimeError("batch round: wrong results")
                     return n_tasks / wall
 
-                steps: list[tuple[str, Any]] = [("futures", futures)]
+                def async_submit() -> float:
+                    import trio
+
+                    from teammesh.client import AsyncClient
+
+                    inputs = xs()
+                    outs: list[Any] = [None] * len(inputs)
+
+                    async def main() -> float:
+                        limit = trio.Semaphore(ASYNC_IN_FLIGHT)
+                        async with AsyncClient.from_home(nodes[0].home, timeout=300) as ac:
+
+                            async def one(i: int) -> None:
+                                async with limit:
+                                    r = await ac.submit(WORKER_KIND, inputs[i], wait=True,
+                                                        no_cache=True)
+                                outs[i] = r["output"]
+
+                            t0 = time.perf_counter()
+                            async with trio.open_nursery() as nursery:
+                                for i in range(len(inputs)):
+                                    nursery.start_soon(one, i)
+                            return time.perf_counter() - t0
+
+                    wall = trio.run(main)
+                    if outs != [base64.b64encode(x).decode() for x in inputs]:
+                        raise RuntimeError("async submit round: wrong results")
+                    return n_tasks / wall
+
+                steps: list[tuple[str, Any]] = [("futures", futures),
+                                                ("async_submit", async_submit)]
                 if "ray" in servers:
                     steps.append(("ray", lambda: servers["ray"].round("remote", n_tasks)))
                 if has_curl:
@@ -250,7 +283,7 @@ def bench_worker_path(n_tasks: int, rounds: int) -> list[dict[str, Any]]:
             out.append(figure(f"worker_{name}_tasks_per_s", rates[name], "tasks/s",
                               n_tasks=n_tasks, rounds=rounds, measures=what))
     for base in ("ray", "dask_submit"):
-        for name in ("futures", "http", "batch"):
+        for name in ("futures", "async_submit", "http", "batch"):
             if rates[name] and rates[base]:
                 per_round = [a / b for a, b in zip(rates[name], rates[base], strict=True)]
                 out.append(figure(f"worker_{name}_ratio_vs_{base}", per_round, "x",

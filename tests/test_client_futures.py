@@ -200,6 +200,15 @@ async def _async_roundtrip(home: Path, executor: Daemon) -> None:
             bad = c.future("base64.decode", b"@@", no_cache=True)
             with pytest.raises(TaskFailed, match="invalid base64 character"):
                 await bad
+            # submit(wait=True) rides the same connection and answers as over HTTP
+            rec = await c.submit("base64.encode", b"abc", wait=True, no_cache=True)
+            assert rec["state"] == "done"
+            assert rec["output"] == "YWJj"
+            rec = await c.submit("base64.decode", b"@@", wait=True, no_cache=True)
+            assert rec["state"] == "failed"
+            assert "invalid base64 character" in rec["error"]
+            with pytest.raises(TaskError, match="'where' must be one of"):
+                await c.submit("base64.encode", b"abc", wait=True, where="nowhere")
             slow = c.future("sleep", params={"seconds": 120}, no_cache=True)
             task_id = await slow.submitted()
             await _await_busy(executor, 1)
