@@ -596,6 +596,7 @@ class TaskService:
                     now: float) -> tuple[list[tuple[float, str]], Waiting | None]:
         """Scored targets with room, or why there are none."""
         out: list[tuple[float, str]] = []
+        behind: list[tuple[float, str]] = []  # busy with others' work: a last resort
         runners = 0
         idle_runners = 0  # run the kind but offer no slots
         unfit = 0  # run the kind but lack its resources
@@ -646,7 +647,12 @@ class TaskService:
                 elif inflight == 0 and ad.free_slots == 0:
                     # Busy with other members' work: a task sent now would wait in its
                     # queue while another peer or the bridge could start it. (Our own
-                    # tasks in flight there are what its ad counts when we pipeline.)
+                    # tasks in flight there are what its ad counts when we pipeline.) It
+                    # queues there only if nothing else can take it: the executor then
+                    # gives us our turn among its submitters (one place per slot).
+                    rtt = link.rtt_ms if link else 5.0
+                    behind.append((1.0 / (1 + ad.queue / max(1, ad.slots)) / (1 + rtt),
+                                   peer))
                     continue
                 if inflight >= window:
                     continue
@@ -671,6 +677,8 @@ class TaskService:
                     out.append((1.0, peer))
         if out:
             return out, None
+        if behind and not self._bridge_could_take(r):
+            return behind, None
         if (runners == 0 and unfit and r.where != "local") or (r.where == "local" and unfit):
             need = "a GPU" if getattr(needs, "gpu", False) else \
                 f"{getattr(needs, 'memory_mb', 0)} MiB of memory"
@@ -847,6 +855,14 @@ class TaskService:
         return True
 
     # --- escalation to the Cloudflare bridge ---------------------------------------------------
+    def _bridge_could_take(self, r: TaskRecord) -> bool:
+        """Would this task escalate if it found no room (so it need not queue behind
+        other members' work)?"""
+        br = self.breakers.get("bridge")
+        return (self.bridge is not None and r.where == "any" and r.replicas == 1
+                and self._bridge_cannot_run(r) is None
+                and (br is None or br.allows(trio.current_time())))
+
     def _bridge_cannot_run(self, r: TaskRecord, *, explicit: bool = False) -> str | None:
         """Why the bridge cannot be given this task with its data, or None. The Worker
         reads an input file from the R2 mirror, or queues the task for pull-mode members
