@@ -365,8 +365,12 @@ class Executor:
                 if batch:
                     return batch
                 continue
-            await self._wake.wait()
-            self._wake = trio.Event()
+            wake = self._wake
+            await wake.wait()
+            # Only the first slot up replaces the event: a later one replacing it again
+            # would drop a wake-up set in between (a queued job with idle slots)
+            if self._wake is wake:
+                self._wake = trio.Event()
             if slot.retired:
                 self._wake.set()  # pass the wake-up on to a live slot
         return []
@@ -526,6 +530,8 @@ class Executor:
             broken: str | None = None
             with trio.CancelScope() as scope:
                 slot.scope = scope
+                if job.cancelled:  # cancelled after it was taken, before its scope opened
+                    scope.cancel()
                 scope.deadline = trio.current_time() + timeout
                 try:
                     msg = await self._next_message(slot)

@@ -190,9 +190,12 @@ class TaskRecord:
 class Breaker:
     failures: int = 0
     open_until: float = 0.0
+    opened_at: float = 0.0
 
-    def allows(self, now: float) -> bool:
-        return now >= self.open_until
+    def allows(self, now: float, heard_at: float = -math.inf) -> bool:
+        """Closed, or open but the peer has been heard from since it opened (a fresh
+        ad after a partition heals): one probe goes through, half-open."""
+        return now >= self.open_until or heard_at > self.opened_at
 
     def success(self) -> None:
         self.failures = 0
@@ -201,6 +204,7 @@ class Breaker:
     def failure(self, now: float) -> None:
         self.failures += 1
         if self.failures >= BREAKER_THRESHOLD:
+            self.opened_at = now
             self.open_until = now + min(60.0, BREAKER_BASE_S * 2 ** (self.failures - BREAKER_THRESHOLD))
 
 
@@ -636,7 +640,7 @@ class TaskService:
                 if peer in taken or peer in r.excluded:
                     continue
                 br = self.breakers.get(peer)
-                if br is not None and not br.allows(now):
+                if br is not None and not br.allows(now, e.received):
                     continue
                 link = self.links.get(peer)
                 inflight = len(link.inflight) if link else 0

@@ -56,3 +56,28 @@ def test_a_busy_member_is_skipped_for_the_bridge(tmp_path: Path) -> None:
         finally:
             for d in (a, *others):
                 d.stop()
+
+
+def test_a_cancel_right_after_submit_frees_the_slot_and_idle_slots_wake(tmp_path: Path) -> None:
+    from meshtools import mesh
+
+    with mesh(tmp_path, 1, slots=[3]) as (node,):
+        with Client.from_home(node.home) as c:
+            # three long tasks on three slots: every slot must pick one up (a lost
+            # wake-up once left two idle with two queued)
+            long = [c.submit("sleep", params={"seconds": 60 + i}, no_cache=True)["id"]
+                    for i in range(3)]
+            wait_until(lambda: node.cli("status")["free_slots"] == 0, 30,
+                       what="all three slots busy")
+            for tid in long:
+                c.cancel(tid)
+            wait_until(lambda: node.cli("status")["free_slots"] == 3, 30,
+                       what="the cancelled tasks to free their slots")
+            # a cancel that lands before the worker takes the task must stop it too
+            for _ in range(5):
+                tid = c.submit("sleep", params={"seconds": 60}, no_cache=True)["id"]
+                c.cancel(tid)
+            quick = c.submit("base64.encode", b"next", wait=True, no_cache=True)
+            assert quick["state"] == "done"
+            wait_until(lambda: node.cli("status")["free_slots"] == 3, 30,
+                       what="no cancelled task holding a slot")

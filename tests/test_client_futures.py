@@ -165,7 +165,7 @@ def test_close_with_pending_futures_does_not_hang(home: Path, nodes: list[Daemon
     c = Client.from_home(home, timeout=120)
     pending = [c.future("sleep", params={"seconds": 120 + i}, no_cache=True) for i in range(3)]
     ids = [f.id for f in pending]
-    _wait_busy(nodes[1], 1)
+    _wait_busy(nodes[1], 3)  # the executor's three slots each run one
     assert len(_io_threads()) == before + 1
     c.close()
     assert len(_io_threads()) == before  # the reader thread is joined, not left behind
