@@ -192,8 +192,8 @@ def join(ctx: Ctx, invite: str, as_json: bool, then_up: bool, service: str | Non
     from .journal import Journal
     from .membership import join as do_join
 
-    if (then_up or service) and not ctx.home.initialized:
-        ctx.home.init()  # one command from an invite to a running node
+    if not ctx.home.initialized:
+        ctx.home.init()  # an invite is all a new member needs: no separate `init`
     identity = ctx.home.identity()
     journal = Journal(ctx.home.journal_file)
     quiet = as_json or ctx.as_json

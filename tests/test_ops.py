@@ -251,3 +251,12 @@ def test_join_service_writes_a_hardened_unit_for_this_home(tmp_path: Path) -> No
         assert str(unit) in errors[0]
     else:
         assert "teammesh.service" in proc.stdout
+
+
+def test_join_on_a_fresh_home_needs_no_init(tmp_path: Path) -> None:
+    with mesh(tmp_path, 1, slots=[0]) as (admin,):
+        invite = run_cli(admin.home, "team", "invite").stdout.strip()
+        fresh = tmp_path / "fresh"  # never `teammesh init`-ed
+        out = json.loads(run_cli(fresh, "join", invite, "--json").stdout)
+        assert out["team"] == admin.cli("status")["team"]["id"]
+        assert (fresh / "identity.key").stat().st_mode & 0o077 == 0
