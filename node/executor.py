@@ -41,7 +41,7 @@ from typing import Any
 import trio
 from teammesh.protocols import wire
 from teammesh.protocols.errors import RemoteProtocolError, TeammeshError
-from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
+from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result, params_size
 
 from .kinds import Kind, run_guarded
 from .mesh import Capacity
@@ -125,11 +125,10 @@ class Job:
     def size(self) -> int:
         if self.input_size < 0:
             n = len(self.spec.input)
-            if self.spec.params:
-                try:
-                    n += len(wire.pack(self.spec.params))
-                except TeammeshError:
-                    pass
+            try:
+                n += params_size(self.spec.params)  # what assign batches count too
+            except TeammeshError:
+                pass
             self.input_size = n
         return self.input_size
 

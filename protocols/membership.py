@@ -49,6 +49,15 @@ def team_id_from_root(root_pub: bytes) -> str:
     return "tm" + base64.b32encode(digest[:10]).decode().lower()
 
 
+def _pack_signed(outer_type: str, body: bytes, sig: bytes, chain: bytes | None) -> bytes:
+    """The envelope of a signed team statement (certificate, revocation, epoch notice);
+    ``_open_team_signed`` and ``parse_certificate`` read it back."""
+    m: dict[str, Any] = {"t": outer_type, "v": 1, "body": body, "sig": sig}
+    if chain is not None:
+        m["chain"] = chain
+    return wire.pack(m)
+
+
 @dataclass(frozen=True, slots=True)
 class TeamInfo:
     team_id: str
@@ -90,10 +99,7 @@ class Certificate:
         return ROLE_ADMIN in self.roles
 
     def packed(self) -> bytes:
-        m: dict[str, Any] = {"t": "signed_cert", "v": 1, "body": self.body, "sig": self.sig}
-        if self.chain is not None:
-            m["chain"] = self.chain
-        return wire.pack(m)
+        return _pack_signed("signed_cert", self.body, self.sig, self.chain)
 
 
 def _chain_of(chain: Certificate | None) -> bytes | None:
@@ -205,10 +211,7 @@ class Revocation:
     chain: bytes | None = None
 
     def packed(self) -> bytes:
-        m: dict[str, Any] = {"t": "signed_revoke", "v": 1, "body": self.body, "sig": self.sig}
-        if self.chain is not None:
-            m["chain"] = self.chain
-        return wire.pack(m)
+        return _pack_signed("signed_revoke", self.body, self.sig, self.chain)
 
 
 def issue_revocation(
@@ -270,10 +273,7 @@ class EpochNotice:
     chain: bytes | None = None
 
     def packed(self) -> bytes:
-        m: dict[str, Any] = {"t": "signed_epoch", "v": 1, "body": self.body, "sig": self.sig}
-        if self.chain is not None:
-            m["chain"] = self.chain
-        return wire.pack(m)
+        return _pack_signed("signed_epoch", self.body, self.sig, self.chain)
 
 
 def issue_epoch_notice(
