@@ -13,6 +13,8 @@ export default defineConfig({
           RATE_PER_S: "1",
           RATE_BURST: "20",
           MAX_MC_SAMPLES: "2000000",
+          SHARDS: "4",
+          CONTROL_CACHE_S: "0",
         },
       },
     }),

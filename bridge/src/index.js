@@ -13,12 +13,18 @@
 // key, or with the master for admin requests (see src/auth.js); errors are JSON
 // {"error": {"code", "message"}}. docs/BRIDGE.md is the reference.
 
-import { HttpError, masterFromHex, parseAuth } from "./auth.js";
+import { deriveMemberKey, HttpError, importHmac, masterFromHex, parseAuth } from "./auth.js";
+import { OLD_EPOCHS } from "./control.js";
 import { bytesToBase64, F64, orderedObject, parseJSON, Raw, sortedJSON, stringify } from "./json.js";
 import { KINDS, portableNames, runKind, whyNotAtEdge, whyNotPortable } from "./kinds/index.js";
 import { validateParams } from "./kinds/params.js";
-import { hex, sha256Hex } from "./util.js";
+import { LIST_BYTES } from "./queue.js";
+import { dagPbV1, getBlob, INLINE_BYTES, mirrorKey, putBlob } from "./r2.js";
+import { controlStub, gateStub, shardCount, shardStub, taskShard } from "./shards.js";
+import { fromHex, hex, sha256Hex } from "./util.js";
 
+export { Control } from "./control.js";
+export { PeerGate } from "./gate.js";
 export { TaskQueue } from "./queue.js";
 
 const MAX_INLINE_INPUT = 4 * 1024 * 1024;
@@ -88,10 +94,6 @@ function errorResponse(status, code, message, extra = {}, more = null) {
   // with the code, at the top level, so a client finds it either way.
   const body = more ? { error: { code, message, ...more }, code, ...more } : { error: { code, message } };
   return jsonResponse(status, body, extra);
-}
-
-function queueStub(env) {
-  return env.QUEUE.get(env.QUEUE.idFromName("teammesh-bridge-v1"));
 }
 
 function utf8Length(text) {
@@ -309,12 +311,146 @@ function rawSha256Digest(cid) {
   return null;
 }
 
-async function loadCid(env, cid) {
+// --- the control object's data, cached per isolate -------------------------------------
+// Master keys and cache generations are read through this cache: a Control round trip at
+// most once every CONTROL_CACHE_S (var, default 5 s) per isolate, plus one per (kind,
+// version) for its generations. A rotation or invalidation takes effect at once in the
+// isolate that made it and within CONTROL_CACHE_S in every other one (docs/BRIDGE.md).
+const CONTROL = { at: 0, snap: null, gens: new Map(), keys: new Map(), members: new Map() };
+const MAX_CACHED = 4096;
+
+function controlTtlMs(env) {
+  const v = Number(env.CONTROL_CACHE_S ?? 5);
+  return Number.isFinite(v) && v >= 0 ? v * 1000 : 5000;
+}
+
+async function controlSnapshot(env) {
+  const now = Date.now();
+  if (CONTROL.snap && now - CONTROL.at < controlTtlMs(env)) return CONTROL.snap;
+  const snap = await controlStub(env).snapshot();
+  if (!CONTROL.snap || CONTROL.snap.changes !== snap.changes) CONTROL.gens.clear();
+  CONTROL.snap = snap;
+  CONTROL.at = now;
+  return snap;
+}
+
+function forgetControl() {
+  CONTROL.at = 0;
+  CONTROL.snap = null;
+  CONTROL.gens.clear();
+}
+
+async function cacheGen(env, kind, version) {
+  const snap = await controlSnapshot(env);
+  const k = `${kind}\n${version}`;
+  const hit = CONTROL.gens.get(k);
+  if (hit && hit.changes === snap.changes) return hit.gen;
+  const { gen, changes } = await controlStub(env).gens(kind, version);
+  if (changes !== snap.changes) forgetControl(); // the snapshot is older: refresh it next time
+  if (CONTROL.gens.size >= MAX_CACHED) CONTROL.gens.clear();
+  CONTROL.gens.set(k, { gen, changes });
+  return gen;
+}
+
+async function hmacKey(raw) {
+  const id = hex(raw);
+  let key = CONTROL.keys.get(id);
+  if (!key) {
+    if (CONTROL.keys.size >= 64) CONTROL.keys.clear();
+    key = await importHmac(raw);
+    CONTROL.keys.set(id, key);
+  }
+  return key;
+}
+
+// The team's masters, newest first: the stored epochs, and epoch 0 from env.BRIDGE_KEY.
+async function teamKeys(env) {
+  const snap = await controlSnapshot(env);
+  const all = snap.masters.map((m) => ({ epoch: m.epoch, raw: fromHex(m.key) }));
+  const env0 = masterFromHex(env.BRIDGE_KEY);
+  if (env0 && !all.some((k) => k.epoch === 0) && all.length <= OLD_EPOCHS) all.push({ epoch: 0, raw: env0 });
+  if (!all.length) return null;
+  for (const k of all) k.key = await hmacKey(k.raw);
+  return { current: all[0], old: all.slice(1) };
+}
+
+async function memberKey(master, peer) {
+  const id = `${hex(master.raw)}/${peer}`;
+  let key = CONTROL.members.get(id);
+  if (!key) {
+    if (CONTROL.members.size >= 1024) CONTROL.members.clear();
+    key = await importHmac(await deriveMemberKey(master.key, peer));
+    CONTROL.members.set(id, key);
+  }
+  return key;
+}
+
+// "member" (signed with K_P of this master), "admin" (signed with the master), or null
+async function roleUnder(master, peer, mac, message) {
+  if (await crypto.subtle.verify("HMAC", await memberKey(master, peer), mac, message)) return "member";
+  if (await crypto.subtle.verify("HMAC", master.key, mac, message)) return "admin";
+  return null;
+}
+
+// The signature is checked here, in the Worker; the nonce and the rate limit in the
+// peer's own gate object. The rate limit is charged to the authenticated peer only.
+async function authorize(env, auth, lim) {
+  const keys = await teamKeys(env);
+  if (!keys) {
+    throw new HttpError(503, "not_configured", "BRIDGE_KEY is not a hex key of at least 16 bytes; set it with `wrangler secret put BRIDGE_KEY` (or .dev.vars)");
+  }
+  const mac = fromHex(auth.sig);
+  const message = new TextEncoder().encode(auth.message);
+  const role = await roleUnder(keys.current, auth.peer, mac, message);
+  if (!role) {
+    for (const old of keys.old) {
+      if (await roleUnder(old, auth.peer, mac, message)) {
+        throw new HttpError(
+          401, "stale_key",
+          `the request is signed with a key of epoch ${old.epoch}; the team's bridge key is now at epoch ${keys.current.epoch}: get the new key from a team admin`,
+          {}, { epoch: keys.current.epoch },
+        );
+      }
+    }
+    throw new HttpError(401, "bad_signature", "signature does not match (wrong key or peer id, or the request was altered)");
+  }
+  const admit = await gateStub(env, auth.peer).admit(auth.nonce, auth.ts + lim.skew + 1, role === "member", lim.rate, lim.burst, auth.peer);
+  if (!admit.ok) {
+    const headers = admit.code === "rate_limited" ? { "Retry-After": String(admit.retryAfter) } : {};
+    throw new HttpError(admit.status, admit.code, admit.message, headers);
+  }
+  return { peer: auth.peer, role, keys };
+}
+
+// --- inputs and outputs: inline when small, else in R2 by CID ---------------------------
+async function inputRef(env, bytes) {
+  if (bytes.length <= INLINE_BYTES) return { inline: bytes, key: null, size: bytes.length };
+  return { inline: null, key: await putBlob(env, bytes, "the input"), size: bytes.length };
+}
+
+async function outputFields(env, outputText) {
+  if (outputText === null || outputText === undefined) return { output: null, output_cid: null, output_size: 0 };
+  if (outputText.length * 3 <= INLINE_BYTES) return { output: outputText, output_cid: null, output_size: 0 };
+  const bytes = new TextEncoder().encode(outputText);
+  if (bytes.length <= INLINE_BYTES) return { output: outputText, output_cid: null, output_size: 0 };
+  return { output: null, output_cid: await putBlob(env, bytes, "the output"), output_size: bytes.length };
+}
+
+// A row whose output is in R2 gets it back (null if the object is gone).
+async function withOutput(env, t) {
+  if (!t || !t.output_cid || t.output !== null) return t;
+  const bytes = await getBlob(env, t.output_cid);
+  return { ...t, output: bytes === null ? null : new TextDecoder().decode(bytes) };
+}
+
+async function loadCid(env, cid, multihash) {
   if (!env.MIRROR) throw new HttpError(422, "no_mirror", "input_cid needs the R2 MIRROR binding");
-  const key = (env.MIRROR_PREFIX ?? "blocks/") + cid;
+  // The mirror's keys are base32 CIDv1 (docs/STORAGE.md); a CIDv0 names a dag-pb node.
+  const key = mirrorKey(env, cid.startsWith("Qm") ? dagPbV1(multihash) : cid);
   const obj = await env.MIRROR.get(key);
   if (!obj) throw new HttpError(422, "cid_not_found", `input_cid ${cid} is not in the R2 mirror (key ${key})`);
   if (obj.size > MAX_INLINE_INPUT) {
+    await obj.body.cancel().catch(() => {});
     throw new HttpError(413, "input_too_large", `input ${cid} is ${obj.size} bytes; the bridge runs inputs up to ${MAX_INLINE_INPUT} bytes`);
   }
   const data = new Uint8Array(await obj.arrayBuffer());
@@ -326,6 +462,24 @@ async function loadCid(env, cid) {
 }
 
 const QUEUE_ON_CID = ["no_mirror", "cid_not_found", "input_too_large"];
+
+// KV holds small outputs as the value, larger ones as a reference to R2 (metadata).
+async function cacheGet(env, key) {
+  const { value, metadata } = await env.CACHE.getWithMetadata(key);
+  if (value === null) return null;
+  if (metadata && metadata.cid) {
+    const bytes = await getBlob(env, metadata.cid);
+    return bytes === null ? null : new TextDecoder().decode(bytes);
+  }
+  return value;
+}
+
+function cachePut(env, ctx, key, fields, lim) {
+  const put = fields.output_cid
+    ? env.CACHE.put(key, "", { expirationTtl: lim.cacheTtl, metadata: { cid: fields.output_cid } })
+    : env.CACHE.put(key, fields.output, { expirationTtl: lim.cacheTtl });
+  ctx.waitUntil(put.catch(() => {}));
+}
 
 async function submitTask(request, env, ctx, peer, body) {
   const lim = limits(env);
@@ -369,7 +523,7 @@ async function submitTask(request, env, ctx, peer, body) {
   if (version.length > MAX_NAME) throw badRequest(`'version' must be at most ${MAX_NAME} characters`);
   const queueAllowed = body.queue !== false;
   const noCache = body.no_cache === true;
-  const stub = queueStub(env);
+  const { index, stub } = taskShard(env, id);
   const now = Date.now() / 1000;
   const base = {
     id,
@@ -383,17 +537,20 @@ async function submitTask(request, env, ctx, peer, body) {
     submitted: now,
   };
 
-  // An id the bridge has seen returns the stored task (idempotent retries); the same
-  // round trip reads the cache generation of this kind.
-  const { existing, edgeRunning, gen } = await stub.prepare(body.id === undefined || body.id === null ? null : id, kind, version);
-  if (existing) {
-    if (existing.kind !== kind) throw new HttpError(409, "id_conflict", `task ${id} exists with kind '${existing.kind}'`);
-    if (edgeRunning) {
-      // A retry of a run that never answered: queue it for pull-mode peers.
-      const task = await stub.requeueEdge(id, input, "the bridge did not finish running it (isolate limit, or the answer was lost)");
-      return jsonResponse(task.state === "queued" ? 202 : 200, taskJson(task));
+  // An id the bridge has seen returns the stored task (idempotent retries). A fresh id of
+  // the bridge's own making needs no look-up.
+  if (body.id !== undefined && body.id !== null) {
+    const { existing, edgeRunning } = await stub.prepare(id);
+    if (existing) {
+      if (existing.kind !== kind) throw new HttpError(409, "id_conflict", `task ${id} exists with kind '${existing.kind}'`);
+      if (edgeRunning) {
+        // A retry of a run that never answered: queue it for pull-mode peers.
+        const ref = await inputRef(env, input);
+        const task = await stub.requeueEdge(index, id, ref, "the bridge did not finish running it (isolate limit, or the answer was lost)");
+        return jsonResponse(task.state === "queued" ? 202 : 200, taskJson(await withOutput(env, task)));
+      }
+      return jsonResponse(200, taskJson(await withOutput(env, existing)));
     }
-    return jsonResponse(200, taskJson(existing));
   }
 
   let reason = whyNotPortable(kind, version, params, lim);
@@ -403,7 +560,7 @@ async function submitTask(request, env, ctx, peer, body) {
   }
   if (cid !== null && !reason) {
     try {
-      input = await loadCid(env, cid);
+      input = await loadCid(env, cid, cidHash);
       reason = whyNotAtEdge(kind, input.length, lim.edgeInput);
     } catch (e) {
       // Not in the mirror (or too big for the edge): pull-mode peers fetch it from the mesh.
@@ -416,9 +573,9 @@ async function submitTask(request, env, ctx, peer, body) {
     if (reason) input = new Uint8Array(0); // queued by CID: the pull-mode peer fetches the file
   }
 
-  const key = await cacheKey(kind, version, params, cidHash ?? (await bytesMultihash(input)), gen);
+  const key = await cacheKey(kind, version, params, cidHash ?? (await bytesMultihash(input)), await cacheGen(env, kind, version));
   if (!noCache && env.CACHE) {
-    const hit = await env.CACHE.get(key);
+    const hit = await cacheGet(env, key);
     if (hit !== null) {
       // Answered from the cache: nothing is written (a repeat is answered the same way),
       // so a cache hit costs no Durable Object write; GET of its id is 404.
@@ -428,17 +585,20 @@ async function submitTask(request, env, ctx, peer, body) {
   }
 
   if (reason) {
+    const ref = await inputRef(env, input);
     const { task } = await stub.put(
+      index,
       { ...base, state: "queued", cache_key: noCache ? null : key, waiting_reason: `${reason}; waiting for a pull-mode peer` },
-      input,
+      ref,
     );
-    return jsonResponse(202, taskJson(task));
+    return jsonResponse(202, taskJson(await withOutput(env, task)));
   }
 
   // Recorded before it runs: if the isolate dies (CPU or memory limit) the task is not
   // lost; a retry queues it for pull-mode peers, else it fails with that reason.
   const started = Date.now() / 1000;
-  await stub.put(
+  const recorded = await stub.put(
+    index,
     {
       ...base,
       state: "running",
@@ -448,23 +608,27 @@ async function submitTask(request, env, ctx, peer, body) {
     },
     null,
   );
+  if (recorded.existing) return jsonResponse(200, taskJson(await withOutput(env, recorded.task)));
   const result = await runKind(kind, input, params, validateParams);
   const finished = Date.now() / 1000;
   const outputText = result.ok ? stringify(result.output) : null;
+  const fields = await outputFields(env, outputText);
   const task = await stub.finishEdge(id, {
     state: result.ok ? "done" : "failed",
-    output: outputText,
+    ...fields,
     error: result.ok ? null : result.error,
     attempts: JSON.stringify([{ peer: "bridge", started, ended: finished, error: result.ok ? null : result.error }]),
     finished,
   });
-  if (result.ok && !noCache && env.CACHE && outputText.length < 20 * 1024 * 1024) {
-    ctx.waitUntil(env.CACHE.put(key, outputText, { expirationTtl: lim.cacheTtl }).catch(() => {}));
-  }
-  return jsonResponse(200, taskJson(task));
+  if (result.ok && !noCache && env.CACHE) cachePut(env, ctx, key, fields, lim);
+  // the row this run finished (not one a retry queued meanwhile) has this run's output
+  return jsonResponse(200, taskJson(task.finished === finished ? { ...task, output: outputText } : await withOutput(env, task)));
 }
 
 const MAX_LEASE_KINDS = 1000;
+// One lease answer carries at most this many input bytes (at least one task): it stays
+// far below the 32 MiB RPC limit and the isolate's 128 MB.
+export const LEASE_BYTES = 8 * 1024 * 1024;
 
 function parseKinds(v) {
   const out = {};
@@ -483,28 +647,59 @@ function parseKinds(v) {
   return out;
 }
 
+// Leasing by kind: the control object names the shards holding queued tasks of these
+// kinds; each shows its best `max`; the best of all (priority, then submission order) are
+// claimed, within LEASE_BYTES of input.
 async function lease(env, peer, body) {
   const kinds = parseKinds(body.kinds);
   const max = num(body.max ?? 1);
   const leaseS = num(body.lease_s ?? 60);
   if (!Number.isInteger(max) || max < 1 || max > 100) throw badRequest("'max' must be an integer from 1 to 100");
   if (typeof leaseS !== "number" || !(leaseS >= 1 && leaseS <= 3600)) throw badRequest("'lease_s' must be a number from 1 to 3600");
-  const leased = await queueStub(env).lease(peer, kinds, max, leaseS);
-  return jsonResponse(200, {
-    tasks: leased.map(({ task, input, leaseUntil }) => {
-      const o = orderedObject();
-      o.id = task.id;
-      o.kind = task.kind;
-      o.version = task.version;
-      o.input_b64 = bytesToBase64(input);
-      o.input_cid = task.input_cid ?? null;
-      o.params = new Raw(task.params);
-      o.priority = task.priority;
-      o.submitter = task.submitter ?? null;
-      o.lease_until = new F64(leaseUntil);
-      return o;
-    }),
-  });
+  const names = Object.keys(kinds);
+  const shards = names.length ? await controlStub(env).shardsFor(names) : [];
+  const n = shardCount(env);
+  const peeks = await Promise.all(
+    shards.filter((s) => s < n).map(async (s) => (await shardStub(env, s).peek(kinds, max)).map((c) => ({ ...c, shard: s }))),
+  );
+  const best = peeks.flat().sort((a, b) => b.priority - a.priority || a.submitted - b.submitted || a.seq - b.seq);
+  const chosen = new Map();
+  let bytes = 0;
+  let count = 0;
+  for (const c of best) {
+    if (count === max || (count && bytes + c.size > LEASE_BYTES)) break;
+    bytes += c.size;
+    count++;
+    if (!chosen.has(c.shard)) chosen.set(c.shard, []);
+    chosen.get(c.shard).push(c.id);
+  }
+  const claimed = (
+    await Promise.all([...chosen].map(([s, ids]) => shardStub(env, s).claim(s, peer, ids, leaseS)))
+  ).flat();
+  claimed.sort((a, b) => b.task.priority - a.task.priority || a.task.submitted - b.task.submitted);
+  const tasks = [];
+  for (const { task, input, leaseUntil } of claimed) {
+    let bytesIn = input ?? new Uint8Array(0);
+    let inputCid = task.input_cid ?? null;
+    if (task.input_key) {
+      const fetched = await getBlob(env, task.input_key);
+      // gone from R2: the peer fetches it by CID like any file input
+      if (fetched === null) inputCid = inputCid ?? task.input_key;
+      else bytesIn = fetched;
+    }
+    const o = orderedObject();
+    o.id = task.id;
+    o.kind = task.kind;
+    o.version = task.version;
+    o.input_b64 = bytesToBase64(bytesIn);
+    o.input_cid = inputCid;
+    o.params = new Raw(task.params);
+    o.priority = task.priority;
+    o.submitter = task.submitter ?? null;
+    o.lease_until = new F64(leaseUntil);
+    tasks.push(o);
+  }
+  return jsonResponse(200, { tasks });
 }
 
 const COMPLETE_REFUSALS = {
@@ -524,9 +719,10 @@ async function completeTask(env, ctx, peer, id, body) {
   }
   // The output is stored exactly as sent (floats stay floats: the parser kept them).
   const outputText = ok ? stringify(body.output === undefined ? null : body.output) : null;
-  const res = await queueStub(env).complete(id, peer, {
+  const fields = await outputFields(env, outputText);
+  const res = await taskShard(env, id).stub.complete(id, peer, {
     ok,
-    outputText,
+    ...fields,
     error: ok ? null : String(error).slice(0, 2000),
     signature: body.signature ?? null,
   });
@@ -539,14 +735,37 @@ async function completeTask(env, ctx, peer, id, body) {
     throw new HttpError(status, code, message(id));
   }
   // Only a lease holder's result reaches this point, so only those are cached.
-  if (ok && res.cacheKey && env.CACHE && outputText.length < 20 * 1024 * 1024) {
-    ctx.waitUntil(env.CACHE.put(res.cacheKey, outputText, { expirationTtl: limits(env).cacheTtl }).catch(() => {}));
-  }
-  return jsonResponse(200, taskJson(res.task));
+  if (ok && res.cacheKey && env.CACHE) cachePut(env, ctx, res.cacheKey, fields, limits(env));
+  return jsonResponse(200, taskJson({ ...res.task, output: outputText }));
 }
 
-// O(1) and consistent: bump the generation of the scope (the DO is the one place that
-// holds it); keys of older generations are never read again and expire by their TTL.
+// Across shards: each shard's best `limit` within its share of LIST_BYTES, merged in the
+// order asked for; outputs kept in R2 are fetched for the rows answered.
+async function listTasks(env, state, kind, limit) {
+  const n = shardCount(env);
+  const budget = Math.ceil(LIST_BYTES / n);
+  const parts = await Promise.all(Array.from({ length: n }, (_, s) => shardStub(env, s).list(state, kind, limit, budget)));
+  let more = parts.some((p) => p.more);
+  const all = parts.flatMap((p) => p.tasks);
+  if (state === "queued") all.sort((a, b) => b.priority - a.priority || a.submitted - b.submitted);
+  else all.sort((a, b) => b.submitted - a.submitted);
+  const rows = [];
+  let bytes = 0;
+  for (const t of all) {
+    const size = t.params.length + t.output_size + (t.output ?? "").length + (t.tag ?? "").length;
+    if (rows.length === limit || (rows.length && bytes + size > LIST_BYTES)) {
+      more = true;
+      break;
+    }
+    bytes += size;
+    rows.push(t);
+  }
+  return { tasks: await Promise.all(rows.map((t) => withOutput(env, t))), more };
+}
+
+// O(1) and consistent: bump the generation of the scope (the control object is the one
+// place that holds it); keys of older generations are never read again and expire by
+// their TTL.
 async function invalidate(env, body) {
   const prefix = body.prefix ?? "";
   if (typeof prefix !== "string" || prefix.length > 2 * MAX_NAME + 2) {
@@ -555,7 +774,8 @@ async function invalidate(env, body) {
   const scope = prefix.replace(/\/+$/, "");
   const parts = scope ? scope.split("/") : [];
   if (parts.length > 2 || parts.some((p) => !p)) throw badRequest("'prefix' must be '', '<kind>' or '<kind>/<version>'");
-  const generation = await queueStub(env).bumpCacheGen(parts.join("/"));
+  const generation = await controlStub(env).bumpCacheGen(parts.join("/"));
+  forgetControl();
   return jsonResponse(200, { scope: parts.join("/"), generation });
 }
 
@@ -567,7 +787,9 @@ async function rotate(env, role, body) {
   if (!Number.isSafeInteger(epoch) || epoch < 1 || body.epoch instanceof F64) throw badRequest("'epoch' must be an integer >= 1");
   const key = typeof body.key === "string" ? body.key.toLowerCase() : null;
   if (!key || !/^[0-9a-f]{64}$/.test(key) || !masterFromHex(key)) throw badRequest("'key' must be 32 bytes in hex");
-  const res = await queueStub(env).rotate(epoch, key);
+  const env0 = masterFromHex(env.BRIDGE_KEY);
+  const res = await controlStub(env).rotate(epoch, key, env0 ? hex(env0) : null);
+  forgetControl();
   if (!res.ok) throw new HttpError(409, res.code, res.message, {}, { epoch: res.epoch });
   return jsonResponse(200, { epoch: res.epoch });
 }
@@ -581,12 +803,7 @@ async function handleV1(request, env, ctx, url) {
   // Headers and signature first, then the body: nothing large is read for a stranger.
   const auth = parseAuth(request, url, lim);
   checkDeclaredLength(request, lim.maxBody);
-  const admit = await queueStub(env).authorize(auth, lim.skew, lim.rate, lim.burst);
-  if (!admit.ok) {
-    const headers = admit.code === "rate_limited" ? { "Retry-After": String(admit.retryAfter) } : {};
-    throw new HttpError(admit.status, admit.code, admit.message, headers, admit.code === "stale_key" ? { epoch: admit.epoch } : null);
-  }
-  const { peer, role } = admit;
+  const { peer, role } = await authorize(env, auth, lim);
   const body = await readBody(request, lim.maxBody);
   if ((await sha256Hex(body)) !== auth.bodyHash) {
     throw new HttpError(401, "bad_content_hash", "the body does not match X-Teammesh-Content-SHA256 (the request was altered)");
@@ -606,7 +823,7 @@ async function handleV1(request, env, ctx, url) {
         throw badRequest("'state' must be one of queued, running, done, failed, cancelled");
       }
       if (!Number.isInteger(limit) || limit < 1 || limit > 1000) throw badRequest("'limit' must be an integer from 1 to 1000");
-      const { tasks, more } = await queueStub(env).list(state, kind, limit);
+      const { tasks, more } = await listTasks(env, state, kind, limit);
       return jsonResponse(200, { tasks: tasks.map(taskJson), more });
     }
     throw notAllowed(method, path);
@@ -614,7 +831,7 @@ async function handleV1(request, env, ctx, url) {
   if (segments[1] === "tasks" && segments.length === 3) {
     if (method !== "GET") throw notAllowed(method, path);
     const id = decodePathSegment(segments[2]);
-    const task = await queueStub(env).get(id);
+    const task = await withOutput(env, await taskShard(env, id).stub.get(id));
     if (!task) throw new HttpError(404, "not_found", `no task ${id}`);
     return jsonResponse(200, taskJson(task));
   }
@@ -641,7 +858,8 @@ async function health(env) {
   return jsonResponse(200, {
     ok: true,
     version: env.VERSION ?? "dev",
-    bindings: { queue: !!env.QUEUE, cache: !!env.CACHE, mirror: !!env.MIRROR },
+    bindings: { queue: !!env.QUEUE, control: !!env.CONTROL, gate: !!env.GATE, cache: !!env.CACHE, mirror: !!env.MIRROR },
+    shards: shardCount(env),
     key_configured: !!masterFromHex(env.BRIDGE_KEY),
     portable_kinds: portableNames(),
   });

@@ -1,8 +1,7 @@
-import { env, runDurableObjectAlarm, runInDurableObject, SELF } from "cloudflare:test";
+import { createExecutionContext, env, runDurableObjectAlarm, runInDurableObject, SELF, waitOnExecutionContext } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
-import { b64, call, KEY_HEX, randomHex, sign } from "./helpers.js";
-
-const stub = () => env.QUEUE.get(env.QUEUE.idFromName("teammesh-bridge-v1"));
+import worker from "../src/index.js";
+import { b64, call, control, randomHex, shardFor, sign } from "./helpers.js";
 
 describe("routes", () => {
   it("GET /health reports bindings without auth", async () => {
@@ -11,7 +10,9 @@ describe("routes", () => {
     expect(res.status).toBe(200);
     expect(body.ok).toBe(true);
     expect(body.version).toBe("0.1.0");
-    expect(body.bindings).toEqual({ queue: true, cache: true, mirror: true });
+    expect(body.bindings).toEqual({ queue: true, control: true, gate: true, cache: true, mirror: true });
+    expect(body.key_configured).toBe(true);
+    expect(body.shards).toBe(4);
   });
 
   it("unknown routes and methods are JSON errors", async () => {
@@ -103,20 +104,25 @@ describe("auth", () => {
   });
 
   it("413 on a declared oversize body, before reading it", async () => {
+    expect.assertions(3);
     const headers = {
       ...(await sign({ method: "POST", path: "/v1/tasks", peer: "big", bodyHash: "00".repeat(32) })),
       "Content-Length": String(50 * 1024 * 1024),
     };
+    // 1 MiB per pull, up to the declared 50 MiB: reading the body would pull it
+    let pulled = 0;
     const body = new ReadableStream({
-      start(c) {
-        c.enqueue(new Uint8Array(10));
-        c.close();
+      pull(c) {
+        pulled++;
+        if (pulled > 50) c.close();
+        else c.enqueue(new Uint8Array(1024 * 1024));
       },
     });
-    const res = await SELF.fetch("https://bridge.test/v1/tasks", { method: "POST", headers, body, duplex: "half" }).catch((e) => e);
-    if (res instanceof Response) {
-      expect(res.status).toBe(413);
-    }
+    const res = await SELF.fetch("https://bridge.test/v1/tasks", { method: "POST", headers, body, duplex: "half" });
+    expect(res.status).toBe(413);
+    expect((await res.json()).error.code).toBe("payload_too_large");
+    // at most the stream's own first pull (and one in flight): the Worker read nothing
+    expect(pulled).toBeLessThanOrEqual(2);
   });
 
   it("413 on an actual oversize body", async () => {
@@ -140,8 +146,27 @@ describe("auth", () => {
     expect(other.status).toBe(200);
   });
 
-  it("is not configured without BRIDGE_KEY", () => {
-    expect(env.BRIDGE_KEY).toBe(KEY_HEX);
+  it("is not configured without BRIDGE_KEY: signed requests get 503 not_configured", async () => {
+    expect.assertions(5);
+    // no master stored by a rotation either (the rotation test removes its own)
+    const stored = await runInDurableObject(control(), (i) => i.sql.exec("SELECT COUNT(*) AS n FROM masters").toArray()[0].n);
+    expect(stored).toBe(0);
+    const bare = { ...env, BRIDGE_KEY: undefined };
+    const fetchBare = async (path, init) => {
+      const ctx = createExecutionContext();
+      const res = await worker.fetch(new Request("https://bridge.test" + path, init), bare, ctx);
+      await waitOnExecutionContext(ctx);
+      return res;
+    };
+    const headers = await sign({ method: "GET", path: "/v1/tasks?limit=1", peer: "nokey" });
+    const res = await fetchBare("/v1/tasks?limit=1", { headers });
+    expect(res.status).toBe(503);
+    expect((await res.json()).error.code).toBe("not_configured");
+    const health = await (await fetchBare("/health")).json();
+    expect(health.key_configured).toBe(false);
+    // the same request with the key configured is served
+    const ok = await call("GET", "/v1/tasks?limit=1", undefined, { peer: "nokey" });
+    expect(ok.status).toBe(200);
   });
 });
 
@@ -176,10 +201,11 @@ describe("queue, lease, result", () => {
     const r = await call("POST", "/v1/tasks", { kind: "vt.expire", params: {} }, { peer: "sub2" });
     const leased = await call("POST", "/v1/lease", { kinds: ["vt.expire"], lease_s: 30 }, { peer: "slow" });
     expect(leased.json.tasks.length).toBe(1);
-    await runInDurableObject(stub(), async (instance) => {
+    const { stub } = shardFor(r.json.id);
+    await runInDurableObject(stub, async (instance) => {
       instance.sql.exec("UPDATE tasks SET lease_until = ? WHERE id = ?", Date.now() / 1000 - 1, r.json.id);
     });
-    await runDurableObjectAlarm(stub());
+    await runDurableObjectAlarm(stub);
     const back = await call("GET", `/v1/tasks/${r.json.id}`, undefined, { peer: "sub2" });
     expect(back.json.state).toBe("queued");
     expect(back.json.attempts.at(-1).error).toBe("lease expired");
@@ -204,7 +230,7 @@ describe("result cache", () => {
     expect(b.json.cached).toBe(true);
     expect(b.json.output).toEqual(a.json.output);
     // a cache hit writes nothing to the Durable Object
-    const stored = await runInDurableObject(stub(), (instance) => instance.sql.exec("SELECT COUNT(*) AS n FROM tasks WHERE id = ?", b.json.id).toArray()[0].n);
+    const stored = await runInDurableObject(shardFor(b.json.id).stub, (instance) => instance.sql.exec("SELECT COUNT(*) AS n FROM tasks WHERE id = ?", b.json.id).toArray()[0].n);
     expect(stored).toBe(0);
     const inv = await call("POST", "/v1/cache/invalidate", { prefix: "text.stats/" }, { peer: "cache" });
     expect(inv.status).toBe(200);

@@ -1,4 +1,5 @@
-import { SELF } from "cloudflare:test";
+import { env, SELF } from "cloudflare:test";
+import { shardCount, shardOf } from "../src/shards.js";
 
 // The team's master key of epoch 0 (the BRIDGE_KEY binding in vitest.config.js).
 export const KEY_HEX = "7e57".repeat(16);
@@ -69,4 +70,23 @@ export async function call(method, path, body, { peer = "vitest", headers = {}, 
 
 export function b64(s) {
   return btoa(s);
+}
+
+// The Durable Objects behind the Worker (src/shards.js): the shard of a task id, a peer's
+// gate, the control object.
+export function shardFor(id) {
+  const i = shardOf(id, shardCount(env));
+  return { index: i, stub: env.QUEUE.get(env.QUEUE.idFromName(`shard-${i}`)) };
+}
+
+export function shardAt(i) {
+  return env.QUEUE.get(env.QUEUE.idFromName(`shard-${i}`));
+}
+
+export function gateFor(peer) {
+  return env.GATE.get(env.GATE.idFromName(`peer/${peer}`));
+}
+
+export function control() {
+  return env.CONTROL.get(env.CONTROL.idFromName("control"));
 }

@@ -2,9 +2,7 @@
 // issue-19 bounds (cache keys, sizes, paths, internal errors).
 import { env, runDurableObjectAlarm, runInDurableObject, SELF } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
-import { b64, call, KEY_HEX, memberKey, randomHex, sign } from "./helpers.js";
-
-const stub = () => env.QUEUE.get(env.QUEUE.idFromName("teammesh-bridge-v1"));
+import { b64, call, control, gateFor, KEY_HEX, memberKey, randomHex, shardAt, shardFor, sign } from "./helpers.js";
 
 // CIDv1 raw sha2-256 of `text`, base32 ("bafkrei…").
 async function rawCid(text) {
@@ -90,7 +88,7 @@ describe("per-member keys", () => {
     const nonce = randomHex();
     const r = await call("GET", "/v1/tasks?limit=1", undefined, { peer: "nonce-ttl", signOpts: { ts, nonce } });
     expect(r.status).toBe(200);
-    const until = await runInDurableObject(stub(), (instance) =>
+    const until = await runInDurableObject(gateFor("nonce-ttl"), (instance) =>
       instance.sql.exec("SELECT until FROM seen_nonces WHERE nonce = ?", nonce).toArray()[0].until,
     );
     expect(until).toBe(Number(ts) + Number(env.MAX_SKEW_S ?? 300) + 1);
@@ -123,10 +121,11 @@ describe("results bound to the lease", () => {
   it("a result after the lease expired is refused", async () => {
     const id = await queueOne("sec.late");
     await call("POST", "/v1/lease", { kinds: ["sec.late"] }, { peer: "late" });
-    await runInDurableObject(stub(), (instance) => {
+    const { stub } = shardFor(id);
+    await runInDurableObject(stub, (instance) => {
       instance.sql.exec("UPDATE tasks SET lease_until = ? WHERE id = ?", Date.now() / 1000 - 1, id);
     });
-    await runDurableObjectAlarm(stub());
+    await runDurableObjectAlarm(stub);
     const r = await call("POST", `/v1/tasks/${id}/result`, { ok: true, output: 1 }, { peer: "late" });
     expect(r.status).toBe(409);
     expect(r.json.error.code).toBe("lease_expired");
@@ -209,9 +208,8 @@ describe("key rotation", () => {
       expect(conflict.status).toBe(409);
       expect(conflict.json.error.code).toBe("epoch_conflict");
     } finally {
-      await runInDurableObject(stub(), (instance) => {
+      await runInDurableObject(control(), (instance) => {
         instance.sql.exec("DELETE FROM masters");
-        instance._keys = null;
       });
     }
     const back = await call("GET", "/v1/tasks?limit=1", undefined, { peer: "rot-member" });
@@ -227,7 +225,8 @@ describe("bounds", () => {
   });
 
   it("500 answers do not echo internal messages", async () => {
-    await runInDurableObject(stub(), (instance) => instance.sql.exec("ALTER TABLE tasks RENAME TO tasks_hidden"));
+    const { stub } = shardFor("x");
+    await runInDurableObject(stub, (instance) => instance.sql.exec("ALTER TABLE tasks RENAME TO tasks_hidden"));
     try {
       const r = await call("GET", "/v1/tasks/x", undefined, { peer: "err500" });
       expect(r.status).toBe(500);
@@ -235,7 +234,7 @@ describe("bounds", () => {
       expect(r.text).not.toContain("tasks");
       expect(r.text).not.toContain("SQL");
     } finally {
-      await runInDurableObject(stub(), (instance) => instance.sql.exec("ALTER TABLE tasks_hidden RENAME TO tasks"));
+      await runInDurableObject(stub, (instance) => instance.sql.exec("ALTER TABLE tasks_hidden RENAME TO tasks"));
     }
   });
 
@@ -260,19 +259,20 @@ describe("bounds", () => {
     const r = await call("POST", "/v1/lease", { kinds: ["sec.bigin"], max: 3 }, { peer: "bigin" });
     expect(r.status).toBe(200);
     expect(r.json.tasks.length).toBe(2);
+    expect(r.json.tasks.map((t) => atob(t.input_b64) === big)).toEqual([true, true]);
   });
 
   it("a list answer is bounded in bytes", async () => {
-    const out = JSON.stringify("y".repeat(3 * 1024 * 1024));
-    await runInDurableObject(stub(), async (instance) => {
-      for (let i = 0; i < 3; i++) {
-        await instance.put({ id: `biglist-${i}`, kind: "sec.biglist", version: "1", params: "{}", priority: 0, state: "done",
-          output: out, submitted: Date.now() / 1000 }, null);
-      }
-    });
+    const out = "y".repeat(3 * 1024 * 1024);
+    for (let i = 0; i < 3; i++) {
+      const id = await queueOne("sec.biglist", { params: { i } }, `biglist-${i}`);
+      await call("POST", "/v1/lease", { kinds: ["sec.biglist"] }, { peer: "biglist" });
+      expect((await call("POST", `/v1/tasks/${id}/result`, { ok: true, output: out }, { peer: "biglist" })).status).toBe(200);
+    }
     const r = await call("GET", "/v1/tasks?kind=sec.biglist&limit=10", undefined, { peer: "biglist" });
     expect(r.status).toBe(200);
     expect(r.json.tasks.length).toBe(1);
+    expect(r.json.tasks[0].output).toBe(out);
     expect(r.json.more).toBe(true);
   });
 
@@ -292,25 +292,33 @@ describe("bounds", () => {
     expect(r.json.error.code).toBe("params_too_large");
   });
 
-  it("finished tasks past the retention, idle buckets and old nonces are cleaned up by alarm", async () => {
+  it("finished tasks past the retention are cleaned up by the shard's alarm, old nonces by the gate's", async () => {
     const now = Date.now() / 1000;
     const retention = Number(env.RETENTION_S ?? 7 * 86400);
-    await runInDurableObject(stub(), async (instance) => {
-      const old = { kind: "sec.retention", version: "1", params: "{}", priority: 0, state: "done", submitted: now - retention - 10 };
-      await instance.put({ ...old, id: "ret-old", output: JSON.stringify("z".repeat(2 * 1024 * 1024)), finished: now - retention - 5 }, null);
-      await instance.put({ ...old, id: "ret-new", output: "1", finished: now - 5 }, null);
-      await instance.put({ ...old, id: "ret-queued", state: "queued", submitted: now - retention - 10 }, new Uint8Array(3));
-      instance.sql.exec("INSERT OR REPLACE INTO buckets(peer, tokens, at) VALUES ('ret-idle', 1, ?)", now - 7200);
-      instance.sql.exec("INSERT OR REPLACE INTO seen_nonces(nonce, until) VALUES ('ret-nonce', ?)", now - 1);
+    const old = { kind: "sec.retention", version: "1", params: "{}", priority: 0, state: "done", submitted: now - retention - 10 };
+    const rows = [
+      [{ ...old, id: "ret-old", output: "1", finished: now - retention - 5 }, null],
+      [{ ...old, id: "ret-new", output: "1", finished: now - 5 }, null],
+      [{ ...old, id: "ret-queued", state: "queued" }, { inline: new Uint8Array(3), key: null, size: 3 }],
+    ];
+    for (const [task, input] of rows) {
+      const { index, stub } = shardFor(task.id);
+      await runInDurableObject(stub, (instance) => instance.put(index, task, input));
+    }
+    for (const id of ["ret-old", "ret-new", "ret-queued"]) await runDurableObjectAlarm(shardFor(id).stub);
+    const left = [];
+    for (const id of ["ret-old", "ret-new", "ret-queued"]) {
+      const n = await runInDurableObject(shardFor(id).stub, (i) => i.sql.exec("SELECT COUNT(*) AS n FROM tasks WHERE id = ?", id).toArray()[0].n);
+      if (n) left.push(id);
+    }
+    expect(left).toEqual(["ret-new", "ret-queued"]);
+    await runInDurableObject(gateFor("ret-peer"), (i) => {
+      i.sql.exec("INSERT OR REPLACE INTO seen_nonces(nonce, until) VALUES ('ret-nonce', ?), ('ret-fresh', ?)", now - 1, now + 600);
+      return i.ctx.storage.setAlarm(Date.now() + 60_000);
     });
-    expect(await runDurableObjectAlarm(stub())).toBe(true);
-    await runInDurableObject(stub(), (instance) => {
-      const ids = instance.sql.exec("SELECT id FROM tasks WHERE kind = 'sec.retention' ORDER BY id").toArray().map((r) => r.id);
-      expect(ids).toEqual(["ret-new", "ret-queued"]);
-      expect(instance.sql.exec("SELECT COUNT(*) AS n FROM blobs WHERE task_id = 'ret-old'").toArray()[0].n).toBe(0);
-      expect(instance.sql.exec("SELECT COUNT(*) AS n FROM buckets WHERE peer = 'ret-idle'").toArray()[0].n).toBe(0);
-      expect(instance.sql.exec("SELECT COUNT(*) AS n FROM seen_nonces WHERE nonce = 'ret-nonce'").toArray()[0].n).toBe(0);
-    });
+    expect(await runDurableObjectAlarm(gateFor("ret-peer"))).toBe(true);
+    const nonces = await runInDurableObject(gateFor("ret-peer"), (i) => i.sql.exec("SELECT nonce FROM seen_nonces ORDER BY nonce").toArray().map((r) => r.nonce));
+    expect(nonces).toEqual(["ret-fresh"]);
   });
 
   it("inputs over a kind's edge limit are queued for pull-mode peers, not run in the isolate", async () => {
@@ -328,13 +336,13 @@ describe("bounds", () => {
   it("a portable run is recorded before it runs; a retry of one that never finished is queued", async () => {
     // what a killed isolate leaves behind: the record made before the run
     const now = Date.now() / 1000;
-    await runInDurableObject(stub(), async (instance) => {
-      for (const [id, started] of [["edge-killed", now - 5], ["edge-stale", now - 3600]]) {
-        await instance.put({ id, kind: "text.stats", version: "1", params: "{}", priority: 0, state: "running",
+    for (const [id, started] of [["edge-killed", now - 5], ["edge-stale", now - 3600]]) {
+      const { index, stub } = shardFor(id);
+      await runInDurableObject(stub, (instance) =>
+        instance.put(index, { id, kind: "text.stats", version: "1", params: "{}", priority: 0, state: "running",
           executed_by: "bridge", started, submitted: started,
-          attempts: JSON.stringify([{ peer: "bridge", started, ended: null, error: null }]) }, null);
-      }
-    });
+          attempts: JSON.stringify([{ peer: "bridge", started, ended: null, error: null }]) }, null));
+    }
     const retry = await call("POST", "/v1/tasks", { id: "edge-killed", kind: "text.stats", input_b64: btoa("one two"), params: {} }, { peer: "edge-retry" });
     expect(retry.status).toBe(202);
     expect(retry.json.state).toBe("queued");
