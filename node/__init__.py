@@ -1,6 +1,4 @@
-"""The daemon: services, CLI, control API, scheduler, executor, journal."""
-
-from .lean_imports import install as _install_lean_imports
-
-# Before anything below imports py-libp2p: see lean_imports for what is skipped and why.
-_install_lean_imports()
+"""The daemon, in rooms: core/ (home, config, journal, audit), p2p/ (host, membership, mesh),
+files/ (blocks, Bitswap, Kubo), tasks/ (the task service and its executor), bridge/ (the
+Worker's client), api/ (HTTP, control socket, dashboard), cli/ and kinds/. daemon.py is the
+composition root that builds the services and hands each what it needs."""

@@ -16,20 +16,24 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+from teammesh.node.core.audit import AuditLog
+from teammesh.node.core.config import Config, Home
+from teammesh.node.core.gpu import detect_gpus
+from teammesh.node.core.journal import Journal
+from teammesh.node.p2p.host import MeshHost, open_host
+from teammesh.node.p2p.membership import Membership
+from teammesh.node.p2p.mesh import Capacity, Mesh, is_loopback
 from teammesh.protocols.errors import ConfigError
 
 import teammesh
 
-from .audit import AuditLog
-from .config import Config, Home
-from .gpu import detect_gpus
-from .host import MeshHost, open_host
-from .journal import Journal
-from .membership import Membership
-from .mesh import Capacity, Mesh, is_loopback
+if TYPE_CHECKING:
+    from teammesh.node.bridge.client import BridgeClient
+    from teammesh.node.files.service import FilesService
+    from teammesh.node.tasks.service import TaskService
 
 logger = logging.getLogger("teammesh.daemon")
 
@@ -64,7 +68,7 @@ class Node:
         slots = options.slots if options.slots is not None else config.get("node", "slots")
         self.capacity = Capacity(slots=slots, cost=config.get("node", "cost"),
                                  pull=options.pull)
-        from .kinds import load_kinds
+        from teammesh.node.kinds import load_kinds
 
         self.kinds = load_kinds(config.get("executor", "allow"))
         self.capacity.kinds = {k.name: k.version for k in self.kinds.values()}
@@ -81,9 +85,11 @@ class Node:
         self.api_socket: str | None = None
         self.started_at = time.time()
         self.stop_requested = trio.Event()
-        self.tasks: Any = None  # the task service, when it is running
-        self.files: Any = None  # the files service, when it is running
-        self.bridge: Any = None  # BridgeClient, when a bridge URL and key are known
+        # Built by run_daemon once the node exists; None in a node started without them
+        # (tests that exercise the mesh alone).
+        self.tasks: TaskService | None = None
+        self.files: FilesService | None = None
+        self.bridge: BridgeClient | None = None  # when a bridge URL and key are known
 
     def set_slots(self, slots: int) -> None:
         """Change the slots offered to the team (advertised at once)."""
@@ -136,7 +142,9 @@ class Node:
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        from .api import serve_api  # imported here so `teammesh status` never loads it
+        from teammesh.node.api.server import (
+            serve_api,  # imported here so `teammesh status` never loads it
+        )
 
         try:
             async with open_host(self.identity.seed, self.options.listen,
@@ -149,7 +157,7 @@ class Node:
                     await nursery.start(self.membership.run, host)
                     api = self.config.get("ipfs", "api")
                     if self.files is not None and api:
-                        from .kubo import open_kubo
+                        from teammesh.node.files.kubo import open_kubo
 
                         kubo = await stack.enter_async_context(open_kubo(api))
                         self.files.kubo = kubo
@@ -159,12 +167,14 @@ class Node:
                     if self.tasks is not None:
                         await nursery.start(self.tasks.run, host)
                     await nursery.start(self.mesh.run, host)
-                    if self.options.pull and self.bridge is not None and self.tasks:
-                        from .pull import PullWorker
+                    if self.options.pull and self.bridge is not None and self.tasks and \
+                            self.files is not None:
+                        from teammesh.node.tasks.pull import PullWorker
 
-                        await nursery.start(PullWorker(self, self.bridge).run)
+                        await nursery.start(PullWorker(self, self.tasks, self.files,
+                                                       self.bridge).run)
                     if self.tasks is not None:
-                        from .ctlsock import serve_control_socket
+                        from teammesh.node.api.ctlsock import serve_control_socket
 
                         self.api_socket = await nursery.start(serve_control_socket, self)
                     self.api_url = await nursery.start(serve_api, self, self.options.api)
@@ -197,19 +207,19 @@ class Node:
 async def run_daemon(home: Home, config: Config, options: UpOptions,
                      ready: Any = None) -> None:
     """Run until SIGINT/SIGTERM; a signal ends the node cleanly (exit status 0)."""
-    from .files import FilesService
-    from .tasks import TaskService
+    from teammesh.node.files.service import FilesService
+    from teammesh.node.tasks.service import TaskService
 
     node = Node(home, config, options)
     node.files = FilesService(node)
-    node.tasks = TaskService(node)
+    node.tasks = TaskService(node, node.files)
     key_hex = config.get("bridge", "key")
     key = bytes.fromhex(key_hex) if key_hex else node.membership.bridge_key
     if options.bridge:
         if key is None:
             raise ConfigError("a bridge URL is set but this node has no bridge key: set"
                               " [bridge] key (hex) or TEAMMESH_BRIDGE_KEY, or re-join the team")
-        from .bridge import BridgeClient
+        from teammesh.node.bridge.client import BridgeClient
 
         node.bridge = BridgeClient(options.bridge, key, node.identity.peer_id,
                                    proxy=config.get("bridge", "proxy") or None)

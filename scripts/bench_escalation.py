@@ -3,19 +3,19 @@ local Worker because the mesh is saturated, split into decision time and bridge 
 
 Per run (fresh temp dirs, everything on 127.0.0.1):
 
-- the Worker: `wrangler dev --local` exactly as node/bridgedev.py starts it, but from a copy
+- the Worker: `wrangler dev --local` exactly as node/bridge/dev.py starts it, but from a copy
   of bridge/ in the run's temp dir (node_modules symlinked), so its `.dev.vars` carries this
   run's team key without rewriting bridge/.dev.vars under a concurrent test run;
 - a submitter daemon (`--slots 0 --bridge URL`) that created the team, and a worker daemon
   (`--slots 1`) that joined it (tests/meshtools.py `Daemon`, as tests/test_escalation.py);
 - the worker's one slot is held by a long `sleep` task submitted from the submitter, so the
   submitter's own view says "all 1 matching slots busy" (placement counts the tasks *it*
-  has in flight on a peer; see node/tasks.py `_candidates`);
+  has in flight on a peer; see node/tasks/service.py `_candidates`);
 - `WARMUP_TASKS` (2, not counted) + `n_tasks` sequential `hash.sha256` tasks of a fresh random 1 KiB each,
   `AsyncClient.submit(..., wait=True, no_cache=True)`; each must come back `done`,
   `executed_by == "bridge"`, with exactly one attempt (peer "bridge") and the right digest;
 - after each, the same request shape sent straight to the Worker with `BridgeClient`
-  (node/bridge.py; the body the daemon sends in `_run_on_bridge`: id, kind, version, params,
+  (node/bridge/client.py; the body the daemon sends in `_run_on_bridge`: id, kind, version, params,
   input_b64, priority, submitter) on a connection kept open like the daemon's. Its input is
   another fresh 1 KiB: the same bytes would be answered from the Worker's KV result cache
   (and `no_cache` would skip the cache lookup and write the daemon's request pays for).
@@ -113,7 +113,7 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def local_worker(tmp: Path, key_hex: str) -> Iterator[str]:
-    from teammesh.node.bridgedev import free_port, wrangler_command, wrangler_env, write_dev_vars
+    from teammesh.node.bridge.dev import free_port, wrangler_command, wrangler_env, write_dev_vars
 
     if not (BRIDGE_DIR / "node_modules" / "wrangler" / "bin" / "wrangler.js").exists():
         raise RuntimeError(f"{BRIDGE_DIR}/node_modules is missing: run `npm ci` in bridge/")
@@ -147,8 +147,8 @@ def local_worker(tmp: Path, key_hex: str) -> Iterator[str]:
 
 # --- the mesh -----------------------------------------------------------------------------
 def _team_key(home: Path) -> bytes:
-    from teammesh.node.config import Home
-    from teammesh.node.journal import Journal
+    from teammesh.node.core.config import Home
+    from teammesh.node.core.journal import Journal
 
     journal = Journal(Home(home).journal_file)
     try:
@@ -162,7 +162,7 @@ def _team_key(home: Path) -> bytes:
 
 
 def _offer_window_s(home: Path) -> float:
-    from teammesh.node.config import Home, load_config
+    from teammesh.node.core.config import Home, load_config
 
     return float(load_config(Home(home)).get("scheduler", "offer_window_s"))
 
@@ -257,7 +257,7 @@ def _check_direct(task: dict[str, Any], digest: str) -> None:
 
 async def _measure(home: Path, url: str, key: bytes, peer_id: str, worker_id: str,
                    n_tasks: int, sub_pid: int) -> dict[str, Any]:
-    from teammesh.node.bridge import BridgeClient
+    from teammesh.node.bridge.client import BridgeClient
 
     from teammesh.client import AsyncClient
 

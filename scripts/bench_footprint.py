@@ -3,11 +3,11 @@
 Per run (fresh temp dirs), one after the other so the starts do not compete for CPU:
 
 - bare host: this file run as ``--bare-host READY_FILE``: py-libp2p 0.8.1 with the settings
-  of node/host.py (Noise + yamux only, ``max_connections_per_peer=1``, GossipSub 1.2/1.1/1.0
+  of node/p2p/host.py (Noise + yamux only, ``max_connections_per_peer=1``, GossipSub 1.2/1.1/1.0
   D=6/4/12, heartbeat 1 s, adaptive/spam/eclipse protections off), listening on
   127.0.0.1:0, subscribed to one topic; writes READY_FILE once subscribed, then idles.
 - teammesh: a home with a team of one (``Home.init`` + ``create_team``), then
-  `python -m teammesh.node.cli up --listen /ip4/127.0.0.1/tcp/0`.
+  `python -m teammesh.node.cli.main up --listen /ip4/127.0.0.1/tcp/0`.
 
 Figures: start -> ready (spawn -> ready file / api.json present; for teammesh also
 spawn -> GET /health answers), then both idle side by side for ``idle_s``: CPU % (psutil
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CLI = [sys.executable, "-m", "teammesh.node.cli"]
+CLI = [sys.executable, "-m", "teammesh.node.cli.main"]
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
@@ -71,9 +71,9 @@ def start_bare(tmp: Path) -> tuple[subprocess.Popen[bytes], float]:
 
 def start_teammesh(tmp: Path) -> tuple[subprocess.Popen[bytes], float, float]:
     import httpx
-    from teammesh.node.config import Home
-    from teammesh.node.journal import Journal
-    from teammesh.node.membership import Membership
+    from teammesh.node.core.config import Home
+    from teammesh.node.core.journal import Journal
+    from teammesh.node.p2p.membership import Membership
 
     home = Home(tmp / "tm")
     ident, _ = home.init()

@@ -6,7 +6,7 @@ Per team size N (default 10, 20, 50) and run:
    first creates the team and runs with a fixed loopback port; one one-time invite per node
    from its control API; the joins run in this process a few at a time (``join_parallel``),
    each the same ``membership.join`` the CLI's `teammesh join` calls. The admin is stopped.
-2. Formation: every daemon is spawned (`python -m teammesh.node.cli up`, fixed loopback
+2. Formation: every daemon is spawned (`python -m teammesh.node.cli.main up`, fixed loopback
    port, bootstrap = the admin from its invite plus ``extra_bootstrap`` random others),
    at most ``spawn_window`` of them starting at a time. ``form_s`` = first spawn -> every
    node's GET /v1/peers lists the N-1 others; ``all_ready_s`` = first spawn -> last api.json.
@@ -18,7 +18,7 @@ Per team size N (default 10, 20, 50) and run:
    in that daemon), so arrival = (time our response came back) - age_s, an upper bound
    whose error is at most the request round trip (reported as ``poll_rtt_ms``). The
    origin is the moment the POST was sent, so the figure includes the daemon's 50 ms
-   coalescing of capacity changes (node/mesh.py CHANGE_COALESCE_S). The next periodic ad
+   coalescing of capacity changes (node/p2p/mesh.py CHANGE_COALESCE_S). The next periodic ad
    of the changed node is 5 s later, so the entry read is the one the change created
    (checked: every node must report the same ``seq``).
 
@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_baselines import figure
 from bench_baselines import percentile as base_percentile
 
-CLI = [sys.executable, "-m", "teammesh.node.cli"]
+CLI = [sys.executable, "-m", "teammesh.node.cli.main"]
 HOST = "127.0.0.1"
 
 
@@ -158,9 +158,9 @@ def _wait_file(node: Node, timeout: float) -> None:
 def setup_team(tmp: Path, n: int, join_parallel: int = 8) -> list[Node]:
     import httpx
     import trio
-    from teammesh.node.config import Home
-    from teammesh.node.journal import Journal
-    from teammesh.node.membership import Membership, join
+    from teammesh.node.core.config import Home
+    from teammesh.node.core.journal import Journal
+    from teammesh.node.p2p.membership import Membership, join
 
     ports = free_ports(n)
     nodes = []

@@ -13,8 +13,8 @@ import dataclasses
 import os
 import sys
 
-from teammesh.node import mesh
-from teammesh.node.cli import main
+from teammesh.node.cli.main import main
+from teammesh.node.p2p import mesh
 from teammesh.protocols import capability
 
 
@@ -34,7 +34,7 @@ def _patch_ads(spec: str) -> None:
 
 def _patch_pipeline(depth: int) -> None:
     """Send every executor as many tasks as it could possibly queue (a flood)."""
-    from teammesh.node import tasks
+    from teammesh.node.tasks.service import service as tasks
 
     tasks.TaskService._pipeline = lambda self, kind: depth  # type: ignore[method-assign]
 

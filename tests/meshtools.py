@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-CLI = [sys.executable, "-m", "teammesh.node.cli"]
+CLI = [sys.executable, "-m", "teammesh.node.cli.main"]
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 

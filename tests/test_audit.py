@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from meshtools import mesh, run_cli, wait_until
-from teammesh.node.audit import AuditLog, verify
+from teammesh.node.core.audit import AuditLog, verify
 
 from teammesh.client import Client
 

@@ -26,8 +26,8 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from teammesh.node.bitswap import BitswapConfig, BitswapService, BlockNotFound
-from teammesh.node.host import MeshHost, open_host
+from teammesh.node.files.bitswap import BitswapConfig, BitswapService, BlockNotFound
+from teammesh.node.p2p.host import MeshHost, open_host
 from teammesh.protocols import bitswap as bs
 from teammesh.protocols.errors import FrameTooLarge, RemoteProtocolError
 from teammesh.protocols.wire import encode_varint
@@ -490,10 +490,10 @@ async def py_fetch(node: Node, root: Cid, peers: list[str]) -> tuple[bytes, floa
 
 
 async def test_membership_gates_admit_bitswap_peers_only(tmp_path: Path) -> None:
-    from teammesh.node.config import Home
-    from teammesh.node.journal import Journal
-    from teammesh.node.membership import Membership
-    from teammesh.node.protocol_ids import ROSTER_SYNC, TASKS
+    from teammesh.node.core.config import Home
+    from teammesh.node.core.journal import Journal
+    from teammesh.node.p2p.membership import Membership
+    from teammesh.node.p2p.protocol_ids import ROSTER_SYNC, TASKS
     from teammesh.protocols.identity import Identity
 
     journal = Journal(tmp_path / "journal.db")
@@ -541,7 +541,7 @@ async def test_a_peer_that_stops_reading_holds_bounded_memory_and_blocks_no_one(
     """Replies go through a per-peer outbox: a peer that asks for 24 MiB and never reads
     our stream fills its yamux window and then its outbox, and no more; another peer is
     served meanwhile."""
-    from teammesh.node.bitswap import OUTBOX_BYTES
+    from teammesh.node.files.bitswap import OUTBOX_BYTES
 
     data = os.urandom(24 * MiB)
     root, blocks = import_bytes(data)

@@ -5,7 +5,7 @@
 * the HTTP API: signing with per-member keys, replays, size limits, rate limits,
   queue/lease/result (results only from the lease holder), lease expiry, the result
   cache, CORS, key rotation, and persistence across a restart (--persist-to);
-* teammesh.node.bridge.BridgeClient and teammesh.node.bridgedev.open_bridge_dev.
+* teammesh.node.bridge.client.BridgeClient and teammesh.node.bridge.dev.open_bridge_dev.
 
 Needs bridge/node_modules (``bash bridge/run-tests.sh`` or ``npm ci`` in bridge/).
 """
@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import msgpack
 import pytest
-from teammesh.node.bridge import (
+from teammesh.node.bridge.client import (
     BridgeClient,
     BridgeProtocolError,
     BridgeRateLimited,
@@ -43,7 +43,7 @@ from teammesh.node.bridge import (
     new_bridge_key,
     sign_request,
 )
-from teammesh.node.bridgedev import (
+from teammesh.node.bridge.dev import (
     DEV_VARS,
     free_port,
     open_bridge_dev,
@@ -809,7 +809,7 @@ def test_pull_member_signs_with_its_own_key(tmp_path: Path) -> None:
     queued tasks that differ only in their input CID get two outputs (the pull member
     fetches each file from the admin over the mesh)."""
     from meshtools import Daemon, init_home, run_cli
-    from teammesh.node.journal import Journal
+    from teammesh.node.core.journal import Journal
 
     from teammesh.client import Client
 
@@ -842,7 +842,7 @@ def test_pull_member_signs_with_its_own_key(tmp_path: Path) -> None:
                         cid = c.request("POST", "/v1/files/share", json={"path": str(path)})["cid"]
                         files[cid] = hashlib.sha256(path.read_bytes()).hexdigest()
                 # (submitted to the Worker as the admin's node would; the daemon's own
-                # escalation of input_cid tasks is node/tasks.py's business)
+                # escalation of input_cid tasks is node/tasks/service.py's business)
                 a_id = a.peer_id
                 sub = Api(url, peer=a_id, key=derive_member_key(master, a_id))
                 by_cid = {}

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from meshtools import Daemon, wait_until
-from teammesh.node.bridgedev import free_port
+from teammesh.node.bridge.dev import free_port
 from test_escalation import _join, _team, bridge_dev, pytestmark  # noqa: F401
 
 from teammesh.client import Client

@@ -1,20 +1,21 @@
-"""The futures client's protocol core (node/client.py ``_Session``) without I/O: frames
-out, replies in, as the node's control socket (node/ctlsock.py, op ``watch``) sends them."""
+"""The futures client's protocol core (teammesh/client.py ``_Session``) without I/O: frames
+out, replies in, as the node's control socket (node/api/ctlsock.py, op ``watch``) sends them."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from teammesh.node.client import (
+from teammesh.protocols import wire
+from teammesh.protocols.errors import TaskError
+
+from teammesh.client import (
     MAX_TASKS_PER_FRAME,
     ClientClosed,
     TaskCancelled,
     TaskFailed,
     _Session,
 )
-from teammesh.protocols import wire
-from teammesh.protocols.errors import TaskError
 
 
 class Handle:
@@ -148,7 +149,7 @@ def test_losing_the_connection_fails_every_pending_future() -> None:
 
 
 def test_outcomes_are_typed_errors() -> None:
-    from teammesh.node.client import _outcome
+    from teammesh.client import _outcome
 
     assert _outcome({"id": "t", "state": "done", "output": {"$base64": "eA=="}}) == (b"x", None)
     _, failed = _outcome({"id": "t", "kind": "k", "state": "failed", "error": "why"})

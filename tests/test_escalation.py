@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from meshtools import CLI, Daemon, init_home, run_cli, wait_until
-from teammesh.node.bridgedev import free_port
+from teammesh.node.bridge.dev import free_port
 
 from teammesh.client import Client
 

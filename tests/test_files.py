@@ -16,7 +16,7 @@ import pytest
 import trio
 from meshtools import Daemon, init_home, mesh, run_cli, wait_until
 from s3server import seaweedfs_server
-from teammesh.node.files import parse_cid
+from teammesh.node.files.service import parse_cid
 from teammesh.protocols.errors import StorageError
 from teammesh.storage.unixfs import cid_of_file
 
@@ -248,9 +248,9 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 async def in_process_node(home: Path, bootstrap: list[str]) -> AsyncIterator[Any]:
     """A whole node (membership, mesh, files with Bitswap) run inside the test's trio loop,
     so its FilesService methods can be called directly; stopped at the end of the block."""
-    from teammesh.node.config import Home, load_config
+    from teammesh.node.core.config import Home, load_config
     from teammesh.node.daemon import Node, UpOptions
-    from teammesh.node.files import FilesService
+    from teammesh.node.files.service import FilesService
 
     h = Home(home)
     node = Node(h, load_config(h), UpOptions(listen=[LOOPBACK], bootstrap=bootstrap,

@@ -24,8 +24,8 @@ import pytest
 import trio
 from libp2p.pubsub.pb import rpc_pb2
 from meshtools import Daemon, init_home, mesh, run_cli, wait_for_full_mesh, wait_until
-from teammesh.node.host import STREAM_ERRORS, DialError, MeshHost, Stream, open_host
-from teammesh.node.protocol_ids import ADS_SYNC, ROSTER_SYNC, caps_topic
+from teammesh.node.p2p.host import STREAM_ERRORS, DialError, MeshHost, Stream, open_host
+from teammesh.node.p2p.protocol_ids import ADS_SYNC, ROSTER_SYNC, caps_topic
 from teammesh.protocols import wire
 from teammesh.protocols.capability import open_ad
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 import trio
 from meshtools import Daemon, init_home, mesh, run_cli, wait_until
-from teammesh.node.host import Stream, open_host
-from teammesh.node.kubo import open_kubo
+from teammesh.node.files.kubo import open_kubo
+from teammesh.node.p2p.host import Stream, open_host
 from teammesh.protocols import bitswap as bs
 from teammesh.storage.blockstore import FsBlockstore
 from teammesh.storage.cid import RAW, Cid

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from meshtools import CLI, LOOPBACK, Daemon, init_home, mesh, run_cli, wait_until
-from teammesh.node.executor import worker_env
-from teammesh.node.journal import Journal
+from teammesh.node.core.journal import Journal
+from teammesh.node.tasks.executor import worker_env
 from teammesh.protocols import wire
 from teammesh.protocols.capability import CapabilityAd
 from teammesh.protocols.errors import MalformedMessage
@@ -426,8 +426,8 @@ def test_replays_bombs_and_slow_streams_on_the_task_protocol(tmp_path: Path,
                                                              scenario_report) -> None:
     import msgpack
     import trio
-    from teammesh.node.host import STREAM_ERRORS, DialError, open_host
-    from teammesh.node.protocol_ids import TASKS
+    from teammesh.node.p2p.host import STREAM_ERRORS, DialError, open_host
+    from teammesh.node.p2p.protocol_ids import TASKS
     from teammesh.protocols import tasks as tp
     from teammesh.protocols.identity import Identity
 
@@ -534,8 +534,8 @@ def test_replays_bombs_and_slow_streams_on_the_task_protocol(tmp_path: Path,
 def test_oversized_params_and_a_100k_kind_ad_are_refused(tmp_path: Path,
                                                          scenario_report) -> None:
     import trio
-    from teammesh.node.host import open_host
-    from teammesh.node.protocol_ids import ADS_SYNC
+    from teammesh.node.p2p.host import open_host
+    from teammesh.node.p2p.protocol_ids import ADS_SYNC
     from teammesh.protocols.errors import TeammeshError
     from teammesh.protocols.identity import Identity
 
@@ -581,8 +581,8 @@ def test_a_member_sending_malformed_streams_is_benched(tmp_path: Path, scenario_
     """15 deliverable 2: peer input resets the stream, penalises the peer, and is logged
     with its id; honest members are not affected."""
     import trio
-    from teammesh.node.host import STREAM_ERRORS, DialError, open_host
-    from teammesh.node.protocol_ids import ROSTER_SYNC
+    from teammesh.node.p2p.host import STREAM_ERRORS, DialError, open_host
+    from teammesh.node.p2p.protocol_ids import ROSTER_SYNC
     from teammesh.protocols.identity import Identity
 
     with mesh(tmp_path, 2, slots=[0, 1]) as (sub, ex):

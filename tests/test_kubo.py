@@ -1,4 +1,4 @@
-"""node/kubo.py against a real Kubo-RPC daemon: js-ipfs 0.66.1 on loopback.
+"""node/files/kubo.py against a real Kubo-RPC daemon: js-ipfs 0.66.1 on loopback.
 
 The daemon comes from tests/jsipfs (install it with scripts/setup-jsipfs); these tests
 are skipped, saying so, only when it is not installed. One daemon serves the module: a
@@ -26,7 +26,7 @@ import httpx
 import psutil
 import pytest
 import trio
-from teammesh.node.kubo import (
+from teammesh.node.files.kubo import (
     KuboCidMismatch,
     KuboError,
     KuboUnavailable,

@@ -1,4 +1,4 @@
-"""A daemon loads only the py-libp2p parts it runs (node/lean_imports.py)."""
+"""A daemon loads only the py-libp2p parts it runs (node/core/lean_imports.py)."""
 
 from __future__ import annotations
 

@@ -15,14 +15,14 @@ import pytest
 import trio
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from meshtools import CLI, Daemon, init_home, mesh, run_cli, wait_for_full_mesh, wait_until
-from teammesh.node.host import (
+from teammesh.node.p2p.host import (
     MAX_INBOUND_STREAMS_PER_PEER,
     STREAM_ERRORS,
     DialError,
     MeshHost,
     open_host,
 )
-from teammesh.node.protocol_ids import TASKS
+from teammesh.node.p2p.protocol_ids import TASKS
 from teammesh.protocols.bitswap import BITSWAP_PROTOCOLS
 from teammesh.protocols.identity import Identity
 from teammesh.protocols.membership import Invite

@@ -89,7 +89,7 @@ def test_top_prints_peers_and_tasks(tmp_path: Path) -> None:
                           timeout=90, json={
             "kind": "text.stats", "input_b64": "YSBi", "wait": 60}).json()
         frame = subprocess.run(
-            [sys.executable, "-m", "teammesh.node.cli", "--home", str(nodes[0].home), "top",
+            [sys.executable, "-m", "teammesh.node.cli.main", "--home", str(nodes[0].home), "top",
              "--once"], capture_output=True, text=True, timeout=60,
             env={**os.environ, "COLUMNS": "200"})
         assert frame.returncode == 0, frame.stderr
@@ -102,7 +102,7 @@ def test_top_prints_peers_and_tasks(tmp_path: Path) -> None:
 
 
 def test_systemd_units_are_hardened_and_verify(tmp_path: Path) -> None:
-    from teammesh.node.doctor import service_unit
+    from teammesh.node.cli.doctor import service_unit
 
     system = service_unit(home="/var/lib/teammesh", executable="/usr/local/bin/teammesh",
                           scope="system", user="teammesh")
@@ -210,7 +210,7 @@ def test_join_up_goes_from_invite_to_a_running_member(tmp_path: Path) -> None:
         log = tmp_path / "join-up.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "teammesh.node.cli", "--home", str(home), "join",
+                [sys.executable, "-m", "teammesh.node.cli.main", "--home", str(home), "join",
                  invite, "--up"], stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
                 # loopback only in tests (the default listens on 0.0.0.0:4117)
@@ -233,7 +233,7 @@ def test_join_service_writes_a_hardened_unit_for_this_home(tmp_path: Path) -> No
     with mesh(tmp_path / "team", 1) as (admin,):
         invite = run_cli(admin.home, "team", "invite").stdout.strip()
         env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
-        proc = subprocess.run([sys.executable, "-m", "teammesh.node.cli", "--home", str(home),
+        proc = subprocess.run([sys.executable, "-m", "teammesh.node.cli.main", "--home", str(home),
                                "join", invite, "--service", "user"],
                               capture_output=True, text=True, timeout=120, env=env)
     unit = tmp_path / "xdg" / "systemd" / "user" / "teammesh.service"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from meshtools import mesh, wait_until
-from teammesh.node.gpu import detect_gpus, gpu_memory_mib
+from teammesh.node.core.gpu import detect_gpus, gpu_memory_mib
 from teammesh.node.kinds import Resources
-from teammesh.node.tasks import fits
+from teammesh.node.tasks.service import fits
 
 A100 = "NVIDIA A100-SXM4-40GB, 40960"
 

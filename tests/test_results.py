@@ -69,9 +69,9 @@ async def test_lying_executor_is_caught_on_the_wire(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A member whose daemon alters outputs after computing them: every attempt is
     rejected, the task never reports the forged value, and the submitter says why."""
-    from teammesh.node import taskserver
-    from teammesh.node.config import Home, load_config
+    from teammesh.node.core.config import Home, load_config
     from teammesh.node.daemon import UpOptions, run_daemon
+    from teammesh.node.tasks.service import service as taskserver
 
     from teammesh.client import Client
 

@@ -22,11 +22,11 @@ import httpx
 import pytest
 import trio
 from meshtools import Daemon, init_home, mesh, run_cli, wait_for_full_mesh, wait_until
-from teammesh.node.config import Home
-from teammesh.node.host import STREAM_ERRORS, DialError, MeshHost, Stream, open_host
-from teammesh.node.journal import Journal
-from teammesh.node.membership import Membership
-from teammesh.node.protocol_ids import ADS_SYNC, TASKS
+from teammesh.node.core.config import Home
+from teammesh.node.core.journal import Journal
+from teammesh.node.p2p.host import STREAM_ERRORS, DialError, MeshHost, Stream, open_host
+from teammesh.node.p2p.membership import Membership
+from teammesh.node.p2p.protocol_ids import ADS_SYNC, TASKS
 from teammesh.protocols import wire
 from teammesh.protocols.bitswap import BITSWAP_120
 from teammesh.protocols.bridgekey import derive_member_key
@@ -227,7 +227,7 @@ WORKER_MASTER = bytes.fromhex("5eed" * 16)
 @contextmanager
 def local_worker(persist: Path) -> Iterator[str]:
     """`wrangler dev --local` with master WORKER_MASTER at epoch 0; ended by its PID."""
-    from teammesh.node.bridgedev import free_port, wrangler_command, wrangler_env, write_dev_vars
+    from teammesh.node.bridge.dev import free_port, wrangler_command, wrangler_env, write_dev_vars
 
     port = free_port()
     write_dev_vars(BRIDGE_DIR, WORKER_MASTER.hex())
@@ -262,7 +262,7 @@ def local_worker(persist: Path) -> Iterator[str]:
 
 async def bridge_accepts(url: str, key: bytes, peer_id: str) -> bool:
     """One signed request; False if the Worker refuses the key (stale or wrong)."""
-    from teammesh.node.bridge import BridgeClient, BridgeRejected, BridgeStaleKey
+    from teammesh.node.bridge.client import BridgeClient, BridgeRejected, BridgeStaleKey
 
     async with BridgeClient(url, key, peer_id) as client:
         try:

@@ -1,4 +1,4 @@
-"""node/yamux_io.py: streams over our lean yamux-over-Noise path carry every byte, in order,
+"""node/p2p/yamux_io.py: streams over our lean yamux-over-Noise path carry every byte, in order,
 concurrently, and end the way py-libp2p's did (EOF after close_write, an error or EOF
 after a reset). Interop with another implementation: js-libp2p (Helia) and Kubo in
 tests/test_bitswap.py and tests/test_kubo.py talk to the same code."""
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
-from teammesh.node.host import STREAM_ERRORS, MeshHost, Stream, open_host
+from teammesh.node.p2p.host import STREAM_ERRORS, MeshHost, Stream, open_host
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 ECHO = "/test/echo/1"

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from teammesh.node.kinds.base import Kind, Resources
 
 # mypy cannot follow the editable-install import hook that maps teammesh.protocols.
 from teammesh.protocols.errors import (
@@ -41,34 +42,6 @@ _MAX_MESSAGE = 300
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Resources:
-    """What one run of a kind needs; the scheduler matches it against free capacity."""
-
-    cpu: float = 1.0
-    memory_mb: int = 256
-    gpu: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Kind:
-    """One task kind. ``fn`` receives the raw input bytes and already-validated params."""
-
-    name: str
-    version: str
-    description: str
-    fn: Callable[[bytes, dict[str, Any]], Any]
-    params_schema: dict[str, Any] | None = None
-    output_schema: dict[str, Any] | None = None
-    resources: Resources = field(default_factory=Resources)
-    # True if a JavaScript Cloudflare Worker can reproduce the output bit-identically.
-    portable: bool = False
-    # Inputs up to this many bytes run on the executing daemon itself instead of a worker
-    # process. Only for kinds whose cost is a short linear pass over the input (hashing):
-    # at 64 KiB that is tens of microseconds, while the round trip to a worker process
-    # costs 0.3-0.5 ms and the worker's limits (memory, CPU time, wall clock) cannot be
-    # reached. 0: always a worker process.
-    inline_max_bytes: int = 0
 
 
 def builtin_kinds() -> dict[str, Kind]:

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from . import Kind, Resources
+from .base import Kind, Resources
 
 # Integers beyond this lose precision as JavaScript numbers, so JSON input treats them
 # as doubles and outputs encode them as floats.

@@ -19,7 +19,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import Kind, Resources
+from .base import Kind, Resources
 from .basic import csv_reader, params, parse_json, parse_number_cell
 from .numeric import quantile_sorted, splitmix64, uniform01
 

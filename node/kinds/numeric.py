@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from . import Kind, Resources
+from .base import Kind, Resources
 from .basic import params, parse_json
 
 if TYPE_CHECKING:

@@ -20,13 +20,20 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
-
-from .bridge import BridgeError, BridgeRateLimited, BridgeRejected, BridgeUnavailable
-from .executor import Job
+from teammesh.node.bridge.client import (
+    BridgeError,
+    BridgeRateLimited,
+    BridgeRejected,
+    BridgeUnavailable,
+)
+from teammesh.node.tasks.executor import Job
+from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe
 
 if TYPE_CHECKING:
-    from .daemon import Node
+    from teammesh.node.bridge.client import BridgeClient
+    from teammesh.node.daemon import Node
+    from teammesh.node.files.service import FilesService
+    from teammesh.node.tasks.service import TaskService
 
 logger = logging.getLogger("teammesh.pull")
 
@@ -35,8 +42,11 @@ IDLE_BACKOFF_MAX_S = 2.0
 
 
 class PullWorker:
-    def __init__(self, node: Node, bridge: Any) -> None:
+    def __init__(self, node: Node, tasks: TaskService, files: FilesService,
+                 bridge: BridgeClient) -> None:
         self.node = node
+        self.tasks = tasks
+        self.files = files
         self.bridge = bridge
         self.completed = 0
         self.failed_posts = 0
@@ -51,7 +61,7 @@ class PullWorker:
             await self._lease_loop()
 
     async def _lease_loop(self) -> None:
-        executor = self.node.tasks.executor
+        executor = self.tasks.executor
         kinds = {k.name: k.version for k in self.node.kinds.values()}
         idle = 0.05
         unreachable = False
@@ -98,17 +108,12 @@ class PullWorker:
     def _start_with_files(self, job: Job, peers: list[str]) -> None:
         """The input is a file (input_cid or {"$cid"} params): fetch it first through the
         files service (peers, then the R2 mirror), or fail the task if there is none."""
-        if self.node.files is None:
-            self._done(job, make_result(job.spec.id, False, None,
-                                        "this pull-mode node has no file store to fetch the"
-                                        " task's input CID", 0, 0))
-            return
-        self.node.files.start_job(functools.partial(self._resolve_and_run, job, peers))
+        self.files.start_job(functools.partial(self._resolve_and_run, job, peers))
 
     async def _resolve_and_run(self, job: Job, peers: list[str]) -> None:
         # the input file goes to the spool and the worker reads it there: a big file never
         # sits whole in the daemon (failures reach self._done as the task's result)
-        await self.node.tasks.run_with_files(Job(job.spec, "bridge", self._done), peers)
+        await self.tasks.run_with_files(Job(job.spec, "bridge", self._done), peers)
 
     def _done(self, job: Job, result: TaskResult) -> None:
         try:

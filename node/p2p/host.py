@@ -35,7 +35,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import multiaddr
+import multiaddr  # type: ignore[import-untyped]
 import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -54,11 +54,10 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
+from teammesh.node.p2p import yamux_io
 from teammesh.protocols.bitswap import BITSWAP_PROTOCOLS
-from teammesh.protocols.errors import TeammeshError, leaves
+from teammesh.protocols.errors import RemoteProtocolError, TeammeshError, leaves
 from teammesh.protocols.wire import encode_varint
-
-from . import yamux_io
 
 logger = logging.getLogger("teammesh.host")
 for _name in ("libp2p", "multiaddr"):
@@ -91,6 +90,12 @@ class HostError(TeammeshError):
 
 class DialError(HostError):
     pass
+
+
+# A peer failed us: unreachable, malformed, too slow or its stream gone. Any of these ends
+# one exchange with that peer, never the service that started it.
+PEER_ERRORS: tuple[type[BaseException], ...] = (
+    DialError, RemoteProtocolError, trio.TooSlowError, *STREAM_ERRORS)
 
 
 PeerGate = Callable[[str], bool]
@@ -131,7 +136,7 @@ class Stream:
             pass
 
 
-class GatedNoise(NoiseTransport):  # type: ignore[misc]
+class GatedNoise(NoiseTransport):
     """Noise that refuses, right after the handshake, any peer the gate does not admit."""
 
     def __init__(self, key_pair: Any, gate: PeerGate, on_refuse: Callable[[str], None]) -> None:
@@ -546,7 +551,8 @@ def _identify_for_outsiders(host: Any, full: Any, gate: StreamGate) -> Any:
     async def handle(raw: Any) -> None:
         peer = str(raw.muxed_conn.peer_id)
         if gate(peer, IDENTIFY_PROTOCOL_ID):
-            return await full(raw)
+            await full(raw)
+            return
         from libp2p.identity.identify.identify import AGENT_VERSION, PROTOCOL_VERSION
         from libp2p.identity.identify.pb.identify_pb2 import Identify
 
@@ -610,7 +616,8 @@ def _guard_pubsub(host: Any, pubsub: Any, router: Any, stats: HostStats, gate: S
 
     async def guarded_push(forwarder: Any, msg: Any) -> None:
         if forwarder == own_id:  # our own publish: let its errors reach the caller
-            return await push_msg(forwarder, msg)
+            await push_msg(forwarder, msg)
+            return
         try:
             await push_msg(forwarder, msg)
         except STREAM_ERRORS:
@@ -674,26 +681,14 @@ async def open_host(
     _patch_observations(host, stats)
     # Pubsub registers a connection notifee whose queue only drains while its service
     # runs: constructing it for a gossip-less host would block every dial.
-    router = GossipSub(
-        # v1.1: py-libp2p's v1.2 sends an IDONTWANT control RPC to every mesh peer for
-        # every message it forwards, whatever its size (go only above 1 KiB); for our
-        # sub-KiB ads that doubled the gossip RPCs each node handles
-        protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
-        degree=4, degree_low=3, degree_high=6,  # fewer duplicate copies; teams are small
-        heartbeat_interval=GOSSIP_HEARTBEAT_S,  # type: ignore[arg-type]
-        heartbeat_initial_delay=0.1,
-        time_to_live=30, gossip_window=3, gossip_history=5,
-        adaptive_gossip_enabled=False,
-        spam_protection_enabled=False,
-        eclipse_protection_enabled=False,
-    ) if gossip else None
-    pubsub = Pubsub(host, router, max_inbound_rpc_size=MAX_GOSSIP_RPC_BYTES) if gossip else None
+    router: GossipSub | None = None
+    pubsub: Pubsub | None = None
     if gossip:
-        _guard_pubsub(host, pubsub, router, stats, stream_gate)
+        router, pubsub = _gossip(host, stats, stream_gate)
     mesh = MeshHost(host, pubsub, stats, stream_gate)
     try:
         async with host.run(listen_addrs=listen_addrs):
-            if not gossip:
+            if pubsub is None or router is None:
                 yield mesh
                 return
             async with background_trio_service(pubsub), background_trio_service(router):
@@ -717,6 +712,26 @@ async def open_host(
         # py-libp2p's nurseries wrap whatever the body raised; hand a lone error back as
         # itself so callers can catch it by type.
         raise single_leaf(rest) from None
+
+
+def _gossip(host: Any, stats: HostStats, stream_gate: StreamGate) -> tuple[GossipSub, Pubsub]:
+    """The gossipsub router and pubsub service, tuned for small teams and guarded."""
+    router = GossipSub(
+        # v1.1: py-libp2p's v1.2 sends an IDONTWANT control RPC to every mesh peer for
+        # every message it forwards, whatever its size (go only above 1 KiB); for our
+        # sub-KiB ads that doubled the gossip RPCs each node handles
+        protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
+        degree=4, degree_low=3, degree_high=6,  # fewer duplicate copies; teams are small
+        heartbeat_interval=GOSSIP_HEARTBEAT_S,  # type: ignore[arg-type]
+        heartbeat_initial_delay=0.1,
+        time_to_live=30, gossip_window=3, gossip_history=5,
+        adaptive_gossip_enabled=False,
+        spam_protection_enabled=False,
+        eclipse_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, router, max_inbound_rpc_size=MAX_GOSSIP_RPC_BYTES)
+    _guard_pubsub(host, pubsub, router, stats, stream_gate)
+    return router, pubsub
 
 
 def single_leaf(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from teammesh.protocols.errors import TeammeshError
 
 if TYPE_CHECKING:
-    from .config import Config, Home
+    from teammesh.node.core.config import Config, Home
 
 CERT_WARN_S = 7 * 86400  # a certificate expiring within a week is worth a warning
 SKEW_FAIL_S = 60.0  # well inside the bridge's 300 s, so a drifting clock is caught early
@@ -128,7 +128,7 @@ def check_permissions(s: _State) -> list[Check]:
 
 
 def check_config(s: _State) -> list[Check]:
-    from .config import load_config
+    from teammesh.node.core.config import load_config
 
     if not s.home.initialized:
         return []
@@ -155,8 +155,8 @@ def check_identity(s: _State) -> list[Check]:
 def check_membership(s: _State) -> list[Check]:
     if s.identity is None:
         return []
-    from .journal import Journal
-    from .membership import Membership
+    from teammesh.node.core.journal import Journal
+    from teammesh.node.p2p.membership import Membership
 
     try:
         s.journal = Journal(s.home.journal_file)
@@ -193,7 +193,7 @@ def check_node_running(s: _State) -> list[Check]:
                       " a running node are skipped")]
     try:
         s.api = json.loads(s.home.api_file.read_text())
-        from .client import Client
+        from teammesh.client import Client
 
         with Client.from_home(s.home.path) as c:
             s.status = c.status()
@@ -365,8 +365,7 @@ def check_bridge(s: _State) -> list[Check]:
         return [Check("bridge", Status.FAIL, "bridge.key is not hex",
                       "remove bridge.key (the key from joining is used) or fix it")]
     import httpx
-
-    from .bridge import sign_request
+    from teammesh.node.bridge.client import sign_request
 
     peer = s.identity.peer_id if s.identity is not None else ""
     out: list[Check] = []
@@ -535,7 +534,7 @@ def service_unit(*, home: str, executable: str | tuple[str, ...], scope: str,
     Args:
         home: the node's home directory (absolute).
         executable: the absolute path of the ``teammesh`` command, or the command as
-            a tuple (``(python, "-m", "teammesh.node.cli")``).
+            a tuple (``(python, "-m", "teammesh.node.cli.main")``).
         scope: "system" (/etc/systemd/system, runs as ``user``) or "user"
             (~/.config/systemd/user, runs as the user who installs it).
         user: the account a system unit runs as.
@@ -550,7 +549,7 @@ def service_unit(*, home: str, executable: str | tuple[str, ...], scope: str,
         raise TeammeshError(f"service scope must be 'system' or 'user', not {scope!r}")
     if scope == "system" and not user:
         raise TeammeshError("a system service needs the user it runs as")
-    template = resources.files("teammesh.node").joinpath(
+    template = resources.files("teammesh.node.api").joinpath(
         "static", "teammesh.service.in").read_text()
     command = (executable,) if isinstance(executable, str) else executable
     exec_start = " ".join(shlex.quote(a) for a in (*command, "--home", home, "up", *up_args))
@@ -613,7 +612,7 @@ def service_command() -> tuple[str, ...]:
     argv0 = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
     if argv0 is not None and argv0.name == "teammesh" and argv0.is_file():
         return (str(argv0),)
-    return (str(Path(sys.executable).absolute()), "-m", "teammesh.node.cli")
+    return (str(Path(sys.executable).absolute()), "-m", "teammesh.node.cli.main")
 
 
 def install_node_service(home: Path, scope: str, *, up_args: tuple[str, ...] = (),

@@ -23,18 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import trio
+from teammesh.node.p2p.host import PEER_ERRORS, STREAM_ERRORS, DialError, MeshHost, Stream
+from teammesh.node.p2p.membership import Membership, read_message, request_reply
+from teammesh.node.p2p.protocol_ids import ADS_SYNC, caps_topic
 from teammesh.protocols import wire
 from teammesh.protocols.capability import CapabilityAd, PeerTable, open_ad
 from teammesh.protocols.errors import RemoteProtocolError
 from teammesh.protocols.identity import Identity
 
 import teammesh
-
-from .host import STREAM_ERRORS, DialError, MeshHost, Stream
-from .membership import Membership, read_message, request_reply
-from .protocol_ids import ADS_SYNC, caps_topic
 
 logger = logging.getLogger("teammesh.mesh")
 
@@ -304,7 +303,7 @@ class Mesh:
         try:
             self.apply_ads(peer_id, await request_reply(host, peer_id, ADS_SYNC,
                                                         self._ads_message(), ADS_SYNC_TIMEOUT_S))
-        except (DialError, RemoteProtocolError, *STREAM_ERRORS) as exc:
+        except PEER_ERRORS as exc:
             logger.debug("ad sync with %s failed: %s", peer_id, exc)
 
     def live_peers(self) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ Frames (protocols/wire: varint length + msgpack map with ``t`` and ``v``):
 OPs: submit, batch, show, cancel, watch. Calls on one connection run concurrently;
 replies carry the call's id.
 
-``watch`` is the futures client's call (node/client.py): its body is ``{"tasks": [...]}``
+``watch`` is the futures client's call (teammesh/client.py): its body is ``{"tasks": [...]}``
 as for ``batch``; the reply lists each task's id and state in order (a task already
 finished, e.g. from the result cache, comes back whole), and every other task comes back
 whole once it ends, in ``{"t": "res", "tasks": [...]}`` frames that are not replies to a
@@ -32,15 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
+from teammesh.node.api.tasks import batch_bodies, op_batch, op_show, op_submit
+from teammesh.node.tasks.service import TERMINAL
 from teammesh.protocols import wire
 from teammesh.protocols.errors import TaskError, TeammeshError
 
-from .taskapi import batch_bodies, op_batch, op_show, op_submit
-from .tasks import TERMINAL
-
 if TYPE_CHECKING:
-    from .daemon import Node
-    from .tasks import TaskRecord
+    from teammesh.node.daemon import Node
+    from teammesh.node.tasks.service import TaskRecord
 
 logger = logging.getLogger("teammesh.ctlsock")
 
@@ -48,7 +47,7 @@ SOCKET_NAME = "api.sock"
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # as the HTTP API's body limit
 MAX_CALLS_PER_CONNECTION = 256
 # Unfinished tasks one connection may watch. The watch channel is sized to it, so the
-# scheduler's send_nowait on a task's end can never block (node/tasks.py, _finalise).
+# scheduler's send_nowait on a task's end can never block (node/tasks/service.py, _finalise).
 MAX_WATCHED = 200_000
 MAX_ENDED_PER_FRAME = 1000  # ended tasks per "res" frame (each up to ~1.5 KiB plus output)
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
@@ -210,14 +209,14 @@ class _Connection:
             return str(exc)
 
     async def call(self, msg: dict[str, Any]) -> None:
-        from .api import _status_for
+        from teammesh.node.api.body import status_for
 
         call_id = msg.get("id")
         try:
             result = await self.dispatch(msg.get("op"), msg.get("body"))
             reply = {"t": "ret", "id": call_id, "ok": True, "body": result}
         except TeammeshError as exc:
-            status, code = _status_for(exc)
+            status, code = status_for(exc)
             reply = {"t": "ret", "id": call_id, "ok": False, "status": status, "code": code,
                      "message": str(exc)}
         except Exception as exc:  # a bug answers 500 and is logged once, as over HTTP

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from teammesh.node.p2p.host import STREAM_ERRORS, DialError, MeshHost, Stream
 from teammesh.protocols import bitswap as bs
 from teammesh.protocols.errors import RemoteProtocolError, StorageError
 from teammesh.storage.cid import DAG_PB, SHA2_256, Cid
 from teammesh.storage.unixfs import claimed_size, links_of, over_limit
-
-from .host import STREAM_ERRORS, DialError, MeshHost, Stream
 
 logger = logging.getLogger("teammesh.bitswap")
 

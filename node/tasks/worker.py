@@ -1,4 +1,4 @@
-"""A task worker process: ``python -m teammesh.node.worker``.
+"""A task worker process: ``python -m teammesh.node.tasks.worker``.
 
 Reads framed msgpack ``run`` batches on stdin, runs each task in order, and writes one
 framed result per task on stdout as soon as it finishes (so the parent always knows which
@@ -61,6 +61,7 @@ def run_one(kinds: dict[str, Any], task: dict[str, Any], cpu_s: int) -> dict[str
 
     t0 = time.perf_counter()
     c0 = _cpu_s()
+    error: str | None
     try:
         _arm_cpu_limit(cpu_s)
     except (ValueError, OSError) as exc:

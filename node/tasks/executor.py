@@ -1,6 +1,6 @@
 """Executor: runs tasks in warm worker processes, one per slot, with limits.
 
-Each slot owns one ``teammesh.node.worker`` process and feeds it batches from a shared
+Each slot owns one ``teammesh.node.tasks.worker`` process and feeds it batches from a shared
 priority queue (big batches when the queue is long, so tiny tasks cost one pipe write per
 batch, not per task). Per task: a wall-clock timeout (the parent kills the worker), a
 CPU-time limit (RLIMIT_CPU in the worker: SIGXCPU), and the slot's memory limit
@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from teammesh.node.kinds import Kind, run_guarded
+from teammesh.node.p2p.mesh import Capacity
 from teammesh.protocols import wire
 from teammesh.protocols.errors import RemoteProtocolError, TeammeshError
 from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result, params_size
-
-from .kinds import Kind, run_guarded
-from .mesh import Capacity
 
 logger = logging.getLogger("teammesh.executor")
 
@@ -402,7 +401,7 @@ class Executor:
         if self.spool is not None:
             env["TEAMMESH_WORKER_SPOOL"] = str(self.spool)
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "teammesh.node.worker"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "teammesh.node.tasks.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env)
         return proc
 

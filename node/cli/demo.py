@@ -22,7 +22,7 @@ from rich.progress import Progress
 from rich.table import Table
 from teammesh.protocols.errors import TeammeshError
 
-CLI = [sys.executable, "-m", "teammesh.node.cli"]
+CLI = [sys.executable, "-m", "teammesh.node.cli.main"]
 
 
 def _cli(home: Path, *args: str) -> str:
@@ -51,7 +51,7 @@ def _start(home: Path, slots: int) -> subprocess.Popen[bytes]:
 
 
 def run_demo(n: int, *, keep: bool, quiet: bool) -> dict[str, Any]:
-    from .client import Client
+    from teammesh.client import Client
 
     console = Console(stderr=True, quiet=quiet)
     procs: list[subprocess.Popen[bytes]] = []

@@ -28,7 +28,7 @@ from typing import Any
 
 from teammesh.protocols.errors import TeammeshError
 
-from .client import decode_output
+from teammesh.client import decode_output
 
 STEP_KEYS = {"kind", "input", "input_from", "params", "params_from", "after", "where",
              "priority", "replicas", "timeout_s", "no_cache"}

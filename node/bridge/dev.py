@@ -54,8 +54,8 @@ class BridgeDevError(TeammeshError):
 
 
 def default_bridge_dir() -> Path:
-    """bridge/ of this checkout (node/bridgedev.py -> ../bridge)."""
-    return Path(__file__).resolve().parent.parent / "bridge"
+    """bridge/ of this checkout (node/bridge/dev.py -> ../../bridge)."""
+    return Path(__file__).resolve().parents[2] / "bridge"
 
 
 def free_port() -> int:
@@ -213,7 +213,7 @@ def run_bridge_dev(bridge_dir: str | Path | None = None, port: int | None = None
     bridge_dir = Path(bridge_dir) if bridge_dir else default_bridge_dir()
     persist_dir = Path(persist_dir) if persist_dir else bridge_dir / ".wrangler" / "teammesh-dev"
     if key_hex is None:
-        from .bridge import new_bridge_key
+        from teammesh.node.bridge.client import new_bridge_key
 
         key_hex = new_bridge_key().hex()
         print(f"no bridge key given; using a fresh one for this run: {key_hex}", flush=True)

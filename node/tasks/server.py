@@ -14,15 +14,14 @@ import time
 from typing import TYPE_CHECKING
 
 import trio
+from teammesh.node.p2p.host import Stream
+from teammesh.node.tasks.executor import QUEUE_PER_SLOT, Job
 from teammesh.protocols import tasks as tp
 from teammesh.protocols import wire
 from teammesh.protocols.tasks import TaskResult, TaskSpec
 
-from .executor import QUEUE_PER_SLOT, Job
-from .host import Stream
-
 if TYPE_CHECKING:
-    from .tasks import TaskService
+    from teammesh.node.tasks.service import TaskService
 
 logger = logging.getLogger("teammesh.taskserver")
 
@@ -174,7 +173,7 @@ class TaskServer:
                 accepted.append(spec.id)
                 if job.size > SPOOL_INPUT_BYTES or spec.needs_files:
                     # big inputs wait on disk, not in the daemon's memory
-                    self.service.node.files.start_job(
+                    self.service.files.start_job(
                         functools.partial(self.service.run_with_files, job, [submitter]))
                 else:
                     executor.submit_nowait(job)

@@ -16,7 +16,7 @@ preflight, which this API never grants).
 Live data: ``GET /v1/events`` streams ``overview`` (peers, files, bridge, counters; sent
 when it changes, checked every ``OVERVIEW_EVERY_S``) and ``task`` (one task's JSON each
 time its state, waiting reason or attempts change) events. The page is plain HTML and
-JS from ``node/static`` with no build step.
+JS from ``node/api/static`` with no build step.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from starlette.responses import (
 from starlette.routing import Route
 
 if TYPE_CHECKING:
-    from .daemon import Node
+    from teammesh.node.daemon import Node
 
 LOGIN_CODE_TTL_S = 120.0
 SESSION_TTL_S = 7 * 86400.0
@@ -235,7 +235,7 @@ class Dashboard:
         client = self.node.bridge
         if client is None:
             return
-        from .bridge import BridgeError
+        from teammesh.node.bridge.client import BridgeError
 
         while True:
             try:
@@ -369,7 +369,7 @@ def _static_response(name: str) -> Response:
     if "/" in name or "\\" in name or name.startswith(".") or suffix not in STATIC_TYPES:
         return missing
     try:
-        body = resources.files("teammesh.node").joinpath("static", name).read_bytes()
+        body = resources.files("teammesh.node.api").joinpath("static", name).read_bytes()
     except FileNotFoundError:
         return missing
     return Response(body, media_type=STATIC_TYPES[suffix], headers={

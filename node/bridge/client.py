@@ -226,7 +226,7 @@ def check_leased_task(task: Any) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class BridgeTask:
     """A validated task from the bridge, with its output decoded (a top-level
-    {"$base64": ...} becomes bytes, as ``teammesh.node.client.decode_output`` does)."""
+    {"$base64": ...} becomes bytes, as ``teammesh.client.decode_output`` does)."""
 
     id: str
     kind: str | None
@@ -400,7 +400,7 @@ class BridgeClient:
         (authenticated) peer as the executor; an ``executor`` field is ignored.
 
         ``output`` is JSON; bytes must already be in the {"$base64": ...} form
-        (``teammesh.node.tasks.json_safe``)."""
+        (``teammesh.node.tasks.service.json_safe``)."""
         body = {k: v for k, v in result.items() if k != "executor"}
         return check_task(await self.request("POST", f"/v1/tasks/{task_id}/result", body),
                           task_id, check_output=False)

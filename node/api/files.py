@@ -12,12 +12,11 @@ import trio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
+from teammesh.node.api.body import json_body
 from teammesh.protocols.errors import StorageError, TeammeshError
 
-from .api import json_body
-
 if TYPE_CHECKING:
-    from .files import FilesService
+    from teammesh.node.files.service import FilesService
 
 
 def _path(body: dict[str, Any], key: str) -> Path:

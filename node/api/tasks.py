@@ -11,12 +11,11 @@ import trio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
+from teammesh.node.api.body import json_body
 from teammesh.protocols.errors import TaskError, TeammeshError
 
-from .api import json_body
-
 if TYPE_CHECKING:
-    from .tasks import TaskRecord, TaskService
+    from teammesh.node.tasks.service import TaskRecord, TaskService
 
 MAX_WAIT_S = 3600.0
 MAX_BATCH_TASKS = 100_000

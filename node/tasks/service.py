@@ -37,24 +37,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
+from teammesh.node.p2p.host import (
+    PEER_ERRORS,
+    STREAM_ERRORS,
+    DialError,
+    MeshHost,
+    Stream,
+    single_leaf,
+)
+from teammesh.node.p2p.protocol_ids import OFFER, TASKS, tasks_topic
+from teammesh.node.tasks.executor import Executor, Job, Limits
+from teammesh.node.tasks.server import SPOOL_INPUT_BYTES, TaskServer
 from teammesh.protocols import tasks as tp
 from teammesh.protocols import wire
 from teammesh.protocols.errors import (
     RemoteProtocolError,
     ResultRejected,
-    StorageError,
     TaskError,
     TeammeshError,
 )
 from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
 
-from .executor import Executor, Job, Limits
-from .host import STREAM_ERRORS, DialError, MeshHost, Stream, single_leaf
-from .protocol_ids import OFFER, TASKS, tasks_topic
-from .taskserver import SPOOL_INPUT_BYTES, TaskServer
-
 if TYPE_CHECKING:
-    from .daemon import Node
+    from teammesh.node.daemon import Node
+    from teammesh.node.files.service import FilesService
 
 logger = logging.getLogger("teammesh.tasks")
 
@@ -242,8 +248,9 @@ class PeerLink:
 
 
 class TaskService:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, files: FilesService) -> None:
         self.node = node
+        self.files = files
         cfg = node.config
         self.identity = node.identity
         self.journal = node.journal
@@ -337,7 +344,7 @@ class TaskService:
             raise TaskError("'timeout_s' must be a positive number")
         input_cid = body.get("input_cid")
         if input_cid is not None:
-            from .files import parse_cid
+            from teammesh.node.files.service import parse_cid
 
             if not isinstance(input_cid, str):
                 raise TaskError("'input_cid' must be a CID string")
@@ -770,6 +777,7 @@ class TaskService:
                 plain = not r.inflight and not r.replica_results and not r.excluded
                 key = (r.kind, r.where)
                 waiting: Waiting | None
+                candidates: list[tuple[float, str]]
                 if plain and key in no_room:
                     candidates, waiting = [], no_room[key]
                     hits += 1
@@ -877,7 +885,7 @@ class TaskService:
         if any(tp.is_cid_ref(v) for v in r.params.values()):
             return "the bridge cannot run tasks with file ({\"$cid\"}) params; run it on the mesh"
         if r.input_cid is not None and not explicit and \
-                getattr(self.node.files, "mirror", None) is None:
+                self.files.mirror is None:
             return ("the bridge reads input files from the R2 mirror, and this node has no"
                     " mirror configured ([r2] in config.toml)")
         return None
@@ -933,7 +941,7 @@ class TaskService:
     async def _run_on_bridge_unguarded(self, r: TaskRecord) -> None:
         import base64
 
-        from .bridge import BridgeRejected, BridgeUnavailable, decode_task
+        from teammesh.node.bridge.client import BridgeRejected, BridgeUnavailable, decode_task
 
         assert self.bridge is not None
         body: dict[str, Any] = {"id": r.id, "kind": r.kind, "version": r.version,
@@ -1048,7 +1056,7 @@ class TaskService:
                         r.priority, r.input_cid)
         job = Job(spec, "local", self._local_done)
         if spec.needs_files:
-            self.node.files.start_job(functools.partial(self.run_with_files, job, []))
+            self.files.start_job(functools.partial(self.run_with_files, job, []))
             return
         self.executor.submit_nowait(job)
 
@@ -1083,14 +1091,12 @@ class TaskService:
 
     async def _fetch_to_spool(self, cid_text: str, peers: list[str], max_bytes: int) -> Path:
         dest = self.spool / f"in-{secrets.token_hex(8)}"
-        await self.node.files.fetch_to_path(cid_text, dest, peers, max_bytes)
+        await self.files.fetch_to_path(cid_text, dest, peers, max_bytes)
         return dest
 
     async def _store_spilled(self, path: Path) -> dict[str, Any]:
         """A worker's big output, added to the block store: the result carries its CID."""
-        if self.node.files is None:
-            raise StorageError("this node has no file store")
-        return dict(await self.node.files.store_path(path))
+        return dict(await self.files.store_path(path))
 
     def _local_done(self, job: Job | None, result: TaskResult) -> None:
         with self.journal.transaction() as db:
@@ -1195,7 +1201,7 @@ class TaskService:
                     if files:
                         results = [res for res in results if _output_file(res) is None]
                         for res in files:
-                            self.node.files.start_job(
+                            self.files.start_job(
                                 functools.partial(self._collect_output, link.peer, res))
                     with self.journal.transaction() as db:
                         self.apply_results(link.peer, results, db)
@@ -1220,7 +1226,7 @@ class TaskService:
         r.waiting_reason = f"fetching its output ({cid}) from {peer}"
         r.notify()
         try:
-            await self.node.files.pin(cid)
+            await self.files.pin(cid)
         except TeammeshError as exc:
             self.attempt_lost(r, peer, f"its output {cid} could not be fetched: {exc}")
             return
@@ -1351,11 +1357,11 @@ class TaskService:
                 await stream.write(tp.offer(call_id[:64], kind, free))
                 await stream.close()
             self.counters["offers_sent"] += 1
-        except (DialError, trio.TooSlowError, *STREAM_ERRORS) as exc:
+        except PEER_ERRORS as exc:
             logger.debug("offer to %s failed: %s", peer, exc)
 
     async def _handle_offer(self, stream: Stream) -> None:
-        from .membership import read_message
+        from teammesh.node.p2p.membership import read_message
 
         m = await read_message(stream, 4096, 5)
         await stream.close()
@@ -1431,11 +1437,6 @@ class TaskService:
                                                        "peers": 0, "portable": False})
                 entry["peers"] += 1
         return sorted(table.values(), key=lambda d: (d["name"], d["version"]))
-
-    def routes(self, endpoint: Any) -> list[Any]:
-        from .taskapi import task_routes
-
-        return task_routes(self, endpoint)
 
 
 def _output_file(res: TaskResult) -> str | None:

@@ -1,8 +1,8 @@
 """Control API: JSON over HTTP on loopback, bearer-token protected (token in the home, 0600).
 
 Served by hypercorn on trio inside the daemon's nursery. The OpenAPI document is at
-``/openapi.json``; Prometheus metrics at ``/metrics`` (node/metrics.py); the web
-dashboard at ``/`` (node/dashboard.py), whose browser session authenticates with a
+``/openapi.json``; Prometheus metrics at ``/metrics`` (node/api/metrics.py); the web
+dashboard at ``/`` (node/api/dashboard.py), whose browser session authenticates with a
 cookie instead of the bearer token. Every error is JSON
 ``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx status.
 """
@@ -22,62 +22,21 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from teammesh.node.api.body import error, json_body, status_for
+from teammesh.node.api.dashboard import Dashboard
+from teammesh.node.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from teammesh.node.api.metrics import NodeMetrics
+from teammesh.node.api.openapi import OPENAPI
 from teammesh.protocols.errors import (
     ConfigError,
-    MembershipError,
-    NoCapacity,
-    StorageError,
-    TaskError,
     TeammeshError,
-    UnknownKind,
 )
 
-from .dashboard import Dashboard
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import NodeMetrics
-from .openapi import OPENAPI
-
 if TYPE_CHECKING:
-    from .daemon import Node
+    from teammesh.node.daemon import Node
 
 Handler = Callable[[Request], Awaitable[Response]]
 logger = logging.getLogger("teammesh.api")
-MAX_BODY_BYTES = 64 * 1024 * 1024
-
-
-def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
-
-
-def _status_for(exc: TeammeshError) -> tuple[int, str]:
-    if isinstance(exc, UnknownKind):
-        return 422, "unknown_kind"
-    if isinstance(exc, NoCapacity):
-        return 503, "no_capacity"
-    if isinstance(exc, (MembershipError, ConfigError)):
-        return 409, "membership"
-    if isinstance(exc, TaskError):
-        return 422, "task_error"
-    if isinstance(exc, StorageError):
-        return 404 if type(exc).__name__ == "NotFound" else 422, "storage"
-    return 400, "bad_request"
-
-
-async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise TeammeshError(f"request body over {MAX_BODY_BYTES} bytes")
-    if not raw:
-        return {}
-    import json
-
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise TeammeshError(f"request body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise TeammeshError("request body must be a JSON object")
-    return body
 
 
 def build_app(node: Node, metrics: NodeMetrics | None = None,
@@ -100,7 +59,7 @@ def build_app(node: Node, metrics: NodeMetrics | None = None,
             try:
                 result = await fn(request)
             except TeammeshError as exc:
-                status, code = _status_for(exc)
+                status, code = status_for(exc)
                 return error(status, code, str(exc))
             except Exception as exc:  # a bug answers 500 and is logged once
                 logger.exception("API %s %s failed", request.method, request.url.path)
@@ -127,7 +86,7 @@ def build_app(node: Node, metrics: NodeMetrics | None = None,
         if not isinstance(ttl, int) or not 60 <= ttl <= 30 * 86400:
             raise TeammeshError("ttl_s must be an integer from 60 to 2592000 seconds")
         assert node.host is not None
-        from .mesh import dialable_addrs
+        from teammesh.node.p2p.mesh import dialable_addrs
 
         inv = node.membership.create_invite(
             dialable_addrs(node.host.listen_addrs, node.host.peer_id), ttl)
@@ -183,9 +142,11 @@ def build_app(node: Node, metrics: NodeMetrics | None = None,
         Route("/v1/stop", endpoint(stop), methods=["POST"]),
     ]
     if node.tasks is not None:
-        routes += node.tasks.routes(endpoint)
+        from teammesh.node.api.tasks import task_routes
+
+        routes += task_routes(node.tasks, endpoint)
     if node.files is not None:
-        from .filesapi import files_routes
+        from teammesh.node.api.files import files_routes
 
         routes += files_routes(node.files, endpoint)
     routes += dashboard.routes(endpoint)

@@ -40,8 +40,8 @@ from teammesh.storage.unixfs import (
 )
 
 if TYPE_CHECKING:
-    from .daemon import Node
-    from .host import MeshHost
+    from teammesh.node.daemon import Node
+    from teammesh.node.p2p.host import MeshHost
 
 logger = logging.getLogger("teammesh.files")
 
@@ -491,13 +491,10 @@ class FilesService:
     async def run(self, host: MeshHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.host = host
         async with trio.open_nursery() as nursery:
-            try:
-                from .bitswap import BitswapService
-            except ImportError:  # pragma: no cover - bitswap lands separately
-                BitswapService = None
-            if BitswapService is not None:
-                self.bitswap = BitswapService(host, self.get_block, self.put_block)
-                await nursery.start(self.bitswap.run)
+            from teammesh.node.files.bitswap import BitswapService
+
+            self.bitswap = BitswapService(host, self.get_block, self.put_block)
+            await nursery.start(self.bitswap.run)
             if self.mirror is not None:
                 nursery.start_soon(self._mirror_loop)
             task_status.started()

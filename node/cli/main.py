@@ -23,7 +23,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Ctx:
     def __init__(self, home: Path | None, as_json: bool, verbose: int,
                  log_format: str = "text") -> None:
-        from .config import Home, default_home
+        from teammesh.node.core.config import Home, default_home
 
         self.home = Home(home if home is not None else default_home())
         self.as_json = as_json
@@ -31,7 +31,7 @@ class Ctx:
         self.log_format = log_format
 
     def client(self) -> Any:
-        from .client import Client
+        from teammesh.client import Client
 
         return Client.from_home(self.home.path)
 
@@ -96,8 +96,8 @@ def team() -> None:
 @pass_ctx
 def team_create(ctx: Ctx, name: str, as_json: bool) -> None:
     """Make this node the root admin of a new team NAME."""
-    from .journal import Journal
-    from .membership import Membership
+    from teammesh.node.core.journal import Journal
+    from teammesh.node.p2p.membership import Membership
 
     identity = ctx.home.identity()
     if ctx.home.api_file.exists():
@@ -141,8 +141,8 @@ def team_revoke(ctx: Ctx, peer_id: str, as_json: bool) -> None:
 @pass_ctx
 def team_bridge_key(ctx: Ctx, as_json: bool) -> None:
     """Print the team's master bridge key (hex; admins only), for the Worker's BRIDGE_KEY."""
-    from .journal import Journal
-    from .membership import Membership
+    from teammesh.node.core.journal import Journal
+    from teammesh.node.p2p.membership import Membership
 
     journal = Journal(ctx.home.journal_file)
     try:
@@ -188,9 +188,8 @@ def team_members(ctx: Ctx, as_json: bool) -> None:
 def join(ctx: Ctx, invite: str, as_json: bool, then_up: bool, service: str | None) -> None:
     """Join a team with an INVITE from `teammesh team invite`."""
     import trio
-
-    from .journal import Journal
-    from .membership import join as do_join
+    from teammesh.node.core.journal import Journal
+    from teammesh.node.p2p.membership import join as do_join
 
     if not ctx.home.initialized:
         ctx.home.init()  # an invite is all a new member needs: no separate `init`
@@ -205,7 +204,7 @@ def join(ctx: Ctx, invite: str, as_json: bool, then_up: bool, service: str | Non
     data: dict[str, Any] = {"team": info.team_id, "name": info.name,
                             "peer_id": identity.peer_id}
     if service:
-        from .doctor import install_node_service
+        from teammesh.node.cli.doctor import install_node_service
 
         try:
             data["service"] = install_node_service(ctx.home.path, service)
@@ -239,9 +238,8 @@ def up(ctx: Ctx, listen: tuple[str, ...], bootstrap: tuple[str, ...], api: str |
        slots: int | None, pull: bool, bridge: str | None) -> None:
     """Run the node in the foreground until Ctrl-C / SIGTERM."""
     import trio
-
-    from .config import load_config
-    from .daemon import UpOptions, run_daemon
+    from teammesh.node.core.config import load_config
+    from teammesh.node.daemon import UpOptions, run_daemon
 
     ctx.home.require()
     setup_logging(ctx.verbose, ctx.log_format)
@@ -287,7 +285,7 @@ def down(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 def audit(ctx: Ctx, verify: bool, tail: int, as_json: bool) -> None:
     """Show (or --verify) the audit log: membership changes, who ran what for whom."""
-    from .audit import verify as verify_chain
+    from teammesh.node.core.audit import verify as verify_chain
 
     path = ctx.home.path / "audit.log"
     if not path.exists():
@@ -372,7 +370,7 @@ def peers(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 def demo(ctx: Ctx, nodes: int, keep: bool, as_json: bool) -> None:
     """Start a local mesh of real daemons on 127.0.0.1 and show it working."""
-    from .demo import run_demo
+    from teammesh.node.cli.demo import run_demo
 
     result = run_demo(nodes, keep=keep, quiet=as_json or ctx.as_json)
     emit(ctx, as_json, result, lambda: None)
@@ -429,7 +427,7 @@ def _print_task(task: dict[str, Any]) -> None:
 
 
 def _write_output(task: dict[str, Any], path: str) -> None:
-    from .client import decode_output
+    from teammesh.client import decode_output
 
     out = decode_output(task.get("output"))
     if isinstance(out, bytes):
@@ -617,13 +615,13 @@ def batch(ctx: Ctx, file: Path, parallel: int, as_json: bool) -> None:
             for r in c.stream_batch(bodies[start:start + parallel]):
                 progress.advance(bar)
                 failed += r["state"] != "done"
-                line = {"tag": r["tag"], "id": r["id"], "kind": r["kind"], "state": r["state"],
+                row = {"tag": r["tag"], "id": r["id"], "kind": r["kind"], "state": r["state"],
                         "executed_by": r["executed_by"], "output": r["output"],
                         "error": r["error"]}
                 if quiet:
-                    click.echo(json.dumps(line))
+                    click.echo(json.dumps(row))
                 else:
-                    results.append(line)
+                    results.append(row)
     if not quiet:
         done = len(bodies) - failed
         click.echo(f"{done} done, {failed} failed of {len(bodies)}")
@@ -648,7 +646,7 @@ def workflow() -> None:
 @pass_ctx
 def workflow_run(ctx: Ctx, file: Path, as_json: bool) -> None:
     """Run FILE.toml: independent steps in parallel, dependent steps in order."""
-    from .workflow import load_workflow, run_workflow
+    from teammesh.node.cli.workflow import load_workflow, run_workflow
 
     wf = load_workflow(file)
     with ctx.client() as c:
@@ -807,7 +805,7 @@ def dashboard(ctx: Ctx, no_open: bool, as_json: bool) -> None:
     quiet = as_json or ctx.as_json
     opened = False
     if not (no_open or quiet):
-        from .dashboard import open_browser
+        from teammesh.node.api.dashboard import open_browser
 
         opened = open_browser(data["url"])
     data["opened"] = opened
@@ -823,7 +821,7 @@ def dashboard(ctx: Ctx, no_open: bool, as_json: bool) -> None:
 @pass_ctx
 def doctor(ctx: Ctx, timeout: float, as_json: bool) -> None:
     """Check this node's setup; print each problem with its fix (exit 1 if any fails)."""
-    from .doctor import render, run_doctor
+    from teammesh.node.cli.doctor import render, run_doctor
 
     report = run_doctor(ctx.home, timeout_s=timeout)
     emit(ctx, as_json, report, lambda: render(report, console()))
@@ -838,7 +836,7 @@ def doctor(ctx: Ctx, timeout: float, as_json: bool) -> None:
 @pass_ctx
 def top(ctx: Ctx, interval: float, once: bool, as_json: bool) -> None:
     """A live view of the team's peers and this node's tasks (Ctrl-C to leave)."""
-    from .top import run_top, snapshot
+    from teammesh.node.cli.top import run_top, snapshot
 
     with ctx.client() as c:
         if as_json or ctx.as_json:
@@ -859,9 +857,9 @@ def bridge() -> None:
 @pass_ctx
 def bridge_dev(ctx: Ctx, port: int | None, state: Path | None) -> None:
     """Run the Worker locally (workerd, no Cloudflare account) with this team's key."""
-    from .bridgedev import run_bridge_dev
-    from .config import load_config
-    from .journal import Journal
+    from teammesh.node.bridge.dev import run_bridge_dev
+    from teammesh.node.core.config import load_config
+    from teammesh.node.core.journal import Journal
 
     key_hex = load_config(ctx.home).get("bridge", "key")
     if not key_hex:
@@ -893,7 +891,7 @@ def parse_duration(text: str) -> int:
 def setup_logging(verbose: int, log_format: str = "text") -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     if log_format == "json":
-        from .logjson import JsonFormatter
+        from teammesh.node.core.logjson import JsonFormatter
 
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())

@@ -26,6 +26,16 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
+from teammesh.node.core.config import Home
+from teammesh.node.core.journal import Journal
+from teammesh.node.p2p.host import (
+    PEER_ERRORS,
+    STREAM_ERRORS,
+    MeshHost,
+    Stream,
+    open_host,
+)
+from teammesh.node.p2p.protocol_ids import BRIDGE_KEY, ENROLL, RENEW, ROSTER_SYNC, roster_topic
 from teammesh.protocols import wire
 from teammesh.protocols.bitswap import BITSWAP_PROTOCOLS
 from teammesh.protocols.bridgekey import derive_member_key
@@ -59,12 +69,9 @@ from teammesh.protocols.membership import (
     renewal_due,
 )
 
-from .config import Home
-from .host import STREAM_ERRORS, DialError, MeshHost, Stream, open_host
-from .journal import Journal
-from .protocol_ids import BRIDGE_KEY, ENROLL, RENEW, ROSTER_SYNC, roster_topic
-
 logger = logging.getLogger("teammesh.membership")
+# an admin that no longer counts us as a member is one more admin that cannot renew us
+_RENEW_ERRORS: tuple[type[BaseException], ...] = (NotAMember, *PEER_ERRORS)
 
 CERT_TTL_S = 365 * 24 * 3600
 # Tests (and operators who want short-lived certificates) set the lifetime an admin issues
@@ -451,7 +458,7 @@ class Membership:
                     continue
                 epoch = wire.field_int(reply, "epoch")
                 key = wire.field_bytes(reply, "key", max_len=64)
-            except (DialError, RemoteProtocolError, *STREAM_ERRORS) as exc:
+            except PEER_ERRORS as exc:
                 logger.debug("bridge key from %s failed: %s", admin, exc)
                 continue
             if epoch > self.bridge_epoch and len(key) == 32:
@@ -509,7 +516,9 @@ class Membership:
                 self.changed.set()
 
     def _bridge_url(self) -> str | None:
-        from .config import load_config  # with TEAMMESH_BRIDGE_URL from the environment
+        from teammesh.node.core.config import (
+            load_config,  # with TEAMMESH_BRIDGE_URL from the environment
+        )
 
         try:
             return str(load_config(self.home).get("bridge", "url") or "") or None
@@ -518,7 +527,7 @@ class Membership:
 
     async def _rotate_worker(self, master: bytes, epoch: int, old: bytes) -> bool:
         """One attempt; True when done (or nothing to do), False to retry later."""
-        from .bridge import BridgeClient, BridgeRejected, BridgeUnavailable
+        from teammesh.node.bridge.client import BridgeClient, BridgeRejected, BridgeUnavailable
 
         url = getattr(self.bridge, "url", None) or self._bridge_url()
         if url is None:
@@ -705,7 +714,7 @@ class Membership:
                     continue
                 cert = parse_certificate(wire.field_bytes(reply, "cert", max_len=MAX_CERT_BYTES),
                                          team, now_s())
-            except (DialError, RemoteProtocolError, NotAMember, *STREAM_ERRORS) as exc:
+            except _RENEW_ERRORS as exc:
                 logger.debug("renewal by %s failed: %s", admin, exc)
                 continue
             if cert.peer_id != self.identity.peer_id or cert.expires <= old.expires:
@@ -775,7 +784,7 @@ class Membership:
         try:
             self._merge_wire(await request_reply(host, peer_id, ROSTER_SYNC,
                                                  self._roster_message(), ENROLL_TIMEOUT_S))
-        except (DialError, RemoteProtocolError, *STREAM_ERRORS) as exc:
+        except PEER_ERRORS as exc:
             logger.debug("roster sync with %s failed: %s", peer_id, exc)
 
     def gossip_validator(self, origin: str, forwarder: str, data: bytes) -> bool:
@@ -783,7 +792,7 @@ class Membership:
             return False
         try:
             m = wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES)
-            return m["t"] == "roster"
+            return bool(m["t"] == "roster")
         except RemoteProtocolError:
             return False
 
@@ -873,7 +882,7 @@ async def join(home: Home, journal: Journal, identity: Identity, invite_text: st
                         enroll_request(identity, host.peer_id, invite.team.team_id)))
                     reply = await read_message(stream)
                     await stream.close()
-            except (DialError, trio.TooSlowError, RemoteProtocolError, *STREAM_ERRORS) as exc:
+            except PEER_ERRORS as exc:
                 last_error = str(exc) or type(exc).__name__
                 continue
             if reply["t"] == "error":

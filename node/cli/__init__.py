@@ -1,0 +1,1 @@
+"""The `teammesh` command and what only it uses (doctor, top, demo, workflows)."""
