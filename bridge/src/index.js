@@ -628,7 +628,7 @@ async function submitTask(request, env, ctx, peer, body) {
 const MAX_LEASE_KINDS = 1000;
 // One lease answer carries at most this many input bytes (at least one task): it stays
 // far below the 32 MiB RPC limit and the isolate's 128 MB.
-export const LEASE_BYTES = 8 * 1024 * 1024;
+const LEASE_BYTES = 8 * 1024 * 1024;
 
 function parseKinds(v) {
   const out = {};
