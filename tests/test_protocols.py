@@ -607,3 +607,14 @@ def test_open_ad_fuzz_fields_signed_by_the_right_peer(overrides: dict[str, objec
         open_ad(data)
     except RemoteProtocolError:
         pass
+
+
+def test_hypothesis_properties_run_without_a_deadline() -> None:
+    # tests/conftest.py loads a profile with deadline=None by default: a slow example on a
+    # loaded machine is not a failure of the decoder. Every @given here, with or without
+    # its own @settings, must inherit it.
+    assert settings.default.deadline is None
+    props = [f for f in globals().values() if hasattr(f, "hypothesis")]
+    assert len(props) >= 8
+    for f in props:
+        assert f._hypothesis_internal_use_settings.deadline is None, f.__name__
