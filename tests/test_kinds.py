@@ -25,6 +25,7 @@ from teammesh.node.kinds import (
     builtin_kinds,
     get_kind,
     load_kinds,
+    numeric,
     run_kind,
     to_msgpackable,
 )
@@ -498,9 +499,24 @@ def test_montecarlo_pi_deterministic() -> None:
     assert run("np.montecarlo_pi") == first  # defaults: 1e6 samples, seed 0
     assert run("np.montecarlo_pi", samples=1_000_000, seed=0) == first
     assert run("np.montecarlo_pi", samples=1_000_000, seed=1)["inside"] != first["inside"]
-    # Chunk boundaries must not change the stream.
+
+
+def test_montecarlo_pi_chunk_boundaries_do_not_change_the_stream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kind draws its samples in vectorised steps of _MC_CHUNK; where the steps cut the
+    # splitmix64 stream must not change which numbers sample j gets. Odd, tiny and exact
+    # step sizes all give the one-step answer, bit for bit.
+    samples = 10_007
+    monkeypatch.setattr(numeric, "_MC_CHUNK", samples)
+    whole = run("np.montecarlo_pi", samples=samples, seed=3)
+    for step in (1, 2, 7, 1000, samples - 1, 1 << 20):
+        monkeypatch.setattr(numeric, "_MC_CHUNK", step)
+        assert run("np.montecarlo_pi", samples=samples, seed=3) == whole, step
+    # the real step size, with a boundary 5 samples before the end
+    monkeypatch.setattr(numeric, "_MC_CHUNK", 1 << 20)
     big = run("np.montecarlo_pi", samples=(1 << 20) + 5, seed=3)
-    assert abs(big["pi"] - math.pi) < 0.01
+    monkeypatch.setattr(numeric, "_MC_CHUNK", 1 << 21)
+    assert run("np.montecarlo_pi", samples=(1 << 20) + 5, seed=3) == big
 
 
 # --- data kinds ----------------------------------------------------------------------
