@@ -858,8 +858,9 @@ async function health(env) {
   return jsonResponse(200, {
     ok: true,
     version: env.VERSION ?? "dev",
-    bindings: { queue: !!env.QUEUE, control: !!env.CONTROL, gate: !!env.GATE, cache: !!env.CACHE, mirror: !!env.MIRROR },
-    shards: shardCount(env),
+    bindings: { queue: !!env.QUEUE, cache: !!env.CACHE, mirror: !!env.MIRROR },
+    // the sharded layout (docs/BRIDGE.md, "Where things are stored")
+    objects: { shards: shardCount(env), gate: !!env.GATE, control: !!env.CONTROL },
     key_configured: !!masterFromHex(env.BRIDGE_KEY),
     portable_kinds: portableNames(),
   });

@@ -10,9 +10,9 @@ describe("routes", () => {
     expect(res.status).toBe(200);
     expect(body.ok).toBe(true);
     expect(body.version).toBe("0.1.0");
-    expect(body.bindings).toEqual({ queue: true, control: true, gate: true, cache: true, mirror: true });
+    expect(body.bindings).toEqual({ queue: true, cache: true, mirror: true });
+    expect(body.objects).toEqual({ shards: 4, gate: true, control: true });
     expect(body.key_configured).toBe(true);
-    expect(body.shards).toBe(4);
   });
 
   it("unknown routes and methods are JSON errors", async () => {
