@@ -78,6 +78,8 @@ BITSWAP_100: Final = "/ipfs/bitswap/1.0.0"
 BITSWAP_PROTOCOLS: Final = (BITSWAP_120, BITSWAP_110, BITSWAP_100)
 
 MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024  # spec: implementations must accept 4 MiB
+HELD_PER_POLL: Final = 4096  # wants set aside per poll while their peers' windows drain
+MAX_ACKS_PER_PEER: Final = 4096  # received blocks cancelled in the next message to a peer
 MAX_BLOCK_BYTES: Final = 2 * 1024 * 1024  # spec: blocks up to 2 MiB must be accepted
 INLINE_HAVE_LIMIT: Final = 1024  # WANT_HAVE for a block smaller than this gets the block
 MESSAGE_TARGET_BYTES: Final = 2 * 1024 * 1024  # we pack replies up to this size
@@ -595,11 +597,16 @@ class WantManager:
 
     def __init__(self, peers: Iterable[str], *, max_in_flight: int = 128,
                  want_timeout_s: float = 10.0, give_up_s: float = 30.0,
-                 retry_backoff_s: float = 0.5, max_bad_blocks: int = 3) -> None:
+                 retry_backoff_s: float = 0.5, max_bad_blocks: int = 3,
+                 refill_below: int | None = None) -> None:
         self.peers = list(dict.fromkeys(peers))
         if not self.peers:
             raise LocalProtocolError("a fetch needs at least one peer")
         self.max_in_flight = max_in_flight
+        # A peer gets new wants only once its outstanding wants fell to this many; then
+        # it is topped up to the window in one message (see "Pipelining" above).
+        self.refill_below = (max_in_flight // 8 if refill_below is None
+                             else max(0, min(refill_below, max_in_flight - 1)))
         self.want_timeout_s = want_timeout_s
         self.give_up_s = give_up_s
         self.retry_backoff_s = retry_backoff_s
@@ -611,6 +618,9 @@ class WantManager:
         self._outstanding: dict[tuple[bytes, str], float] = {}  # (mh, peer) -> sent at
         self._load: dict[str, int] = dict.fromkeys(self.peers, 0)
         self._cancels: dict[str, list[bytes]] = {}
+        # blocks each peer sent us since we last wrote to it: cancelled in the next
+        # message we send it anyway, never in a message of their own
+        self._acks: dict[str, list[bytes]] = {}
 
     @property
     def done(self) -> bool:
@@ -632,9 +642,13 @@ class WantManager:
         self._pending.append(mh)
         return True
 
+    def _refillable(self, peer: str) -> bool:
+        return self._load[peer] <= self.refill_below
+
     def next_deadline(self, now: float) -> float:
         """When ``poll`` next has work (``now`` if it has some already)."""
-        if self._pending and len(self._outstanding) < self.max_in_flight:
+        if (self._pending and len(self._outstanding) < self.max_in_flight
+                and any(self._refillable(p) for p in self.peers)):
             return now
         if self._cancels:
             return now
@@ -655,7 +669,10 @@ class WantManager:
             self._parked = [m for m in self._parked if m in self._wants and m not in ready]
             self._pending.extendleft(reversed(ready))
         entries: dict[str, list[Entry]] = {}
-        while self._pending and len(self._outstanding) < self.max_in_flight:
+        open_peers = {p for p in self.peers if self._refillable(p)}
+        held: list[bytes] = []  # wants whose peers are all still draining their window
+        while (self._pending and open_peers and len(held) < HELD_PER_POLL
+               and len(self._outstanding) < self.max_in_flight):
             mh = self._pending.popleft()
             w = self._wants.get(mh)
             if w is None or w.asked:
@@ -665,6 +682,10 @@ class WantManager:
             # lone peer behind a flaky link must not be banned for good
             trusted = [p for p in peers if self.bad_blocks.get(p, 0) < self.max_bad_blocks]
             peers = trusted or peers
+            if peers and not open_peers.intersection(peers):
+                held.append(mh)
+                continue
+            peers = [p for p in peers if p in open_peers]
             if not peers:
                 if now - w.created >= self.give_up_s:
                     del self._wants[mh]
@@ -681,9 +702,14 @@ class WantManager:
             self._load[peer] += 1
             entries.setdefault(peer, []).append(
                 Entry(w.cid, priority=1, want_type=WantType.BLOCK, send_dont_have=True))
+        self._pending.extendleft(reversed(held))
         for peer, cids in self._cancels.items():
             entries.setdefault(peer, []).extend(Entry(c, cancel=True) for c in cids)
         self._cancels.clear()
+        for peer, es in entries.items():
+            acks = self._acks.pop(peer, None)
+            if acks:
+                es.extend(Entry(c, cancel=True) for c in acks)
         effects.extend(Send(p, Message(wantlist=tuple(es))) for p, es in entries.items())
         return effects
 
@@ -703,6 +729,10 @@ class WantManager:
                 self._forget(mh, p)
                 if p != peer:
                     self._cancels.setdefault(p, []).append(w.cid)
+            if peer in self._load:
+                acks = self._acks.setdefault(peer, [])
+                if len(acks) < MAX_ACKS_PER_PEER:
+                    acks.append(w.cid)
             effects.append(Received(w.cid, data, peer))
         for pr in presences:
             if pr.type == PresenceType.DONT_HAVE:

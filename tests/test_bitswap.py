@@ -265,7 +265,7 @@ def sends(effects: list[bs.Effect]) -> dict[str, list[bs.Entry]]:
 
 
 def test_want_manager_spreads_and_limits() -> None:
-    m = bs.WantManager(["a", "b"], max_in_flight=4)
+    m = bs.WantManager(["a", "b"], max_in_flight=4, refill_below=3)  # refill on every block
     cids, _ = store_of(*[bytes([i]) for i in range(10)])
     for c in cids:
         m.want(c, 0.0)
@@ -277,7 +277,36 @@ def test_want_manager_spreads_and_limits() -> None:
     [got] = m.receive("a", [(first, b"\x00")])
     assert isinstance(got, bs.Received)
     assert got.cid == first
-    assert sum(len(v) for v in sends(m.poll(0.0)).values()) == 1
+    refill = [e for es in sends(m.poll(0.0)).values() for e in es]
+    assert [e.cid for e in refill if e.cancel] == [first]  # a sent it: cancelled there
+    assert sum(not e.cancel for e in refill) == 1
+
+
+def test_want_manager_refills_a_peer_in_batches_and_cancels_what_it_sent() -> None:
+    """Helia answers every wantlist message with every block still in its ledger, and
+    drops served entries only after the whole reply is written: topping the window up
+    block by block made it send each block many times over. A peer is topped up once
+    its outstanding wants fall to ``refill_below``, and that message cancels the blocks
+    it sent since, so nothing it already sent is sent again."""
+    m = bs.WantManager(["a"], max_in_flight=6, refill_below=2)
+    cids, _ = store_of(*[bytes([i]) for i in range(20)])
+    for c in cids:
+        m.want(c, 0.0)
+    first = sends(m.poll(0.0))["a"]
+    assert [e.cid for e in first] == cids[:6]
+    for n, c in enumerate(cids[:4]):
+        [got] = m.receive("a", [(c, bytes([n]))])
+        assert isinstance(got, bs.Received)
+        if n < 3:  # still 3+ outstanding: no message, and no busy loop waiting for one
+            assert m.poll(1.0) == []
+            assert m.next_deadline(1.0) > 1.0
+    second = sends(m.poll(1.0))["a"]
+    assert [e.cid for e in second if not e.cancel] == cids[6:10]  # back to 6 in flight
+    assert [e.cid for e in second if e.cancel] == cids[:4]
+    assert m.in_flight == 6
+    # cancels of delivered blocks wait for the next wantlist, never go out alone
+    m.receive("a", [(cids[4], b"\x04")])
+    assert m.poll(2.0) == []
 
 
 def test_want_manager_moves_wants_on_dont_have_timeout_and_bad_block() -> None:

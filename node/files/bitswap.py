@@ -64,6 +64,7 @@ class BlockNotFound(StorageError):
 @dataclass(frozen=True, slots=True)
 class BitswapConfig:
     max_in_flight: int = 128  # wants outstanding per fetch
+    refill_below: int | None = None  # top a peer up once its wants fall to this (None: 1/8)
     want_timeout_s: float = 10.0  # re-ask another peer when unanswered this long
     give_up_s: float = 30.0  # BlockNotFound when every peer refused a block this long
     max_bad_blocks: int = 3  # after this many bad blocks a peer is asked only as a last resort
@@ -386,7 +387,8 @@ class BitswapService:
         cfg = self.config
         manager = bs.WantManager(peers, max_in_flight=cfg.max_in_flight,
                                  want_timeout_s=cfg.want_timeout_s, give_up_s=cfg.give_up_s,
-                                 max_bad_blocks=cfg.max_bad_blocks)
+                                 max_bad_blocks=cfg.max_bad_blocks,
+                                 refill_below=cfg.refill_below)
         send, recv = trio.open_memory_channel[_Event](INBOX_MESSAGES)
         session = _Session(manager, send)
         self._sessions.add(session)
