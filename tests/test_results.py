@@ -71,7 +71,7 @@ async def test_lying_executor_is_caught_on_the_wire(tmp_path: Path,
     rejected, the task never reports the forged value, and the submitter says why."""
     from teammesh.node.core.config import Home, load_config
     from teammesh.node.daemon import UpOptions, run_daemon
-    from teammesh.node.tasks.service import service as taskserver
+    from teammesh.node.tasks import server as taskserver
 
     from teammesh.client import Client
 

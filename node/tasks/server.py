@@ -83,11 +83,6 @@ class TaskServer:
             return "all slots and queue places taken"
         return None
 
-    def recover(self) -> None:
-        """After a restart, work that was accepted but not finished is lost: forget it so
-        a re-assign runs it again (the submitter re-dispatches it anyway)."""
-        self.service.journal.db.execute("DELETE FROM exec WHERE state != 'done'")
-
     async def handle_stream(self, stream: Stream) -> None:
         session = _Session(stream)
         submitter = stream.peer_id
@@ -103,9 +98,7 @@ class TaskServer:
                 del self.sessions[submitter]
             if session.results:
                 # finished but never sent: keep them for the submitter's re-assign
-                self.service.journal.db.executemany(
-                    "UPDATE exec SET state='done', result=? WHERE id=?",
-                    [(_pack_result(r), r.id) for r in session.results])
+                self.service.store.autocommit.exec_done(session.results)
             await stream.close()
 
     async def _reader(self, session: _Session, submitter: str) -> None:
@@ -125,9 +118,8 @@ class TaskServer:
                             self.service.executor.cancel(tid)
                 elif m["t"] == "ack":
                     ids = tp.id_list(m)
-                    with self.service.journal.transaction() as db:
-                        db.executemany("DELETE FROM exec WHERE id=? AND submitter=?",
-                                       [(i, submitter) for i in ids])
+                    with self.service.store.transaction() as txn:
+                        txn.exec_forget(submitter, ids)
 
     def _on_assign(self, session: _Session, submitter: str, m: wire.Message) -> None:
         raw = wire.field_list(m, "tasks", max_len=tp.MAX_BATCH)
@@ -138,16 +130,15 @@ class TaskServer:
         refused: list[tuple[str, str, str]] = []
         replay: list[TaskResult] = []
         room = executor.room
-        with self.service.journal.transaction() as db:
+        with self.service.store.transaction() as txn:
             for spec in specs:
-                row = db.execute("SELECT state, result, submitter FROM exec WHERE id=?",
-                                 (spec.id,)).fetchone()
+                row = txn.exec_get(spec.id)
                 if row is not None:
-                    if row[2] != submitter:
+                    if row.submitter != submitter:
                         refused.append((spec.id, "duplicate", "task id used by another member"))
-                    elif row[0] == "done" and row[1] is not None:
+                    elif row.state == "done" and row.result is not None:
                         accepted.append(spec.id)
-                        replay.append(_unpack_result(row[1]))
+                        replay.append(row.result)
                     else:
                         accepted.append(spec.id)  # already running here: its result will come
                     continue
@@ -168,8 +159,7 @@ class TaskServer:
                     refused.append((spec.id, "busy", why))
                     continue
                 room -= 1
-                db.execute("INSERT INTO exec(id, submitter, state, updated) VALUES(?,?,?,?)",
-                           (spec.id, submitter, "accepted", time.time()))
+                txn.exec_accept(spec.id, submitter, time.time())
                 accepted.append(spec.id)
                 if job.size > SPOOL_INPUT_BYTES or spec.needs_files:
                     # big inputs wait on disk, not in the daemon's memory
@@ -194,9 +184,7 @@ class TaskServer:
             session.push_result(result)
         else:
             # nobody to send it to now: keep it for the submitter's re-assign
-            self.service.journal.db.execute(
-                "UPDATE exec SET state='done', result=? WHERE id=?",
-                (_pack_result(result), job.spec.id))
+            self.service.store.autocommit.exec_done([result])
 
     async def _writer(self, session: _Session) -> None:
         identity = self.service.identity
@@ -220,21 +208,10 @@ class TaskServer:
             if started:
                 frames.append(tp.progress(started, "running"))
             if results:
-                with self.service.journal.transaction() as db:
-                    db.executemany(
-                        "UPDATE exec SET state='done', result=? WHERE id=?",
-                        [(_pack_result(r), r.id) for r in results])
+                with self.service.store.transaction() as txn:
+                    txn.exec_done(results)
                 for chunk in tp.chunks(results, lambda r: r.size_hint):
                     frames.append(tp.seal_results(identity, submitter, chunk))
             if frames:
                 await session.stream.write(b"".join(frames))
 
-
-
-def _pack_result(result: TaskResult) -> bytes:
-    return wire.pack({"t": "result", "v": 1, **result.to_wire()})
-
-
-def _unpack_result(blob: object) -> TaskResult:
-    assert isinstance(blob, bytes)
-    return TaskResult.from_wire(wire.unpack(blob))

@@ -48,6 +48,7 @@ from teammesh.node.p2p.host import (
 from teammesh.node.p2p.protocol_ids import OFFER, TASKS, tasks_topic
 from teammesh.node.tasks.executor import Executor, Job, Limits
 from teammesh.node.tasks.server import SPOOL_INPUT_BYTES, TaskServer
+from teammesh.node.tasks.store import NewTask, Outcome, TaskRow, TaskStore, Txn
 from teammesh.protocols import tasks as tp
 from teammesh.protocols import wire
 from teammesh.protocols.errors import (
@@ -253,7 +254,7 @@ class TaskService:
         self.files = files
         cfg = node.config
         self.identity = node.identity
-        self.journal = node.journal
+        self.store = TaskStore(node.journal)
         self.kinds = node.kinds
         self.spool = node.home.path / "spool"
         self.limits = Limits(
@@ -381,25 +382,19 @@ class TaskService:
     def _journal_and_queue(self, records: list[TaskRecord]) -> list[TaskRecord]:
         now = trio.current_time()
         hits: list[TaskRecord] = []
-        with self.journal.transaction() as db:
+        with self.store.transaction() as txn:
             for r in records:
                 if self.cache_enabled and not r.no_cache and r.replicas == 1:
-                    row = db.execute("SELECT output, executed_by FROM cache WHERE key=?"
-                                     " AND created >= ?", (self._cache_key(r),
-                                                           time.time() - self.cache_ttl_s)
-                                     ).fetchone()
-                    if row is not None:
-                        r.state, r.output, r.executed_by = "done", _unpack_output(row[0]), row[1]
+                    hit = txn.cache_lookup(self._cache_key(r), time.time() - self.cache_ttl_s)
+                    if hit is not None:
+                        r.state, r.output, r.executed_by = "done", hit.output, hit.executed_by
                         r.cached, r.started, r.finished = True, r.submitted, r.submitted
                         hits.append(r)
-                db.execute(
-                    "INSERT INTO tasks(id, kind, version, input, params, options, state,"
-                    " executed_by, output, attempts, submitted, started, finished)"
-                    " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (r.id, r.kind, r.version, r.input, json.dumps(r.params),
-                     json.dumps(r.options), r.state, r.executed_by,
-                     _pack_output(r.output) if r.state == "done" else None, "[]",
-                     r.submitted, r.started, r.finished))
+                txn.insert_task(NewTask(
+                    id=r.id, kind=r.kind, version=r.version, input=r.input, params=r.params,
+                    options=r.options, state=r.state, submitted=r.submitted,
+                    executed_by=r.executed_by, output=r.output, has_output=r.state == "done",
+                    started=r.started, finished=r.finished))
         self.counters["submitted"] += len(records)
         self.counters["cache_hits"] += len(hits)
         for r in records:
@@ -435,22 +430,13 @@ class TaskService:
         r = self.records.get(task_id)
         if r is not None:
             return r
-        row = self.journal.db.execute(
-            "SELECT id, kind, version, state, executed_by, output, error, attempts, options,"
-            " submitted, started, finished FROM tasks WHERE id=?", (task_id,)).fetchone()
+        row = self.store.get(task_id)
         return None if row is None else _row_json(row)
 
     def list_tasks(self, state: str | None, limit: int) -> list[dict[str, Any]]:
-        sql = ("SELECT id, kind, version, state, executed_by, output, error, attempts, options,"
-               " submitted, started, finished FROM tasks")
-        args: tuple[Any, ...] = ()
-        if state:
-            sql += " WHERE state=?"
-            args = (state,)
-        sql += " ORDER BY id DESC LIMIT ?"
         out = []
-        for row in self.journal.db.execute(sql, (*args, limit)):
-            live = self.records.get(row[0])
+        for row in self.store.listing(state, limit):
+            live = self.records.get(row.id)
             out.append(live.to_json() if live is not None else _row_json(row))
         return out
 
@@ -472,7 +458,7 @@ class TaskService:
     # --- results ------------------------------------------------------------------------
     def _finalise(self, r: TaskRecord, state: str, *, output: Any = None,
                   error: str | None = None, executed_by: str | None = None,
-                  result: TaskResult | None = None, db: Any = None) -> None:
+                  result: TaskResult | None = None, db: Txn | None = None) -> None:
         if r.state in TERMINAL:
             return
         r.state, r.output, r.error = state, output, error
@@ -489,16 +475,11 @@ class TaskService:
         r.inflight.clear()
         self._running_delta(r.kind, -1 if r.started else 0)
         self.counters[state] = self.counters.get(state, 0) + 1
-        conn = db if db is not None else self.journal.db
-        conn.execute(
-            "UPDATE tasks SET state=?, executed_by=?, output=?, error=?, attempts=?, started=?,"
-            " finished=? WHERE id=?",
-            (state, executed_by, _pack_output(output), error,
-             json.dumps([a.to_json() for a in r.attempts]), r.started, r.finished, r.id))
+        txn = db if db is not None else self.store.autocommit
+        txn.finish(Outcome(r.id, state, executed_by, output, error,
+                           [a.to_json() for a in r.attempts], r.started, r.finished))
         if (state == "done" and self.cache_enabled and not r.no_cache and r.replicas == 1):
-            conn.execute("INSERT OR REPLACE INTO cache(key, output, executed_by, created)"
-                         " VALUES(?,?,?,?)", (self._cache_key(r), _pack_output(output),
-                                              executed_by, r.finished))
+            txn.cache_put(self._cache_key(r), output, executed_by, r.finished)
         self.node.audit.append("result", task=r.id, kind=r.kind, state=state, by=executed_by)
         r.notify()
         watcher = self.watchers.pop(r.id, None)
@@ -516,7 +497,7 @@ class TaskService:
     def _running_delta(self, kind: str, delta: int) -> None:
         self.running_by_kind[kind] = max(0, self.running_by_kind.get(kind, 0) + delta)
 
-    def apply_results(self, peer: str, results: list[TaskResult], db: Any) -> None:
+    def apply_results(self, peer: str, results: list[TaskResult], db: Txn) -> None:
         """Verified results from ``peer`` ('local' for our executor)."""
         for res in results:
             r = self.records.get(res.id)
@@ -540,7 +521,7 @@ class TaskService:
             if len(r.replica_results) >= r.replicas:
                 self._settle_replicas(r, db)
 
-    def _settle_replicas(self, r: TaskRecord, db: Any) -> None:
+    def _settle_replicas(self, r: TaskRecord, db: Txn) -> None:
         digests = {p: res.digest for p, res in r.replica_results.items()}
         first = next(iter(r.replica_results.values()))
         if len(set(digests.values())) == 1:
@@ -843,12 +824,11 @@ class TaskService:
             return
         # only a run on this node can be what stopped it: a task on a peer is unaffected
         # by our restarts and stays 'queued' in the journal (it is re-sent at start)
-        rows = [(r.started, r.id) for r in self._now_running
+        rows = [(r.id, r.started) for r in self._now_running
                 if r.state == "running" and "local" in r.inflight]
         self._now_running = []
-        with self.journal.transaction() as db:
-            db.executemany("UPDATE tasks SET state='running', started=? WHERE id=?"
-                           " AND state='queued'", rows)
+        with self.store.transaction() as txn:
+            txn.mark_running(rows)
 
     def _rest_waits(self, no_room: dict[tuple[str, str], Waiting], now: float) -> bool:
         """Would every task still queued just wait again (no room for its kind, nothing
@@ -992,7 +972,7 @@ class TaskService:
         output = decoded.output
         # "bridge" when the Worker ran it, a pull-mode member's peer id when one did
         by = decoded.executed_by or "bridge"
-        with self.journal.transaction() as db:
+        with self.store.transaction() as db:
             if task.get("state") == "done":
                 self._finalise(r, "done", output=output, executed_by=by, db=db)
             else:
@@ -1099,7 +1079,7 @@ class TaskService:
         return dict(await self.files.store_path(path))
 
     def _local_done(self, job: Job | None, result: TaskResult) -> None:
-        with self.journal.transaction() as db:
+        with self.store.transaction() as db:
             self.apply_results("local", [result], db)
 
     # --- links to executor peers ----------------------------------------------------------
@@ -1203,7 +1183,7 @@ class TaskService:
                         for res in files:
                             self.files.start_job(
                                 functools.partial(self._collect_output, link.peer, res))
-                    with self.journal.transaction() as db:
+                    with self.store.transaction() as db:
                         self.apply_results(link.peer, results, db)
                     link.successes += len(results)
                     self.breakers.setdefault(link.peer, Breaker()).success()
@@ -1230,44 +1210,39 @@ class TaskService:
         except TeammeshError as exc:
             self.attempt_lost(r, peer, f"its output {cid} could not be fetched: {exc}")
             return
-        with self.journal.transaction() as db:
+        with self.store.transaction() as db:
             self.apply_results(peer, [res], db)
 
     # --- service --------------------------------------------------------------------------
     def _resume_from_journal(self) -> int:
-        rows = self.journal.db.execute(
-            "SELECT id, kind, version, input, params, options, attempts, submitted, started,"
-            " state, interrupted FROM tasks WHERE state IN ('queued', 'running')").fetchall()
         now = trio.current_time()
         resumed = 0
-        for row in rows:
-            if row[9] == "running":
+        for row in self.store.unfinished():
+            if row.state == "running":
                 # it was running when the node stopped: if it is what stops the node, a
                 # crash loop would follow; run it again at most twice, then fail it
-                interrupted = int(row[10]) + 1
-                self.journal.db.execute("UPDATE tasks SET interrupted=? WHERE id=?",
-                                        (interrupted, row[0]))
+                interrupted = row.interrupted + 1
+                self.store.count_interruption(row.id, interrupted)
                 if interrupted >= MAX_INTERRUPTIONS:
-                    self.journal.db.execute(
-                        "UPDATE tasks SET state='failed', error=?, finished=? WHERE id=?",
-                        (f"the node stopped while running it ({interrupted} times); it is not"
-                         " run again", time.time(), row[0]))
+                    self.store.fail_interrupted(
+                        row.id, f"the node stopped while running it ({interrupted} times);"
+                        " it is not run again", time.time())
                     self.counters["failed"] += 1
                     logger.warning("task %s (%s) failed: the node stopped while running it"
-                                   " %d times", row[0], row[1], interrupted)
+                                   " %d times", row.id, row.kind, interrupted)
                     continue
             resumed += 1
-            opts = json.loads(row[5])
+            opts = row.options
             r = TaskRecord(
-                id=row[0], kind=row[1], version=row[2], input=bytes(row[3]),
-                params=json.loads(row[4]), priority=opts.get("priority", 0),
+                id=row.id, kind=row.kind, version=row.version, input=row.input,
+                params=row.params, priority=opts.get("priority", 0),
                 where=opts.get("where", "any"), replicas=opts.get("replicas", 1),
                 timeout_s=opts.get("timeout_s"), no_cache=opts.get("no_cache", False),
-                tag=opts.get("tag"), input_cid=opts.get("input_cid"), submitted=row[7],
-                started=row[8])
+                tag=opts.get("tag"), input_cid=opts.get("input_cid"),
+                submitted=row.submitted, started=row.started)
             r.attempts = [Attempt(a["peer"], a["started"], a.get("ended"),
                                   a.get("error") or "interrupted by a restart")
-                          for a in json.loads(row[6])]
+                          for a in row.attempts]
             if r.timeout_s:
                 r.deadline = now + r.timeout_s
             self._remember(r)
@@ -1280,7 +1255,7 @@ class TaskService:
         self.spool.mkdir(mode=0o700, exist_ok=True)
         for leftover in self.spool.iterdir():  # a crash's inputs and outputs
             leftover.unlink(missing_ok=True)
-        self.server.recover()
+        self.store.exec_recover()
         host.set_handler(TASKS, self.server.handle_stream)
         resumed = self._resume_from_journal()
         if resumed:
@@ -1306,13 +1281,12 @@ class TaskService:
         finally:
             if self.node.stop_requested.is_set():
                 # a clean stop interrupted nothing: only a crash counts against a task
-                self.journal.db.execute(
-                    "UPDATE tasks SET state='queued' WHERE state='running'")
+                self.store.requeue_running()
 
     async def _prune_loop(self) -> None:
         while True:
             try:
-                gone = self.journal.prune(time.time(), self.keep_s, self.cache_ttl_s)
+                gone = self.store.prune(time.time(), self.keep_s, self.cache_ttl_s)
             except sqlite3.OperationalError as exc:  # busy: next time
                 logger.warning("journal prune failed: %s", exc)
             else:
@@ -1454,21 +1428,14 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _pack_output(output: Any) -> bytes:
-    return wire.pack({"t": "output", "v": 1, "output": output})
-
-
-def _unpack_output(blob: Any) -> Any:
-    return wire.unpack(bytes(blob))["output"]
-
-
-def _row_json(row: Any) -> dict[str, Any]:
-    opts = json.loads(row[8])
-    out = _unpack_output(row[5]) if row[5] is not None else None
-    return {"id": row[0], "kind": row[1], "version": row[2], "state": row[3],
-            "executed_by": row[4], "output": json_safe(out), "error": row[6],
-            "waiting_reason": None if row[3] in TERMINAL else "waiting to be resumed",
-            "attempts": json.loads(row[7]), "priority": opts.get("priority", 0),
+def _row_json(row: TaskRow) -> dict[str, Any]:
+    opts = row.options
+    return {"id": row.id, "kind": row.kind, "version": row.version, "state": row.state,
+            "executed_by": row.executed_by, "output": json_safe(row.output),
+            "error": row.error,
+            "waiting_reason": None if row.state in TERMINAL else "waiting to be resumed",
+            "attempts": row.attempts, "priority": opts.get("priority", 0),
             "where": opts.get("where", "any"), "replicas": opts.get("replicas", 1),
             "tag": opts.get("tag"), "cached": opts.get("cached", False),
-            "timings": {"submitted": row[9], "started": row[10], "finished": row[11]}}
+            "timings": {"submitted": row.submitted, "started": row.started,
+                        "finished": row.finished}}
