@@ -8,6 +8,12 @@ Theory of operation:
   above its last value because seq is seeded from its wall clock in milliseconds).
 - Expiry is measured on the receiver's clock: an ad is live for ``ttl_ms`` after it was
   received. The sender's clock is never compared with ours, so skew does not matter.
+- Liveness: a member whose connection the receiver saw drop is *down* (``mark_down``)
+  until it connects again or publishes an ad newer than the one it was down with; a down
+  member is left out of ``live`` (so of placement and every listing) although its ad is
+  kept until it expires, so a relay cannot bring it back with an old ad.
+- ``wall`` (optional) is the sender's wall clock when it made the ad: used only to report
+  clock skew to an operator (``teammesh doctor``), never for expiry or ordering.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ MAX_SLOTS = 4_096
 MAX_QUEUE = 1_000_000
 MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
 MAX_COST = 1_000_000.0
+MAX_WALL_MS = 1 << 47  # the year 6429: a wall clock in ms, not something else in the field
+# An ad that arrives this soon after its author was seen to drop does not bring it back:
+# gossip may still deliver (IHAVE/IWANT, up to gossip_history heartbeats) an ad the
+# author published just before it died.
+DOWN_HOLD_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +62,7 @@ class CapabilityAd:
     ttl_ms: int
     cert: bytes
     pull: bool = False
+    wall_ms: int | None = None  # sender's wall clock (ms since the epoch) at signing
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -60,7 +72,7 @@ class CapabilityAd:
             "kinds": dict(self.kinds), "queue": self.queue, "cost": float(self.cost),
             "storage": list(self.storage), "sw": self.software, "seq": self.seq,
             "ttl": self.ttl_ms, "cert": self.cert, "pull": self.pull,
-        }
+        } | ({} if self.wall_ms is None else {"wall": self.wall_ms})
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> CapabilityAd:
@@ -89,6 +101,7 @@ class CapabilityAd:
             ttl_ms=wire.field_int(m, "ttl"),
             cert=wire.field_bytes(m, "cert", max_len=4096),
             pull=bool(m.get("pull", False)),
+            wall_ms=_wall(m),
         )
         if not 0 < ad.ttl_ms <= 3_600_000:
             raise MalformedMessage("field 'ttl' must be between 1 ms and 1 hour")
@@ -99,6 +112,16 @@ class CapabilityAd:
         if identity.peer_id != self.peer_id:
             raise MalformedMessage("an ad is signed by the peer it describes")
         return seal(identity, DOMAIN_CAP, self.to_wire())
+
+
+def _wall(m: dict[str, Any]) -> int | None:
+    wall = m.get("wall")
+    if wall is None:
+        return None  # ads from nodes before session 7 have no clock
+    if isinstance(wall, bool) or not isinstance(wall, int) or not 0 <= wall <= MAX_WALL_MS:
+        raise MalformedMessage(f"field 'wall' must be an integer from 0 to {MAX_WALL_MS}"
+                               " (ms since the epoch)")
+    return wall
 
 
 def _check_capacity(ad: CapabilityAd) -> None:
@@ -132,6 +155,8 @@ class PeerEntry:
     received: float  # receiver's monotonic clock, seconds
     expires: float
     sealed: bytes = b""  # the ad as its author signed it, for relaying (ad sync)
+    # the author's wall clock minus ours when it made the ad (None: it sent no clock)
+    clock_offset_s: float | None = None
 
     def to_json(self, now: float) -> dict[str, Any]:
         a = self.ad
@@ -142,21 +167,36 @@ class PeerEntry:
             "storage": list(a.storage), "version": a.software, "seq": a.seq, "pull": a.pull,
             "age_s": round(now - self.received, 3),
             "expires_in_s": round(self.expires - now, 3),
+            "clock_offset_s": None if self.clock_offset_s is None
+            else round(self.clock_offset_s, 1),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class DownMark:
+    """Why a member is down: the newest seq we held of it, and when (receiver's clock)."""
+
+    seq: int
+    at: float
 
 
 @dataclass(slots=True)
 class PeerTable:
-    """Latest live ad per peer. Pure: callers pass ``now`` (monotonic seconds)."""
+    """Latest ad per peer, and which peers are down. Pure: callers pass ``now``
+    (monotonic seconds) and, for clock offsets, ``wall`` (the epoch seconds)."""
 
     entries: dict[str, PeerEntry] = field(default_factory=dict)
+    down: dict[str, DownMark] = field(default_factory=dict)
 
     def update(self, ad: CapabilityAd, now: float, age: float = 0.0,
-               sealed: bytes = b"") -> bool:
-        """Store ``ad`` if newer than what we hold; return True if the table changed.
+               sealed: bytes = b"", wall: float | None = None) -> bool:
+        """Store ``ad`` if newer than what we hold; return True if the live list changed.
 
         ``age`` (seconds) is how long ago a relaying peer received it (ad sync): the ad
-        lives ``ttl`` from then, not from now, so relays cannot keep a gone peer alive."""
+        lives ``ttl`` from then, not from now, so relays cannot keep a gone peer alive.
+        A down peer comes back only with an ad newer than the one it went down with,
+        received (``now - age``) at least DOWN_HOLD_S after it went down: relays hold
+        only what it said before."""
         received = now - min(max(age, 0.0), ad.ttl_ms / 1000)
         expires = received + ad.ttl_ms / 1000
         if expires <= now:
@@ -164,21 +204,60 @@ class PeerTable:
         old = self.entries.get(ad.peer_id)
         if old is not None and old.ad.seq >= ad.seq and old.expires > now:
             return False
-        self.entries[ad.peer_id] = PeerEntry(ad, received, expires, sealed)
+        offset = None
+        if wall is not None and ad.wall_ms is not None:
+            offset = ad.wall_ms / 1000 - (wall - (now - received))
+        self.entries[ad.peer_id] = PeerEntry(ad, received, expires, sealed, offset)
+        mark = self.down.get(ad.peer_id)
+        if mark is None:
+            return True
+        if ad.seq > mark.seq and received >= mark.at + DOWN_HOLD_S:
+            del self.down[ad.peer_id]
+            return True
+        return False
+
+    def mark_down(self, peer_id: str, now: float) -> bool:
+        """We lost our connection to ``peer_id``; return True if it was live."""
+        e = self.entries.get(peer_id)
+        if e is None or e.expires <= now or peer_id in self.down:
+            return False
+        self.down[peer_id] = DownMark(e.ad.seq, now)
         return True
 
+    def mark_up(self, peer_id: str, now: float) -> bool:
+        """``peer_id`` is connected again; return True if that made it live."""
+        if self.down.pop(peer_id, None) is None:
+            return False
+        e = self.entries.get(peer_id)
+        return e is not None and e.expires > now
+
+    def is_down(self, peer_id: str) -> bool:
+        return peer_id in self.down
+
     def expire(self, now: float) -> list[str]:
+        """Drop expired ads (and the down marks that go with them); return the peers that
+        left the live list."""
         gone = [p for p, e in self.entries.items() if e.expires <= now]
+        left = [p for p in gone if p not in self.down]
         for p in gone:
             del self.entries[p]
-        return gone
+            self.down.pop(p, None)
+        return left
 
     def remove(self, peer_id: str) -> None:
         self.entries.pop(peer_id, None)
+        self.down.pop(peer_id, None)
 
     def live(self, now: float) -> list[PeerEntry]:
-        return [e for e in self.entries.values() if e.expires > now]
+        return [e for p, e in self.entries.items() if e.expires > now and p not in self.down]
+
+    def down_entries(self, now: float) -> list[tuple[PeerEntry, DownMark]]:
+        """Down members whose ad has not expired yet, with when they went down."""
+        return [(e, self.down[p]) for p, e in self.entries.items()
+                if p in self.down and e.expires > now]
 
     def get(self, peer_id: str, now: float) -> PeerEntry | None:
         e = self.entries.get(peer_id)
-        return e if e is not None and e.expires > now else None
+        if e is None or e.expires <= now or peer_id in self.down:
+            return None
+        return e

@@ -237,6 +237,11 @@ class MeshHost:
             raise DialError(f"bad multiaddr {addr!r}: {exc}") from exc
         # A failed dial puts the peer in a 60 s negative cache; we retry on our own schedule.
         self._host.get_network().unblock_peer(info.peer_id)
+        if not self.is_connected(str(info.peer_id)):
+            # The swarm dials at most one peerstore address per transport class, so a
+            # member that restarted on another port was dialled at its dead old address
+            # forever. Callers try each address they know in turn: dial this one.
+            self._host.get_peerstore().clear_addrs(info.peer_id)
         try:
             await self._host.connect(info)
         except Exception as exc:  # the swarm wraps every failure in its own types

@@ -8,6 +8,11 @@
   and jitter per target, and exchanges rosters and ad tables with each member it dials
   (so a node that starts knows the whole team at its first connection, however seldom
   a big team's periodic ads go out).
+- Liveness: a member whose connection closes is marked down in the peer table at once
+  (within ``LIVENESS_POLL_S``), and so leaves every listing and placement; one that stops
+  answering the keepalive ping for ``PING_TIMEOUT_S`` (frozen, or its machine or cable
+  gone while the TCP connection stays open) is disconnected, which does the same. It is
+  up again as soon as it connects (docs/PROTOCOL.md §5.6).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import psutil  # type: ignore[import-untyped]
 import trio
 from teammesh.node.p2p.host import PEER_ERRORS, STREAM_ERRORS, DialError, MeshHost, Stream
 from teammesh.node.p2p.membership import Membership, read_message, request_reply
-from teammesh.node.p2p.protocol_ids import ADS_SYNC, caps_topic
+from teammesh.node.p2p.protocol_ids import ADS_SYNC, PING, PING_BYTES, caps_topic
 from teammesh.protocols import wire
 from teammesh.protocols.capability import CapabilityAd, PeerTable, open_ad
 from teammesh.protocols.errors import RemoteProtocolError
@@ -51,6 +56,17 @@ GREET_DELAY_S = 1.2  # a bit over one gossipsub heartbeat
 TEAM_ADS_PER_S = 0.5
 ADS_SYNC_TIMEOUT_S = 10.0
 ADS_SYNC_MAX = 1024  # ads taken from one sync message (a team's table, with room)
+# Liveness. A closed connection is seen by the next poll; a silent one by the keepalive:
+# a ping every PING_INTERVAL_S on one stream, and a peer whose pong is PING_TIMEOUT_S late
+# is cut off. A member that froze just after a pong is down within
+# PING_INTERVAL_S + PING_TIMEOUT_S = 8 s (the goal is 10 s). The timeout is long enough
+# that a loaded machine's late pong is not taken for death, and when our own event loop
+# was late (we were frozen or starved; see STALL_S) the ping is retried, not held against
+# the peer.
+LIVENESS_POLL_S = 0.5
+PING_INTERVAL_S = 1.5
+PING_TIMEOUT_S = 6.5
+STALL_S = 2.0
 
 
 @dataclass(slots=True)
@@ -152,6 +168,13 @@ class Mesh:
         self._last_publish = -1e9
         self._published_config: tuple[Any, ...] | None = None
         self._published_load: tuple[int, int] | None = None
+        # liveness: members connected at the last poll, and those with a keepalive running
+        self._connected: set[str] = set()
+        self._pinging: set[str] = set()
+        self._last_tick = 0.0
+        self._grace_until = 0.0
+        self.keepalive_timeouts = 0
+        self.peers_dropped = 0
 
     def _peers_changed(self) -> None:
         for hook in self.on_peers_changed:
@@ -183,7 +206,7 @@ class Mesh:
             memory_bytes=self.memory_bytes, gpus=self.gpus, kinds=dict(c.kinds), queue=c.queue,
             cost=c.cost, storage=c.storage, software=teammesh.__version__, seq=self.seq,
             ttl_ms=int(self.effective_ttl_s * 1000), cert=self.membership.cert.packed(),
-            pull=c.pull,
+            pull=c.pull, wall_ms=int(time.time() * 1000),
         )
 
     def _verify(self, data: bytes) -> CapabilityAd:
@@ -231,14 +254,20 @@ class Mesh:
         self.ads_received += 1
         if not self.membership.is_member(ad.peer_id):
             return
-        if self.table.update(ad, trio.current_time(), age, data):
+        if self.table.update(ad, trio.current_time(), age, data, wall=time.time()):
             self._peers_changed()
         if ad.addrs and ad.peer_id not in self.targets:
             self.targets[ad.peer_id] = _Target(list(ad.addrs))
             self._wake_dialer.set()
             self._remember(ad.peer_id, list(ad.addrs))
         elif ad.addrs and self.targets[ad.peer_id].addrs != list(ad.addrs):
-            self.targets[ad.peer_id].addrs = list(ad.addrs)
+            # It moved (a restart on another port): the backoff earned by its old address
+            # says nothing about the new one, so dial it now.
+            target = self.targets[ad.peer_id]
+            target.addrs = list(ad.addrs)
+            target.delay = DIAL_BACKOFF_MIN_S
+            target.next_at = 0.0
+            self._wake_dialer.set()
             self._remember(ad.peer_id, list(ad.addrs))
 
     def _remember(self, peer_id: str, addrs: list[str]) -> None:
@@ -307,8 +336,105 @@ class Mesh:
             logger.debug("ad sync with %s failed: %s", peer_id, exc)
 
     def live_peers(self) -> list[dict[str, Any]]:
+        """Members that are up (down ones are left out: see docs/PROTOCOL.md §5.6), with
+        whether we hold a connection to them (a connected peer's liveness is checked by
+        the keepalive; others' only by their ads' expiry)."""
         now = trio.current_time()
-        return [e.to_json(now) for e in self.table.live(now)]
+        return [e.to_json(now) | {"connected": e.ad.peer_id in self._connected}
+                for e in self.table.live(now)]
+
+    def down_peers(self) -> list[dict[str, Any]]:
+        """Members seen to drop whose ad has not expired yet: held back from the live list
+        until they connect again or publish a newer ad."""
+        now = trio.current_time()
+        return [{"peer_id": e.ad.peer_id, "down_for_s": round(now - mark.at, 3),
+                 "expires_in_s": round(e.expires - now, 3)}
+                for e, mark in self.table.down_entries(now)]
+
+    # --- liveness -------------------------------------------------------------------------
+    def _stalled(self) -> bool:
+        now = trio.current_time()
+        return now - self._last_tick > STALL_S or now < self._grace_until
+
+    def _set_down(self, peer: str, why: str) -> None:
+        if self.table.mark_down(peer, trio.current_time()):
+            self.peers_dropped += 1
+            logger.info("member %s is down: %s", peer, why)
+            self._peers_changed()
+
+    def _set_up(self, peer: str) -> None:
+        if self.table.mark_up(peer, trio.current_time()):
+            logger.info("member %s is up again", peer)
+            self._peers_changed()
+
+    async def _liveness_loop(self, host: MeshHost, nursery: trio.Nursery) -> None:
+        self._last_tick = trio.current_time()
+        while True:
+            await trio.sleep(LIVENESS_POLL_S)
+            now = trio.current_time()
+            if now - self._last_tick > STALL_S:
+                # We were frozen or starved: pings that timed out meanwhile say nothing
+                # about the peers; give them one more timeout.
+                self._grace_until = now + PING_TIMEOUT_S
+                logger.info("event loop was %.1f s late: keepalive timeouts deferred",
+                            now - self._last_tick - LIVENESS_POLL_S)
+            self._last_tick = now
+            connected = {p for p in host.connected_peers() if self.membership.is_member(p)}
+            for peer in self._connected - connected:
+                self._set_down(peer, "connection closed")
+            for peer in connected - self._connected:
+                self._set_up(peer)
+            for peer in connected - self._pinging:
+                self._pinging.add(peer)
+                nursery.start_soon(self._keepalive, host, peer)
+            self._connected = connected
+
+    async def _keepalive(self, host: MeshHost, peer: str) -> None:
+        """Ping ``peer`` on one long-lived stream while we are connected to it; cut it off
+        when it stops answering (see PING_TIMEOUT_S)."""
+        stream: Stream | None = None
+        last_heard = trio.current_time()
+        try:
+            while host.is_connected(peer):
+                payload = os.urandom(PING_BYTES)
+                try:
+                    with trio.fail_after(PING_TIMEOUT_S):
+                        if stream is None:
+                            stream = await host.open_stream(peer, PING)
+                        await stream.write(payload)
+                        echo = b""
+                        while len(echo) < PING_BYTES:
+                            chunk = await stream.read(PING_BYTES - len(echo))
+                            if not chunk:
+                                raise RemoteProtocolError("ping stream closed")
+                            echo += chunk
+                    if echo != payload:
+                        raise RemoteProtocolError("ping answered with other bytes")
+                    last_heard = trio.current_time()
+                    self._set_up(peer)
+                except PEER_ERRORS as exc:
+                    if stream is not None:
+                        await stream.reset()
+                        stream = None
+                    silent = trio.current_time() - last_heard
+                    if not host.is_connected(peer):
+                        return
+                    if self._stalled():
+                        last_heard = trio.current_time()
+                        continue
+                    if isinstance(exc, trio.TooSlowError) or silent > PING_TIMEOUT_S:
+                        self.keepalive_timeouts += 1
+                        self._set_down(peer, f"no answer to keepalive for {silent:.1f} s")
+                        with trio.move_on_after(2):
+                            await host.disconnect(peer)
+                        return
+                    logger.debug("keepalive ping to %s failed: %s", peer, exc)
+                await trio.sleep(PING_INTERVAL_S)
+        finally:
+            self._pinging.discard(peer)
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await stream.close()
 
     # --- service ----------------------------------------------------------------------
     async def run(self, host: MeshHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -323,6 +449,7 @@ class Mesh:
             nursery.start_soon(self._publish_loop, host, topic)
             nursery.start_soon(self._expire_loop)
             nursery.start_soon(self._dial_loop, host, nursery)
+            nursery.start_soon(self._liveness_loop, host, nursery)
             task_status.started()
             async for origin, data in messages:
                 self.on_ad(origin, data)

@@ -9,6 +9,9 @@ TASKS = "/teammesh/tasks/1.0.0"
 OFFER = "/teammesh/offer/1.0.0"
 BRIDGE_KEY = "/teammesh/bridgekey/1.0.0"
 RENEW = "/teammesh/renew/1.0.0"
+# libp2p's ping (32 bytes echoed), served by py-libp2p to members only: the keepalive
+PING = "/ipfs/ping/1.0.0"
+PING_BYTES = 32
 
 
 def caps_topic(team_id: str) -> str:
