@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from meshtools import CLI, Daemon, init_home, mesh, run_cli, wait_for_full_mesh
+from meshtools import CLI, Daemon, init_home, mesh, run_cli, wait_for_full_mesh, wait_until
 from s3server import seaweedfs_server
 
 
@@ -171,3 +172,64 @@ def test_doctor_checks_the_bridge_health_and_signature(tmp_path: Path) -> None:
             assert sig["status"] == "fail", sig
             assert code == 1
             assert "BRIDGE_KEY" in sig["fix"] or "join again" in sig["fix"]
+
+
+SKEW_S = 120  # over doctor's 60 s failure threshold, under the bridge's 300 s
+
+
+def _with_fast_clock(monkeypatch: pytest.MonkeyPatch, fake: Path) -> None:
+    """Processes started now run with time.time() SKEW_S ahead (a machine without NTP)."""
+    rest = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(fake) + (os.pathsep + rest if rest else ""))
+
+
+def test_doctor_measures_clock_skew_against_the_peers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "fast-clock"
+    fake.mkdir()
+    fake.joinpath("sitecustomize.py").write_text(
+        "import time\n"
+        "_time, _ns = time.time, time.time_ns\n"
+        f"time.time = lambda: _time() + {SKEW_S}\n"
+        f"time.time_ns = lambda: _ns() + {SKEW_S} * 10**9\n")
+    with mesh(tmp_path, 3) as nodes:
+        wait_for_full_mesh(nodes, timeout=60)
+        code, report = doctor(nodes[1].home)
+        clock = by_name(report)["clock"]
+        assert code == 0, report
+        assert clock["status"] == "pass", clock
+        assert "peers (median of 2)" in clock["detail"]
+        # one member's machine runs 120 s fast
+        skewed = nodes[2]
+        skewed.stop()
+        with monkeypatch.context() as m:
+            _with_fast_clock(m, fake)
+            skewed.start()
+
+        def offset() -> float | None:
+            for p in nodes[1].peers():
+                if p["peer_id"] == skewed.peer_id and p["clock_offset_s"] is not None:
+                    return float(p["clock_offset_s"]) if p["clock_offset_s"] > 60 else None
+            return None
+
+        seen = wait_until(offset, 60, interval=0.5, what="the fast clock in the peer list")
+        assert abs(seen - SKEW_S) < 10
+        # On a healthy member: its clock agrees with the team's, and the odd one is named.
+        code, report = doctor(nodes[1].home)
+        clock = by_name(report)["clock"]
+        assert code == 0, report
+        assert clock["status"] == "warn", clock
+        assert skewed.peer_id in clock["detail"]
+        assert "on those peers' machines" in clock["fix"]
+        # On the fast machine itself: a failure with the fix.
+        with monkeypatch.context() as m:
+            _with_fast_clock(m, fake)
+            code, report = doctor(skewed.home)
+        clock = by_name(report)["clock"]
+        assert code == 1, report
+        assert clock["status"] == "fail", clock
+        off = re.search(r"this clock is (\d+) s off", clock["detail"])
+        assert off is not None, clock
+        assert abs(int(off.group(1)) - SKEW_S) < 10, clock
+        assert "peers (median of 2)" in clock["detail"]
+        assert "timedatectl set-ntp true" in clock["fix"]

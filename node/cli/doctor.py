@@ -6,10 +6,12 @@ skipped rather than failing again for the same cause. Checks that need the netwo
 short timeouts and touch only what the node itself would: the bootstrap addresses, this
 node's own addresses, the configured Kubo RPC API, S3 endpoint and bridge.
 
-Clock skew is measured against the HTTP ``Date`` of the bridge and the S3 endpoint
-(one-second resolution); peers do not publish their clocks, so it cannot be measured
-against them. The bridge refuses signatures more than its MAX_SKEW_S (300 s by default)
-away, and certificates and invites expire by the wall clock.
+Clock skew is measured against the team and the services: when the node is running,
+against its peers (each capability ad carries its author's wall clock; the node lists
+each peer's offset, and the median of them is the team's time, so one bad clock cannot
+make ours look wrong), and against the HTTP ``Date`` of the bridge and the S3 endpoint
+(one-second resolution). The bridge refuses signatures more than its MAX_SKEW_S (300 s by
+default) away, and certificates and invites expire by the wall clock.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import socket
 import stat
+import statistics
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -68,6 +71,8 @@ class _State:
     api: dict[str, Any] | None = None
     status: dict[str, Any] | None = None
     skews: list[tuple[str, float]] | None = None
+    # peers' clocks minus ours, from the running node's peer list
+    peer_offsets: dict[str, float] | None = None
 
 
 def run_doctor(home: Home, *, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -197,6 +202,9 @@ def check_node_running(s: _State) -> list[Check]:
 
         with Client.from_home(s.home.path) as c:
             s.status = c.status()
+            peers = c.peers()
+        s.peer_offsets = {p["peer_id"]: float(p["clock_offset_s"]) for p in peers
+                          if p.get("clock_offset_s") is not None}
     except (TeammeshError, ValueError, OSError) as exc:
         s.api = None
         return [Check("node", Status.FAIL, f"api.json is there but the node does not answer"
@@ -419,11 +427,20 @@ def check_bridge(s: _State) -> list[Check]:
 
 
 def check_clock(s: _State) -> list[Check]:
+    outliers: list[str] = []
+    if s.peer_offsets and s.skews is not None:
+        # The team's time is the median peer clock: ours is judged against it, and a peer
+        # far from it is named (its machine is the one to fix).
+        team = statistics.median_low(s.peer_offsets.values())
+        s.skews.append((f"peers (median of {len(s.peer_offsets)})", round(-team, 1)))
+        outliers = [f"{peer} {off - team:+.0f} s" for peer, off in sorted(
+            s.peer_offsets.items(), key=lambda x: -abs(x[1] - team))
+            if abs(off - team) > SKEW_WARN_S]
     if not s.skews:
         if s.config is None:
             return []
-        return [Check("clock", Status.SKIP, "no time source to compare with (peers do not"
-                      " share their clocks; a bridge or S3 endpoint would)")]
+        return [Check("clock", Status.SKIP, "no time source to compare with (no peer has"
+                      " sent its clock, and no bridge or S3 endpoint is configured)")]
     worst_src, worst = max(s.skews, key=lambda x: abs(x[1]))
     text = ", ".join(f"{src} {skew:+.0f} s" for src, skew in s.skews)
     fix = "enable time sync: `timedatectl set-ntp true` (or run chronyd/ntpd)"
@@ -432,6 +449,11 @@ def check_clock(s: _State) -> list[Check]:
                       f" ({worst_src}); signatures and certificates will be refused", fix)]
     if abs(worst) > SKEW_WARN_S:
         return [Check("clock", Status.WARN, f"skew {text}", fix)]
+    if outliers:
+        return [Check("clock", Status.WARN, f"this clock agrees with the team ({text}), but"
+                      f" some peers' clocks are off: {', '.join(outliers[:5])}",
+                      "enable time sync on those peers' machines: `timedatectl set-ntp"
+                      " true` (or run chronyd/ntpd) there")]
     return [Check("clock", Status.PASS, f"skew within {SKEW_WARN_S:g} s ({text})")]
 
 
