@@ -34,7 +34,7 @@ def _patch_ads(spec: str) -> None:
 
 def _patch_pipeline(depth: int) -> None:
     """Send every executor as many tasks as it could possibly queue (a flood)."""
-    from teammesh.node.tasks.service import service as tasks
+    from teammesh.node.tasks import service as tasks
 
     tasks.TaskService._pipeline = lambda self, kind: depth  # type: ignore[method-assign]
 
