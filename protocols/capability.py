@@ -149,6 +149,53 @@ def open_ad(data: bytes) -> CapabilityAd:
     return ad
 
 
+DOMAIN_DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class DownNotice:
+    """A member saw another's connection drop (or go silent to its keepalive): gossiped on
+    the team's liveness topic so members not connected to it learn it too. Signed by the
+    observer; ``seq`` is the newest seq of the dropped member's ad the observer held."""
+
+    observer: str
+    team_id: str
+    peer_id: str
+    seq: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "down", "v": 1, "by": self.observer, "team": self.team_id,
+                "peer": self.peer_id, "seq": self.seq}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> DownNotice:
+        if m["t"] != "down":
+            raise MalformedMessage("not a down notice")
+        notice = cls(observer=wire.field_str(m, "by", max_len=100),
+                     team_id=wire.field_str(m, "team", max_len=64),
+                     peer_id=wire.field_str(m, "peer", max_len=100),
+                     seq=wire.field_int(m, "seq"))
+        if notice.seq < 0:
+            raise MalformedMessage("field 'seq' must not be negative")
+        if notice.peer_id == notice.observer:
+            raise MalformedMessage("a member cannot report itself down")
+        return notice
+
+    def sealed(self, identity: Identity) -> bytes:
+        if identity.peer_id != self.observer:
+            raise MalformedMessage("a down notice is signed by its observer")
+        return seal(identity, DOMAIN_DOWN, self.to_wire())
+
+
+def open_down(data: bytes) -> DownNotice:
+    """Verify and decode a gossiped down notice; the signer must be its observer."""
+    opened = open_sealed(data, DOMAIN_DOWN, max_bytes=wire.MAX_GOSSIP_BYTES)
+    notice = DownNotice.from_wire(opened.body)
+    if notice.observer != opened.signer:
+        raise MalformedMessage(f"notice by {notice.observer} signed by {opened.signer}")
+    return notice
+
+
 @dataclass(slots=True)
 class PeerEntry:
     ad: CapabilityAd
@@ -222,6 +269,18 @@ class PeerTable:
         if e is None or e.expires <= now or peer_id in self.down:
             return False
         self.down[peer_id] = DownMark(e.ad.seq, now)
+        return True
+
+    def apply_notice(self, notice: DownNotice, now: float) -> bool:
+        """Another member saw ``notice.peer_id`` drop: down here too, unless we hold a
+        newer ad of it than the observer did (we heard from it since). Callers connected
+        to the peer ignore notices about it: their own keepalive knows better."""
+        e = self.entries.get(notice.peer_id)
+        if e is None or e.expires <= now or notice.peer_id in self.down:
+            return False
+        if e.ad.seq > notice.seq:
+            return False
+        self.down[notice.peer_id] = DownMark(e.ad.seq, now)
         return True
 
     def mark_up(self, peer_id: str, now: float) -> bool:

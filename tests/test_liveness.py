@@ -17,12 +17,16 @@ from pathlib import Path
 import pytest
 from meshtools import Daemon, mesh, wait_for_full_mesh, wait_until
 from teammesh.protocols.capability import (
+    DOMAIN_DOWN,
     DOWN_HOLD_S,
     MAX_WALL_MS,
     CapabilityAd,
+    DownNotice,
     PeerTable,
     open_ad,
+    open_down,
 )
+from teammesh.protocols.envelope import seal
 from teammesh.protocols.errors import MalformedMessage
 from teammesh.protocols.identity import Identity
 
@@ -193,3 +197,45 @@ def test_a_frozen_member_is_down_after_the_keepalive_and_up_when_it_resumes(
         took = _wait_listed(watchers, frozen, True, "the resumed member to be listed again")
         print(f"SIGCONT: listed again after {took:.2f} s")
         _assert_long_lived(watchers, frozen)
+
+
+def test_down_notices_only_lower_what_the_observer_had_heard() -> None:
+    a, watcher, x = (Identity.generate(os.urandom(32)) for _ in range(3))
+    table = PeerTable()
+    table.update(_ad(x, 5), now=0.0)
+    notice = DownNotice(watcher.peer_id, "t", x.peer_id, 5)
+    assert open_down(notice.sealed(watcher)) == notice
+    # a member cannot speak for another observer, nor report itself
+    with pytest.raises(MalformedMessage, match="signed by"):
+        open_down(seal(a, DOMAIN_DOWN, notice.to_wire()))
+    with pytest.raises(MalformedMessage, match="itself"):
+        open_down(seal(a, DOMAIN_DOWN, DownNotice(a.peer_id, "t", a.peer_id, 5).to_wire()))
+    with pytest.raises(MalformedMessage, match="signed by its observer"):
+        notice.sealed(a)
+    # the observer heard seq 4 last, we have heard 5 since: it is not down for us
+    assert not table.apply_notice(DownNotice(watcher.peer_id, "t", x.peer_id, 4), 1.0)
+    assert table.apply_notice(notice, 1.0)
+    assert table.get(x.peer_id, 1.0) is None
+    # its refutation, a newer ad sent DOWN_HOLD_S later, brings it back
+    assert table.update(_ad(x, 6), now=1.0 + DOWN_HOLD_S)
+    assert table.get(x.peer_id, 1.0 + DOWN_HOLD_S) is not None
+
+
+@pytest.mark.usefixtures("long_ttl")
+def test_members_not_connected_to_a_killed_member_hear_of_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One outbound connection each: both members dial the creator and not each other,
+    # so only the creator sees the victim's connection drop.
+    monkeypatch.setenv("TEAMMESH_NODE_MAX_PEERS", "1")
+    with mesh(tmp_path, 3) as nodes:
+        wait_for_full_mesh(nodes, timeout=60)
+        hub, far, victim = nodes
+        with Client.from_home(far.home) as c:
+            entry = next(p for p in c.peers() if p["peer_id"] == victim.peer_id)
+        assert entry["connected"] is False, entry  # far knows it by its ad alone
+        assert entry["expires_in_s"] > LONG_TTL_S - 60, entry
+        victim.kill9()
+        took = _wait_listed([hub, far], victim.peer_id, False,
+                            "the killed member to leave both lists")
+        print(f"kill -9, not connected: gone from both lists after {took:.2f} s")
+        assert far.peer_id in {p["peer_id"] for p in hub.peers()}

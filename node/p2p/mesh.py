@@ -32,9 +32,16 @@ import psutil  # type: ignore[import-untyped]
 import trio
 from teammesh.node.p2p.host import PEER_ERRORS, STREAM_ERRORS, DialError, MeshHost, Stream
 from teammesh.node.p2p.membership import Membership, read_message, request_reply
-from teammesh.node.p2p.protocol_ids import ADS_SYNC, PING, PING_BYTES, caps_topic
+from teammesh.node.p2p.protocol_ids import ADS_SYNC, PING, PING_BYTES, caps_topic, live_topic
 from teammesh.protocols import wire
-from teammesh.protocols.capability import CapabilityAd, PeerTable, open_ad
+from teammesh.protocols.capability import (
+    DOWN_HOLD_S,
+    CapabilityAd,
+    DownNotice,
+    PeerTable,
+    open_ad,
+    open_down,
+)
 from teammesh.protocols.errors import RemoteProtocolError
 from teammesh.protocols.identity import Identity
 
@@ -67,6 +74,9 @@ LIVENESS_POLL_S = 0.5
 PING_INTERVAL_S = 1.5
 PING_TIMEOUT_S = 6.5
 STALL_S = 2.0
+# A member told it was seen down answers with a fresh ad, sent after DOWN_HOLD_S (an ad
+# received sooner after the notice does not lift it) and at most once per that period.
+REFUTE_AFTER_S = DOWN_HOLD_S + 0.5
 
 
 @dataclass(slots=True)
@@ -175,6 +185,10 @@ class Mesh:
         self._grace_until = 0.0
         self.keepalive_timeouts = 0
         self.peers_dropped = 0
+        self.notices_sent = 0
+        self.notices_applied = 0
+        self._refuting = False
+        self._nursery: trio.Nursery | None = None
 
     def _peers_changed(self) -> None:
         for hook in self.on_peers_changed:
@@ -357,10 +371,68 @@ class Mesh:
         return now - self._last_tick > STALL_S or now < self._grace_until
 
     def _set_down(self, peer: str, why: str) -> None:
-        if self.table.mark_down(peer, trio.current_time()):
-            self.peers_dropped += 1
-            logger.info("member %s is down: %s", peer, why)
+        now = trio.current_time()
+        entry = self.table.entries.get(peer)
+        if not self.table.mark_down(peer, now):
+            return
+        self.peers_dropped += 1
+        logger.info("member %s is down: %s", peer, why)
+        self._peers_changed()
+        # Tell the members that are not connected to it. Not when we were the one frozen
+        # or starved, nor when we lost every connection: then the fault is likely ours,
+        # and such notices would only make healthy members refute them.
+        connected = self.host is not None and any(
+            p != peer and self.membership.is_member(p) for p in self.host.connected_peers())
+        if (entry is not None and connected and not self._stalled()
+                and self._nursery is not None and self.host is not None):
+            self._nursery.start_soon(self._publish_down, self.host, peer, entry.ad.seq)
+
+    async def _publish_down(self, host: MeshHost, peer: str, seq: int) -> None:
+        team, _ = self.membership.require_team()
+        notice = DownNotice(self.identity.peer_id, team.team_id, peer, seq)
+        try:
+            await host.publish(live_topic(team.team_id), notice.sealed(self.identity))
+            self.notices_sent += 1
+        except STREAM_ERRORS:
+            logger.debug("down notice publish failed", exc_info=True)
+
+    def validate_notice(self, origin: str, forwarder: str, data: bytes) -> bool:
+        team = self.membership.team
+        try:
+            notice = open_down(data)
+        except RemoteProtocolError as exc:
+            logger.warning("rejected down notice from %s: %s", origin, exc)
+            return False
+        return (team is not None and notice.team_id == team.team_id
+                and notice.observer == origin and self.membership.is_member(origin)
+                and self.membership.is_member(forwarder))
+
+    def on_notice(self, host: MeshHost, data: bytes) -> None:
+        try:
+            notice = open_down(data)
+        except RemoteProtocolError:
+            return
+        if notice.peer_id == self.identity.peer_id:
+            # Someone lost us (its own blip, or a link between us): show the team we are
+            # alive with an ad newer than the one the notice names.
+            if not self._refuting and self._nursery is not None:
+                self._refuting = True
+                self._nursery.start_soon(self._refute, host)
+            return
+        if notice.peer_id in self._connected:
+            return  # our keepalive watches it: a third party's view does not override it
+        if self.table.apply_notice(notice, trio.current_time()):
+            self.notices_applied += 1
+            logger.info("member %s is down: %s saw it drop", notice.peer_id, notice.observer)
             self._peers_changed()
+
+    async def _refute(self, host: MeshHost) -> None:
+        try:
+            await trio.sleep(REFUTE_AFTER_S)
+            team, _ = self.membership.require_team()
+            await self.publish_now(host, caps_topic(team.team_id))
+        finally:
+            self._refuting = False
 
     def _set_up(self, peer: str) -> None:
         if self.table.mark_up(peer, trio.current_time()):
@@ -445,7 +517,10 @@ class Mesh:
         host.set_handler(ADS_SYNC, self.handle_ads_sync)
         self.membership.on_revoked.append(self.forget)
         self.load_known_peers()
+        host.set_validator(live_topic(team.team_id), self.validate_notice)
         async with host.subscribe(topic) as messages, trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._notice_loop, host, live_topic(team.team_id))
             nursery.start_soon(self._publish_loop, host, topic)
             nursery.start_soon(self._expire_loop)
             nursery.start_soon(self._dial_loop, host, nursery)
@@ -453,6 +528,11 @@ class Mesh:
             task_status.started()
             async for origin, data in messages:
                 self.on_ad(origin, data)
+
+    async def _notice_loop(self, host: MeshHost, topic: str) -> None:
+        async with host.subscribe(topic) as notices:
+            async for _origin, data in notices:
+                self.on_notice(host, data)
 
     async def publish_now(self, host: MeshHost, topic: str) -> None:
         try:
