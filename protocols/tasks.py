@@ -23,6 +23,7 @@ to E on ``/teammesh/tasks/1.0.0`` carries both directions):
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -169,10 +170,15 @@ def assign(tasks: list[TaskSpec]) -> bytes:
     return wire.frame_message({"t": "assign", "v": 1, "tasks": [t.to_wire() for t in tasks]})
 
 
-def accepted(ids: list[str], refused: list[tuple[str, str, str]]) -> bytes:
-    """``refused`` holds (id, code, message); code is busy, unknown_kind or not_allowed."""
-    return wire.frame_message({"t": "accepted", "v": 1, "ids": ids,
-                               "refused": [list(r) for r in refused]})
+def accepted(ids: list[str], refused: list[tuple[str, str, str]],
+             positions: dict[str, int] | None = None) -> bytes:
+    """``refused`` holds (id, code, message); code is busy, unknown_kind or not_allowed.
+    ``positions``: the admission of each accepted id (see ``Accepted``)."""
+    m: dict[str, Any] = {"t": "accepted", "v": 1, "ids": ids,
+                         "refused": [list(r) for r in refused]}
+    if positions is not None:
+        m["adm"] = [[i, p] for i, p in positions.items()]
+    return wire.frame_message(m)
 
 
 def seal_results(identity: Identity, submitter: str, results: list[TaskResult]) -> bytes:
@@ -241,4 +247,157 @@ def refused_list(m: wire.Message) -> list[tuple[str, str, str]]:
         if not (isinstance(r, list) and len(r) == 3 and all(isinstance(x, str) for x in r)):
             raise MalformedMessage("field 'refused' must hold [id, code, message] triples")
         out.append((r[0], r[1], r[2]))
+    return out
+
+
+# --- typed messages ---------------------------------------------------------------------------
+# One dataclass per message of the task protocol and ``decode``, the one place that reads a
+# message's fields: handlers dispatch on the type (``match``), never on ``m["t"]``.
+
+
+class RefuseCode(enum.Enum):
+    """Why an executor refused an assigned task. ``BUSY`` is a wait, not a failure."""
+
+    BUSY = "busy"
+    UNKNOWN_KIND = "unknown_kind"
+    NOT_ALLOWED = "not_allowed"
+    DUPLICATE = "duplicate"  # the id is another member's
+    OTHER = "other"  # a code from a newer executor: a refusal all the same
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    id: str
+    code: RefuseCode
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    """S → E: run these."""
+
+    tasks: list[TaskSpec]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """E → S, one per assign: which ids E took and which it refused.
+
+    ``positions`` (admission, protocol note in docs/PROTOCOL.md): for each accepted id, 0
+    when it started at once (a free slot, or it ran inline) and N ≥ 1 when it waits in
+    E's queue with about N - 1 tasks ahead of it. None from an executor that predates it.
+    """
+
+    ids: list[str]
+    refused: list[Refusal]
+    positions: dict[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    """E → S: a sealed batch (``open_results`` checks it)."""
+
+    sealed: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """E → S: these queued ids started running (``state`` is "running")."""
+
+    ids: list[str]
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """E → S on the offer protocol: ``free`` slots for ``kind`` (clamped to 0..1024)."""
+
+    call_id: str
+    kind: str
+    free: int
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Gossip: who can run ``kind`` at ``version``?"""
+
+    call_id: str
+    kind: str
+    version: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """A message type this version does not know (a newer peer's): ignored on the tasks
+    stream, so a version that adds a message does not reset older peers' streams."""
+
+    t: str
+
+
+TaskMessage = Assign | Accepted | Results | Progress | Ack | Cancel | Offer | Call | Unknown
+MAX_OFFER_FREE = 1024
+
+
+def decode(m: wire.Message) -> TaskMessage:
+    """Validate an unpacked task-protocol message and return it typed.
+
+    Raises MalformedMessage (a RemoteProtocolError) for a known type with bad fields."""
+    t = m.get("t")
+    if not isinstance(t, str):
+        raise MalformedMessage("a task message needs a type 't'")
+    if t == "assign":
+        raw = wire.field_list(m, "tasks", max_len=MAX_BATCH)
+        return Assign([TaskSpec.from_wire(x) for x in raw])
+    if t == "accepted":
+        return Accepted(id_list(m), [Refusal(i, _refuse_code(c), msg)
+                                     for i, c, msg in refused_list(m)], _positions(m))
+    if t == "results":
+        return Results(wire.field_bytes(m, "sealed"))
+    if t == "progress":
+        return Progress(id_list(m), wire.field_str(m, "state", max_len=32))
+    if t == "ack":
+        return Ack(id_list(m))
+    if t == "cancel":
+        return Cancel(id_list(m))
+    if t == "offer":
+        return Offer(wire.field_str(m, "call", max_len=64), wire.field_str(m, "kind", max_len=128),
+                     max(0, min(wire.field_int(m, "free"), MAX_OFFER_FREE)))
+    if t == "call":
+        return Call(wire.field_str(m, "call", max_len=64), wire.field_str(m, "kind", max_len=128),
+                    wire.field_str(m, "ver", max_len=32), wire.field_int(m, "n"))
+    return Unknown(t[:32])
+
+
+def decode_frame(frame: bytes, *, max_bytes: int = wire.MAX_FRAME_BYTES) -> TaskMessage:
+    return decode(wire.unpack(frame, max_bytes=max_bytes))
+
+
+def _refuse_code(code: str) -> RefuseCode:
+    try:
+        return RefuseCode(code)
+    except ValueError:
+        return RefuseCode.OTHER
+
+
+def _positions(m: wire.Message) -> dict[str, int] | None:
+    if "adm" not in m:
+        return None
+    out: dict[str, int] = {}
+    for item in wire.field_list(m, "adm", max_len=MAX_BATCH):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and len(item[0]) <= 64 and isinstance(item[1], int)
+                and not isinstance(item[1], bool) and 0 <= item[1] <= 1 << 31):
+            raise MalformedMessage("field 'adm' must hold [id, position] pairs")
+        out[item[0]] = item[1]
     return out

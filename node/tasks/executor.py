@@ -284,6 +284,18 @@ class Executor:
         self._update_capacity()
         self._wake.set()
 
+    def admission_position(self, job: Job, pending: int = 0) -> int:
+        """Where ``job`` would wait if queued now (before ``submit_nowait``), for the
+        admission reply: 0 when it starts at once (a free slot, or it runs inline), N >= 1
+        when about N - 1 tasks are ahead of it. ``pending``: jobs accepted but still
+        fetching their files, which will queue first. An estimate: the queue is served
+        round-robin across submitters, so a submitter's own tasks may go sooner."""
+        spec = job.spec
+        if not spec.needs_files and self.runs_inline(spec.kind, len(spec.input)):
+            return 0
+        ahead = len(self.by_id) + pending - self.slots
+        return 0 if ahead < 0 else ahead + 1
+
     def runs_inline(self, kind_name: str, input_bytes: int) -> bool:
         """Would a task of this kind and input size run at once, without a slot?"""
         kind = self.kinds.get(kind_name)

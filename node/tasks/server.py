@@ -108,27 +108,28 @@ class TaskServer:
             if not data:
                 return
             for frame in decoder.feed(data):
-                m = wire.unpack(frame)
-                if m["t"] == "assign":
-                    self._on_assign(session, submitter, m)
-                elif m["t"] == "cancel":
-                    for tid in tp.id_list(m):
-                        job = self.service.executor.by_id.get(tid)
-                        if job is not None and job.submitter == submitter:  # only its own
-                            self.service.executor.cancel(tid)
-                elif m["t"] == "ack":
-                    ids = tp.id_list(m)
-                    with self.service.store.transaction() as txn:
-                        txn.exec_forget(submitter, ids)
+                match tp.decode_frame(frame):
+                    case tp.Assign(tasks=specs):
+                        self._on_assign(session, submitter, specs)
+                    case tp.Cancel(ids=ids):
+                        for tid in ids:
+                            job = self.service.executor.by_id.get(tid)
+                            if job is not None and job.submitter == submitter:  # only its own
+                                self.service.executor.cancel(tid)
+                    case tp.Ack(ids=ids):
+                        with self.service.store.transaction() as txn:
+                            txn.exec_forget(submitter, ids)
+                    case _:
+                        pass  # E → S messages, or a newer peer's: ignored on this stream
 
-    def _on_assign(self, session: _Session, submitter: str, m: wire.Message) -> None:
-        raw = wire.field_list(m, "tasks", max_len=tp.MAX_BATCH)
-        specs = [TaskSpec.from_wire(t) for t in raw]
+    def _on_assign(self, session: _Session, submitter: str, specs: list[TaskSpec]) -> None:
         executor = self.service.executor
         kinds = self.service.kinds
         accepted: list[str] = []
         refused: list[tuple[str, str, str]] = []
         replay: list[TaskResult] = []
+        positions: dict[str, int] = {}  # admission: 0 started, N queued at about N
+        fetching = 0  # this batch's jobs that wait for their files (not in the executor yet)
         room = executor.room
         with self.service.store.transaction() as txn:
             for spec in specs:
@@ -138,6 +139,7 @@ class TaskServer:
                         refused.append((spec.id, "duplicate", "task id used by another member"))
                     elif row.state == "done" and row.result is not None:
                         accepted.append(spec.id)
+                        positions[spec.id] = 0  # its result follows at once
                         replay.append(row.result)
                     else:
                         accepted.append(spec.id)  # already running here: its result will come
@@ -161,13 +163,15 @@ class TaskServer:
                 room -= 1
                 txn.exec_accept(spec.id, submitter, time.time())
                 accepted.append(spec.id)
+                positions[spec.id] = executor.admission_position(job, fetching)
                 if job.size > SPOOL_INPUT_BYTES or spec.needs_files:
+                    fetching += 1
                     # big inputs wait on disk, not in the daemon's memory
                     self.service.files.start_job(
                         functools.partial(self.service.run_with_files, job, [submitter]))
                 else:
                     executor.submit_nowait(job)
-        session.push_frame(tp.accepted(accepted, refused))
+        session.push_frame(tp.accepted(accepted, refused, positions))
         for res in replay:
             session.push_result(res)
 

@@ -293,6 +293,10 @@ class TaskService:
         self.offer_window_s = float(cfg.get("scheduler", "offer_window_s"))
         self.bridge: Any = None  # BridgeClient, when the node has a bridge URL and key
         self.offers: dict[str, tuple[str, int, float]] = {}  # peer -> (kind, free, until)
+        # peer -> when an admission reply showed it queueing our task behind other
+        # members' work: it counts as full until an ad received after that says otherwise
+        self.peer_full: dict[str, float] = {}
+        self.remote_queued: dict[str, str] = {}  # task id -> the busy member queueing it
         self.waiting_since: dict[tuple[str, str], float] = {}  # (kind, version) -> first wait
         self._kind_seen: dict[str, float] = {}  # kind -> last time a live ad listed it
         self.last_call: dict[tuple[str, str], float] = {}
@@ -300,7 +304,8 @@ class TaskService:
         self._calls_wake = trio.Event()
         self.counters = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
                          "retries": 0, "rejected_results": 0, "cache_hits": 0,
-                         "calls_published": 0, "offers_received": 0, "offers_sent": 0}
+                         "calls_published": 0, "offers_received": 0, "offers_sent": 0,
+                         "moved": 0}
 
     # --- submission ---------------------------------------------------------------------
     def _spec_from_request(self, body: dict[str, Any]) -> TaskRecord:
@@ -461,6 +466,8 @@ class TaskService:
                   result: TaskResult | None = None, db: Txn | None = None) -> None:
         if r.state in TERMINAL:
             return
+        # running_by_kind counts tasks in state running (placed, not back in the queue)
+        was_running = r.state == "running"
         r.state, r.output, r.error = state, output, error
         r.executed_by = executed_by
         r.finished = time.time()
@@ -473,7 +480,7 @@ class TaskService:
         for a in r.inflight.values():
             a.ended = r.finished
         r.inflight.clear()
-        self._running_delta(r.kind, -1 if r.started else 0)
+        self._running_delta(r.kind, -1 if was_running else 0)
         self.counters[state] = self.counters.get(state, 0) + 1
         txn = db if db is not None else self.store.autocommit
         txn.finish(Outcome(r.id, state, executed_by, output, error,
@@ -493,6 +500,13 @@ class TaskService:
 
     def unwatch(self, r: TaskRecord) -> None:
         self.watchers.pop(r.id, None)
+
+    def _back_to_queue(self, r: TaskRecord) -> None:
+        """Its last attempt ended without a result: it is queued again, and no longer
+        counts against its kind's limit (kind_limits) until it is placed again."""
+        if r.state == "running" and not r.inflight:
+            r.state = "queued"
+            self._running_delta(r.kind, -1)
 
     def _running_delta(self, kind: str, delta: int) -> None:
         self.running_by_kind[kind] = max(0, self.running_by_kind.get(kind, 0) + delta)
@@ -555,8 +569,7 @@ class TaskService:
         r.not_before = trio.current_time() + delay
         r.waiting_reason = (f"retry {r.retries + 1} of {self.max_attempts} in {delay:.1f} s "
                             f"after {peer} failed with: {reason}")
-        if r.state == "running" and not r.inflight:
-            r.state = "queued"
+        self._back_to_queue(r)
         if not r.inflight or len(r.inflight) < r.replicas:
             self._enqueue(r)
         r.notify()
@@ -573,8 +586,7 @@ class TaskService:
             return
         r.not_before = trio.current_time() + random.uniform(0.05, 0.25)
         r.waiting_reason = f"{peer} is busy ({message}); placing it again"
-        if r.state == "running" and not r.inflight:
-            r.state = "queued"
+        self._back_to_queue(r)
         self._enqueue(r)
         r.notify()
         self._wake.set()
@@ -634,17 +646,22 @@ class TaskService:
                 inflight = len(link.inflight) if link else 0
                 window = ad.slots * (1 + self._pipeline(r.kind))
                 offered = self._offered(peer, r.kind, now)
+                full_at = self.peer_full.get(peer)
+                full = full_at is not None and full_at >= e.received  # no newer ad yet
                 if offered:
                     window = max(window, inflight + offered)
-                elif inflight == 0 and ad.free_slots == 0:
+                elif (inflight == 0 and ad.free_slots == 0) or full:
                     # Busy with other members' work: a task sent now would wait in its
                     # queue while another peer or the bridge could start it. (Our own
                     # tasks in flight there are what its ad counts when we pipeline.) It
                     # queues there only if nothing else can take it: the executor then
-                    # gives us our turn among its submitters (one place per slot).
-                    rtt = link.rtt_ms if link else 5.0
-                    behind.append((1.0 / (1 + ad.queue / max(1, ad.slots)) / (1 + rtt),
-                                   peer))
+                    # gives us our turn among its submitters (one place per slot). An
+                    # admission reply that queued our task behind others' work marks it
+                    # full until its next ad, however its last ad counted.
+                    if inflight < max(1, ad.slots):
+                        rtt = link.rtt_ms if link else 5.0
+                        behind.append((1.0 / (1 + ad.queue / max(1, ad.slots)) / (1 + rtt),
+                                       peer))
                     continue
                 if inflight >= window:
                     continue
@@ -707,6 +724,8 @@ class TaskService:
     def _dispatch_once(self, nursery: trio.Nursery) -> None:
         now = trio.current_time()
         self._drop_silent_links(now)
+        if self.remote_queued:
+            self._recheck_remote_queued(now)
         uptime = now - self._started_at
         deferred: list[TaskRecord] = []
         reasons_changed: list[TaskRecord] = []
@@ -958,8 +977,7 @@ class TaskService:
                 r.not_before = trio.current_time() + wait
                 r.waiting_reason = (f"no peer has capacity and the bridge is unreachable"
                                     f" ({exc}); retrying in {wait:.0f} s")
-                if r.state == "running" and not r.inflight:
-                    r.state = "queued"
+                self._back_to_queue(r)
                 self._enqueue(r)
                 r.notify()
                 self._wake.set()
@@ -1155,46 +1173,135 @@ class TaskService:
             if not data:
                 return
             for frame in decoder.feed(data):
-                m = wire.unpack(frame)
-                t = m["t"]
-                if t == "accepted":
-                    now = trio.current_time()
-                    for tid in tp.id_list(m):
-                        sent = link.sent_at.pop(tid, None)
-                        if sent is not None:
-                            link.rtt_ms = 0.9 * link.rtt_ms + 0.1 * (now - sent) * 1000
-                    for tid, code, message in tp.refused_list(m):
-                        link.sent_at.pop(tid, None)
-                        r = link.inflight.pop(tid, None)
-                        if r is None:
-                            continue
-                        if code == "busy":
-                            self._requeue_busy(r, link.peer, message)
-                        else:
-                            self.attempt_lost(r, link.peer, f"refused ({code}): {message}")
-                elif t == "results":
-                    results = tp.open_results(wire.field_bytes(m, "sealed"), link.peer, me)
-                    for res in results:
-                        link.inflight.pop(res.id, None)
-                        link.sent_at.pop(res.id, None)
-                    files = [res for res in results if _output_file(res) is not None]
-                    if files:
-                        results = [res for res in results if _output_file(res) is None]
-                        for res in files:
-                            self.files.start_job(
-                                functools.partial(self._collect_output, link.peer, res))
-                    with self.store.transaction() as db:
-                        self.apply_results(link.peer, results, db)
-                    link.successes += len(results)
-                    self.breakers.setdefault(link.peer, Breaker()).success()
-                    link.send_control(tp.ack([res.id for res in results]))
-                    self._wake.set()
-                elif t == "progress":
-                    for tid in tp.id_list(m):
-                        r = link.inflight.get(tid)
-                        if r is not None and r.state == "running":
-                            r.waiting_reason = None
-                            r.notify()
+                match tp.decode_frame(frame):
+                    case tp.Accepted() as acc:
+                        self._on_accepted(link, acc)
+                    case tp.Results(sealed=sealed):
+                        self._on_results(link, tp.open_results(sealed, link.peer, me))
+                    case tp.Progress(ids=ids):
+                        self._on_progress(link, ids)
+                    case _:
+                        pass  # S → E messages, or a newer peer's: nothing to do here
+
+    def _on_accepted(self, link: PeerLink, acc: tp.Accepted) -> None:
+        now = trio.current_time()
+        for tid in acc.ids:
+            sent = link.sent_at.pop(tid, None)
+            if sent is not None:
+                link.rtt_ms = 0.9 * link.rtt_ms + 0.1 * (now - sent) * 1000
+        for refusal in acc.refused:
+            link.sent_at.pop(refusal.id, None)
+            r = link.inflight.pop(refusal.id, None)
+            if r is None:
+                continue
+            if refusal.code is tp.RefuseCode.BUSY:
+                self._requeue_busy(r, link.peer, refusal.message)
+            else:
+                self.attempt_lost(r, link.peer,
+                                  f"refused ({refusal.code.value}): {refusal.message}")
+        if acc.positions is not None:
+            self._on_admission(link, acc.positions, now)
+
+    def _on_admission(self, link: PeerLink, positions: dict[str, int], now: float) -> None:
+        """The executor's admission reply, one round trip after the assign: each task
+        started (0) or waits in its queue at a position. A task queued behind other
+        members' work (more tasks ahead of it there than ours) has an unknown wait (it may
+        be a 60 s task): the peer counts as full until a newer ad, and the task is placed
+        again at once if another peer advertises a free slot or the bridge could take it
+        (the dispatcher then escalates it after the offer window, as any waiting task).
+        Otherwise it stays: the executor gives each submitter its turn."""
+        entry = self.node.mesh.table.get(link.peer, now)
+        slots = max(1, entry.ad.slots) if entry is not None else 1
+        own = len(link.inflight)
+        moves: list[TaskRecord] = []
+        for tid, pos in positions.items():
+            r = link.inflight.get(tid)
+            if r is None or r.state in TERMINAL or pos <= 0:
+                continue
+            # ahead of it: the peer's busy slots and pos - 1 queued tasks; ours there are
+            # at most the others we have in flight
+            behind_others = own - 1 < slots + pos - 1
+            r.waiting_reason = f"queued on {link.peer} at position {pos}"
+            r.notify()
+            if not behind_others:
+                continue  # pipelined behind our own tasks: their times are known and short
+            self.peer_full[link.peer] = now
+            if r.replicas == 1 and (self._bridge_could_take(r)
+                                    or self._free_elsewhere(r, link.peer, now)):
+                moves.append(r)
+            elif r.replicas == 1:
+                self.remote_queued[r.id] = link.peer  # moved when room appears elsewhere
+        for r in moves:
+            self._move_off(r, link, "it queued the task behind other members' work")
+
+    def _recheck_remote_queued(self, now: float) -> None:
+        """Tasks left in a busy member's queue (nothing else could take them then) move
+        as soon as another member advertises a free slot or the bridge could take them."""
+        for tid, peer in list(self.remote_queued.items()):
+            r = self.records.get(tid)
+            link = self.links.get(peer)
+            if r is None or r.state in TERMINAL or link is None or tid not in link.inflight:
+                del self.remote_queued[tid]
+            elif self._bridge_could_take(r) or self._free_elsewhere(r, peer, now):
+                del self.remote_queued[tid]
+                self._move_off(r, link, "a member with a free slot appeared")
+
+    def _free_elsewhere(self, r: TaskRecord, peer: str, now: float) -> bool:
+        """Does another live member that runs this kind advertise a free slot that our
+        own tasks in flight there do not already take?"""
+        for e in self.node.mesh.table.live(now):
+            p = e.ad.peer_id
+            if p == peer or p in r.excluded or r.kind not in e.ad.kinds:
+                continue
+            link = self.links.get(p)
+            if e.ad.free_slots - (len(link.inflight) if link else 0) <= 0:
+                continue
+            full_at = self.peer_full.get(p)
+            if full_at is None or full_at < e.received:
+                return True
+        return False
+
+    def _move_off(self, r: TaskRecord, link: PeerLink, why: str) -> None:
+        """Take a task out of a peer's queue (cancel it there) and place it again now.
+        Not a failure: it costs no attempt and no breaker strike."""
+        link.send_control(tp.cancel([r.id]))
+        link.inflight.pop(r.id, None)
+        link.sent_at.pop(r.id, None)
+        attempt = r.inflight.pop(link.peer, None)
+        if attempt is not None:
+            attempt.ended, attempt.error = time.time(), f"moved: {why}"
+        self.counters["moved"] += 1
+        r.excluded.add(link.peer)  # not back there for this task while others can run it
+        self._back_to_queue(r)
+        r.not_before = 0.0
+        r.waiting_reason = f"moved off {link.peer}: {why}"
+        self._enqueue(r)
+        r.notify()
+        self._wake.set()
+
+    def _on_results(self, link: PeerLink, results: list[TaskResult]) -> None:
+        for res in results:
+            link.inflight.pop(res.id, None)
+            link.sent_at.pop(res.id, None)
+        files = [res for res in results if _output_file(res) is not None]
+        if files:
+            results = [res for res in results if _output_file(res) is None]
+            for res in files:
+                self.files.start_job(functools.partial(self._collect_output, link.peer, res))
+        with self.store.transaction() as db:
+            self.apply_results(link.peer, results, db)
+        link.successes += len(results)
+        self.breakers.setdefault(link.peer, Breaker()).success()
+        link.send_control(tp.ack([res.id for res in results]))
+        self._wake.set()
+
+    def _on_progress(self, link: PeerLink, ids: list[str]) -> None:
+        for tid in ids:
+            self.remote_queued.pop(tid, None)  # running there now: it stays
+            r = link.inflight.get(tid)
+            if r is not None and r.state == "running":
+                r.waiting_reason = None
+                r.notify()
 
     async def _collect_output(self, peer: str, res: TaskResult) -> None:
         """A result whose output is a file on the executor: copy the file here (pinned)
@@ -1203,15 +1310,41 @@ class TaskService:
         cid = _output_file(res)
         if r is None or r.state in TERMINAL or peer not in r.inflight or cid is None:
             return
+        # bounded by the kind's output limit on this node, not only files.max_file_mb:
+        # the size the executor claims is checked before fetching, the real one after
+        limit = self.limits.output_bytes(r.kind)
+        claimed = res.output.get("size") if isinstance(res.output, dict) else None
+        if isinstance(claimed, int) and claimed > limit:
+            self._output_too_big(r, peer, claimed)
+            return
         r.waiting_reason = f"fetching its output ({cid}) from {peer}"
         r.notify()
         try:
             await self.files.pin(cid)
+            from teammesh.node.files.service import parse_cid
+
+            size = await trio.to_thread.run_sync(self.files.store.file_size, parse_cid(cid))
         except TeammeshError as exc:
             self.attempt_lost(r, peer, f"its output {cid} could not be fetched: {exc}")
             return
+        if size > limit:
+            await self.files.unpin(cid)
+            self._output_too_big(r, peer, size)
+            return
+        if r.state in TERMINAL or peer not in r.inflight:
+            return
         with self.store.transaction() as db:
             self.apply_results(peer, [res], db)
+
+    def _output_too_big(self, r: TaskRecord, peer: str, size: int) -> None:
+        """The task ran, and its output is over this node's limit for the kind: final
+        (another member would make the same output)."""
+        attempt = r.inflight.pop(peer, None)
+        error = self.limits.output_error(r.kind, size)
+        if attempt is not None:
+            attempt.ended, attempt.error = time.time(), error
+        self._finalise(r, "failed", error=f"{error} (on {peer}); raise the limit on this"
+                       " node to collect it", executed_by=peer)
 
     # --- service --------------------------------------------------------------------------
     def _resume_from_journal(self) -> int:
@@ -1304,8 +1437,7 @@ class TaskService:
         if not (membership.is_member(origin) and membership.is_member(forwarder)):
             return False
         try:
-            m = wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES)
-            return m["t"] == "call" and isinstance(m.get("kind"), str)
+            return isinstance(tp.decode_frame(data, max_bytes=wire.MAX_GOSSIP_BYTES), tp.Call)
         except RemoteProtocolError:
             return False
 
@@ -1313,15 +1445,17 @@ class TaskService:
         if origin == self.identity.peer_id:
             return
         try:
-            m = wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES)
+            msg = tp.decode_frame(data, max_bytes=wire.MAX_GOSSIP_BYTES)
         except RemoteProtocolError:
             return
-        kind = self.kinds.get(str(m.get("kind")))
+        if not isinstance(msg, tp.Call):
+            return
+        kind = self.kinds.get(msg.kind)
         cap = self.node.capacity
         free = cap.slots - cap.busy - cap.queue
-        if kind is None or kind.version != m.get("ver") or free <= 0:
+        if kind is None or kind.version != msg.version or free <= 0:
             return
-        nursery.start_soon(self._send_offer, origin, str(m.get("call", "")), kind.name, free)
+        nursery.start_soon(self._send_offer, origin, msg.call_id, kind.name, free)
 
     async def _send_offer(self, peer: str, call_id: str, kind: str, free: int) -> None:
         assert self.host is not None
@@ -1337,14 +1471,12 @@ class TaskService:
     async def _handle_offer(self, stream: Stream) -> None:
         from teammesh.node.p2p.membership import read_message
 
-        m = await read_message(stream, 4096, 5)
+        msg = tp.decode(await read_message(stream, 4096, 5))
         await stream.close()
-        if m["t"] != "offer":
+        if not isinstance(msg, tp.Offer):
             raise RemoteProtocolError("expected an offer")
-        kind = wire.field_str(m, "kind", max_len=128)
-        free = max(0, min(wire.field_int(m, "free"), 1024))
         until = trio.current_time() + max(self.offer_window_s, 1.0)
-        self.offers[stream.peer_id] = (kind, free, until)
+        self.offers[stream.peer_id] = (msg.kind, msg.free, until)
         self.counters["offers_received"] += 1
         self._wake.set()
 
