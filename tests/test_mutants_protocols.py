@@ -14,9 +14,12 @@ import pytest
 from teammesh.protocols.scheduler import Scheduler
 from teammesh.protocols.scheduler_model import (
     BRIDGE,
+    Admission,
+    AdmissionReply,
     AttemptLost,
     BridgeResult,
     BridgeUnavailable,
+    CancelRemote,
     Effect,
     Escalate,
     FailReason,
@@ -25,6 +28,7 @@ from teammesh.protocols.scheduler_model import (
     Loss,
     PeerAd,
     PeerGone,
+    ResultArrived,
     SchedulerConfig,
     Send,
     Submitted,
@@ -183,7 +187,10 @@ def test_an_open_bridge_breaker_holds_bridge_tasks_until_it_closes() -> None:
     assert escalations(s.handle(Tick(), 3.9)) == []
     assert sorted(escalations(s.handle(Tick(), 4.0))) == ["a", "b"]
     # the round trip is measured from the escalation (4.0), not from the submission
-    [f] = finished(s.handle(BridgeResult("b", True, b"\x01" * 32), 6.0))
+    out = s.handle(BridgeResult("b", True, b"\x01" * 32), 6.0)
+    # the bridge answered: nothing to cancel there (_on_bridge_result: _drop_attempt(None))
+    assert [e for e in out if isinstance(e, CancelRemote)] == []
+    [f] = finished(out)
     assert f.state is TaskState.DONE
     assert f.by == (BRIDGE,)
     assert s.bridge_rtt_s == pytest.approx(ewma(1.0, 2.0))
@@ -205,6 +212,34 @@ def test_replicas_wait_for_members_during_the_grace_then_fail_with_the_count() -
     assert finished(s.handle(Tick(), 2.9)) == []
     [f] = finished(s.handle(Tick(), 3.0))
     assert f.failure == Failure(FailReason.TOO_FEW_MEMBERS, attempts=3)
+
+
+def test_the_bridge_takes_at_most_max_inflight_tasks() -> None:
+    """_escalate: `_bridge_inflight -= 1`; _drop_attempt: `+= 1` for the bridge."""
+    s = sched(bridge=True, bridge_max_inflight=2)
+    for tid in "abc":
+        s.handle(Submitted(task(tid, where=Where.BRIDGE)), 1.0)
+    assert s.state_of("c") is TaskState.QUEUED
+    out = s.handle(BridgeResult("a", True, b"\x01" * 32), 2.0)
+    assert escalations(out) == ["c"]
+    s.handle(BridgeResult("b", True, b"\x01" * 32), 2.5)
+    out = s.handle(Submitted(task("d", where=Where.BRIDGE)), 3.0)
+    assert escalations(out) == ["d"]
+    assert escalations(s.handle(Submitted(task("e", where=Where.BRIDGE)), 3.0)) == []
+
+
+def test_a_short_estimated_queue_on_a_peer_is_not_left_for_the_bridge() -> None:
+    """_queued_left: `view is not None` (the peer's measured task time ignored): a task
+    queued at position 1 behind 0.1 s tasks stays there rather than take a 1 s bridge."""
+    s = sched(ad("a"), bridge=True, offer_window_s=0.5, bridge_rtt_s=1.0)
+    s.handle(Submitted(task("warm")), 0.5)
+    s.handle(ResultArrived("warm", "a", True, b"\x01" * 32, 0.1), 0.6)
+    s.handle(Submitted(task("t")), 1.0)
+    s.handle(AdmissionReply("t", "a", Admission.QUEUED, 1), 1.01)
+    out = s.handle(Tick(), 1.6)  # past the window; waited 0.6 s, estimate 0.1 s < 1 s
+    assert escalations(out) == []
+    assert [e for e in out if isinstance(e, CancelRemote)] == []
+    assert s.wait_of("t") == Wait(WaitReason.QUEUED_ON_PEER, "a", 1)
 
 
 @pytest.mark.xfail(strict=True, reason="scheduler bug found by the mutation pass: a replica "
