@@ -164,6 +164,13 @@ def _curl_round(url: str, token: str, xs: list[bytes], tmp: Path) -> float:
     return len(xs) / wall
 
 
+def _cpu_s(pid: int | None) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
 def bench_worker_path(n_tasks: int, rounds: int) -> list[dict[str, Any]]:
     """teammesh (futures, batch, per-task HTTP) against Ray and Dask, all kept up for the
     whole run, in interleaved rounds (the order reversed every other round); each round
@@ -179,6 +186,7 @@ def bench_worker_path(n_tasks: int, rounds: int) -> list[dict[str, Any]]:
         return [os.urandom(1024) for _ in range(n_tasks)]
 
     rates: dict[str, list[float]] = {k: [] for k in WORKER_FIGURES}
+    http_cpu: list[float] = []
     versions: dict[str, str] = {}
     servers: dict[str, Server] = {}
     has_curl = shutil.which("curl") is not None
@@ -262,7 +270,15 @@ def bench_worker_path(n_tasks: int, rounds: int) -> list[dict[str, Any]]:
                 if "ray" in servers:
                     steps.append(("ray", lambda: servers["ray"].round("remote", n_tasks)))
                 if has_curl:
-                    steps.append(("http", lambda: _curl_round(url, token, xs(), Path(tmp))))
+                    def http() -> float:
+                        # the submitting daemon's CPU time per request: a figure the other
+                        # processes on a shared machine barely move, unlike the rate
+                        cpu0 = _cpu_s(nodes[0].proc.pid)
+                        rate = _curl_round(url, token, xs(), Path(tmp))
+                        http_cpu.append((_cpu_s(nodes[0].proc.pid) - cpu0) * 1e6 / n_tasks)
+                        return rate
+
+                    steps.append(("http", http))
                 steps.append(("batch", batch))
                 if "dask" in servers:
                     steps.append(("dask_submit",
@@ -282,6 +298,11 @@ def bench_worker_path(n_tasks: int, rounds: int) -> list[dict[str, Any]]:
         if rates[name]:
             out.append(figure(f"worker_{name}_tasks_per_s", rates[name], "tasks/s",
                               n_tasks=n_tasks, rounds=rounds, measures=what))
+    if http_cpu:
+        out.append(figure("worker_http_submitter_cpu_us_per_task", http_cpu, "us",
+                          n_tasks=n_tasks, rounds=rounds,
+                          measures="CPU time (user + system) of the submitting daemon per"
+                                   " request in the per-task HTTP round"))
     for base in ("ray", "dask_submit"):
         for name in ("futures", "async_submit", "http", "batch"):
             if rates[name] and rates[base]:

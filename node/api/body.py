@@ -3,6 +3,7 @@ our error classes to an HTTP status and a stable error code."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from starlette.requests import Request
@@ -39,13 +40,15 @@ def status_for(exc: TeammeshError) -> tuple[int, str]:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    return parse_json(await request.body())
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object (an empty body is ``{}``)."""
     if len(raw) > MAX_BODY_BYTES:
         raise TeammeshError(f"request body over {MAX_BODY_BYTES} bytes")
     if not raw:
         return {}
-    import json
-
     try:
         body = json.loads(raw)
     except ValueError as exc:

@@ -20,6 +20,13 @@ def _op(summary: str, resp: dict[str, Any] | None = None,
     return op
 
 
+def _page(summary: str, *, status: str = "200") -> dict[str, Any]:
+    """A dashboard route: HTML or a redirect for the browser, not JSON; no bearer token
+    (the session cookie, or nothing, see node/api/dashboard.py)."""
+    return {"summary": summary, "security": [], "responses": {status: {"description": "ok"}}}
+
+
+COOKIE_OR_BEARER: list[dict[str, list[str]]] = [{"bearer": []}, {"session": []}]
 TASK = {"$ref": "#/components/schemas/Task"}
 SUBMIT = {"$ref": "#/components/schemas/Submit"}
 
@@ -29,7 +36,12 @@ OPENAPI: dict[str, Any] = {
     "servers": [{"url": "http://127.0.0.1"}],
     "security": [{"bearer": []}],
     "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            # the dashboard's browser session (HttpOnly, SameSite=Strict); requests other
+            # than GET must also carry X-Teammesh-Dashboard: 1
+            "session": {"type": "apiKey", "in": "cookie", "name": "teammesh_session"},
+        },
         "schemas": {
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                 "code": {"type": "string"}, "message": {"type": "string"}}}}},
@@ -65,6 +77,9 @@ OPENAPI: dict[str, Any] = {
             "type": "object", "required": ["peer_id"],
             "properties": {"peer_id": {"type": "string"}}})},
         "/v1/stop": {"post": _op("stop the daemon")},
+        "/v1/capacity": {"post": _op("set this node's slots", body={
+            "type": "object", "required": ["slots"],
+            "properties": {"slots": {"type": "integer", "minimum": 0, "maximum": 1024}}})},
         "/v1/kinds": {"get": _op("task kinds this node runs and the team offers")},
         "/v1/tasks": {
             "get": _op("list tasks (filters: state, limit)",
@@ -78,5 +93,41 @@ OPENAPI: dict[str, Any] = {
         "/v1/tasks/{id}/cancel": {"post": _op("cancel a task", TASK)},
         "/v1/tasks/{id}/events": {"get": {"summary": "progress as server-sent events",
                                           "responses": {"200": {"description": "SSE"}}}},
+        "/v1/files": {"get": _op("pinned files and the store's summary")},
+        "/v1/files/share": {"post": _op("add a file or folder and pin it", body={
+            "type": "object", "required": ["path"], "properties": {
+                "path": {"type": "string"}, "mirror": {"type": "boolean"}}})},
+        "/v1/files/get": {"post": {
+            "summary": "fetch a CID to a path; NDJSON progress lines, then done or error",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["cid", "dest"], "properties": {
+                    "cid": {"type": "string"}, "dest": {"type": "string"}}}}}},
+            "responses": {"200": {"description": "NDJSON", "content": {
+                "application/x-ndjson": {}}}, "401": _ERR, "400": _ERR}}},
+        "/v1/files/pin": {"post": _op("pin a CID", body={
+            "type": "object", "properties": {"cid": {"type": "string"}}})},
+        "/v1/files/unpin": {"post": _op("unpin a CID", body={
+            "type": "object", "properties": {"cid": {"type": "string"}}})},
+        "/v1/files/gc": {"post": _op("drop unpinned blocks")},
+        # the web dashboard (node/api/dashboard.py)
+        "/": {"get": _page("the dashboard page (401 page when not logged in)")},
+        "/login": {"get": {**_page("redeem a one-time login code: sets the session cookie"
+                                   " and redirects to /", status="303"),
+                           "parameters": [{"name": "code", "in": "query", "required": True,
+                                           "schema": {"type": "string"}}]}},
+        "/static/{name}": {"get": _page("the dashboard's static files")},
+        "/logout": {"post": {**_op("end the dashboard session"),
+                             "security": COOKIE_OR_BEARER}},
+        "/v1/dashboard/login": {"post": _op(
+            "a one-time login link for the dashboard (url, expires_in_s)", {
+                "type": "object", "properties": {"url": {"type": "string"},
+                                                 "expires_in_s": {"type": "number"}}})},
+        "/v1/dashboard": {"get": {**_op("the dashboard's overview: node, peers, tasks, files,"
+                                        " bridge"), "security": COOKIE_OR_BEARER}},
+        "/v1/events": {"get": {"summary": "the dashboard's live feed as server-sent events"
+                                          " (overview and task events)",
+                               "security": COOKIE_OR_BEARER,
+                               "responses": {"200": {"description": "SSE", "content": {
+                                   "text/event-stream": {}}}, "401": _ERR}}},
     },
 }

@@ -1,6 +1,9 @@
 """Control API: JSON over HTTP on loopback, bearer-token protected (token in the home, 0600).
 
-Served by hypercorn on trio inside the daemon's nursery. The OpenAPI document is at
+Served by our own HTTP/1.1 server (node/api/http.py) on trio inside the daemon's nursery:
+the hot task routes (submit, batch, show/wait) are answered natively (``native_handler``)
+when the request carries the bearer token; everything else, and requests authenticated
+by the dashboard's cookie, go to the Starlette app below. The OpenAPI document is at
 ``/openapi.json``; Prometheus metrics at ``/metrics`` (node/api/metrics.py); the web
 dashboard at ``/`` (node/api/dashboard.py), whose browser session authenticates with a
 cookie instead of the bearer token. Every error is JSON
@@ -16,14 +19,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from teammesh.node.api.body import error, json_body, status_for
 from teammesh.node.api.dashboard import Dashboard
+from teammesh.node.api.http import Limits, Native, error_body, json_bytes, serve_http
+from teammesh.node.api.http import Request as HttpRequest
 from teammesh.node.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from teammesh.node.api.metrics import NodeMetrics
 from teammesh.node.api.openapi import OPENAPI
@@ -33,14 +36,19 @@ from teammesh.protocols.errors import (
 )
 
 if TYPE_CHECKING:
+    from teammesh.node.api.tasks import SubmitGroup
     from teammesh.node.daemon import Node
 
 Handler = Callable[[Request], Awaitable[Response]]
 logger = logging.getLogger("teammesh.api")
 
 
+UNAUTHORIZED = "missing or wrong bearer token (see api.token in the home)"
+
+
 def build_app(node: Node, metrics: NodeMetrics | None = None,
-              dashboard: Dashboard | None = None) -> Starlette:
+              dashboard: Dashboard | None = None,
+              group: SubmitGroup | None = None) -> Starlette:
     token = node.home.token().encode()
     metrics = metrics if metrics is not None else NodeMetrics(node)
     dashboard = dashboard if dashboard is not None else Dashboard(node)
@@ -54,8 +62,7 @@ def build_app(node: Node, metrics: NodeMetrics | None = None,
                 else:
                     ok = dashboard.auth.cookie_allows(request)
                 if not ok:
-                    return error(401, "unauthorized",
-                                 "missing or wrong bearer token (see api.token in the home)")
+                    return error(401, "unauthorized", UNAUTHORIZED)
             try:
                 result = await fn(request)
             except TeammeshError as exc:
@@ -144,7 +151,7 @@ def build_app(node: Node, metrics: NodeMetrics | None = None,
     if node.tasks is not None:
         from teammesh.node.api.tasks import task_routes
 
-        routes += task_routes(node.tasks, endpoint)
+        routes += task_routes(node.tasks, endpoint, group)
     if node.files is not None:
         from teammesh.node.api.files import files_routes
 
@@ -169,39 +176,59 @@ def _bind(spec: str) -> socket.socket:
     return sock
 
 
-async def serve_api(node: Node, spec: str, *,
+def native_handler(node: Node, group: SubmitGroup | None) -> Native:
+    """The task routes that carry per-task load, answered without Starlette when the
+    request has an ``authorization`` header; None passes a request to the Starlette app
+    (every other route, and the dashboard's cookie-authenticated requests)."""
+    if node.tasks is None:
+        async def nothing(req: HttpRequest) -> None:
+            return None
+
+        return nothing
+    from teammesh.node.api.tasks import PASS_ON, native_task_routes
+
+    assert group is not None
+    token = node.home.token().encode()
+    route = native_task_routes(node.tasks, group)
+    json_type = b"application/json"
+
+    async def handle(req: HttpRequest) -> tuple[int, bytes, bytes] | None:
+        call = route(req)
+        if call is None:
+            return None
+        header = req.header(b"authorization")
+        if header is None:
+            return None  # perhaps the dashboard's cookie: Starlette checks it
+        if not hmac.compare_digest(header.removeprefix(b"Bearer "), token):
+            return 401, json_type, error_body("unauthorized", UNAUTHORIZED)
+        try:
+            result = await call()
+        except TeammeshError as exc:
+            status, code = status_for(exc)
+            return status, json_type, error_body(code, str(exc))
+        if result is PASS_ON:
+            return None
+        return 200, json_type, json_bytes(result)
+
+    return handle
+
+
+async def serve_api(node: Node, spec: str, *, limits: Limits | None = None,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     sock = _bind(spec)
     host, port = sock.getsockname()[:2]
-    cfg = HypercornConfig()
-    cfg.bind = [f"fd://{sock.fileno()}"]
-    cfg.accesslog = None
-    cfg.errorlog = None
-    cfg.graceful_timeout = 0.5
-    cfg.keep_alive_timeout = 75
     metrics = NodeMetrics(node)
     dashboard = Dashboard(node)
-    app = build_app(node, metrics, dashboard)
+    group = None
+    if node.tasks is not None:
+        from teammesh.node.api.tasks import SubmitGroup
+
+        group = SubmitGroup(node.tasks)
+    app = build_app(node, metrics, dashboard, group)
     url = f"http://{host}:{port}"
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(metrics.run)
-            await nursery.start(dashboard.run)
-            await serve(app, cfg, task_status=_Started(task_status, url),  # type: ignore[arg-type]
-                        mode="asgi")
-            nursery.cancel_scope.cancel()
-    finally:
-        # hypercorn adopted the descriptor (fd://) and closes it; closing it again here
-        # could close an unrelated file that reused the number.
-        sock.detach()
-
-
-class _Started:
-    """Report our URL (not hypercorn's fd:// bind list) to the parent nursery."""
-
-    def __init__(self, status: Any, url: str) -> None:
-        self._status = status
-        self._url = url
-
-    def started(self, value: Any = None) -> None:
-        self._status.started(self._url)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(metrics.run)
+        await nursery.start(dashboard.run)
+        await nursery.start(serve_http, sock, native_handler(node, group), app,
+                            limits or Limits())
+        task_status.started(url)

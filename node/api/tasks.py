@@ -4,14 +4,16 @@ list, server-sent progress events, and kinds."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import trio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
-from teammesh.node.api.body import json_body
+from teammesh.node.api.body import json_body, parse_json
+from teammesh.node.api.http import Request as HttpRequest
 from teammesh.protocols.errors import TaskError, TeammeshError
 
 if TYPE_CHECKING:
@@ -26,7 +28,10 @@ def _as_json(r: TaskRecord | dict[str, Any]) -> dict[str, Any]:
 
 
 def _wait_arg(request: Request, default: float | None = None) -> float | None:
-    raw = request.query_params.get("wait")
+    return _wait_value(request.query_params.get("wait"), default)
+
+
+def _wait_value(raw: str | None, default: float | None = None) -> float | None:
     if raw is None:
         return default
     try:
@@ -143,8 +148,51 @@ async def op_show(svc: TaskService, task_id: str, wait: float | None) -> dict[st
     return _as_json(r)
 
 
-def task_routes(svc: TaskService, endpoint: Any) -> list[Route]:
-    group = SubmitGroup(svc)
+# A native route's answer meaning "let the Starlette app serve this one" (a streamed batch)
+PASS_ON: Any = object()
+NativeCall = Callable[[], Awaitable[Any]]
+
+
+def native_task_routes(svc: TaskService,
+                       group: SubmitGroup) -> Callable[[HttpRequest], NativeCall | None]:
+    """The hot task routes for node/api/http.py, without Starlette: the same answers as
+    ``task_routes`` (which still serves them to cookie-authenticated requests)."""
+
+    async def submit(req: HttpRequest) -> Any:
+        return await op_submit(svc, parse_json(req.body), group)
+
+    async def batch(req: HttpRequest) -> Any:
+        body = parse_json(req.body)
+        if body.get("stream"):
+            return PASS_ON
+        return await op_batch(svc, body)
+
+    async def show(req: HttpRequest, task_id: str) -> Any:
+        wait = None
+        if req.query:
+            wait = _wait_value(dict(parse_qsl(req.query.decode("latin-1"),
+                                              keep_blank_values=True)).get("wait"))
+        return await op_show(svc, task_id, wait)
+
+    def route(req: HttpRequest) -> NativeCall | None:
+        method, path = req.method, req.raw_path
+        if method == "POST":
+            if path == b"/v1/tasks":
+                return lambda: submit(req)
+            if path == b"/v1/tasks/batch":
+                return lambda: batch(req)
+        elif method == "GET" and path.startswith(b"/v1/tasks/"):
+            task_id = path[len(b"/v1/tasks/"):]
+            if task_id and b"/" not in task_id and b"%" not in task_id:
+                return lambda: show(req, task_id.decode("ascii"))
+        return None
+
+    return route
+
+
+def task_routes(svc: TaskService, endpoint: Any,
+                group: SubmitGroup | None = None) -> list[Route]:
+    group = group if group is not None else SubmitGroup(svc)
 
     async def submit(request: Request) -> Any:
         return await op_submit(svc, await json_body(request), group)
