@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from teammesh.protocols import wire
+from teammesh.protocols.errors import FrameTooLarge, MalformedMessage
 from teammesh.protocols.scheduler import Scheduler
 from teammesh.protocols.scheduler_model import (
     BRIDGE,
@@ -249,3 +251,80 @@ def test_a_partly_placed_replica_task_wakes_the_caller_at_the_grace_end() -> Non
     s = sched(ad("a", slots=4), startup_grace_s=3.0)
     s.handle(Submitted(task("t", replicas=3)), 1.0)
     assert s.next_wakeup() == 3.0
+
+
+# --- wire: field readers and limits --------------------------------------------------------
+def test_field_readers_enforce_their_default_limits_and_name_the_field() -> None:
+    """The defaults (4096 chars, 10,000 items, 1,000 strings) and the messages."""
+    assert wire.field_str({"f": "x" * 4096}, "f") == "x" * 4096
+    with pytest.raises(MalformedMessage, match="field 'f' longer than 4096"):
+        wire.field_str({"f": "x" * 4097}, "f")
+    assert len(wire.field_list({"f": [0] * 10_000}, "f")) == 10_000
+    with pytest.raises(MalformedMessage, match="field 'f' has more than 10000 items"):
+        wire.field_list({"f": [0] * 10_001}, "f")
+    assert len(wire.field_str_list({"f": ["a"] * 1000}, "f")) == 1000
+    with pytest.raises(MalformedMessage, match="more than 1000"):
+        wire.field_str_list({"f": ["a"] * 1001}, "f")
+    with pytest.raises(MalformedMessage, match="field 'f' must be a list of strings"):
+        wire.field_str_list({"f": ["a", 1]}, "f")
+    assert wire.field_bytes({"f": b"x" * 3}, "f", max_len=3) == b"xxx"
+    with pytest.raises(MalformedMessage, match="field 'f' longer than 2"):
+        wire.field_bytes({"f": b"x" * 3}, "f", max_len=2)
+    for reader, what in [(wire.field_str, "a string"), (wire.field_int, "an integer"),
+                         (wire.field_float, "a number"), (wire.field_bytes, "bytes"),
+                         (wire.field_list, "a list"), (wire.field_map, "a map")]:
+        with pytest.raises(MalformedMessage, match=f"field 'g' must be {what}"):
+            reader({"f": None}, "g")  # type: ignore[operator]
+    with pytest.raises(MalformedMessage, match="integer"):
+        wire.field_int({"f": True}, "f")
+    with pytest.raises(MalformedMessage, match="number"):
+        wire.field_float({"f": False}, "f")
+    value = wire.field_float({"f": 3}, "f")
+    assert value == 3.0
+    assert type(value) is float
+    assert wire.field_map({"f": {"a": 1}}, "f") == {"a": 1}
+
+
+def test_unpack_size_limit_is_inclusive_and_versions_are_exact() -> None:
+    msg = wire.pack({"t": "x", "v": 1, "pad": b""})
+    assert wire.unpack(msg, max_bytes=len(msg))["t"] == "x"
+    with pytest.raises(FrameTooLarge, match=f"message of {len(msg)} bytes exceeds the "
+                                            f"{len(msg) - 1}-byte limit"):
+        wire.unpack(msg, max_bytes=len(msg) - 1)
+    for v in (True, 1.0, 2, 0, None):
+        with pytest.raises(MalformedMessage, match="unsupported message version"):
+            wire.unpack(wire.pack({"t": "x", "v": v}))
+    with pytest.raises(MalformedMessage, match="no type field"):
+        wire.unpack(wire.pack({"t": 1, "v": 1}))
+    with pytest.raises(MalformedMessage, match="not a map"):
+        wire.unpack(wire.pack([1]))  # type: ignore[arg-type]
+
+
+def test_varint_encoding_boundaries() -> None:
+    assert wire.encode_varint(0) == b"\x00"
+    assert wire.encode_varint(0x7F) == b"\x7f"
+    assert wire.encode_varint(0x80) == b"\x80\x01"
+    assert wire.encode_varint(300) == b"\xac\x02"
+    assert wire.encode_varint(2**63) == b"\x80" * 9 + b"\x01"
+    # ten bytes is the default limit; the eleventh is refused by name
+    assert wire.read_varint(b"\x80" * 9 + b"\x01") == (2**63, 10)
+    with pytest.raises(MalformedMessage, match="longer than 10 bytes"):
+        wire.read_varint(b"\x80" * 10 + b"\x01")
+    assert wire.read_varint(b"\x00", minimal=True) == (0, 1)
+    assert wire.read_varint(b"\x01\x80\x01", 1) == (128, 3)
+    # a stream decoder waits on a short prefix but refuses a long broken one
+    assert wire.decode_varint(b"\x80" * 9) is None
+    with pytest.raises(MalformedMessage):
+        wire.decode_varint(b"\x80" * 10)
+    assert wire.decode_varint(b"\x05\x80", 1) is None
+
+
+def test_frame_decoder_limit_is_inclusive_and_keeps_the_tail() -> None:
+    dec = wire.FrameDecoder(max_frame=4)
+    assert dec.feed(wire.frame(b"abcd") + b"\x03ab") == [b"abcd"]
+    assert dec.pending == 3
+    assert dec.feed(b"c") == [b"abc"]
+    assert dec.pending == 0
+    with pytest.raises(FrameTooLarge, match="frame of 5 bytes exceeds the 4-byte limit"):
+        dec.feed(b"\x05")
+    assert wire.frame_message({"t": "x", "v": 1}) == wire.frame(wire.pack({"t": "x", "v": 1}))
