@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import math
 
+import base58
 import pytest
 from teammesh.protocols import wire
-from teammesh.protocols.errors import FrameTooLarge, MalformedMessage
+from teammesh.protocols.envelope import Opened, open_sealed, seal
+from teammesh.protocols.errors import BadSignature, FrameTooLarge, MalformedMessage
+from teammesh.protocols.identity import (
+    Identity,
+    peer_id_bytes_from_public,
+    public_from_peer_id,
+    verify,
+)
 from teammesh.protocols.scheduler import Scheduler
 from teammesh.protocols.scheduler_model import (
     BRIDGE,
@@ -328,3 +336,57 @@ def test_frame_decoder_limit_is_inclusive_and_keeps_the_tail() -> None:
     with pytest.raises(FrameTooLarge, match="frame of 5 bytes exceeds the 4-byte limit"):
         dec.feed(b"\x05")
     assert wire.frame_message({"t": "x", "v": 1}) == wire.frame(wire.pack({"t": "x", "v": 1}))
+
+
+# --- envelope and identity -----------------------------------------------------------------
+def test_sealed_envelope_opens_to_its_signer_body_and_exact_bytes() -> None:
+    me = Identity(bytes(range(32)))
+    body = {"t": "ad", "v": 1, "n": 7}
+    opened = open_sealed(seal(me, "cap", body), "cap", max_bytes=wire.MAX_GOSSIP_BYTES)
+    assert opened == Opened(me.peer_id, body, wire.pack(body))
+
+
+def test_envelope_checks_its_kind_domain_and_field_sizes_by_name() -> None:
+    me = Identity(bytes(range(32)))
+    raw = wire.pack({"t": "x", "v": 1})
+
+    def outer(**kw: object) -> bytes:
+        fields = {"t": "signed", "v": 1, "d": "cap", "body": raw, "signer": me.peer_id,
+                  "sig": me.sign("cap", raw)}
+        fields.update(kw)
+        return wire.pack(fields)
+
+    assert open_sealed(outer(), "cap", max_bytes=1024).signer == me.peer_id
+    with pytest.raises(MalformedMessage, match="expected a signed envelope"):
+        open_sealed(outer(t="plain"), "cap", max_bytes=1024)
+    with pytest.raises(MalformedMessage, match="expected a 'cap' envelope"):
+        open_sealed(outer(d="res"), "cap", max_bytes=1024)
+    # a 65-byte signature is a malformed field, refused before any verification
+    with pytest.raises(MalformedMessage, match="field 'sig' longer than 64"):
+        open_sealed(outer(sig=me.sign("cap", raw) + b"\0"), "cap", max_bytes=1024)
+    with pytest.raises(MalformedMessage, match="field 'signer' longer than 100"):
+        open_sealed(outer(signer="1" * 101), "cap", max_bytes=1024)
+    long_domain = "d" * 65
+    with pytest.raises(MalformedMessage, match="field 'd' longer than 64"):
+        open_sealed(seal(me, long_domain, {"t": "x", "v": 1}), long_domain, max_bytes=1024)
+    ok_domain = "d" * 64
+    assert open_sealed(seal(me, ok_domain, {"t": "x", "v": 1}), ok_domain,
+                       max_bytes=1024).body == {"t": "x", "v": 1}
+    with pytest.raises(BadSignature, match="bad cap signature"):
+        open_sealed(outer(sig=me.sign("res", raw)), "cap", max_bytes=1024)
+
+
+def test_peer_id_and_key_checks_name_what_is_wrong() -> None:
+    me = Identity(bytes(range(32)))
+    assert public_from_peer_id(me.peer_id) == me.public
+    assert peer_id_bytes_from_public(me.public)[6:] == me.public
+    with pytest.raises(MalformedMessage, match="32 bytes"):
+        peer_id_bytes_from_public(me.public + b"\0")
+    with pytest.raises(MalformedMessage, match="not base58"):
+        public_from_peer_id("0OIl")
+    with pytest.raises(MalformedMessage, match="not an Ed25519 peer id"):
+        public_from_peer_id(base58.b58encode(peer_id_bytes_from_public(me.public)[:-1]).decode())
+    with pytest.raises(BadSignature, match="signature must be 64 bytes"):
+        verify(me.public, "cap", b"x", me.sign("cap", b"x")[:63])
+    verify(me.public, "cap", b"x", me.sign("cap", b"x"))
+    assert Identity.generate(bytes(range(32))).peer_id == me.peer_id
