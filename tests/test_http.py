@@ -262,6 +262,32 @@ async def test_http_1_0_without_keep_alive_closes_after_the_answer(server: Any) 
     assert out.endswith(b"data: 2\n\n")  # no chunk framing for HTTP/1.0
 
 
+async def test_connections_over_the_limit_wait_for_a_free_one(nursery: trio.Nursery) -> None:
+    served: list[bytes] = []
+
+    async def record(req: Request) -> tuple[int, bytes, bytes]:
+        served.append(req.body)
+        return 200, b"text/plain", req.body
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    addr = sock.getsockname()
+    await nursery.start(serve_http, sock, record, APP, Limits(max_connections=1))
+    a = await connect(addr)
+    buf_a = bytearray()
+    await a.send_all(post("/", b"a1"))
+    assert (await read_response(a, buf_a))[2] == b"a1"
+    b = await connect(addr)  # the kernel accepts it; the server does not take it yet
+    await b.send_all(post("/", b"b1"))
+    for i in range(2, 20):  # a's round trips go on while b waits its turn
+        await a.send_all(post("/", b"a%d" % i))
+        assert (await read_response(a, buf_a))[2] == b"a%d" % i
+    assert b"b1" not in served
+    await a.aclose()
+    assert (await read_response(b, bytearray()))[2] == b"b1"
+
+
 # --- in a real daemon ------------------------------------------------------------------------
 
 

@@ -420,8 +420,8 @@ class _Exchange:
         # the client sends meanwhile into the buffer (a pipelined next request) until EOF.
         conn = self.conn
         while not conn.eof:
-            if len(conn.buf) > MAX_HEAD_BYTES + conn.limits.max_body_bytes:
-                await trio.sleep_forever()
+            if len(conn.buf) > MAX_HEAD_BYTES:
+                await trio.sleep_forever()  # enough read ahead: the rest waits in the kernel
             try:
                 await conn._fill()
             except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
