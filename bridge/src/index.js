@@ -719,13 +719,19 @@ async function completeTask(env, ctx, peer, id, body) {
   }
   // The output is stored exactly as sent (floats stay floats: the parser kept them).
   const outputText = ok ? stringify(body.output === undefined ? null : body.output) : null;
-  const fields = await outputFields(env, outputText);
-  const res = await taskShard(env, id).stub.complete(id, peer, {
-    ok,
-    ...fields,
-    error: ok ? null : String(error).slice(0, 2000),
-    signature: body.signature ?? null,
-  });
+  const { stub } = taskShard(env, id);
+  // A large output goes to R2 only once the poster is known to hold the lease.
+  const large = outputText !== null && utf8Length(outputText) > INLINE_BYTES;
+  const check = large ? await stub.leaseStatus(id, peer) : { status: "ok" };
+  const res =
+    check.status !== "ok"
+      ? check
+      : await stub.complete(id, peer, {
+        ok,
+        ...(await outputFields(env, outputText)),
+        error: ok ? null : String(error).slice(0, 2000),
+        signature: body.signature ?? null,
+      });
   if (res.status === "missing") throw new HttpError(404, "not_found", `no task ${id}`);
   if (res.status === "finished") {
     return errorResponse(409, "already_finished", `task ${id} is already ${res.task.state}`);
@@ -735,7 +741,7 @@ async function completeTask(env, ctx, peer, id, body) {
     throw new HttpError(status, code, message(id));
   }
   // Only a lease holder's result reaches this point, so only those are cached.
-  if (ok && res.cacheKey && env.CACHE) cachePut(env, ctx, res.cacheKey, fields, limits(env));
+  if (ok && res.cacheKey && env.CACHE) cachePut(env, ctx, res.cacheKey, res.task, limits(env));
   return jsonResponse(200, taskJson({ ...res.task, output: outputText }));
 }
 

@@ -341,7 +341,9 @@ export class TaskQueue extends DurableObject {
   // result: {ok, output (inline JSON text) | output_cid + output_size, error, signature}.
   // Accepted only from `peer`, the authenticated holder of the task's current lease;
   // `executed_by` is that peer.
-  async complete(id, peer, result) {
+  // Whether `peer` may post the result of `id` now: {status: "ok"} or the refusal. The
+  // Worker asks before it writes a large output to R2, so a refused one is never stored.
+  async leaseStatus(id, peer) {
     await this.expireLeases();
     const r = this.row(id);
     if (!r) return { status: "missing" };
@@ -354,6 +356,13 @@ export class TaskQueue extends DurableObject {
       return { status: hadLease ? "lease_expired" : "not_leased" };
     }
     if (r.lease_peer !== peer) return { status: "not_lease_holder" };
+    return { status: "ok", row: r };
+  }
+
+  async complete(id, peer, result) {
+    const check = await this.leaseStatus(id, peer);
+    if (check.status !== "ok") return check;
+    const r = check.row;
     const now = this.now();
     const attempts = JSON.parse(r.attempts);
     const mine = [...attempts].reverse().find((a) => a.peer === peer && a.ended === null);

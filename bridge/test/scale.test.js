@@ -175,6 +175,20 @@ describe("large inputs and outputs live in R2 by CID", () => {
     expect(listed.json.tasks.map((t) => t.output)).toEqual([output]);
   });
 
+  it("a large output from a peer without the lease is refused and never written to R2", async () => {
+    const r = await call("POST", "/v1/tasks", { kind: "sc.forge", params: {} }, { peer: "r2-forge" });
+    await call("POST", "/v1/lease", { kinds: ["sc.forge"] }, { peer: "r2-holder" });
+    const output = "forged " + "x".repeat(100 * 1024) + randomHex();
+    const forged = await call("POST", `/v1/tasks/${r.json.id}/result`, { ok: true, output }, { peer: "r2-forger" });
+    expect(forged.status).toBe(403);
+    const cid = await rawCid(new TextEncoder().encode(JSON.stringify(output)));
+    expect(await env.MIRROR.head(`ipfs/${cid}`)).toBe(null);
+    const never = await call("POST", "/v1/tasks", { kind: "sc.forge", params: { other: 1 } }, { peer: "r2-forge" });
+    const unleased = await call("POST", `/v1/tasks/${never.json.id}/result`, { ok: true, output }, { peer: "r2-forger" });
+    expect(unleased.status).toBe(409);
+    expect(await env.MIRROR.head(`ipfs/${cid}`)).toBe(null);
+  });
+
   it("an edge run's large output goes to R2 too", async () => {
     const input = new TextEncoder().encode(Array.from({ length: 30000 }, (_, i) => `w${i}`).join(" "));
     const r = await call("POST", "/v1/tasks", { kind: "base64.encode", params: {}, input_b64: bytesB64(input), no_cache: true }, { peer: "r2-edge" });
