@@ -14,7 +14,10 @@ from one master key: teammesh.node.bridge.client.sign_request). The mix, by requ
 
 Every answer is checked: portable runs against the Python kind's result, cache hits
 against the first answer, queued tasks by state and kind. Errors are any other status, a
-wrong answer or a transport failure. :func:`drain` leases the queued tasks back and posts
+wrong answer or a transport failure. A 503 from wrangler's dev proxy itself ("Your worker
+restarted mid-request", a known wrangler dev fault under load, not an answer of the
+Worker) is sent again, same id, up to PROXY_RETRIES times, and counted apart
+(``proxy_drops_retried``); the latency then includes the retry. :func:`drain` leases the queued tasks back and posts
 their results, checking inputs and params on the way (tests/test_bridge_load.py).
 
 Figures: submits/s over the whole run, and p50/p99 of one submit's latency.
@@ -23,13 +26,16 @@ Figures: submits/s over the whole run, and p50/p99 of one submit's latency.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,11 @@ from teammesh.node.bridge.dev import DEV_VARS, default_bridge_dir, open_bridge_d
 from teammesh.node.kinds import load_kinds, run_kind
 
 QUEUED_KINDS = ("np.matmul", "bench.queued")
+# wrangler dev's ProxyWorker answers 503 with this text when its connection to workerd
+# breaks under a request (workers-sdk issue 14641: keep-alive races, "the worker never
+# restarted"); it retries only GET and HEAD itself.
+PROXY_DROP = "Your worker restarted mid-request"
+PROXY_RETRIES = 3
 MATMUL = {"a": [[1, 2], [3, 4]], "b": [[5, 6], [7, 8]]}
 
 
@@ -57,6 +68,7 @@ class Load:
     by_kind: dict[str, int] = field(default_factory=dict)
     cached: int = 0
     repeats: int = 0
+    proxy_drops: int = 0
     # queued task id -> (kind, input bytes, params)
     queued: dict[str, tuple[str, bytes, dict[str, Any]]] = field(default_factory=dict)
 
@@ -69,7 +81,7 @@ class Load:
             "req_per_s": round(self.n / self.wall_s, 1) if self.wall_s else 0.0,
             "p50_ms": round(pct(0.50), 2), "p99_ms": round(pct(0.99), 2),
             "mean_ms": round(statistics.fmean(lat) * 1000, 2) if lat else 0.0,
-            "repeats": self.repeats, "cache_hits": self.cached, "queued": len(self.queued), "by_kind": self.by_kind,
+            "proxy_drops_retried": self.proxy_drops, "repeats": self.repeats, "cache_hits": self.cached, "queued": len(self.queued), "by_kind": self.by_kind,
         }
 
 
@@ -117,13 +129,21 @@ def _headers(master: bytes, peer: str, method: str, path: str, body: bytes) -> d
     return h
 
 
-async def submit_load(url: str, master: bytes, *, n: int = 2000, concurrency: int = 64,
-                      peers: int = 16, seed: int = 7) -> Load:
-    """``n`` signed submits, ``concurrency`` in flight; every answer checked."""
-    load = Load(n=n, concurrency=concurrency, peers=peers)
-    reqs = _requests(n, seed, concurrency)
+def _client(url: str, concurrency: int) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, trust_env=False) as http:
+    return httpx.AsyncClient(base_url=url, timeout=120, limits=limits, trust_env=False)
+
+
+async def submit_load(url: str, master: bytes, *, n: int = 2000, concurrency: int = 64,
+                      peers: int = 16, seed: int = 7,
+                      reqs: list[tuple[dict[str, Any], Any]] | None = None,
+                      client: httpx.AsyncClient | None = None) -> Load:
+    """``n`` signed submits, ``concurrency`` in flight; every answer checked. ``reqs``:
+    prepared requests (else made from ``seed``); ``client``: an open client to reuse."""
+    load = Load(n=n, concurrency=concurrency, peers=peers)
+    reqs = reqs if reqs is not None else _requests(n, seed, concurrency)
+    async with contextlib.AsyncExitStack() as stack:
+        http = client or await stack.enter_async_context(_client(url, concurrency))
         send, recv = trio.open_memory_channel[int](n)
         for i in range(n):
             send.send_nowait(i)
@@ -136,12 +156,18 @@ async def submit_load(url: str, master: bytes, *, n: int = 2000, concurrency: in
             raw = json.dumps(body).encode()
             peer = f"bench-peer-{i % peers}"
             t0 = time.perf_counter()
-            try:
-                r = await http.post("/v1/tasks", content=raw,
-                                    headers=_headers(master, peer, "POST", "/v1/tasks", raw))
-            except httpx.HTTPError as exc:
-                load.errors.append(f"{body['id']}: {type(exc).__name__}: {exc}")
-                return
+            for attempt in range(1 + PROXY_RETRIES):
+                try:
+                    r = await http.post("/v1/tasks", content=raw,
+                                        headers=_headers(master, peer, "POST", "/v1/tasks", raw))
+                except httpx.HTTPError as exc:
+                    load.errors.append(f"{body['id']}: {type(exc).__name__}: {exc}")
+                    return
+                if not (r.status_code == 503 and PROXY_DROP in r.text and attempt < PROXY_RETRIES):
+                    break
+                # wrangler's dev proxy lost the request, not the Worker: send it again (a
+                # new nonce, the same id: submits are idempotent by id)
+                load.proxy_drops += 1
             load.latencies.append(time.perf_counter() - t0)
             load.by_kind[body["kind"]] = load.by_kind.get(body["kind"], 0) + 1
             try:
@@ -149,6 +175,8 @@ async def submit_load(url: str, master: bytes, *, n: int = 2000, concurrency: in
             except ValueError:
                 task = None
             problem = _check(r.status_code, task, body, expected)
+            if problem and task is None:
+                problem += f" {r.text[:300]!r}"
             if problem:
                 load.errors.append(f"{body['id']} ({body['kind']}): {problem}")
                 return
@@ -171,8 +199,8 @@ async def submit_load(url: str, master: bytes, *, n: int = 2000, concurrency: in
 
 
 def _check(status: int, task: Any, body: dict[str, Any], expected: Any) -> str | None:
-    if not isinstance(task, dict):
-        return f"HTTP {status}, not a JSON task"
+    if not isinstance(task, dict) or ("error" in task and "id" not in task):
+        return f"HTTP {status}: {str(task)[:300] if task is not None else 'not JSON'}"
     if task.get("id") != body["id"] or task.get("kind") != body["kind"]:
         return f"HTTP {status}: answer for {task.get('id')!r} ({task.get('kind')!r})"
     if expected is None:
@@ -234,17 +262,62 @@ async def drain(url: str, master: bytes, load: Load, *, peer: str = "bench-pulle
     return problems
 
 
+WARMUP_ROUNDS = 10
+
+
 async def run_against_dev(shards: int, *, n: int, concurrency: int, peers: int,
-                          state_dir: Path, check_drain: bool = False) -> dict[str, Any]:
-    """Start `teammesh bridge dev` with SHARDS=shards in ``state_dir``, warm it up, load it."""
+                          state_dir: Path, check_drain: bool = False,
+                          bridge_dir: Path | None = None) -> dict[str, Any]:
+    """Start `teammesh bridge dev` with SHARDS=shards in ``state_dir``, warm it up, load it.
+
+    Warm-up (compiles the Worker, creates the objects): rounds of 200 submits until one
+    has no error, at most WARMUP_ROUNDS. wrangler dev runs with a private dev registry
+    (:func:`private_registry`)."""
     master = new_bridge_key()
     extra = {**DEV_VARS, "SHARDS": str(shards)}
-    async with open_bridge_dev(default_bridge_dir(), None, master.hex(), state_dir,
-                               extra_vars=extra) as url:
-        # warm-up: the first requests compile the Worker and create the objects
-        await submit_load(url, master, n=min(200, n), concurrency=concurrency, peers=peers, seed=1)
-        load = await submit_load(url, master, n=n, concurrency=concurrency, peers=peers, seed=7)
-        fig = {"bench": "bridge_submit", "shards": shards, **load.figures()}
+    # made before the Worker starts: the measured run begins right after the warm-up, on
+    # the warm-up's connections
+    reqs = _requests(n, 7, concurrency)
+    with private_registry(state_dir / "wrangler-registry"):
+        return await _run(shards, n=n, concurrency=concurrency, peers=peers, master=master,
+                          extra=extra, reqs=reqs, state_dir=state_dir, check_drain=check_drain,
+                          bridge_dir=bridge_dir)
+
+
+@contextlib.contextmanager
+def private_registry(path: Path) -> Iterator[None]:
+    """Every `wrangler dev` on a machine shares one dev registry (~/.config/.wrangler/
+    registry) and reloads its Worker when another one named "teammesh-bridge" starts or
+    stops there: requests in flight then fail with 503 "Your worker restarted
+    mid-request". A private registry (WRANGLER_REGISTRY_PATH) keeps other runs out."""
+    old = os.environ.get("WRANGLER_REGISTRY_PATH")
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["WRANGLER_REGISTRY_PATH"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WRANGLER_REGISTRY_PATH", None)
+        else:
+            os.environ["WRANGLER_REGISTRY_PATH"] = old
+
+
+async def _run(shards: int, *, n: int, concurrency: int, peers: int, master: bytes,
+               extra: dict[str, str], reqs: list[tuple[dict[str, Any], Any]], state_dir: Path,
+               check_drain: bool, bridge_dir: Path | None) -> dict[str, Any]:
+    async with open_bridge_dev(bridge_dir or default_bridge_dir(), None, master.hex(), state_dir,
+                               extra_vars=extra) as url, _client(url, concurrency) as http:
+        warm_errors = 0
+        for r in range(WARMUP_ROUNDS):
+            warm = await submit_load(url, master, n=200, concurrency=concurrency, peers=peers,
+                                     seed=100 + r, client=http)
+            warm_errors += len(warm.errors)
+            if not warm.errors:
+                break
+        load = await submit_load(url, master, n=n, concurrency=concurrency, peers=peers,
+                                 reqs=reqs, client=http)
+        fig = {"bench": "bridge_submit", "shards": shards, **load.figures(),
+               "warmup_errors": warm_errors}
         if load.errors:
             fig["first_errors"] = load.errors[:5]
         if check_drain:
@@ -255,7 +328,6 @@ async def run_against_dev(shards: int, *, n: int, concurrency: int, peers: int,
 def main(argv: list[str]) -> int:
     import argparse
     import functools
-    import os
     import platform
 
     p = argparse.ArgumentParser(prog="scripts/bench bridge")
@@ -264,6 +336,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
     p.add_argument("--peers", type=int, default=16, help="simulated members signing (default 16)")
     p.add_argument("--quick", action="store_true", help="n=500")
+    p.add_argument("--bridge-dir", type=Path, default=None,
+                   help="another checkout's bridge/ (to compare builds)")
     args = p.parse_args(argv)
     n = 500 if args.quick else args.n
     failed = False
@@ -273,7 +347,7 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp:
             fig = trio.run(functools.partial(run_against_dev, shards, n=n,
                                              concurrency=args.concurrency, peers=args.peers,
-                                             state_dir=Path(tmp)))
+                                             state_dir=Path(tmp), bridge_dir=args.bridge_dir))
         print(json.dumps(fig), flush=True)
         print(f"bridge SHARDS={shards}: {fig['submits']} submits, {fig['errors']} errors, "
               f"{fig['req_per_s']} req/s, p50 {fig['p50_ms']} ms, p99 {fig['p99_ms']} ms",
