@@ -135,14 +135,36 @@ def mesh(tmp: Path, n: int, *, slots: list[int] | None = None,
             d.stop()
 
 
+def log_tail(d: Daemon, chars: int = 3000) -> str:
+    """The end of a daemon's log, for failure messages."""
+    if d.log is None or not d.log.exists():
+        return "(no log)"
+    return d.log.read_text(errors="replace")[-chars:]
+
+
 def wait_for_full_mesh(daemons: list[Daemon], timeout: float = 10.0) -> None:
+    """Wait until every daemon lists every other one. A daemon that is not running fails
+    the wait at once, with its log tail: a mesh of the survivors is not the mesh asked for."""
+
+    def check_alive() -> None:
+        for d in daemons:
+            if not d.alive():
+                code = d.proc.returncode if d.proc is not None else "never started"
+                raise AssertionError(f"daemon {d.home.name} is not running (exit {code})"
+                                     f" while waiting for the full mesh; its log ends:\n"
+                                     f"{log_tail(d)}")
+
+    check_alive()
     ids = {d.peer_id for d in daemons}
 
     def full() -> bool:
+        check_alive()
         for d in daemons:
-            if not d.alive():
-                continue
-            seen = {p["peer_id"] for p in d.peers()}
+            try:
+                seen = {p["peer_id"] for p in d.peers()}
+            except AssertionError:
+                check_alive()  # it died during the call: say so, with its log
+                raise
             if seen != ids - {d.peer_id}:
                 return False
         return True

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
+import socket
+import sqlite3
 import stat
 import subprocess
 import time
@@ -14,14 +17,27 @@ import httpx
 import pytest
 import trio
 from libp2p.identity.identify.pb.identify_pb2 import Identify
-from meshtools import CLI, Daemon, init_home, mesh, run_cli, wait_for_full_mesh, wait_until
+from meshtools import (
+    CLI,
+    Daemon,
+    init_home,
+    log_tail,
+    mesh,
+    run_cli,
+    wait_for_full_mesh,
+    wait_until,
+)
+from teammesh.node.core.config import Home
+from teammesh.node.core.journal import Journal
 from teammesh.node.p2p.host import (
+    GOSSIP_HEARTBEAT_S,
     MAX_INBOUND_STREAMS_PER_PEER,
     STREAM_ERRORS,
     DialError,
     MeshHost,
     open_host,
 )
+from teammesh.node.p2p.membership import Membership
 from teammesh.node.p2p.protocol_ids import TASKS
 from teammesh.protocols.bitswap import BITSWAP_PROTOCOLS
 from teammesh.protocols.identity import Identity
@@ -93,6 +109,30 @@ def test_three_nodes_form_a_team_mesh(tmp_path: Path) -> None:
         assert nodes[0].cli("status")["reachability"]["inbound_connections"] >= 1
 
 
+GOSSIP_HISTORY = 5  # node/p2p/host.py open_host: gossip_history (heartbeats in the cache)
+MCACHE_S = GOSSIP_HISTORY * GOSSIP_HEARTBEAT_S
+
+
+def api_get(d: Daemon, path: str) -> object:
+    """One API call in this process (no CLI start-up between reads)."""
+    token = (d.home / "api.token").read_text().strip()
+    r = httpx.get(f"{d.api['url']}{path}", headers={"authorization": f"Bearer {token}"},
+                  timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def received_at(d: Daemon, peer_id: str) -> tuple[float, float]:
+    """When ``d`` says it received ``peer_id``'s ad, on this process's monotonic clock:
+    (earliest, latest), bracketing the read (an entry's age is relative to the read)."""
+    before = time.monotonic()
+    peers = api_get(d, "/v1/peers")
+    after = time.monotonic()
+    assert isinstance(peers, list)
+    entry = next(p for p in peers if p["peer_id"] == peer_id)
+    return before - entry["age_s"], after - entry["age_s"]
+
+
 def test_a_starting_node_learns_the_whole_team_from_its_first_connection(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Periodic ads a minute apart and one outbound connection per node: n2 and n1 both
@@ -106,18 +146,35 @@ def test_a_starting_node_learns_the_whole_team_from_its_first_connection(
         wait_for_full_mesh(nodes, timeout=10)
         home = init_home(tmp_path / "n2")
         run_cli(home, "join", run_cli(nodes[0].home, "team", "invite").stdout.strip())
-        time.sleep(7)
+        # n1's last ad has left every gossip cache once n0 holds it for longer than the
+        # cache's span (plus a heartbeat for the shift): the ad's age, not a fixed sleep
+        n1 = nodes[1].peer_id
+        wait_until(lambda: next(p for p in nodes[0].peers() if p["peer_id"] == n1)["age_s"]
+                   > MCACHE_S + GOSSIP_HEARTBEAT_S, 60, interval=0.5,
+                   what="n1's ad to outlive the gossip cache")
+        n2_started = time.monotonic()
         nodes.append(Daemon(home, ["--slots", "3"]).start())
         wait_for_full_mesh(nodes, timeout=10)
         assert nodes[2].cli("status")["connected_peers"] == 1  # n0 only, as intended
-        # relayed, not re-dated: the entry is as old as n0's copy, not fresh from the sync
-        # (n0's copy is read first: a CLI call can take a second on a loaded machine, and
-        # an entry read later can only look older)
-        n1_in_n0 = next(p for p in nodes[0].peers() if p["peer_id"] == nodes[1].peer_id)
-        n1_in_n2 = next(p for p in nodes[2].peers() if p["peer_id"] == nodes[1].peer_id)
+        n1_in_n2 = next(p for p in nodes[2].peers() if p["peer_id"] == n1)
         assert n1_in_n2["slots"] == 2
-        assert n1_in_n2["age_s"] >= n1_in_n0["age_s"] - 1.0
-        assert n1_in_n2["expires_in_s"] <= n1_in_n0["expires_in_s"] + 1.0
+        assert n1_in_n2["age_s"] + n1_in_n2["expires_in_s"] == pytest.approx(300, abs=0.01)
+        # relayed, not re-dated: n2's copy says it was received when n0 received it, before
+        # n2 was even started (a re-dated copy would be as new as n2's sync with n0). The
+        # brackets come from reads in this process, so slow reads widen them, not the test.
+        _, n2_latest = received_at(nodes[2], n1)
+        n0_earliest, _ = received_at(nodes[0], n1)
+        assert n2_latest < n2_started
+        assert n2_latest >= n0_earliest - 0.01  # ages are rounded to the millisecond
+
+
+def membership(home: Path) -> Membership:
+    """A node's membership state as its journal holds it (read with the node stopped)."""
+    journal = Journal(home / "journal.db")
+    try:
+        return Membership(Home(home), journal, Identity((home / "identity.key").read_bytes()))
+    finally:
+        journal.close()
 
 
 def test_invite_is_one_time_and_expires(tmp_path: Path) -> None:
@@ -129,9 +186,35 @@ def test_invite_is_one_time_and_expires(tmp_path: Path) -> None:
         proc = run_cli(b, "join", invite, check=False)
         assert proc.returncode == 1
         assert "already used" in proc.stderr
+        # Expiry is enforced by the admin, whatever the invite text says: lapse a fresh
+        # invite's record in the admin's journal (as if its hour had passed) and join with
+        # the text unchanged.
+        lapsed = run_cli(admin.home, "team", "invite", "--ttl", "1h").stdout.strip()
+        inv = Invite.decode(lapsed)
+        assert inv.expires > time.time() + 3000
+        db = sqlite3.connect(admin.home / "journal.db", timeout=30)
+        with db:
+            changed = db.execute("UPDATE invites SET expires=? WHERE enroll_peer=?",
+                                 (int(time.time()) - 1, inv.enroll_peer_id)).rowcount
+        db.close()
+        assert changed == 1
+        c = init_home(tmp_path / "c")
+        proc = run_cli(c, "join", lapsed, check=False)
+        assert proc.returncode == 1
+        assert "this invite expired" in proc.stderr
+        assert membership(c).team is None
+        # and the joiner refuses an invite whose own expiry has passed, before dialling
+        stale = dataclasses.replace(Invite.decode(
+            run_cli(admin.home, "team", "invite").stdout.strip()),
+            expires=int(time.time()) - 1).encode()
+        d = init_home(tmp_path / "d")
+        proc = run_cli(d, "join", stale, check=False)
+        assert proc.returncode == 1
+        assert "this invite has expired" in proc.stderr
+        assert "dialing" not in proc.stderr + proc.stdout
     # the admin is gone: a fresh invite cannot be redeemed
-    c = init_home(tmp_path / "c")
-    proc = run_cli(c, "join", invite, check=False)
+    e = init_home(tmp_path / "e")
+    proc = run_cli(e, "join", invite, check=False)
     assert proc.returncode == 1
 
 
@@ -139,12 +222,11 @@ def test_join_fails_clearly_when_admin_is_down(tmp_path: Path) -> None:
     with mesh(tmp_path, 1) as (admin,):
         invite = run_cli(admin.home, "team", "invite").stdout.strip()
     home = init_home(tmp_path / "late")
-    t0 = time.monotonic()
-    proc = run_cli(home, "join", invite, check=False)
+    # no wall-clock bound here (scripts/bench holds timings); run_cli fails on a hang
+    proc = run_cli(home, "join", invite, check=False, timeout=120)
     assert proc.returncode == 1
     assert "no admin reachable" in proc.stderr
     assert "teammesh up" in proc.stderr
-    assert time.monotonic() - t0 < 30
 
 
 def test_stranger_is_refused_everywhere(tmp_path: Path) -> None:
@@ -156,13 +238,17 @@ def test_stranger_is_refused_everywhere(tmp_path: Path) -> None:
         stranger = Daemon(other, ["--bootstrap", nodes[0].addr, "--bootstrap", nodes[1].addr])
         stranger.start()
         try:
-            wait_until(lambda: nodes[0].cli("status")["refused"]["handshakes"] >= 1,
-                       10, what="the stranger to be refused")
-            time.sleep(1)
+            # every member it dialled refused it (a positive event at each, not a pause)
+            for d in nodes:
+                wait_until(lambda d=d: d.cli("status")["refused"]["handshakes"] >= 1,
+                           30, what=f"{d.home.name} to refuse the stranger")
+                assert d.log is not None
+                assert "refused connection from non-member" in d.log.read_text()
             for d in nodes:
                 assert stranger.peer_id not in {p["peer_id"] for p in d.peers()}
+                assert d.cli("status")["connected_peers"] == len(nodes) - 1
             assert stranger.peers() == []
-            assert "refused connection from non-member" in nodes[0].log.read_text()
+            assert stranger.cli("status")["connected_peers"] == 0
         finally:
             stranger.stop()
         wait_for_full_mesh(nodes)
@@ -192,20 +278,32 @@ def test_revocation_spreads(tmp_path: Path) -> None:
                                for d in nodes[:2]), 10, what="revocation to spread")
         members = nodes[1].cli("team", "members")["members"]
         assert any(m["peer_id"] == target_id and m["revoked"] for m in members)
-        # It cannot come back. Restarted, it refuses to start if the revocation reached it
-        # before the others cut it off (a race), or starts and is refused by the team.
+        # every member cuts it off (resets its streams and closes its connections), and
+        # each is left connected to the other member only
+        for d in nodes[:2]:
+            assert d.log is not None
+            wait_until(lambda d=d: f"cut off revoked member {target_id}" in d.log.read_text(),
+                       30, what=f"{d.home.name} to cut the revoked node off")
+        wait_until(lambda: [d.cli("status")["connected_peers"] for d in nodes[:2]] == [1, 1],
+                   30, what="every member to close its connections to the revoked node")
+        wait_until(lambda: not target.alive() or target.cli("status")["connected_peers"] == 0,
+                   30, what="the revoked node to be left with no connection")
+        # It cannot come back. Whether the revocation reached it before the members cut it
+        # off is a race; its journal says which, and so which refusal must follow.
         target.stop()
-        try:
+        knows = membership(target.home).is_revoked(target_id)
+        refused_before = sum(d.cli("status")["refused"]["handshakes"] for d in nodes[:2])
+        if knows:  # it refuses to start
+            with pytest.raises(AssertionError, match="this node was revoked from team"):
+                target.start()
+        else:  # it starts, dials the members, and each dial is refused
             target.start()
-            refused_at_start = ""
-        except AssertionError as exc:
-            refused_at_start = str(exc)
-        if refused_at_start:
-            assert "this node was revoked from team" in refused_at_start
-        else:
-            time.sleep(3)
-            for d in nodes[:2]:
-                assert target_id not in {p["peer_id"] for p in d.peers()}
+            wait_until(lambda: sum(d.cli("status")["refused"]["handshakes"]
+                                   for d in nodes[:2]) > refused_before,
+                       30, what="a member to refuse the revoked node's dial")
+        for d in nodes[:2]:
+            assert target_id not in {p["peer_id"] for p in d.peers()}
+            assert d.cli("status")["connected_peers"] == 1
 
 
 def test_api_requires_token_and_serves_openapi(tmp_path: Path) -> None:
@@ -224,22 +322,38 @@ def test_api_requires_token_and_serves_openapi(tmp_path: Path) -> None:
 
 def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
     with mesh(tmp_path, 1) as (node,):
-        t0 = time.monotonic()
-        assert node.stop() == 0
-        assert time.monotonic() - t0 < 5
+        assert node.stop() == 0  # 0, not the -9 of Daemon.stop's SIGKILL after 10 s
         assert not (node.home / "api.json").exists()
         assert "Traceback" not in node.log.read_text()
 
 
-@pytest.mark.parametrize("n", [1])
-def test_start_to_ready_is_fast(tmp_path: Path, n: int) -> None:
+def test_ready_means_serving(tmp_path: Path) -> None:
+    # api.json is the readiness signal Daemon.start waits on: once it exists, the API and
+    # the libp2p listener answer at once. How fast that is, scripts/bench_footprint
+    # measures (start -> ready); a test asserts no wall-clock bound.
     home = init_home(tmp_path / "h")
     run_cli(home, "team", "create", "t")
-    t0 = time.monotonic()
     d = Daemon(home).start()
-    elapsed = time.monotonic() - t0
-    d.stop()
-    assert elapsed < 5  # generous for a loaded CI box; the benchmark records the real figure
+    try:
+        st = api_get(d, "/v1/status")
+        assert isinstance(st, dict)
+        assert st["peer_id"] == d.peer_id
+        host, port = d.addr.split("/")[2], int(d.addr.split("/")[4])
+        with socket.create_connection((host, port), timeout=10):
+            pass
+    finally:
+        assert d.stop() == 0
+
+
+def test_wait_for_full_mesh_fails_on_a_dead_daemon(tmp_path: Path) -> None:
+    # meshtools must not call a mesh full by skipping a daemon that died
+    with mesh(tmp_path, 2) as nodes:
+        wait_for_full_mesh(nodes, timeout=15)
+        nodes[1].kill9()
+        with pytest.raises(AssertionError, match=r"daemon n1 is not running \(exit -9\)") as info:
+            wait_for_full_mesh(nodes, timeout=15)
+        assert "its log ends:" in str(info.value)
+        assert log_tail(nodes[1], 500) in str(info.value)
 
 
 # --- issue 15.7: outsiders get their one protocol; per-peer stream bounds ---------------
