@@ -41,6 +41,7 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL_ID
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
@@ -170,6 +171,9 @@ class HostStats:
     inbound_connections: int = 0
     penalised: int = 0  # times a peer was benched for misbehaving
     inbound_peers: set[str] = field(default_factory=set)
+    # member -> trio time of the last keepalive ping it sent us (one side of each pair
+    # pings, the other watches these; see node/p2p/mesh.py)
+    pings_from: dict[str, float] = field(default_factory=dict)
     observed: dict[str, set[str]] = field(default_factory=dict)  # our addr -> observers
 
 
@@ -225,6 +229,10 @@ class MeshHost:
 
     def connected_peers(self) -> list[str]:
         return [str(p) for p in self._host.get_connected_peers()]
+
+    def last_ping_from(self, peer_id: str) -> float | None:
+        """When (trio time) ``peer_id`` last sent us a keepalive ping, if ever."""
+        return self.stats.pings_from.get(peer_id)
 
     def is_connected(self, peer_id: str) -> bool:
         return bool(self._host.get_network().get_connections(ID.from_base58(peer_id)))
@@ -522,6 +530,8 @@ def _gate_default_protocols(host: Any, gate: StreamGate, stats: HostStats) -> No
             continue
         if str(proto) == IDENTIFY_PROTOCOL_ID:
             handler = _identify_for_outsiders(host, handler, gate)
+        if str(proto) == PING_PROTOCOL_ID:
+            handler = _tap_pings(handler, stats.pings_from)
         host.set_stream_handler(proto, _gated(str(proto), handler, gate, stats))
 
     def member(peer: Any) -> bool:
@@ -544,6 +554,35 @@ def _gate_default_protocols(host: Any, gate: StreamGate, stats: HostStats) -> No
             logger.debug("identify push failed", exc_info=True)
 
     host._push_identify_to_all_peers = push_to_members
+
+
+class _PingTap:
+    """A ping stream that notes when its peer last sent something (py-libp2p's handler
+    reads it; everything but ``read`` goes to the real stream)."""
+
+    __slots__ = ("_peer", "_raw", "_seen")
+
+    def __init__(self, raw: Any, peer: str, seen: dict[str, float]) -> None:
+        self._raw = raw
+        self._peer = peer
+        self._seen = seen
+
+    async def read(self, n: int | None = None) -> bytes:
+        data: bytes = await self._raw.read(n)
+        if data:
+            self._seen[self._peer] = trio.current_time()
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+def _tap_pings(handler: Any, seen: dict[str, float]) -> Any:
+    async def tapped(raw: Any) -> None:
+        # only members reach this (the gate wraps it), so ``seen`` is bounded by the team
+        await handler(_PingTap(raw, str(raw.muxed_conn.peer_id), seen))
+
+    return tapped
 
 
 def _outsider_protocols(gate: StreamGate, peer: str) -> list[str]:

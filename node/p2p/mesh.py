@@ -64,15 +64,20 @@ TEAM_ADS_PER_S = 0.5
 ADS_SYNC_TIMEOUT_S = 10.0
 ADS_SYNC_MAX = 1024  # ads taken from one sync message (a team's table, with room)
 # Liveness. A closed connection is seen by the next poll; a silent one by the keepalive:
-# a ping every PING_INTERVAL_S on one stream, and a peer whose pong is PING_TIMEOUT_S late
-# is cut off. A member that froze just after a pong is down within
-# PING_INTERVAL_S + PING_TIMEOUT_S = 8 s (the goal is 10 s). The timeout is long enough
-# that a loaded machine's late pong is not taken for death, and when our own event loop
-# was late (we were frozen or starved; see STALL_S) the ping is retried, not held against
-# the peer.
+# of each connected pair, the lower peer id pings every PING_INTERVAL_S on one stream
+# and cuts off a peer whose pong is PING_TIMEOUT_S late; the other cuts off a peer whose
+# pings stop for PING_INTERVAL_S + PING_TIMEOUT_S. A member that froze just after a ping
+# is down within 8 s (+ one LIVENESS_POLL_S; the goal is 10 s). Each ping costs both
+# nodes about what a gossip message does, so the interval is as long as the goal allows
+# (a ping every 1.5 s from both sides took an idle daemon of a 20-node mesh from 0.5 % to
+# 2.6 % CPU). The timeout is long enough that a loaded machine's late pong is not taken
+# for death; gossip the peer forwarded us meanwhile counts as an answer (a starved node
+# is slow, a frozen one says nothing at all); and when our own event loop was late (we
+# were frozen or starved; see STALL_S) the silence is not held against the peer.
 LIVENESS_POLL_S = 0.5
-PING_INTERVAL_S = 1.5
-PING_TIMEOUT_S = 6.5
+PING_INTERVAL_S = 2.5
+PING_TIMEOUT_S = 6.0
+PASSIVE_GRACE_S = 2 * PING_INTERVAL_S + 1.0
 STALL_S = 2.0
 # A member told it was seen down answers with a fresh ad, sent after DOWN_HOLD_S (an ad
 # received sooner after the notice does not lift it) and at most once per that period.
@@ -188,6 +193,8 @@ class Mesh:
         self.notices_sent = 0
         self.notices_applied = 0
         self._refuting = False
+        # member -> when it last forwarded us gossip: proof of life for the keepalive
+        self._heard: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
 
     def _peers_changed(self) -> None:
@@ -236,6 +243,7 @@ class Mesh:
         if not self.membership.is_member(forwarder):
             self.ads_rejected += 1
             return False
+        self._heard[forwarder] = trio.current_time()
         try:
             ad = self._verify(data)
         except RemoteProtocolError as exc:
@@ -403,9 +411,11 @@ class Mesh:
         except RemoteProtocolError as exc:
             logger.warning("rejected down notice from %s: %s", origin, exc)
             return False
+        if not self.membership.is_member(forwarder):
+            return False
+        self._heard[forwarder] = trio.current_time()
         return (team is not None and notice.team_id == team.team_id
-                and notice.observer == origin and self.membership.is_member(origin)
-                and self.membership.is_member(forwarder))
+                and notice.observer == origin and self.membership.is_member(origin))
 
     def on_notice(self, host: MeshHost, data: bytes) -> None:
         try:
@@ -462,12 +472,55 @@ class Mesh:
             self._connected = connected
 
     async def _keepalive(self, host: MeshHost, peer: str) -> None:
-        """Ping ``peer`` on one long-lived stream while we are connected to it; cut it off
-        when it stops answering (see PING_TIMEOUT_S)."""
+        """Watch ``peer`` while we are connected to it; cut it off when it goes silent.
+
+        One side of each pair pings (the lower peer id), the other watches the pings
+        arrive: half the frames of both pinging (each costs a node about as much CPU as
+        a gossip message). A peer that has not pinged us PASSIVE_GRACE_S after we
+        connected (a node from before session 7, or one that froze at once) is pinged."""
+        start = trio.current_time()
+        if self.identity.peer_id > peer:
+            # Wake when the peer's silence would reach the limit, not on every poll: with
+            # a dozen connections, polling each twice a second cost more than the pings.
+            while peer in self._connected:
+                now = trio.current_time()
+                heard = host.last_ping_from(peer)
+                if heard is not None:
+                    heard = max(heard, self._heard.get(peer, heard))
+                if heard is None or heard < start:
+                    if now - start > PASSIVE_GRACE_S:
+                        break  # it does not ping us: ping it
+                    wake = start + PASSIVE_GRACE_S
+                else:
+                    if self.table.is_down(peer):
+                        self._set_up(peer)
+                    silent = now - heard
+                    if silent > PING_INTERVAL_S + PING_TIMEOUT_S:
+                        if not self._stalled():
+                            await self._silent(host, peer, silent)
+                            return
+                        start = now  # we were the late one: count again from now
+                        host.stats.pings_from.pop(peer, None)
+                        wake = now + PASSIVE_GRACE_S
+                    else:
+                        wake = heard + PING_INTERVAL_S + PING_TIMEOUT_S
+                await trio.sleep(max(LIVENESS_POLL_S, wake - now + 0.01))
+            else:
+                self._pinging.discard(peer)
+                return
+        await self._ping_loop(host, peer)
+
+    async def _silent(self, host: MeshHost, peer: str, silent: float) -> None:
+        self.keepalive_timeouts += 1
+        self._set_down(peer, f"no answer to keepalive for {silent:.1f} s")
+        with trio.move_on_after(2):
+            await host.disconnect(peer)
+
+    async def _ping_loop(self, host: MeshHost, peer: str) -> None:
         stream: Stream | None = None
         last_heard = trio.current_time()
         try:
-            while host.is_connected(peer):
+            while peer in self._connected:
                 payload = os.urandom(PING_BYTES)
                 try:
                     with trio.fail_after(PING_TIMEOUT_S):
@@ -488,19 +541,19 @@ class Mesh:
                     if stream is not None:
                         await stream.reset()
                         stream = None
-                    silent = trio.current_time() - last_heard
                     if not host.is_connected(peer):
                         return
-                    if self._stalled():
-                        last_heard = trio.current_time()
-                        continue
-                    if isinstance(exc, trio.TooSlowError) or silent > PING_TIMEOUT_S:
-                        self.keepalive_timeouts += 1
-                        self._set_down(peer, f"no answer to keepalive for {silent:.1f} s")
-                        with trio.move_on_after(2):
-                            await host.disconnect(peer)
+                    now = trio.current_time()
+                    if self._stalled():  # we were the late one: count again from now
+                        last_heard = now
+                    # gossip it forwarded meanwhile: slow, not gone
+                    last_heard = max(last_heard, self._heard.get(peer, last_heard))
+                    silent = now - last_heard
+                    if silent >= PING_TIMEOUT_S:
+                        await self._silent(host, peer, silent)
                         return
-                    logger.debug("keepalive ping to %s failed: %s", peer, exc)
+                    logger.debug("keepalive ping to %s failed (%s); heard from it %.1f s"
+                                 " ago", peer, type(exc).__name__, silent)
                 await trio.sleep(PING_INTERVAL_S)
         finally:
             self._pinging.discard(peer)
