@@ -116,30 +116,40 @@ async def test_revoked_member_is_cut_off_by_non_admin_members(team: Team) -> Non
     seed = (team.member_home / "identity.key").read_bytes()
     member_id = Identity(seed).peer_id
     async with member_host(seed) as host:
-        await host.connect(n1.addr)
+        # connected to every member, with a task session open on each
+        for d in team.nodes:
+            await host.connect(d.addr)
         await push_ad(host, n1.peer_id, member_ad(team.member_home, team_id))
         await trio.to_thread.run_sync(lambda: wait_until(
             lambda: member_id in peer_ids(n1), 10, what="n1 to list the member"))
-        # long-lived streams a member may hold: a task session and a Bitswap session
-        held = [await host.open_stream(n1.peer_id, TASKS),
-                await host.open_stream(n1.peer_id, BITSWAP_120)]
+        members = {d.peer_id for d in team.nodes}
+        assert members <= set(host.connected_peers())
+        # long-lived streams a member may hold: a task session on each member, and a
+        # Bitswap session on n1
+        held = [await host.open_stream(d.peer_id, TASKS) for d in team.nodes]
+        held.append(await host.open_stream(n1.peer_id, BITSWAP_120))
 
         await trio.to_thread.run_sync(lambda: admin.cli("team", "revoke", member_id))
 
         with trio.fail_after(CUT_OFF_BOUND_S):
             for stream in held:
                 assert await ended(stream)
+        # every member closed its connection to it (this side closes none of them)
+        for _ in range(int(CUT_OFF_BOUND_S / 0.1)):  # bounded: count and time
+            if not members & set(host.connected_peers()):
+                break
+            await trio.sleep(0.1)
+        assert not members & set(host.connected_peers()), "members still connected to it"
         # no way back in: a new dial is refused at the handshake, and if a connection
         # survived somehow, a new stream on it is refused too
         with trio.fail_after(CUT_OFF_BOUND_S):
             assert await refused(host, n1.addr, n1.peer_id)
     wait_until(lambda: member_id not in peer_ids(n1), 10, what="n1 to drop the member's ad")
-    log = n1.log.read_text() if n1.log else ""
-    assert f"cut off revoked member {member_id}" in log
-    assert "Traceback" not in log
     for d in team.nodes:
+        log = d.log.read_text() if d.log else ""
+        assert f"cut off revoked member {member_id}" in log, d.home.name
+        assert "Traceback" not in log
         assert d.alive()
-
 
 
 def kv(home: Path, key: str) -> bytes | None:
