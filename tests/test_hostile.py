@@ -136,6 +136,29 @@ def status(d: Daemon) -> dict:
 # --- 1. strangers ---------------------------------------------------------------------------
 
 
+HANG_UP_BOUND_S = 15.0  # the daemon hangs up on EOF at once; this only bounds a hang
+
+
+def assert_hangs_up(port: int, payload: bytes) -> None:
+    """Send ``payload`` and EOF to 127.0.0.1:``port``: the other side must close the
+    connection (EOF or reset) within HANG_UP_BOUND_S. It may hang up at any point; what it
+    must not do is keep the socket open (a timeout here is the failure this looks for)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_UP_BOUND_S) as s:
+        try:
+            if payload:
+                s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            for _ in range(1000):  # bounded: a peer that streams bytes forever fails too
+                if not s.recv(65536):
+                    return
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+            return  # hung up on us: what we want
+        except TimeoutError:
+            pytest.fail(f"the daemon kept the connection open {HANG_UP_BOUND_S:g} s after"
+                        f" {payload[:24]!r} and EOF")
+    pytest.fail(f"the daemon kept sending after {payload[:24]!r} and EOF")
+
+
 def test_stranger_raw_tcp_garbage_is_refused(team: Team) -> None:
     target = team.nodes[0]
     port = tcp_port(target)
@@ -149,18 +172,7 @@ def test_stranger_raw_tcp_garbage_is_refused(team: Team) -> None:
         b"\xff" * 64,  # an endless varint
     ]
     for payload in payloads:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            # The daemon may hang up at any point; what it must not do is keep the socket
-            # open for long or die.
-            try:
-                if payload:
-                    s.sendall(payload)
-                s.shutdown(socket.SHUT_WR)
-                for _ in range(1000):
-                    if not s.recv(65536):
-                        break
-            except (ConnectionResetError, BrokenPipeError, OSError):
-                pass
+        assert_hangs_up(port, payload)
     # half-open connections that never speak must not block members
     idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
     try:
