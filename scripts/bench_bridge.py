@@ -16,8 +16,9 @@ Every answer is checked: portable runs against the Python kind's result, cache h
 against the first answer, queued tasks by state and kind. Errors are any other status, a
 wrong answer or a transport failure. A 503 from wrangler's dev proxy itself ("Your worker
 restarted mid-request", a known wrangler dev fault under load, not an answer of the
-Worker) is sent again, same id, up to PROXY_RETRIES times, and counted apart
-(``proxy_drops_retried``); the latency then includes the retry. :func:`drain` leases the queued tasks back and posts
+Worker), or a connection it closes without an answer, is sent again, same id, up to
+PROXY_RETRIES times, and counted apart (``proxy_503_retried``, ``proxy_resets_retried``);
+the latency then includes the retry. :func:`drain` leases the queued tasks back and posts
 their results, checking inputs and params on the way (tests/test_bridge_load.py).
 
 Figures: submits/s over the whole run, and p50/p99 of one submit's latency.
@@ -69,6 +70,7 @@ class Load:
     cached: int = 0
     repeats: int = 0
     proxy_drops: int = 0
+    proxy_resets: int = 0
     # queued task id -> (kind, input bytes, params)
     queued: dict[str, tuple[str, bytes, dict[str, Any]]] = field(default_factory=dict)
 
@@ -81,7 +83,8 @@ class Load:
             "req_per_s": round(self.n / self.wall_s, 1) if self.wall_s else 0.0,
             "p50_ms": round(pct(0.50), 2), "p99_ms": round(pct(0.99), 2),
             "mean_ms": round(statistics.fmean(lat) * 1000, 2) if lat else 0.0,
-            "proxy_drops_retried": self.proxy_drops, "repeats": self.repeats, "cache_hits": self.cached, "queued": len(self.queued), "by_kind": self.by_kind,
+            "proxy_503_retried": self.proxy_drops, "proxy_resets_retried": self.proxy_resets,
+            "repeats": self.repeats, "cache_hits": self.cached, "queued": len(self.queued), "by_kind": self.by_kind,
         }
 
 
@@ -157,13 +160,21 @@ async def submit_load(url: str, master: bytes, *, n: int = 2000, concurrency: in
             peer = f"bench-peer-{i % peers}"
             t0 = time.perf_counter()
             for attempt in range(1 + PROXY_RETRIES):
+                last = attempt == PROXY_RETRIES
                 try:
                     r = await http.post("/v1/tasks", content=raw,
                                         headers=_headers(master, peer, "POST", "/v1/tasks", raw))
+                except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                    # the dev proxy dropped the connection without an answer
+                    if last:
+                        load.errors.append(f"{body['id']}: {type(exc).__name__}: {exc}")
+                        return
+                    load.proxy_resets += 1
+                    continue
                 except httpx.HTTPError as exc:
                     load.errors.append(f"{body['id']}: {type(exc).__name__}: {exc}")
                     return
-                if not (r.status_code == 503 and PROXY_DROP in r.text and attempt < PROXY_RETRIES):
+                if last or not (r.status_code == 503 and PROXY_DROP in r.text):
                     break
                 # wrangler's dev proxy lost the request, not the Worker: send it again (a
                 # new nonce, the same id: submits are idempotent by id)
@@ -287,9 +298,9 @@ async def run_against_dev(shards: int, *, n: int, concurrency: int, peers: int,
 @contextlib.contextmanager
 def private_registry(path: Path) -> Iterator[None]:
     """Every `wrangler dev` on a machine shares one dev registry (~/.config/.wrangler/
-    registry) and reloads its Worker when another one named "teammesh-bridge" starts or
-    stops there: requests in flight then fail with 503 "Your worker restarted
-    mid-request". A private registry (WRANGLER_REGISTRY_PATH) keeps other runs out."""
+    registry), where each registers and at exit unregisters its Worker by name: concurrent
+    runs of "teammesh-bridge" (tests, other benches) would add and remove each other's
+    entry. A private registry (WRANGLER_REGISTRY_PATH) keeps this run to itself."""
     old = os.environ.get("WRANGLER_REGISTRY_PATH")
     path.mkdir(parents=True, exist_ok=True)
     os.environ["WRANGLER_REGISTRY_PATH"] = str(path)
