@@ -211,7 +211,8 @@ async def run_daemon(home: Home, config: Config, options: UpOptions,
     from teammesh.node.tasks.service import TaskService
 
     node = Node(home, config, options)
-    node.files = FilesService(node)
+    node.files = FilesService(config, home.path, is_member=node.membership.is_member,
+                              admit_peer=node.membership.bitswap_peers.add)
     node.tasks = TaskService(node, node.files)
     key_hex = config.get("bridge", "key")
     key = bytes.fromhex(key_hex) if key_hex else node.membership.bridge_key

@@ -587,6 +587,7 @@ class _Want:
     cid: bytes
     created: float
     asked: set[str] = field(default_factory=set)
+    first_asked: float | None = None  # give_up_s counts from here, not from queueing
     refused: dict[str, str] = field(default_factory=dict)  # peer -> why, this round
     history: dict[str, str] = field(default_factory=dict)  # peer -> last refusal, for errors
     not_before: float = 0.0
@@ -621,6 +622,12 @@ class WantManager:
         # blocks each peer sent us since we last wrote to it: cancelled in the next
         # message we send it anyway, never in a message of their own
         self._acks: dict[str, list[bytes]] = {}
+        # when each peer last sent us a block or a presence: a peer still sending is not
+        # timed out on the wants it has yet to reach (a window is served in order)
+        self._heard: dict[str, float] = {}
+        # the last poll set every pending want aside (their peers' windows are full):
+        # nothing to do until a block, a refusal or a new want changes that
+        self._stuck = False
 
     @property
     def done(self) -> bool:
@@ -640,6 +647,7 @@ class WantManager:
             return False
         self._wants[mh] = _Want(cid, now)
         self._pending.append(mh)
+        self._stuck = False
         return True
 
     def _refillable(self, peer: str) -> bool:
@@ -647,13 +655,12 @@ class WantManager:
 
     def next_deadline(self, now: float) -> float:
         """When ``poll`` next has work (``now`` if it has some already)."""
-        if (self._pending and len(self._outstanding) < self.max_in_flight
+        if (self._pending and len(self._outstanding) < self.max_in_flight and not self._stuck
                 and any(self._refillable(p) for p in self.peers)):
             return now
         if self._cancels:
             return now
-        oldest = next(iter(self._outstanding.values()), None)
-        times = [] if oldest is None else [oldest + self.want_timeout_s]
+        times = [self._expiry(mh_peer[1], sent) for mh_peer, sent in self._outstanding.items()]
         times += [self._wants[m].not_before for m in self._parked if m in self._wants]
         return min(times, default=now + self.give_up_s)
 
@@ -661,9 +668,8 @@ class WantManager:
         """Expire timed-out wants, hand pending wants to peers, emit the messages."""
         effects: list[Effect] = []
         for (mh, peer), sent in list(self._outstanding.items()):
-            if now - sent < self.want_timeout_s:
-                break  # insertion order is send order
-            self._drop_outstanding(mh, peer, "timed out", front=True)
+            if now >= self._expiry(peer, sent):
+                self._drop_outstanding(mh, peer, "timed out", front=True)
         ready = [m for m in self._parked if m in self._wants and self._wants[m].not_before <= now]
         if ready:
             self._parked = [m for m in self._parked if m in self._wants and m not in ready]
@@ -687,7 +693,7 @@ class WantManager:
                 continue
             peers = [p for p in peers if p in open_peers]
             if not peers:
-                if now - w.created >= self.give_up_s:
+                if now - (w.created if w.first_asked is None else w.first_asked) >= self.give_up_s:
                     del self._wants[mh]
                     why = "; ".join(f"{p}: {r}" for p, r in w.history.items())
                     effects.append(Failed(w.cid, why or "no peer answered"))
@@ -698,11 +704,15 @@ class WantManager:
                 continue
             peer = min(peers, key=lambda p: self._load[p])
             w.asked.add(peer)
+            if w.first_asked is None:
+                w.first_asked = now
             self._outstanding[(mh, peer)] = now
             self._load[peer] += 1
             entries.setdefault(peer, []).append(
                 Entry(w.cid, priority=1, want_type=WantType.BLOCK, send_dont_have=True))
         self._pending.extendleft(reversed(held))
+        self._stuck = bool(held) and not any(
+            not e.cancel for es in entries.values() for e in es)
         for peer, cids in self._cancels.items():
             entries.setdefault(peer, []).extend(Entry(c, cancel=True) for c in cids)
         self._cancels.clear()
@@ -714,12 +724,16 @@ class WantManager:
         return effects
 
     def receive(self, peer: str, blocks: Iterable[tuple[bytes, bytes]],
-                presences: Iterable[Presence] = ()) -> list[Effect]:
+                presences: Iterable[Presence] = (), now: float | None = None) -> list[Effect]:
         """Take verified ``(cid, data)`` blocks and presences from ``peer``.
 
         Blocks we do not want are ignored (the caller decides whether they were bad).
+        ``now``, when given, records that ``peer`` is alive: its outstanding wants time
+        out ``want_timeout_s`` after the later of their sending and its last message.
         """
         effects: list[Effect] = []
+        if now is not None:
+            self._heard[peer] = now
         for cid, data in blocks:
             mh = multihash_of(cid)
             w = self._wants.pop(mh, None)
@@ -759,9 +773,13 @@ class WantManager:
             if (mh, peer) in self._outstanding:
                 self._drop_outstanding(mh, peer, "unreachable", front=True)
 
+    def _expiry(self, peer: str, sent: float) -> float:
+        return max(sent, self._heard.get(peer, sent)) + self.want_timeout_s
+
     def _forget(self, mh: bytes, peer: str) -> None:
         if self._outstanding.pop((mh, peer), None) is not None:
             self._load[peer] -= 1
+            self._stuck = False  # a window has room again
 
     def _drop_outstanding(self, mh: bytes, peer: str, why: str, *, front: bool) -> None:
         self._forget(mh, peer)

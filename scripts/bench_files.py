@@ -25,6 +25,14 @@ Every output is checked by sha256 against the input.
 
 CLI: ``python scripts/bench_files.py [--size-mib 256] [--runs 3]`` prints one JSON object
 per figure on stdout and a table on stderr.
+
+``--from-helia`` (issue 17, files from any peer; default 100 MiB) measures instead a fetch
+from an outside IPFS peer: Helia A adds the file with Kubo's layout (256 KiB raw leaves,
+174 links), then per run ``teammesh get CID --from <A's multiaddr>`` (a process, no daemon:
+the CLI's own host) and, as the baseline in the same run, a fresh Helia B that connects to
+A and cats the file. ``teammesh_from_helia_fetch_mib_per_s`` is the fetch alone as the CLI
+reports it (``seconds``: Bitswap into a throwaway store + the output file written as
+blocks arrive); ``teammesh_from_helia_cli_mib_per_s`` the whole process, start-up included.
 """
 
 from __future__ import annotations
@@ -473,6 +481,82 @@ def bench_files(size_mib: int, runs: int, emit: Callable[[Figure], None]) -> lis
     return figs
 
 
+def bench_from_helia(size_mib: int, runs: int, emit: Callable[[Figure], None]) -> list[Figure]:
+    """``teammesh get --from`` a Helia node against Helia B from Helia A, interleaved."""
+    if runs < 1 or size_mib < 1:
+        raise ValueError("size_mib and runs must be >= 1")
+    if not (HELIA_DIR / "node_modules" / "@helia" / "utils").is_dir() or not shutil.which("node"):
+        raise RuntimeError("Helia is not installed: run scripts/setup-helia (needs node/npm)")
+    t_start = time.monotonic()
+    load_start = os.getloadavg()
+    size = size_mib * MiB
+    timeout = 60.0 + size_mib
+    tmp = Path(tempfile.mkdtemp(prefix="teammesh-bench-from-helia-"))
+    series: dict[str, list[float]] = {k: [] for k in ("tm", "tm_cli", "helia", "helia_inner")}
+    try:
+        src = tmp / "data.bin"
+        _write_random(src, size)
+        sha = _sha256_file(src)
+        home = tmp / "home"  # never initialised: --from needs no node
+        with helia_peer(tmp / "helia-a.log") as ha:
+            cid = ha.call("add", timeout, path=str(src), kubo=True)["cid"]
+            log(f"{size_mib} MiB added to Helia A as {cid} (Kubo layout)")
+            for i in range(runs):
+                load = os.getloadavg()[0]
+                out = tmp / "tm.out"
+                t0 = time.perf_counter()
+                got = run_cli(home, "get", cid, "--from", ha.addr, "-o", str(out), "--json",
+                              timeout=timeout)
+                series["tm_cli"].append(time.perf_counter() - t0)
+                result = json.loads(got.stdout)
+                series["tm"].append(float(result["seconds"]))
+                _check_output(out, size, sha, "teammesh get --from")
+                out = tmp / "helia.out"
+                with helia_peer(tmp / f"helia-b{i}.log") as hb:
+                    hb.call("connect", 30, addr=ha.addr)
+                    t0 = time.perf_counter()
+                    r = hb.call("cat", timeout, cid=cid, out=str(out),
+                                timeout_ms=int(timeout * 1000))
+                    series["helia"].append(time.perf_counter() - t0)
+                    series["helia_inner"].append(r["ms"] / 1000)
+                _check_output(out, size, sha, "Helia cat")
+                mib = size / MiB
+                log(f"run {i + 1}: teammesh get --from {mib / series['tm'][-1]:.1f}"
+                    f" (process {mib / series['tm_cli'][-1]:.1f}),"
+                    f" Helia -> Helia {mib / series['helia'][-1]:.1f} MiB/s (load {load:.2f})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    mib = float(size_mib)
+    speeds = {k: [mib / s for s in v] for k, v in series.items()}
+    common = {"size_mib": size_mib, "chunks": "256 KiB raw leaves, 174 links (Kubo)"}
+    figs: list[Figure] = [
+        _fig("teammesh_from_helia_fetch_mib_per_s", speeds["tm"], "MiB/s", **common,
+             target=">= 60", note="`teammesh get --from` Helia A: the fetch as the CLI"
+                                  " reports it (Bitswap + output file)"),
+        _fig("teammesh_from_helia_cli_mib_per_s", speeds["tm_cli"], "MiB/s", **common,
+             note="wall time of the `teammesh get CID --from ADDR` process"),
+        _fig("helia_from_helia_mib_per_s", speeds["helia"], "MiB/s", **common,
+             note="a fresh Helia B connects to A and cats to a file (timed from `cat`)",
+             versions=helia_versions()),
+        _fig("helia_from_helia_inner_mib_per_s", speeds["helia_inner"], "MiB/s", **common,
+             note="the same cats, timed inside Helia"),
+    ]
+    ratio = _ratio("from_helia_ratio_vs_helia", speeds["tm"], speeds["helia"],
+                   target=">= 1.0")
+    ratio["met"] = ratio["value"] >= 1.0
+    figs.append(ratio)
+    figs[0]["met"] = figs[0]["value"] >= 60
+    figs.append({"figure": "machine",
+                 "value": f"{platform.machine()} {platform.python_version()}"
+                          f" cpus={os.cpu_count()}",
+                 "node": _node_version(), "loadavg_start": [round(x, 2) for x in load_start],
+                 "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                 "elapsed_s": round(time.monotonic() - t_start, 1)})
+    for f in figs:
+        emit(f)
+    return figs
+
+
 def _node_version() -> str:
     try:
         return subprocess.run(["node", "--version"], capture_output=True, text=True,
@@ -483,9 +567,19 @@ def _node_version() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--size-mib", type=int, default=None,
+                    help="file size (default 256; 100 with --from-helia)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--from-helia", action="store_true",
+                    help="teammesh get --from a Helia node vs Helia from Helia")
     a = ap.parse_args()
+    if a.from_helia:
+        size = a.size_mib or 100
+        figs = bench_from_helia(size, a.runs,
+                                emit=lambda f: print(json.dumps(f), flush=True))
+        print_table(figs, f"files from Helia: {size} MiB, {a.runs} runs, {os.cpu_count()} cpus")
+        return 0
+    a.size_mib = a.size_mib or 256
     figs = bench_files(a.size_mib, a.runs, emit=lambda f: print(json.dumps(f), flush=True))
     print_table(figs, f"files: {a.size_mib} MiB, {a.runs} runs, {os.cpu_count()} cpus")
     return 0

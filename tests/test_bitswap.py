@@ -332,6 +332,71 @@ def test_want_manager_moves_wants_on_dont_have_timeout_and_bad_block() -> None:
     assert cancel.cid == c1
 
 
+def test_wants_waiting_for_a_full_window_do_not_spin_the_fetch() -> None:
+    """b has refused every pending want and a's window is full: nothing can be sent
+    until a block or a refusal arrives, so the next deadline is not 'now' (a fetch loop
+    polled at once, over and over, and never read its inbox)."""
+    m = bs.WantManager(["a", "b"], max_in_flight=8, refill_below=1, want_timeout_s=5.0)
+    cids, _ = store_of(*[bytes([i]) for i in range(12)])
+    for c in cids:
+        m.want(c, 0.0)
+    first = sends(m.poll(0.0))
+    for e in first["b"]:
+        m.receive("b", [], [bs.Presence(e.cid, bs.PresenceType.DONT_HAVE)], now=0.1)
+    for t in (0.2, 0.3):  # b is asked for the rest, and refuses them too
+        for e in sends(m.poll(t)).get("b", []):
+            m.receive("b", [], [bs.Presence(e.cid, bs.PresenceType.DONT_HAVE)], now=t)
+    assert m.poll(0.4) == []
+    assert m.next_deadline(0.4) > 0.4
+    # a block from a: one more look (a's window is still over refill_below), then quiet
+    m.receive("a", [(first["a"][0].cid, b"")], now=0.5)
+    assert m.next_deadline(0.5) == 0.5
+    assert m.poll(0.5) == []
+    assert m.next_deadline(0.5) > 0.5
+
+
+def test_a_peer_still_sending_is_not_timed_out() -> None:
+    """A window of wants is served in order: the last of 100 may wait longer than
+    want_timeout_s behind the others while the peer sends steadily. Only a silent peer's
+    wants time out."""
+    m = bs.WantManager(["a", "b"], max_in_flight=4, refill_below=3, want_timeout_s=5.0)
+    cids, _ = store_of(*[bytes([i]) for i in range(6)])
+    for c in cids:
+        m.want(c, 0.0)
+    out = sends(m.poll(0.0))
+    at_a = [e.cid for e in out["a"]]
+    at_b = [e.cid for e in out["b"]]
+    m.receive("a", [(at_a[0], b"")], now=4.0)  # a is heard from at 4 s, b never
+    resent = sends(m.poll(6.0))
+    assert set(at_b) <= {e.cid for e in resent["a"] if not e.cancel}  # b's went to a
+    assert at_a[1] not in [e.cid for es in resent.values() for e in es]  # a's stayed
+    assert m.next_deadline(6.0) == 9.0  # 5 s after a was last heard from
+
+
+def test_give_up_counts_from_the_first_asking_not_the_queueing() -> None:
+    m = bs.WantManager(["a"], max_in_flight=1, refill_below=0, want_timeout_s=100.0,
+                       give_up_s=8.0)
+    (c1, c2), _ = store_of(b"1", b"2")
+    m.want(c1, 0.0)
+    m.want(c2, 0.0)  # waits behind c1 for 25 s
+    assert [e.cid for e in sends(m.poll(0.0))["a"]] == [c1]
+    m.receive("a", [(c1, b"1")], now=25.0)
+    assert [e.cid for e in sends(m.poll(25.0))["a"] if not e.cancel] == [c2]
+    m.receive("a", [], [bs.Presence(c2, bs.PresenceType.DONT_HAVE)], now=26.0)
+    assert not [e for e in m.poll(26.0) if isinstance(e, bs.Failed)]  # 1 s, not 26 s
+    failed: list[bs.Failed] = []
+    for t in range(27, 40):  # a keeps saying no: given up 8 s after the first asking
+        for e in m.poll(float(t)):
+            if isinstance(e, bs.Failed):
+                failed.append(e)
+            else:
+                m.receive("a", [], [bs.Presence(c2, bs.PresenceType.DONT_HAVE)], now=t)
+        if failed:
+            assert t >= 25 + 8  # not 8 s after the queueing
+            break
+    assert [f.cid for f in failed] == [c2]
+
+
 def test_want_manager_gives_up_with_reasons() -> None:
     m = bs.WantManager(["a"], give_up_s=2.0, retry_backoff_s=0.5)
     (c1,), _ = store_of(b"x")

@@ -255,7 +255,8 @@ async def in_process_node(home: Path, bootstrap: list[str]) -> AsyncIterator[Any
     h = Home(home)
     node = Node(h, load_config(h), UpOptions(listen=[LOOPBACK], bootstrap=bootstrap,
                                               api="127.0.0.1:0"))
-    node.files = FilesService(node)
+    node.files = FilesService(node.config, h.path, is_member=node.membership.is_member,
+                              admit_peer=node.membership.bitswap_peers.add)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         try:

@@ -706,18 +706,49 @@ def share(ctx: Ctx, file: Path, mirror: bool, as_json: bool) -> None:
 @click.argument("cid")
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
               help="Where to write the file (default: ./CID).")
+@click.option("--from", "providers", multiple=True, metavar="MULTIADDR",
+              help="Fetch from this IPFS peer outside the team (Helia, Kubo...): its"
+                   " multiaddr ending in /p2p/<peer id>. Repeatable. Only the peers named"
+                   " are dialed; runs in this process, no node needed.")
 @json_option
 @pass_ctx
-def get(ctx: Ctx, cid: str, output: Path | None, as_json: bool) -> None:
-    """Fetch CID (local store, team peers, external IPFS, R2 mirror) to a file."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
+def get(ctx: Ctx, cid: str, output: Path | None, providers: tuple[str, ...],
+        as_json: bool) -> None:
+    """Fetch CID to a file: through this node (local store, team peers, files.providers,
+    external IPFS, R2 mirror), or with --from straight from outside IPFS peers."""
     dest = (output or Path(cid)).resolve()
     quiet = as_json or ctx.as_json
+    if providers:
+        result = _get_from_providers(cid, dest, list(providers), quiet, ctx)
+    else:
+        try:
+            client = ctx.client()
+        except TeammeshError as exc:
+            # no node running: the configured providers can still be asked directly
+            from teammesh.node.core.config import load_config
+
+            configured = list(load_config(ctx.home).get("files", "providers"))
+            if not configured:
+                raise TeammeshError(f"{exc}; or fetch straight from an IPFS peer outside"
+                                    " the team: teammesh get CID --from /ip4/.../tcp/.../p2p/"
+                                    "<peer id> (or list it in files.providers)") from None
+            result = _get_from_providers(cid, dest, configured, quiet, ctx)
+        else:
+            result = _get_through_node(client, cid, dest, quiet)
+    emit(ctx, as_json, result, lambda: click.echo(
+        f"{result['path']} ({result['size']} bytes, from {result['source']})"))
+
+
+def _progress(quiet: bool) -> Any:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    return Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    console=_stderr_console(), transient=True, disable=quiet)
+
+
+def _get_through_node(client: Any, cid: str, dest: Path, quiet: bool) -> dict[str, Any]:
     result: dict[str, Any] | None = None
-    with ctx.client() as c, Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                     console=_stderr_console(), transient=True,
-                                     disable=quiet) as progress:
+    with client as c, _progress(quiet) as progress:
         bar = progress.add_task("fetch", total=None)
         for line in c.stream_lines("POST", "/v1/files/get",
                                    json={"cid": cid, "dest": str(dest)}):
@@ -729,8 +760,25 @@ def get(ctx: Ctx, cid: str, output: Path | None, as_json: bool) -> None:
                 result = line["done"]
     if result is None:
         raise TeammeshError("the node ended the transfer without a result")
-    emit(ctx, as_json, result, lambda: click.echo(
-        f"{result['path']} ({result['size']} bytes, from {result['source']})"))
+    return result
+
+
+def _get_from_providers(cid: str, dest: Path, providers: list[str], quiet: bool,
+                        ctx: Ctx) -> dict[str, Any]:
+    import trio
+    from teammesh.node.core.config import load_config
+    from teammesh.node.files.service import fetch_from_providers
+
+    config = load_config(ctx.home)
+    with _progress(quiet) as progress:
+        bar = progress.add_task("fetch", total=None)
+
+        def tick(done: int, total: int) -> None:  # from the exporter thread
+            progress.update(bar, completed=done, total=total or None)
+
+        result: dict[str, Any] = trio.run(fetch_from_providers, config, cid, dest,
+                                          providers, tick)
+    return result
 
 
 @cli.group()

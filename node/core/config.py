@@ -147,6 +147,13 @@ def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
+def _is_provider_list(v: Any) -> bool:
+    """files.providers: multiaddrs that name their peer (…/p2p/<peer id>)."""
+    return _is_str_list(v) and all(
+        x.startswith("/") and "/p2p/" in x and x.rpartition("/p2p/")[2].strip("/") != ""
+        and "/" not in x.rpartition("/p2p/")[2] for x in v)
+
+
 def _is_str(v: Any) -> bool:
     return isinstance(v, str)
 
@@ -229,6 +236,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Check, str]]] = {
         "serve": ("members", lambda v: v in ("members", "public"),
                   '"members" (default) or "public"'),
         "allow_peers": ([], _is_str_list, "a list of outside peer ids allowed to fetch blocks"),
+        "providers": ([], _is_provider_list,
+                      "a list of outside Bitswap peers to fetch from, each a multiaddr ending"
+                      ' in /p2p/<peer id>, e.g. ["/ip4/192.0.2.7/tcp/4001/p2p/12D3KooW..."]'),
     },
     "ipfs": {
         "api": ("", _is_str, 'a Kubo RPC multiaddr, e.g. "/ip4/127.0.0.1/tcp/5001"'),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,11 @@ _SEND_ERRORS: tuple[type[BaseException], ...] = (DialError, trio.TooSlowError, *
 
 class BlockNotFound(StorageError):
     """No peer gave us a block within the fetch's give-up time."""
+
+
+class BadBlockFrom(StorageError):
+    """A peer the fetch does not trust to retry with (an outside provider) sent a block
+    that matches no CID we asked for; nothing it sent unverified was kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +124,14 @@ class _Outbox:
 class _Session:
     manager: bs.WantManager
     inbox: trio.MemorySendChannel[_Event]
+    # Seconds this fetch spent inside put_block, which may block (the store's writer
+    # waits when its queue is full) and with it everything on this thread, reading
+    # included. The want manager's clock leaves them out: a peer whose blocks sat
+    # unread meanwhile was not silent, and must not be timed out for it.
+    stalled_s: float = 0.0
+
+    def now(self) -> float:
+        return trio.current_time() - self.stalled_s
 
 
 class BitswapService:
@@ -127,8 +140,12 @@ class BitswapService:
 
     def __init__(self, host: MeshHost, blockstore_get: Callable[[Cid], bytes | None],
                  blockstore_put: Callable[[Cid, bytes], None],
-                 config: BitswapConfig | None = None) -> None:
+                 config: BitswapConfig | None = None,
+                 may_serve: Callable[[str], bool] | None = None) -> None:
         self._host = host
+        # who may have its wantlists answered (None: whoever the host's gates admit); a
+        # provider admitted only so that it can send us blocks is not served
+        self._may_serve = may_serve
         self._get = blockstore_get
         self._put = blockstore_put
         self.config = config or BitswapConfig()
@@ -177,7 +194,8 @@ class BitswapService:
 
     async def _on_message(self, peer: str, msg: bs.Message) -> None:
         self.stats.messages_in += 1
-        if msg.has_wantlist and self.config.serve:
+        if msg.has_wantlist and self.config.serve and (
+                self._may_serve is None or self._may_serve(peer)):
             # A wantlist may name 65,536 blocks: answer it a slice at a time, so one
             # message holds at most SERVE_SLICE_WANTS blocks in memory (the outbox then
             # waits on the peer), not every block it names.
@@ -367,7 +385,8 @@ class BitswapService:
     async def fetch(self, root: Cid, peers: list[str],
                     put_block: Callable[[Cid, bytes], None],
                     progress: Callable[[int, int], None] | None = None,
-                    *, max_bytes: int | None = None) -> None:
+                    *, max_bytes: int | None = None,
+                    strict: Collection[str] = ()) -> None:
         """Fetch the whole DAG under ``root`` from ``peers``.
 
         Args:
@@ -377,8 +396,12 @@ class BitswapService:
             progress: called as ``progress(blocks, bytes)`` after each block.
             max_bytes: refuse a file whose root claims more than this many bytes, and
                 stop if the blocks add up to more than the root claims (None: no limit).
+            strict: peers whose first bad block ends the fetch (``BadBlockFrom``) instead
+                of moving their wants elsewhere: outside providers, which a fetch has no
+                reason to keep asking once they lied.
 
         Raises:
+            BadBlockFrom: a peer in ``strict`` sent a block matching no CID we asked for.
             BlockNotFound: a block was refused by every peer (or timed out) for
                 ``config.give_up_s``.
             StorageError: a verified block is not valid dag-pb / uses an unknown codec,
@@ -393,7 +416,8 @@ class BitswapService:
         session = _Session(manager, send)
         self._sessions.add(session)
         try:
-            await self._fetch_loop(session, root, recv, put_block, progress, max_bytes)
+            await self._fetch_loop(session, root, recv, put_block, progress, max_bytes,
+                                   frozenset(strict))
         except BaseExceptionGroup as group:
             # the loop raises inside its nursery; hand a lone error of ours back as itself
             if len(group.exceptions) == 1 and isinstance(group.exceptions[0], StorageError):
@@ -409,7 +433,7 @@ class BitswapService:
                           recv: trio.MemoryReceiveChannel[_Event],
                           put_block: Callable[[Cid, bytes], None],
                           progress: Callable[[int, int], None] | None,
-                          max_bytes: int | None) -> None:
+                          max_bytes: int | None, strict: frozenset[str]) -> None:
         cfg = self.config
         manager = session.manager
         blocks = nbytes = 0
@@ -419,8 +443,7 @@ class BitswapService:
         async with recv, trio.open_nursery() as nursery:
             self._want(session, root.to_bytes())
             for _ in range(FETCH_MAX_EVENTS):
-                now = trio.current_time()
-                for eff in manager.poll(now):
+                for eff in manager.poll(session.now()):
                     if isinstance(eff, bs.Failed):
                         raise BlockNotFound(
                             f"no peer sent block {Cid.from_bytes(eff.cid)} of {root}"
@@ -430,14 +453,31 @@ class BitswapService:
                 if manager.done:
                     break
                 event: _Event | None = None
-                with trio.move_on_at(manager.next_deadline(trio.current_time())):
-                    event = await recv.receive()
+                deadline = manager.next_deadline(session.now())
+                if deadline <= session.now():
+                    # work is due now, but what has arrived comes first (an expired
+                    # deadline would cancel receive() before it looked at the inbox)
+                    try:
+                        event = recv.receive_nowait()
+                    except trio.WouldBlock:
+                        await trio.lowlevel.checkpoint()
+                else:
+                    with trio.move_on_at(deadline + session.stalled_s):
+                        event = await recv.receive()
                 if isinstance(event, _BadBlock):
+                    if event.peer in strict:
+                        raise BadBlockFrom(
+                            f"peer {event.peer} sent a block that matches no CID asked for"
+                            f" while fetching {root}: the fetch stopped and the block was"
+                            " dropped (blocks are checked against their CID before they are"
+                            " stored). Fetch it from another provider")
                     manager.bad_block(event.peer)
                     continue
                 if event is None:
                     continue
-                for eff in manager.receive(event.peer, event.blocks, event.presences):
+                heard = event.blocks or event.presences  # not a failed send's wake-up
+                for eff in manager.receive(event.peer, event.blocks, event.presences,
+                                           now=session.now() if heard else None):
                     if not isinstance(eff, bs.Received):
                         continue
                     cid = Cid.from_bytes(eff.cid)
@@ -451,7 +491,13 @@ class BitswapService:
                             f" root claims (at most {budget} with dag-pb nodes); the DAG is"
                             " malformed or hostile")
                     self._got(session, eff.cid, eff.data, nursery)
+                    t0 = trio.current_time()
                     put_block(cid, eff.data)
+                    if (held := trio.current_time() - t0) > 0:
+                        session.stalled_s += held
+                        if held > 1.0:
+                            logger.info("storing a block held the fetch of %s for %.1f s",
+                                        root, held)
                     received.add(mh)
                     blocks += 1
                     for child in links_of(cid, eff.data):
@@ -472,7 +518,7 @@ class BitswapService:
         return claim + claim // FETCH_OVERHEAD_DIVISOR + FETCH_SLACK_BYTES
 
     def _want(self, session: _Session, cid: bytes) -> None:
-        if session.manager.want(cid, trio.current_time()):
+        if session.manager.want(cid, session.now()):
             self._wanted.setdefault(bs.multihash_of(cid), set()).add(session)
 
     def _unwant(self, session: _Session, mh: bytes) -> None:

@@ -40,7 +40,6 @@ from teammesh.storage.unixfs import (
 )
 
 if TYPE_CHECKING:
-    from teammesh.node.daemon import Node
     from teammesh.node.p2p.host import MeshHost
 
 logger = logging.getLogger("teammesh.files")
@@ -52,8 +51,49 @@ EXPORT_FRESH_BLOCKS = 128  # blocks a get keeps in memory for its exporter (~32 
 MATERIALISE_MAX_BYTES = 64 * 1024 * 1024  # a file joined in the daemon's memory for a task
 
 
+PROVIDER_DIAL_S = 10.0  # one outside provider's dial (TCP, Noise, yamux)
+
+
 class NotFound(StorageError):
     pass
+
+
+class ProviderRefused(StorageError):
+    """A provider address that names no peer id, or no outside peer may be asked."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Provider:
+    """An outside Bitswap peer named by the user: its full multiaddr and its peer id."""
+
+    addr: str
+    peer_id: str
+
+
+def parse_provider(text: str) -> Provider:
+    """``/ip4/…/tcp/…/p2p/<peer id>`` as a Provider; the peer id is required, because
+    Noise then proves that the blocks come from the peer the user named."""
+    addr = text.strip()
+    head, sep, peer_id = addr.rpartition("/p2p/")
+    if not sep or not head.startswith("/") or not peer_id or "/" in peer_id:
+        raise ProviderRefused(
+            f"{text[:120]!r} is not a provider address: give the peer's full multiaddr"
+            " ending in /p2p/<peer id>, e.g. /ip4/192.0.2.7/tcp/4001/p2p/12D3KooW…"
+            " (Helia and Kubo print theirs; the peer id proves who sends the blocks)")
+    return Provider(addr, peer_id)
+
+
+def _providers(cfg: Any) -> list[Provider]:
+    """``files.providers``, read only if config knows it."""
+    try:
+        values = cfg.get("files", "providers")
+    except KeyError:
+        return []
+    return [parse_provider(v) for v in values]
+
+
+def _nobody(peer: str) -> bool:
+    return False
 
 
 def _max_file_bytes(cfg: Any) -> int:
@@ -107,15 +147,33 @@ class _BlockWriter:
 
 
 class FilesService:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        cfg = node.config
+    """The files of one node.
+
+    Args:
+        config: the node's configuration (sections ``files``, ``ipfs``, ``r2``).
+        home: the directory holding the block store, the mirror queue and temporary files.
+        is_member: whether a peer is a team member (members are asked for blocks and
+            served; outsiders only as ``files.allow_peers``/``files.serve`` say).
+        admit_peer: lets an outside provider's connection and Bitswap streams through
+            the host's gates (its blocks reach us on a stream it opens); None when the
+            gates already admit whoever this service may dial.
+    """
+
+    def __init__(self, config: Any, home: Path, *, is_member: Callable[[str], bool] = _nobody,
+                 admit_peer: Callable[[str], None] | None = None) -> None:
+        cfg = config
+        self.home = Path(home)
+        self.is_member = is_member
+        self.admit_peer = admit_peer
         limit_mb = int(cfg.get("files", "limit_mb"))
-        self.store = FsBlockstore(node.home.path / "store",
+        self.store = FsBlockstore(self.home / "store",
                                   limit_bytes=limit_mb * 1024 * 1024 if limit_mb else None)
         self.fetch_order = [s for s in cfg.get("files", "fetch_order") if s in FETCH_SOURCES]
         self.max_file_bytes = _max_file_bytes(cfg)
-        self.queue = MirrorQueue(node.home.path / "mirror-queue.db")
+        self.providers = _providers(cfg)
+        self.allow_peers = frozenset(cfg.get("files", "allow_peers"))
+        self.serve_public = cfg.get("files", "serve") == "public"
+        self.queue = MirrorQueue(self.home / "mirror-queue.db")
         self.mirror: Any = None
         endpoint = cfg.get("r2", "endpoint")
         if endpoint:
@@ -127,6 +185,7 @@ class FilesService:
                                    region=cfg.get("r2", "region"), prefix=cfg.get("r2", "prefix"))
         self._bucket_ready = False
         self.kubo_api = cfg.get("ipfs", "api")
+        self.bitswap_config: Any = None  # BitswapConfig; None: its defaults
         self.kubo: Any = None
         self.bitswap: Any = None
         self.host: MeshHost | None = None
@@ -136,6 +195,12 @@ class FilesService:
         self.mirror_state = "not configured" if self.mirror is None else "unknown"
         self.stats = {"shared": 0, "fetched_local": 0, "fetched_peers": 0, "fetched_ipfs": 0,
                       "fetched_r2": 0, "mirrored": 0, "mirror_failures": 0}
+
+    def may_serve(self, peer: str) -> bool:
+        """Whether ``peer``'s wantlists are answered: members, and outsiders as
+        ``files.serve``/``files.allow_peers`` say (a provider we fetch from is not served
+        for that alone)."""
+        return self.serve_public or peer in self.allow_peers or self.is_member(peer)
 
     # --- store helpers (threads) --------------------------------------------------------
     def get_block(self, cid: Cid) -> bytes | None:
@@ -183,9 +248,15 @@ class FilesService:
         return out
 
     async def get(self, text: str, dest: Path, progress: Progress | None = None,
-                  peers: list[str] | None = None) -> dict[str, Any]:
-        """Fetch ``text`` (a CID) into ``dest``, trying each source in order."""
+                  peers: list[str] | None = None,
+                  providers: list[str] | None = None) -> dict[str, Any]:
+        """Fetch ``text`` (a CID) into ``dest``, trying each source in order.
+
+        ``providers`` are outside Bitswap peers (multiaddrs with /p2p/) asked with the
+        team and ``files.providers`` at the "peers" step, for this call only.
+        """
         root = parse_cid(text)
+        extra = [parse_provider(p) for p in providers or []]
         dest = dest.expanduser().resolve()
         if dest.is_dir():
             dest = dest / str(root)
@@ -197,7 +268,7 @@ class FilesService:
                         errors.append("local: not in this node's store")
                         continue
                 elif source == "peers":
-                    size = await self._fetch_and_export(root, peers, dest, progress)
+                    size = await self._fetch_and_export(root, peers, dest, progress, extra)
                     self.stats["fetched_peers"] += 1
                     return {**self._done(root, dest, source), "size": size}
                 elif source == "ipfs":
@@ -231,7 +302,8 @@ class FilesService:
                 "size": dest.stat().st_size}
 
     async def _fetch_and_export(self, root: Cid, peers: list[str] | None, dest: Path,
-                                progress: Progress | None) -> int:
+                                progress: Progress | None,
+                                providers: list[Provider] | None = None) -> int:
         """Fetch over Bitswap and write ``dest`` at the same time.
 
         The exporter (a thread) walks the file in order while Bitswap brings blocks in
@@ -283,7 +355,8 @@ class FilesService:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(export)
             try:
-                await self._fetch_from_peers(root, peers, None, put_block=put_block)
+                await self._fetch_from_peers(root, peers, None, put_block=put_block,
+                                             providers=providers)
             except TeammeshError as exc:
                 fetch_error = exc  # raised below, not from the nursery (an ExceptionGroup)
             finally:
@@ -299,17 +372,31 @@ class FilesService:
     async def _fetch_from_peers(self, root: Cid, peers: list[str] | None,
                                 progress: Progress | None,
                                 put_block: Callable[[Cid, bytes], None] | None = None,
-                                max_bytes: int | None = None) -> None:
+                                max_bytes: int | None = None,
+                                providers: list[Provider] | None = None) -> None:
         """Fetch ``root`` over Bitswap into the store and pin it; a file claiming more than
-        ``max_bytes`` (default ``max_file_bytes``) is refused at its root block."""
+        ``max_bytes`` (default ``max_file_bytes``) is refused at its root block.
+
+        Asked: ``peers``, the connected team members, and the outside providers
+        (``files.providers`` and ``providers``), which are dialed here and nowhere else.
+        """
         if self.bitswap is None or self.host is None:
             raise StorageError("bitswap is not running")
         candidates = list(peers or [])
         for p in self.host.connected_peers():
-            if p not in candidates and self.node.membership.is_member(p):
+            if p not in candidates and self.is_member(p):
                 candidates.append(p)
+        outside, dial_errors = await self._dial_providers([*self.providers, *(providers or [])])
+        candidates += [p for p in outside if p not in candidates]
         if not candidates:
-            raise StorageError("no team peer is connected")
+            if dial_errors:
+                raise StorageError("no team peer is connected and no provider could be"
+                                   " reached: " + "; ".join(dial_errors))
+            raise StorageError(
+                "no team peer is connected and no provider is set: to fetch from an IPFS"
+                " peer outside the team, give its address (`teammesh get CID --from"
+                " /ip4/…/tcp/…/p2p/<peer id>`) or list it in files.providers")
+        strict = [p for p in outside if not self.is_member(p)]
         # blocks written inside a writing() session are safe from a concurrent gc until
         # the pin that follows protects them
         with self.store.writing():
@@ -320,7 +407,8 @@ class FilesService:
                 try:
                     await self.bitswap.fetch(
                         root, candidates, writer.put,
-                        max_bytes=self.max_file_bytes if max_bytes is None else max_bytes)
+                        max_bytes=self.max_file_bytes if max_bytes is None else max_bytes,
+                        strict=strict)
                 except TeammeshError as exc:
                     fetch_error = exc  # raised below as itself, not in an ExceptionGroup
                 finally:
@@ -329,6 +417,36 @@ class FilesService:
                 raise fetch_error
             writer.check()
             await trio.to_thread.run_sync(self.store.pin, root)
+
+    async def _dial_providers(self, providers: list[Provider]) -> tuple[list[str], list[str]]:
+        """Connect to each provider not yet connected (in parallel, PROVIDER_DIAL_S each):
+        (the peer ids reached, what went wrong with the others)."""
+        assert self.host is not None
+        host = self.host
+        reached: list[str] = []
+        errors: list[str] = []
+
+        async def dial(p: Provider) -> None:
+            if self.admit_peer is not None:
+                self.admit_peer(p.peer_id)
+            if not host.is_connected(p.peer_id):
+                try:
+                    with trio.fail_after(PROVIDER_DIAL_S):
+                        await host.connect(p.addr)
+                except trio.TooSlowError:
+                    errors.append(f"{p.addr}: no answer within {PROVIDER_DIAL_S:g} s")
+                    return
+                except TeammeshError as exc:
+                    errors.append(f"{p.addr}: {exc}")
+                    return
+            if p.peer_id not in reached:
+                reached.append(p.peer_id)
+
+        unique = list({p.peer_id: p for p in providers}.values())
+        async with trio.open_nursery() as nursery:
+            for p in unique:
+                nursery.start_soon(dial, p)
+        return reached, errors
 
     async def _fetch_from_mirror(self, root: Cid, dest: Path, progress: Progress | None,
                                  max_bytes: int | None = None) -> None:
@@ -362,7 +480,7 @@ class FilesService:
         except StorageError:
             if self.mirror is None:
                 raise
-            with tempfile.TemporaryDirectory(dir=self.node.home.path) as tmp:
+            with tempfile.TemporaryDirectory(dir=self.home) as tmp:
                 await self._fetch_from_mirror(root, Path(tmp) / "f", None, max_bytes)
 
     async def fetch_to_path(self, cid_text: str, dest: Path, peers: list[str],
@@ -442,7 +560,7 @@ class FilesService:
     async def store_output(self, data: bytes) -> dict[str, Any]:
         """Keep a large output as a file; the result carries its CID instead."""
         def add() -> tuple[Cid, int]:
-            with tempfile.NamedTemporaryFile(dir=self.node.home.path) as f:
+            with tempfile.NamedTemporaryFile(dir=self.home) as f:
                 f.write(data)
                 f.flush()
                 return self.store.add_file(Path(f.name))
@@ -460,13 +578,27 @@ class FilesService:
             out.append({"cid": str(root), "size": size})
         return out
 
-    async def pin(self, text: str) -> dict[str, Any]:
+    async def pin(self, text: str, max_bytes: int | None = None) -> dict[str, Any]:
+        """Keep file ``text`` in the store, fetching it from peers first if needed.
+
+        Args:
+            text: the file's CID.
+            max_bytes: refuse a file that claims more (checked at its root block, before
+                any other block is fetched); ``files.max_file_mb`` when None, and never
+                more than that.
+
+        Raises:
+            FileTooLarge: the file claims more than the limit.
+            StorageError: not a CID, or no peer has it.
+        """
         root = parse_cid(text)
+        limit = self.max_file_bytes if max_bytes is None else min(max_bytes,
+                                                                  self.max_file_bytes)
         if not await trio.to_thread.run_sync(self.has_file, root):
-            await self._fetch_from_peers(root, None, None)
+            await self._fetch_from_peers(root, None, None, max_bytes=limit)
         size = await trio.to_thread.run_sync(self.store.file_size, root)
-        if size > self.max_file_bytes:
-            raise over_limit(root, size, self.max_file_bytes)
+        if size > limit:
+            raise over_limit(root, size, limit)
         await trio.to_thread.run_sync(self.store.pin, root)
         return {"cid": str(root), "pinned": True}
 
@@ -493,7 +625,9 @@ class FilesService:
         async with trio.open_nursery() as nursery:
             from teammesh.node.files.bitswap import BitswapService
 
-            self.bitswap = BitswapService(host, self.get_block, self.put_block)
+            self.bitswap = BitswapService(host, self.get_block, self.put_block,
+                                          config=self.bitswap_config,
+                                          may_serve=self.may_serve)
             await nursery.start(self.bitswap.run)
             if self.mirror is not None:
                 nursery.start_soon(self._mirror_loop)
@@ -556,3 +690,67 @@ class FilesService:
             copy = Path(tmp) / "file"
             self.store.export(item.cid, copy)
             self.mirror.upload_file(item.cid, copy)
+
+
+async def fetch_from_providers(config: Any, text: str, dest: Path, providers: list[str],
+                               progress: Progress | None = None) -> dict[str, Any]:
+    """Fetch file ``text`` from outside Bitswap peers, in this process; no node needed.
+
+    What ``teammesh get --from`` runs. The peers are the ones named and nobody else: the
+    host dials only their addresses, its gates admit only their peer ids (Noise proves
+    them) and only on Bitswap, and it serves no one. It has a throwaway identity, so
+    the node's peer id is not shown to outsiders, and a throwaway block store next to
+    ``dest``: each block is checked against its CID before it is kept, the file is
+    written to ``dest`` as it arrives, and the blocks go when it is done. A file that
+    claims more than ``files.max_file_mb`` is refused at its root block.
+
+    Raises:
+        ProviderRefused: no provider, or one without a /p2p/ peer id.
+        FileTooLarge: the file claims more than ``files.max_file_mb``.
+        BadBlockFrom: a provider sent a block that matches no CID asked for.
+        StorageError: not a CID, no provider could be reached, or none has the file.
+    """
+    import os
+
+    from teammesh.node.files.bitswap import BitswapConfig
+    from teammesh.node.p2p.host import open_host
+    from teammesh.protocols.bitswap import BITSWAP_PROTOCOLS
+
+    named = [parse_provider(p) for p in providers]
+    if not named:
+        raise ProviderRefused("no provider given: name one with --from /ip4/…/tcp/…/p2p/<peer"
+                              " id> or list them in files.providers")
+    root = parse_cid(text)
+    dest = dest.expanduser().resolve()
+    if dest.is_dir():
+        dest = dest / str(root)
+    allowed = frozenset(p.peer_id for p in named)
+
+    def peer_gate(peer: str) -> bool:
+        return peer in allowed
+
+    def stream_gate(peer: str, protocol: str) -> bool:
+        return peer in allowed and protocol in BITSWAP_PROTOCOLS
+
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".teammesh-get-") as tmp:
+        svc = FilesService(config, Path(tmp))
+        svc.fetch_order = ["peers"]
+        svc.providers = []  # the caller passes the ones to use
+        svc.mirror = None  # nothing of this fetch goes anywhere but ``dest``
+        svc.bitswap_config = BitswapConfig(serve=False)
+        try:
+            async with open_host(os.urandom(32), [], peer_gate=peer_gate,
+                                 stream_gate=stream_gate, gossip=False) as host, \
+                    trio.open_nursery() as nursery:
+                await nursery.start(svc.run, host)
+                try:
+                    t0 = trio.current_time()
+                    result = await svc.get(str(root), dest, progress,
+                                           providers=[p.addr for p in named])
+                    seconds = trio.current_time() - t0
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            svc.queue.close()
+    return {**result, "source": "providers", "providers": [p.addr for p in named],
+            "seconds": round(seconds, 3)}
