@@ -12,7 +12,7 @@ import math
 
 import base58
 import pytest
-from teammesh.protocols import wire
+from teammesh.protocols import tasks, wire
 from teammesh.protocols.envelope import Opened, open_sealed, seal
 from teammesh.protocols.errors import BadSignature, FrameTooLarge, MalformedMessage
 from teammesh.protocols.identity import (
@@ -390,3 +390,70 @@ def test_peer_id_and_key_checks_name_what_is_wrong() -> None:
         verify(me.public, "cap", b"x", me.sign("cap", b"x")[:63])
     verify(me.public, "cap", b"x", me.sign("cap", b"x"))
     assert Identity.generate(bytes(range(32))).peer_id == me.peer_id
+
+
+# --- tasks: every message the executor and submitter exchange, encoded then decoded -----
+def one_frame(data: bytes) -> tasks.TaskMessage:
+    [payload] = wire.FrameDecoder().feed(data)
+    return tasks.decode_frame(payload)
+
+
+def test_task_messages_round_trip_through_their_encoders() -> None:
+    """call/cancel/progress/ack/offer had no test outside node/ (mutmut: "no tests")."""
+    assert one_frame(tasks.progress(["a", "b"], "running")) == tasks.Progress(["a", "b"],
+                                                                            "running")
+    assert one_frame(tasks.ack(["a"])) == tasks.Ack(["a"])
+    assert one_frame(tasks.cancel(["a", "b"])) == tasks.Cancel(["a", "b"])
+    assert one_frame(tasks.offer("c1", K, 3)) == tasks.Offer("c1", K, 3)
+    assert tasks.decode(wire.unpack(tasks.call("c1", K, "1", 5))) == tasks.Call("c1", K, "1", 5)
+    # an executor's offer is clamped to 0..MAX_OFFER_FREE
+    assert one_frame(tasks.offer("c", K, -5)) == tasks.Offer("c", K, 0)
+    assert one_frame(tasks.offer("c", K, 10**6)) == tasks.Offer("c", K, tasks.MAX_OFFER_FREE)
+    assert tasks.decode({"t": "x" * 40, "v": 1}) == tasks.Unknown("x" * 32)
+    with pytest.raises(MalformedMessage, match="needs a type"):
+        tasks.decode({"v": 1})
+
+
+def test_accepted_carries_refusals_and_admission_positions() -> None:
+    msg = one_frame(tasks.accepted(["a", "b"], [("c", "busy", "full"), ("d", "zzz", "new")],
+                                   {"a": 0, "b": 2}))
+    assert msg == tasks.Accepted(
+        ["a", "b"], [tasks.Refusal("c", tasks.RefuseCode.BUSY, "full"),
+                     tasks.Refusal("d", tasks.RefuseCode.OTHER, "new")], {"a": 0, "b": 2})
+    assert one_frame(tasks.accepted(["a"], [])) == tasks.Accepted(["a"], [], None)
+    base = {"t": "accepted", "v": 1, "ids": [], "refused": []}
+    assert tasks.decode(base | {"adm": [["a", 1 << 31]]}).positions == {"a": 1 << 31}  # type: ignore[union-attr]
+    for bad in (["a", -1], ["a", (1 << 31) + 1], ["a", True], ["x" * 65, 1], [1, 1], ["a"]):
+        with pytest.raises(MalformedMessage, match="'adm' must hold"):
+            tasks.decode(base | {"adm": [bad]})
+    for bad_ids in ([1], ["x" * 65]):
+        with pytest.raises(MalformedMessage, match="'ids' must be a list of task ids"):
+            tasks.decode(base | {"ids": bad_ids})
+    assert tasks.decode(base | {"ids": ["x" * 64]}).ids == ["x" * 64]  # type: ignore[union-attr]
+    with pytest.raises(MalformedMessage, match="triples"):
+        tasks.decode(base | {"refused": [["a", "busy"]]})
+
+
+def test_task_spec_round_trip_keeps_every_field() -> None:
+    spec = tasks.TaskSpec("t1", K, "2", b"in", {"n": 1}, 5000, priority=3, input_cid="bafy")
+    [msg] = [one_frame(tasks.assign([spec]))]
+    assert msg == tasks.Assign([spec])
+    plain = tasks.TaskSpec("t2", K, "2", b"", {}, 10)
+    assert "cid" not in plain.to_wire()
+    assert one_frame(tasks.assign([plain])) == tasks.Assign([plain])
+    assert spec.needs_files
+    assert not plain.needs_files
+
+
+def test_params_size_and_batches() -> None:
+    """params_size: `if params or True` (0 for the empty map); chunks: append(None)."""
+    assert tasks.params_size({}) == 0
+    assert tasks.params_size({"a": 1}) == len(wire.pack({"p": {"a": 1}}))
+    items = list(range(10))
+    parts = list(tasks.chunks(items, lambda i: tasks.BATCH_BYTES // 4))
+    assert parts == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    parts = list(tasks.chunks(list(range(tasks.MAX_BATCH + 1)), lambda i: 1))
+    assert [len(p) for p in parts] == [tasks.MAX_BATCH, 1]
+    assert list(tasks.chunks([], lambda i: 1)) == []
+    # one item bigger than a batch still goes, alone
+    assert list(tasks.chunks(["big", "x"], lambda s: tasks.BATCH_BYTES * 2)) == [["big"], ["x"]]
