@@ -197,6 +197,14 @@ def test_a_frozen_member_is_down_after_the_keepalive_and_up_when_it_resumes(
         took = _wait_listed(watchers, frozen, True, "the resumed member to be listed again")
         print(f"SIGCONT: listed again after {took:.2f} s")
         _assert_long_lived(watchers, frozen)
+        # and the keepalive watches the new connections: a second freeze is seen too
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            took = _wait_listed(watchers, frozen, False, "the member frozen again to leave")
+            print(f"SIGSTOP again: gone from both lists after {took:.2f} s")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        _wait_listed(watchers, frozen, True, "the member resumed again to be listed")
 
 
 def test_down_notices_only_lower_what_the_observer_had_heard() -> None:

@@ -67,10 +67,10 @@ ADS_SYNC_MAX = 1024  # ads taken from one sync message (a team's table, with roo
 # of each connected pair, the lower peer id pings every PING_INTERVAL_S on one stream
 # and cuts off a peer whose pong is PING_TIMEOUT_S late; the other cuts off a peer whose
 # pings stop for PING_INTERVAL_S + PING_TIMEOUT_S. A member that froze just after a ping
-# is down within 8 s (+ one LIVENESS_POLL_S; the goal is 10 s). Each ping costs both
-# nodes about what a gossip message does, so the interval is as long as the goal allows
-# (a ping every 1.5 s from both sides took an idle daemon of a 20-node mesh from 0.5 % to
-# 2.6 % CPU). The timeout is long enough that a loaded machine's late pong is not taken
+# is down within 8.5 s (the goal is 10 s). Each ping costs both nodes about what a gossip
+# message does, so the interval is as long as the goal allows (pings every 1.5 s from both
+# sides, and polling each peer twice a second, took an idle daemon of a 20-node mesh from
+# 0.5 % to 1.6-2.6 % CPU on a loaded machine; docs/BENCHMARKS.md). The timeout is long enough that a loaded machine's late pong is not taken
 # for death; gossip the peer forwarded us meanwhile counts as an answer (a starved node
 # is slow, a frozen one says nothing at all); and when our own event loop was late (we
 # were frozen or starved; see STALL_S) the silence is not held against the peer.
@@ -478,37 +478,43 @@ class Mesh:
         arrive: half the frames of both pinging (each costs a node about as much CPU as
         a gossip message). A peer that has not pinged us PASSIVE_GRACE_S after we
         connected (a node from before session 7, or one that froze at once) is pinged."""
+        try:
+            if await self._watch_pings(host, peer):
+                await self._ping_loop(host, peer)
+        finally:
+            self._pinging.discard(peer)
+
+    async def _watch_pings(self, host: MeshHost, peer: str) -> bool:
+        """The passive side: return True if ``peer`` should be pinged instead."""
         start = trio.current_time()
-        if self.identity.peer_id > peer:
-            # Wake when the peer's silence would reach the limit, not on every poll: with
-            # a dozen connections, polling each twice a second cost more than the pings.
-            while peer in self._connected:
-                now = trio.current_time()
-                heard = host.last_ping_from(peer)
-                if heard is not None:
-                    heard = max(heard, self._heard.get(peer, heard))
-                if heard is None or heard < start:
-                    if now - start > PASSIVE_GRACE_S:
-                        break  # it does not ping us: ping it
-                    wake = start + PASSIVE_GRACE_S
-                else:
-                    if self.table.is_down(peer):
-                        self._set_up(peer)
-                    silent = now - heard
-                    if silent > PING_INTERVAL_S + PING_TIMEOUT_S:
-                        if not self._stalled():
-                            await self._silent(host, peer, silent)
-                            return
-                        start = now  # we were the late one: count again from now
-                        host.stats.pings_from.pop(peer, None)
-                        wake = now + PASSIVE_GRACE_S
-                    else:
-                        wake = heard + PING_INTERVAL_S + PING_TIMEOUT_S
-                await trio.sleep(max(LIVENESS_POLL_S, wake - now + 0.01))
+        if self.identity.peer_id < peer:
+            return True
+        # Wake when the peer's silence would reach the limit, not on every poll: with a
+        # dozen connections, polling each twice a second cost more than the pings.
+        while peer in self._connected:
+            now = trio.current_time()
+            heard = host.last_ping_from(peer)
+            if heard is not None:
+                heard = max(heard, self._heard.get(peer, heard))
+            if heard is None or heard < start:
+                if now - start > PASSIVE_GRACE_S:
+                    return True  # it does not ping us: ping it
+                wake = start + PASSIVE_GRACE_S
             else:
-                self._pinging.discard(peer)
-                return
-        await self._ping_loop(host, peer)
+                if self.table.is_down(peer):
+                    self._set_up(peer)
+                silent = now - heard
+                if silent > PING_INTERVAL_S + PING_TIMEOUT_S:
+                    if not self._stalled():
+                        await self._silent(host, peer, silent)
+                        return False
+                    start = now  # we were the late one: count again from now
+                    host.stats.pings_from.pop(peer, None)
+                    wake = now + PASSIVE_GRACE_S
+                else:
+                    wake = heard + PING_INTERVAL_S + PING_TIMEOUT_S
+            await trio.sleep(max(LIVENESS_POLL_S, wake - now + 0.01))
+        return False
 
     async def _silent(self, host: MeshHost, peer: str, silent: float) -> None:
         self.keepalive_timeouts += 1
@@ -556,7 +562,6 @@ class Mesh:
                                  " ago", peer, type(exc).__name__, silent)
                 await trio.sleep(PING_INTERVAL_S)
         finally:
-            self._pinging.discard(peer)
             if stream is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await stream.close()
