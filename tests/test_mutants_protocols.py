@@ -13,13 +13,20 @@ import math
 import base58
 import pytest
 from teammesh.protocols import tasks, wire
+from teammesh.protocols.capability import CapabilityAd, PeerTable
 from teammesh.protocols.envelope import Opened, open_sealed, seal
-from teammesh.protocols.errors import BadSignature, FrameTooLarge, MalformedMessage
+from teammesh.protocols.errors import BadSignature, FrameTooLarge, MalformedMessage, NotAMember
 from teammesh.protocols.identity import (
     Identity,
     peer_id_bytes_from_public,
     public_from_peer_id,
     verify,
+)
+from teammesh.protocols.membership import (
+    ROLE_MEMBER,
+    TeamInfo,
+    issue_certificate,
+    open_own_certificate,
 )
 from teammesh.protocols.scheduler import Scheduler
 from teammesh.protocols.scheduler_model import (
@@ -457,3 +464,70 @@ def test_params_size_and_batches() -> None:
     assert list(tasks.chunks([], lambda i: 1)) == []
     # one item bigger than a batch still goes, alone
     assert list(tasks.chunks(["big", "x"], lambda s: tasks.BATCH_BYTES * 2)) == [["big"], ["x"]]
+
+
+# --- capability: what `teammesh peers --json` shows, and forgetting a peer ----------------
+def ident(n: int) -> Identity:
+    return Identity(bytes([n]) * 32)
+
+
+def cap_ad(who: Identity, team: TeamInfo, seq: int = 1, **kw: object) -> CapabilityAd:
+    fields: dict[str, object] = dict(
+        peer_id=who.peer_id, team_id=team.team_id, addrs=("/ip4/127.0.0.1/tcp/1",), cores=4,
+        slots=2, free_slots=1, memory_bytes=8 << 30, gpus=("gpu0",), kinds={K: "1"},
+        queue=3, cost=1.5, storage=("local",), software="0.1.0", seq=seq, ttl_ms=10_000,
+        cert=b"cert", pull=True, wall_ms=1_000_000)
+    fields.update(kw)
+    return CapabilityAd(**fields)  # type: ignore[arg-type]
+
+
+def test_peer_entry_json_is_what_the_cli_prints() -> None:
+    """PeerEntry.to_json had no pure test (mutmut: "no tests" on every key)."""
+    team = TeamInfo.create("t", ident(10).public)
+    a = ident(11)
+    table = PeerTable()
+    # received 2 s ago by a relay; our wall clock says 1003 s when we hear it
+    assert table.update(cap_ad(a, team), now=100.0, age=2.0, wall=1003.0)
+    entry = table.get(a.peer_id, 100.0)
+    assert entry is not None
+    assert entry.to_json(101.0) == {
+        "peer_id": a.peer_id, "addrs": ["/ip4/127.0.0.1/tcp/1"], "cores": 4, "slots": 2,
+        "free_slots": 1, "memory_bytes": 8 << 30, "gpus": ["gpu0"], "kinds": {K: "1"},
+        "queue": 3, "cost": 1.5, "storage": ["local"], "version": "0.1.0", "seq": 1,
+        "pull": True, "age_s": 3.0, "expires_in_s": 7.0,
+        # the author's clock (1000 s) minus ours when it made the ad (1003 - 2 = 1001 s)
+        "clock_offset_s": -1.0,
+    }
+    b = ident(12)
+    table.update(cap_ad(b, team, wall_ms=None), now=100.0)
+    assert table.entries[b.peer_id].to_json(100.0)["clock_offset_s"] is None
+
+
+def test_removing_a_peer_forgets_its_ad_and_its_down_mark() -> None:
+    team = TeamInfo.create("t", ident(10).public)
+    a = ident(11)
+    table = PeerTable()
+    table.remove(a.peer_id)  # never seen: nothing to do, no error
+    table.update(cap_ad(a, team, seq=5), now=100.0)
+    assert table.mark_down(a.peer_id, 101.0)
+    table.remove(a.peer_id)
+    assert table.entries == {}
+    assert table.down == {}
+    # back at once with any seq: nothing remembers it went down
+    assert table.update(cap_ad(a, team, seq=1), now=101.5)
+    assert [e.ad.peer_id for e in table.live(101.5)] == [a.peer_id]
+
+
+# --- membership ------------------------------------------------------------------------------
+def test_a_node_reads_its_own_lapsed_certificate_but_not_another_teams() -> None:
+    """open_own_certificate: parse_certificate(data, 0) (team dropped) had no pure test."""
+    root = ident(10)
+    team = TeamInfo.create("t", root.public)
+    me = ident(11)
+    cert = issue_certificate(root, team, me.peer_id, (ROLE_MEMBER,), 1000, 100)
+    lapsed = open_own_certificate(cert.packed(), team, 5000)
+    assert (lapsed.peer_id, lapsed.expires) == (me.peer_id, 1100)
+    assert open_own_certificate(cert.packed(), team, 1050).expires == 1100
+    other = TeamInfo.create("u", ident(20).public)
+    with pytest.raises(NotAMember, match="certificate is for team"):
+        open_own_certificate(cert.packed(), other, 5000)
