@@ -8,10 +8,12 @@ docstring.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import base58
 import pytest
+from teammesh.protocols import bitswap as bs
 from teammesh.protocols import tasks, wire
 from teammesh.protocols.capability import CapabilityAd, PeerTable
 from teammesh.protocols.envelope import Opened, open_sealed, seal
@@ -531,3 +533,55 @@ def test_a_node_reads_its_own_lapsed_certificate_but_not_another_teams() -> None
     other = TeamInfo.create("u", ident(20).public)
     with pytest.raises(NotAMember, match="certificate is for team"):
         open_own_certificate(cert.packed(), other, 5000)
+
+
+# --- bitswap: the protobuf on the wire, and the server's ledger ----------------------------
+def test_bitswap_encoding_matches_the_spec_field_numbers() -> None:
+    """Field numbers from bitswap.proto (Bitswap 1.2.0 spec), written out by hand: a wrong
+    number survived before, since our own decoder skips unknown fields."""
+    msg = bs.Message(
+        wantlist=(bs.Entry(b"C", priority=7, cancel=True, want_type=bs.WantType.HAVE,
+                           send_dont_have=True),),
+        full=True, blocks=(b"B",), payload=(bs.Payload(b"P", b"xy"),),
+        presences=(bs.Presence(b"D", bs.PresenceType.DONT_HAVE),
+                   bs.Presence(b"E", bs.PresenceType.HAVE)),
+        pending_bytes=300)
+    entry = bytes.fromhex("0a0143" "1007" "1801" "2001" "2801")  # block, prio, cancel, type, sdh
+    wantlist = b"\x0a" + bytes([len(entry)]) + entry + bytes.fromhex("1001")  # entries, full
+    expected = (b"\x0a" + bytes([len(wantlist)]) + wantlist
+                + bytes.fromhex("120142")                    # blocks = 2
+                + bytes.fromhex("1a07" "0a0150" "12027879")  # payload = 3 {prefix 1, data 2}
+                + bytes.fromhex("2205" "0a0144" "1001")      # presence = 4 {cid 1, type 2}
+                + bytes.fromhex("2203" "0a0145")             # HAVE (0) is the default: omitted
+                + bytes.fromhex("28ac02"))                   # pendingBytes = 5
+    assert bs.encode(msg) == expected
+    assert bs.decode(expected) == msg
+    # an int32 below zero is sign-extended to ten bytes, as protobuf requires
+    assert bs.encode(bs.Message(pending_bytes=-1)) == b"\x28" + b"\xff" * 9 + b"\x01"
+    assert bs.decode(b"\x28" + b"\xff" * 9 + b"\x01").pending_bytes == -1
+
+
+def raw_cid(data: bytes) -> bytes:
+    return b"\x01\x55\x12\x20" + hashlib.sha256(data).digest()
+
+
+def test_want_have_inlines_only_blocks_below_the_limit() -> None:
+    """Server._serve: `len(data) <= limit` instead of `<` (Helia's rule: below the limit)."""
+    small, edge = b"s" * 9, b"e" * 10
+    store = {raw_cid(small): small, raw_cid(edge): edge}
+    server = bs.Server(inline_have_limit=10)
+    want = bs.Message(wantlist=(bs.Entry(raw_cid(small), want_type=bs.WantType.HAVE),
+                                bs.Entry(raw_cid(edge), want_type=bs.WantType.HAVE)))
+    [reply] = server.receive("p", want, store.get)
+    assert [p.data for p in reply.payload] == [small]
+    assert reply.presences == (bs.Presence(raw_cid(edge), bs.PresenceType.HAVE),)
+
+
+def test_a_peer_whose_wants_are_all_cancelled_leaves_no_ledger() -> None:
+    """Server.receive: ledgers.pop(None) kept an empty ledger per peer forever."""
+    server = bs.Server()
+    cid = raw_cid(b"missing")
+    assert server.receive("p", bs.Message(wantlist=(bs.Entry(cid),)), {}.get) == []
+    assert server.wants_of("p") == [cid]
+    server.receive("p", bs.Message(wantlist=(bs.Entry(cid, cancel=True),)), {}.get)
+    assert server.ledgers == {}
