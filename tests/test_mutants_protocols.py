@@ -8,16 +8,24 @@ docstring.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 
 import base58
+import msgpack
 import pytest
 from teammesh.protocols import bitswap as bs
 from teammesh.protocols import tasks, wire
 from teammesh.protocols.capability import CapabilityAd, PeerTable
 from teammesh.protocols.envelope import Opened, open_sealed, seal
-from teammesh.protocols.errors import BadSignature, FrameTooLarge, MalformedMessage, NotAMember
+from teammesh.protocols.errors import (
+    BadSignature,
+    FrameTooLarge,
+    MalformedMessage,
+    NotAMember,
+    ResultRejected,
+)
 from teammesh.protocols.identity import (
     Identity,
     peer_id_bytes_from_public,
@@ -585,3 +593,71 @@ def test_a_peer_whose_wants_are_all_cancelled_leaves_no_ledger() -> None:
     assert server.wants_of("p") == [cid]
     server.receive("p", bs.Message(wantlist=(bs.Entry(cid, cancel=True),)), {}.get)
     assert server.ledgers == {}
+
+
+def test_want_manager_asks_for_blocks_with_dont_have_and_names_refusals() -> None:
+    """poll: the Entry sent (None); receive: the DONT_HAVE reason in Failed (None)."""
+    a = raw_cid(b"a")
+    wm = bs.WantManager(["p"], give_up_s=0.0)
+    wm.want(a, 0.0)
+    assert wm.poll(0.0) == [bs.Send("p", bs.Message(wantlist=(
+        bs.Entry(a, priority=1, want_type=bs.WantType.BLOCK, send_dont_have=True),)))]
+    wm.receive("p", [], [bs.Presence(a, bs.PresenceType.DONT_HAVE)], now=1.0)
+    assert wm.poll(1.0) == [bs.Failed(a, "p: DONT_HAVE")]
+    assert wm.done
+
+
+def test_want_manager_refills_a_peer_once_its_window_drained() -> None:
+    """_forget: `_load[peer] += 1` (a received block must lower the peer's load)."""
+    blocks = [bytes([i]) for i in range(3)]
+    wm = bs.WantManager(["p"], max_in_flight=2, refill_below=0)
+    for b in blocks:
+        wm.want(raw_cid(b), 0.0)
+    [first] = wm.poll(0.0)
+    assert isinstance(first, bs.Send)
+    assert [e.cid for e in first.message.wantlist] == [raw_cid(b) for b in blocks[:2]]
+    wm.receive("p", [(raw_cid(blocks[0]), blocks[0])], now=0.1)
+    wm.receive("p", [(raw_cid(blocks[1]), blocks[1])], now=0.2)
+    sent = [e for e in wm.poll(0.3) if isinstance(e, bs.Send)]
+    wanted = [e.cid for s in sent for e in s.message.wantlist if not e.cancel]
+    assert wanted == [raw_cid(blocks[2])]
+    assert wm.in_flight == 1
+
+
+# --- results: sealed by the executor, opened by the submitter ------------------------------
+def test_sealed_results_open_for_their_submitter_only() -> None:
+    """seal_results/open_results had no pure round trip: a renamed key or type survived."""
+    executor, submitter = ident(11), ident(12)
+    results = [tasks.make_result("t1", True, b"out", None, 1.23456, 0.5),
+               tasks.make_result("t2", False, None, "boom", 2.0, 1.0)]
+    assert results[1].error == "boom"
+    assert results[0].wall_ms == 1.235
+    frame = one_frame(tasks.seal_results(executor, submitter.peer_id, results))
+    assert isinstance(frame, tasks.Results)
+    assert tasks.open_results(frame.sealed, executor.peer_id, submitter.peer_id) == results
+    with pytest.raises(ResultRejected, match="not addressed to us"):
+        tasks.open_results(frame.sealed, executor.peer_id, ident(13).peer_id)
+    with pytest.raises(ResultRejected, match="signed by"):
+        tasks.open_results(frame.sealed, ident(13).peer_id, submitter.peer_id)
+    # a body that is not a result set is refused even when signed and addressed to us
+    other = seal(executor, tasks.DOMAIN_RESULTS, {"t": "other", "v": 1,
+                                                  "submitter": submitter.peer_id})
+    with pytest.raises(ResultRejected, match="not addressed to us"):
+        tasks.open_results(other, executor.peer_id, submitter.peer_id)
+
+
+def test_output_digest_is_sha256_of_the_documented_map() -> None:
+    """Replicas on other versions must agree: the digest's input is fixed by the protocol."""
+    expected = hashlib.sha256(msgpack.packb({"ok": False, "output": [1, "x"], "error": "e"},
+                                            use_bin_type=True)).digest()
+    assert tasks.output_digest(False, [1, "x"], "e") == expected
+
+
+def test_team_id_of_a_fixed_root_key_does_not_change() -> None:
+    """team_id_from_root: digest[:11] instead of [:10] changed every team id and no test
+    saw it. The derivation, written out: "tm" + base32(sha256("teammesh-team:" + root)[:10])."""
+    root = ident(10).public
+    team = TeamInfo.create("t", root)
+    digest = hashlib.sha256(b"teammesh-team:" + root).digest()
+    assert team.team_id == "tm" + base64.b32encode(digest[:10]).decode().lower()
+    assert team.team_id == "tm5lar4gomk3rxjqe6"
