@@ -661,3 +661,28 @@ def test_team_id_of_a_fixed_root_key_does_not_change() -> None:
     digest = hashlib.sha256(b"teammesh-team:" + root).digest()
     assert team.team_id == "tm" + base64.b32encode(digest[:10]).decode().lower()
     assert team.team_id == "tm5lar4gomk3rxjqe6"
+
+
+def test_bitswap_decoder_skips_fixed_width_fields_and_names_bad_wire_types() -> None:
+    """_fields: `pos += 9` for a fixed64; _sub(None, ...) in the message naming the field."""
+    known = bytes.fromhex("28ac02")  # pendingBytes = 300
+    fixed64 = b"\x31" + b"\x00" * 8  # field 6, wire type 1, skipped
+    fixed32 = b"\x3d" + b"\x00" * 4  # field 7, wire type 5, skipped
+    assert bs.decode(fixed64 + known).pending_bytes == 300
+    assert bs.decode(fixed32 + known).pending_bytes == 300
+    with pytest.raises(MalformedMessage, match="runs past the end"):
+        bs.decode(b"\x31" + b"\x00" * 7)
+    # a wantlist entry sent as a varint instead of a message
+    with pytest.raises(MalformedMessage, match="bitswap field 1 has wire type 0, expected 2"):
+        bs.decode(b"\x0a\x02\x08\x01")
+
+
+def test_cid_v0_prefix_is_dag_pb_sha256_32_only() -> None:
+    """Prefix.decode: `length == 32` inverted refused every CIDv0 block."""
+    assert bs.Prefix.decode(bs.V0_PREFIX.encode()) == bs.V0_PREFIX
+    for bad in (bs.Prefix(0, bs.DAG_PB, bs.SHA2_256, 31), bs.Prefix(0, 0x55, bs.SHA2_256, 32),
+                bs.Prefix(0, bs.DAG_PB, bs.SHA2_512, 32)):
+        with pytest.raises(MalformedMessage, match="CIDv0 prefix"):
+            bs.Prefix.decode(bad.encode())
+    data = b"block"
+    assert bs.V0_PREFIX.cid_of(data) == b"\x12\x20" + hashlib.sha256(data).digest()
