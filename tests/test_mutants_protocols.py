@@ -407,6 +407,9 @@ def test_peer_id_and_key_checks_name_what_is_wrong() -> None:
         verify(me.public, "cap", b"x", me.sign("cap", b"x")[:63])
     verify(me.public, "cap", b"x", me.sign("cap", b"x"))
     assert Identity.generate(bytes(range(32))).peer_id == me.peer_id
+    # the seed is what a node writes to its key file: it must be the one given
+    assert me.seed == bytes(range(32))
+    assert Identity(me.seed).public == me.public
 
 
 # --- tasks: every message the executor and submitter exchange, encoded then decoded -----
