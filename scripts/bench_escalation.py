@@ -127,7 +127,7 @@ def local_worker(tmp: Path, key_hex: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     with open(tmp / "wrangler.log", "ab") as log:
         proc = subprocess.Popen(wrangler_command(work, port, tmp / "bridge-state"), cwd=work,
-                                env=wrangler_env(), stdin=subprocess.DEVNULL, stdout=log,
+                                env=wrangler_env(tmp / "bridge-state"), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def up() -> bool:

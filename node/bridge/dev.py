@@ -65,8 +65,13 @@ def free_port() -> int:
         return port
 
 
-def wrangler_env() -> dict[str, str]:
+def wrangler_env(persist_dir: Path | None = None) -> dict[str, str]:
+    """The environment for ``wrangler dev``. With ``persist_dir``, the run gets its own dev
+    registry: every ``wrangler dev`` on a machine otherwise shares one under the Worker's
+    name, and concurrent runs unregister each other's Durable Objects."""
     env = dict(os.environ)
+    if persist_dir is not None:
+        env["WRANGLER_REGISTRY_PATH"] = str(Path(persist_dir) / "registry")
     env.update({
         "WRANGLER_SEND_METRICS": "false",
         "CLOUDFLARE_CF_FETCH_ENABLED": "false",
@@ -176,7 +181,7 @@ async def open_bridge_dev(bridge_dir: str | Path, port: int | None, key_hex: str
     try:
         proc = await trio.lowlevel.open_process(
             wrangler_command(run_dir, port, persist_dir, extra_vars), cwd=str(run_dir),
-            env=wrangler_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=wrangler_env(Path(persist_dir)), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     finally:
