@@ -17,7 +17,7 @@ import msgpack
 import pytest
 from teammesh.protocols import bitswap as bs
 from teammesh.protocols import tasks, wire
-from teammesh.protocols.capability import CapabilityAd, PeerTable
+from teammesh.protocols.capability import CapabilityAd, DownNotice, PeerTable, open_down
 from teammesh.protocols.envelope import Opened, open_sealed, seal
 from teammesh.protocols.errors import (
     BadSignature,
@@ -33,9 +33,12 @@ from teammesh.protocols.identity import (
     verify,
 )
 from teammesh.protocols.membership import (
+    ROLE_ADMIN,
     ROLE_MEMBER,
+    Roster,
     TeamInfo,
     issue_certificate,
+    issue_revocation,
     open_own_certificate,
 )
 from teammesh.protocols.scheduler import Scheduler
@@ -689,3 +692,84 @@ def test_cid_v0_prefix_is_dag_pb_sha256_32_only() -> None:
             bs.Prefix.decode(bad.encode())
     data = b"block"
     assert bs.V0_PREFIX.cid_of(data) == b"\x12\x20" + hashlib.sha256(data).digest()
+
+
+def test_revocations_by_an_admin_count_while_the_admin_certificate_holds() -> None:
+    """Roster.merge: add_revocation(r, None) (the admin chain is checked at ``now``)."""
+    root = ident(10)
+    team = TeamInfo.create("t", root.public)
+    admin, peer = ident(11), ident(12)
+    admin_cert = issue_certificate(root, team, admin.peer_id, (ROLE_ADMIN,), 1000, 100)
+    roster = Roster(team)
+    roster.merge([issue_certificate(root, team, peer.peer_id, (ROLE_MEMBER,), 1000,
+                                    10_000).packed()], [], 1000)
+    late = issue_revocation(admin, team, peer.peer_id, 1200, issuer_cert=admin_cert)
+    assert roster.merge([], [late.packed()], 1200) == (0, [])  # the admin's cert lapsed
+    assert roster.is_member(peer.peer_id, 1200)
+    ok = issue_revocation(admin, team, peer.peer_id, 1050, issuer_cert=admin_cert)
+    assert roster.merge([], [ok.packed()], 1050) == (0, [peer.peer_id])
+    assert not roster.is_member(peer.peer_id, 1050)
+
+
+def test_down_notices_round_trip_and_name_what_is_wrong() -> None:
+    """DownNotice had no test in the pure suite outside the fuzz run."""
+    team = TeamInfo.create("t", ident(10).public)
+    observer, peer = ident(11), ident(12)
+    notice = DownNotice(observer.peer_id, team.team_id, peer.peer_id, 7)
+    assert open_down(notice.sealed(observer)) == notice
+    with pytest.raises(MalformedMessage, match="signed by its observer"):
+        notice.sealed(peer)
+    body = notice.to_wire()
+    assert body == {"t": "down", "v": 1, "by": observer.peer_id, "team": team.team_id,
+                    "peer": peer.peer_id, "seq": 7}
+    for key, value, match in [("seq", -1, "must not be negative"),
+                              ("peer", observer.peer_id, "cannot report itself"),
+                              ("peer", "x" * 101, "'peer' longer than 100"),
+                              ("by", "x" * 101, "'by' longer than 100"),
+                              ("team", "x" * 65, "'team' longer than 64")]:
+        with pytest.raises(MalformedMessage, match=match):
+            DownNotice.from_wire(body | {key: value})
+    with pytest.raises(MalformedMessage, match="signed by"):
+        open_down(seal(peer, "down", body))
+
+
+def test_a_down_notice_takes_a_peer_down_unless_we_heard_newer() -> None:
+    """PeerTable.apply_notice: every refusal returns False (a mutant returned True)."""
+    team = TeamInfo.create("t", ident(10).public)
+    a = ident(11)
+    table = PeerTable()
+    notice = DownNotice(ident(12).peer_id, team.team_id, a.peer_id, 5)
+    assert not table.apply_notice(notice, 100.0)  # never heard of it
+    table.update(cap_ad(a, team, seq=6), now=100.0)
+    assert not table.apply_notice(notice, 100.0)  # we hold a newer ad than the observer
+    assert table.live(100.0) != []
+    table.update(cap_ad(a, team, seq=7), now=200.0)  # the observer saw this one too
+    newer = DownNotice(ident(12).peer_id, team.team_id, a.peer_id, 7)
+    assert table.apply_notice(newer, 200.0)
+    assert table.live(200.0) == []
+    assert not table.apply_notice(newer, 200.5)  # already down
+    assert not table.apply_notice(newer, 500.0)  # its ad expired
+
+
+def test_task_id_lists_are_bounded_by_the_batch_size() -> None:
+    """id_list: the MAX_BATCH bound dropped (the field default is 10,000)."""
+    ids = [str(i) for i in range(tasks.MAX_BATCH)]
+    assert tasks.decode({"t": "ack", "v": 1, "ids": ids}) == tasks.Ack(ids)
+    with pytest.raises(MalformedMessage, match="more than 4096"):
+        tasks.decode({"t": "ack", "v": 1, "ids": [*ids, "x"]})
+
+
+def test_an_unreachable_peer_gives_its_wants_back_first_in_line() -> None:
+    """send_failed: front=False (a want that could not be sent waits behind the rest)."""
+    blocks = [bytes([i]) for i in range(3)]
+    wm = bs.WantManager(["p", "q"], max_in_flight=1)
+    for b in blocks:
+        wm.want(raw_cid(b), 0.0)
+    [sent] = wm.poll(0.0)
+    assert isinstance(sent, bs.Send)
+    assert [e.cid for e in sent.message.wantlist] == [raw_cid(blocks[0])]
+    wm.send_failed(sent.peer, sent.message)
+    [again] = wm.poll(0.1)
+    assert isinstance(again, bs.Send)
+    assert again.peer != sent.peer
+    assert [e.cid for e in again.message.wantlist] == [raw_cid(blocks[0])]
