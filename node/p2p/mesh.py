@@ -32,9 +32,10 @@ import psutil  # type: ignore[import-untyped]
 import trio
 from teammesh.node.p2p.host import PEER_ERRORS, STREAM_ERRORS, DialError, MeshHost, Stream
 from teammesh.node.p2p.membership import Membership, read_message, request_reply
-from teammesh.node.p2p.protocol_ids import ADS_SYNC, PING, PING_BYTES, caps_topic, live_topic
+from teammesh.node.p2p.protocol_ids import ADS_SYNC, PING, PING_BYTES, caps_topic
 from teammesh.protocols import wire
 from teammesh.protocols.capability import (
+    DOMAIN_DOWN,
     DOWN_HOLD_S,
     CapabilityAd,
     DownNotice,
@@ -247,6 +248,8 @@ class Mesh:
         try:
             ad = self._verify(data)
         except RemoteProtocolError as exc:
+            if _is_notice(data):
+                return self.validate_notice(origin, forwarder, data)
             self.ads_rejected += 1
             logger.warning("rejected capability ad from %s: %s", origin, exc)
             return False
@@ -272,6 +275,8 @@ class Mesh:
         try:
             ad = self._verify(data)
         except RemoteProtocolError:
+            if age == 0.0 and self.host is not None and _is_notice(data):
+                self.on_notice(self.host, data)  # down notices share the caps topic
             return
         self.ads_received += 1
         if not self.membership.is_member(ad.peer_id):
@@ -399,7 +404,7 @@ class Mesh:
         team, _ = self.membership.require_team()
         notice = DownNotice(self.identity.peer_id, team.team_id, peer, seq)
         try:
-            await host.publish(live_topic(team.team_id), notice.sealed(self.identity))
+            await host.publish(caps_topic(team.team_id), notice.sealed(self.identity))
             self.notices_sent += 1
         except STREAM_ERRORS:
             logger.debug("down notice publish failed", exc_info=True)
@@ -575,10 +580,8 @@ class Mesh:
         host.set_handler(ADS_SYNC, self.handle_ads_sync)
         self.membership.on_revoked.append(self.forget)
         self.load_known_peers()
-        host.set_validator(live_topic(team.team_id), self.validate_notice)
         async with host.subscribe(topic) as messages, trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._notice_loop, host, live_topic(team.team_id))
             nursery.start_soon(self._publish_loop, host, topic)
             nursery.start_soon(self._expire_loop)
             nursery.start_soon(self._dial_loop, host, nursery)
@@ -586,11 +589,6 @@ class Mesh:
             task_status.started()
             async for origin, data in messages:
                 self.on_ad(origin, data)
-
-    async def _notice_loop(self, host: MeshHost, topic: str) -> None:
-        async with host.subscribe(topic) as notices:
-            async for _origin, data in notices:
-                self.on_notice(host, data)
 
     async def publish_now(self, host: MeshHost, topic: str) -> None:
         try:
@@ -695,6 +693,15 @@ class Mesh:
                             target.last_error[:200])
         finally:
             target.dialing = False
+
+
+def _is_notice(data: bytes) -> bool:
+    """Whether a caps-topic message is a signed down notice rather than an ad (cheap: the
+    envelope's domain, no signature check)."""
+    try:
+        return wire.unpack(data, max_bytes=wire.MAX_GOSSIP_BYTES).get("d") == DOMAIN_DOWN
+    except RemoteProtocolError:
+        return False
 
 
 def is_loopback(addr: str) -> bool:

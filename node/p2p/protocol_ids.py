@@ -18,11 +18,6 @@ def caps_topic(team_id: str) -> str:
     return f"/teammesh/{team_id}/caps/1"
 
 
-def live_topic(team_id: str) -> str:
-    """Down notices (docs/PROTOCOL.md §5.6); nodes before session 7 do not subscribe."""
-    return f"/teammesh/{team_id}/live/1"
-
-
 def roster_topic(team_id: str) -> str:
     return f"/teammesh/{team_id}/roster/1"
 
