@@ -813,3 +813,18 @@ def test_refusals_say_what_was_wrong() -> None:
     outer["chain"] = "not bytes"
     with pytest.raises(MalformedMessage, match="certificate chain must be one admin certificate"):
         parse_certificate(msgpack.packb(outer, use_bin_type=True), team, 1000)
+
+
+def test_a_lone_peer_that_sent_bad_blocks_is_still_asked() -> None:
+    """WantManager.poll: `trusted and peers` banned the only peer for good."""
+    a = raw_cid(b"a")
+    wm = bs.WantManager(["p"], max_bad_blocks=1)
+    wm.bad_block("p")
+    wm.want(a, 0.0)
+    assert wm.poll(0.0) == [bs.Send("p", bs.Message(wantlist=(
+        bs.Entry(a, priority=1, want_type=bs.WantType.BLOCK, send_dont_have=True),)))]
+
+
+def test_a_cid_varint_with_a_trailing_zero_is_refused_by_name() -> None:
+    with pytest.raises(MalformedMessage, match="non-minimal varint: trailing zero byte"):
+        wire.read_varint(b"\x81\x00", minimal=True)
