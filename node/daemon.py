@@ -171,8 +171,8 @@ class Node:
                             self.files is not None:
                         from teammesh.node.tasks.pull import PullWorker
 
-                        await nursery.start(PullWorker(self, self.tasks, self.files,
-                                                       self.bridge).run)
+                        await nursery.start(PullWorker(self.kinds, self.capacity, self.tasks,
+                                                       self.files, self.bridge).run)
                     if self.tasks is not None:
                         from teammesh.node.api.ctlsock import serve_control_socket
 
@@ -213,7 +213,11 @@ async def run_daemon(home: Home, config: Config, options: UpOptions,
     node = Node(home, config, options)
     node.files = FilesService(config, home.path, is_member=node.membership.is_member,
                               admit_peer=node.membership.bitswap_peers.add)
-    node.tasks = TaskService(node, node.files)
+    node.tasks = TaskService(
+        config=config, home=home, identity=node.identity, journal=node.journal,
+        audit=node.audit, membership=node.membership, mesh=node.mesh,
+        capacity=node.capacity, kinds=node.kinds, files=node.files,
+        stop_requested=node.stop_requested)
     key_hex = config.get("bridge", "key")
     key = bytes.fromhex(key_hex) if key_hex else node.membership.bridge_key
     if options.bridge:

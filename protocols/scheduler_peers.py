@@ -49,11 +49,17 @@ def ewma(old: float | None, sample: float) -> float:
 
 @dataclass(slots=True)
 class Breaker:
+    """A per-target circuit breaker: open after ``breaker_threshold`` failures in a row,
+    for ``breaker_base_s`` doubling per further failure up to ``breaker_max_s``."""
+
     failures: int = 0
     open_until: float = 0.0
+    opened_at: float = -math.inf
 
-    def allows(self, now: float) -> bool:
-        return now >= self.open_until
+    def allows(self, now: float, heard_at: float = -math.inf) -> bool:
+        """Closed; or open, but the target was heard from (a fresh ad, after a partition
+        heals) since it opened: one probe goes through, half-open."""
+        return now >= self.open_until or heard_at > self.opened_at
 
     def success(self) -> None:
         self.failures = 0
@@ -63,6 +69,7 @@ class Breaker:
         self.failures += 1
         extra = self.failures - cfg.breaker_threshold
         if extra >= 0:
+            self.opened_at = now
             self.open_until = now + min(cfg.breaker_max_s, cfg.breaker_base_s * 2 ** min(extra, 30))
 
 

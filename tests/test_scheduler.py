@@ -494,3 +494,25 @@ def test_where_local_and_where_peers_are_honoured() -> None:
     assert only(out, Escalate) == []
     # only p may take it and nothing else can: it takes a queue place there
     assert sends(out) == [("p", "q")]
+
+
+def test_breaker_half_open_when_heard_from_again() -> None:
+    """The daemon's breaker (shared with the machine): open after three failures for
+    2 s doubling, and one probe goes through as soon as the peer is heard from again."""
+    from teammesh.protocols.scheduler_peers import Breaker
+
+    cfg = SchedulerConfig()
+    b = Breaker()
+    for _ in range(2):
+        b.failure(10.0, cfg)
+    assert b.allows(10.0)
+    b.failure(10.0, cfg)
+    assert not b.allows(11.9)
+    assert b.allows(12.0)
+    assert not b.allows(11.0, heard_at=9.0)  # heard before it opened: still open
+    assert b.allows(11.0, heard_at=10.5)  # heard since: half-open
+    b.failure(12.0, cfg)
+    assert not b.allows(15.9)
+    assert b.allows(16.0)
+    b.success()
+    assert b.allows(0.0)

@@ -27,12 +27,16 @@ from teammesh.node.bridge.client import (
     BridgeUnavailable,
 )
 from teammesh.node.tasks.executor import Job
+from teammesh.protocols.errors import TeammeshError
 from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from teammesh.node.bridge.client import BridgeClient
-    from teammesh.node.daemon import Node
     from teammesh.node.files.service import FilesService
+    from teammesh.node.kinds.base import Kind
+    from teammesh.node.p2p.mesh import Capacity
     from teammesh.node.tasks.service import TaskService
 
 logger = logging.getLogger("teammesh.pull")
@@ -42,9 +46,10 @@ IDLE_BACKOFF_MAX_S = 2.0
 
 
 class PullWorker:
-    def __init__(self, node: Node, tasks: TaskService, files: FilesService,
-                 bridge: BridgeClient) -> None:
-        self.node = node
+    def __init__(self, kinds: Mapping[str, Kind], capacity: Capacity, tasks: TaskService,
+                 files: FilesService, bridge: BridgeClient) -> None:
+        self.kinds = kinds
+        self.capacity = capacity
         self.tasks = tasks
         self.files = files
         self.bridge = bridge
@@ -62,11 +67,11 @@ class PullWorker:
 
     async def _lease_loop(self) -> None:
         executor = self.tasks.executor
-        kinds = {k.name: k.version for k in self.node.kinds.values()}
+        kinds = {k.name: k.version for k in self.kinds.values()}
         idle = 0.05
         unreachable = False
         while True:
-            cap = self.node.capacity
+            cap = self.capacity
             free = cap.slots - cap.busy - cap.queue
             if free <= 0 or not kinds:
                 await trio.sleep(0.05)
@@ -108,7 +113,12 @@ class PullWorker:
     def _start_with_files(self, job: Job, peers: list[str]) -> None:
         """The input is a file (input_cid or {"$cid"} params): fetch it first through the
         files service (peers, then the R2 mirror), or fail the task if there is none."""
-        self.files.start_job(functools.partial(self._resolve_and_run, job, peers))
+        try:
+            self.files.start_job(functools.partial(self._resolve_and_run, job, peers))
+        except TeammeshError as exc:
+            # too many transfers now: not the task's fault; its lease expires and the
+            # bridge queues it again (posting a failure would fail it for good)
+            logger.warning("not running %s now: %s", job.spec.id, exc)
 
     async def _resolve_and_run(self, job: Job, peers: list[str]) -> None:
         # the input file goes to the spool and the worker reads it there: a big file never

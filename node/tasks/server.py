@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import trio
@@ -18,10 +19,16 @@ from teammesh.node.p2p.host import Stream
 from teammesh.node.tasks.executor import QUEUE_PER_SLOT, Job
 from teammesh.protocols import tasks as tp
 from teammesh.protocols import wire
+from teammesh.protocols.errors import TeammeshError
 from teammesh.protocols.tasks import TaskResult, TaskSpec
 
 if TYPE_CHECKING:
-    from teammesh.node.tasks.service import TaskService
+    from teammesh.node.core.audit import AuditLog
+    from teammesh.node.files.service import FilesService
+    from teammesh.node.kinds.base import Kind
+    from teammesh.node.tasks.executor import Executor
+    from teammesh.node.tasks.store import TaskStore
+    from teammesh.protocols.identity import Identity
 
 logger = logging.getLogger("teammesh.taskserver")
 
@@ -55,12 +62,20 @@ class _Session:
 
 
 class TaskServer:
-    def __init__(self, service: TaskService) -> None:
-        self.service = service
+    def __init__(self, *, store: TaskStore, executor: Executor, kinds: Mapping[str, Kind],
+                 files: FilesService, identity: Identity, audit: AuditLog,
+                 run_with_files: Callable[[Job, list[str]], Awaitable[None]],
+                 member_queue: int, member_queue_mb: int) -> None:
+        self.store = store
+        self.executor = executor
+        self.kinds = kinds
+        self.files = files
+        self.identity = identity
+        self.audit = audit
+        self.run_with_files = run_with_files  # fetches a job's input files, then queues it
         self.sessions: dict[str, _Session] = {}  # submitter -> its latest stream
-        cfg = service.node.config
-        self.member_queue = int(cfg.get("executor", "member_queue"))
-        self.member_queue_bytes = int(cfg.get("executor", "member_queue_mb")) * MiB
+        self.member_queue = member_queue
+        self.member_queue_bytes = member_queue_mb * MiB
         self.refused_quota = 0
 
     def _quota_refusal(self, submitter: str, size: int, room: int) -> str | None:
@@ -69,7 +84,7 @@ class TaskServer:
         Fair share: alone, a member may fill the queue; with others waiting, each may hold
         its share of it even if the queue is full, so a flood from one member never
         shuts the others out (and never grows the queue past twice its size)."""
-        ex = self.service.executor
+        ex = self.executor
         count, nbytes = ex.queued_by(submitter)
         if nbytes + size > self.member_queue_bytes and count > 0:
             return (f"this member already has {nbytes} bytes of input queued here"
@@ -98,7 +113,7 @@ class TaskServer:
                 del self.sessions[submitter]
             if session.results:
                 # finished but never sent: keep them for the submitter's re-assign
-                self.service.store.autocommit.exec_done(session.results)
+                self.store.autocommit.exec_done(session.results)
             await stream.close()
 
     async def _reader(self, session: _Session, submitter: str) -> None:
@@ -113,25 +128,25 @@ class TaskServer:
                         self._on_assign(session, submitter, specs)
                     case tp.Cancel(ids=ids):
                         for tid in ids:
-                            job = self.service.executor.by_id.get(tid)
+                            job = self.executor.by_id.get(tid)
                             if job is not None and job.submitter == submitter:  # only its own
-                                self.service.executor.cancel(tid)
+                                self.executor.cancel(tid)
                     case tp.Ack(ids=ids):
-                        with self.service.store.transaction() as txn:
+                        with self.store.transaction() as txn:
                             txn.exec_forget(submitter, ids)
                     case _:
                         pass  # E → S messages, or a newer peer's: ignored on this stream
 
     def _on_assign(self, session: _Session, submitter: str, specs: list[TaskSpec]) -> None:
-        executor = self.service.executor
-        kinds = self.service.kinds
+        executor = self.executor
+        kinds = self.kinds
         accepted: list[str] = []
         refused: list[tuple[str, str, str]] = []
         replay: list[TaskResult] = []
         positions: dict[str, int] = {}  # admission: 0 started, N queued at about N
         fetching = 0  # this batch's jobs that wait for their files (not in the executor yet)
         room = executor.room
-        with self.service.store.transaction() as txn:
+        with self.store.transaction() as txn:
             for spec in specs:
                 row = txn.exec_get(spec.id)
                 if row is not None:
@@ -160,17 +175,24 @@ class TaskServer:
                     self.refused_quota += 1
                     refused.append((spec.id, "busy", why))
                     continue
+                position = executor.admission_position(job, fetching)
+                if job.size > SPOOL_INPUT_BYTES or spec.needs_files:
+                    # big inputs wait on disk, not in the daemon's memory
+                    try:
+                        self.files.start_job(
+                            functools.partial(self.run_with_files, job, [submitter]))
+                    except TeammeshError as exc:
+                        # the files service has as many transfers as it takes: a wait for
+                        # the submitter (busy), never a reason to drop the stream
+                        refused.append((spec.id, "busy", str(exc)))
+                        continue
+                    fetching += 1
+                else:
+                    executor.submit_nowait(job)
                 room -= 1
                 txn.exec_accept(spec.id, submitter, time.time())
                 accepted.append(spec.id)
-                positions[spec.id] = executor.admission_position(job, fetching)
-                if job.size > SPOOL_INPUT_BYTES or spec.needs_files:
-                    fetching += 1
-                    # big inputs wait on disk, not in the daemon's memory
-                    self.service.files.start_job(
-                        functools.partial(self.service.run_with_files, job, [submitter]))
-                else:
-                    executor.submit_nowait(job)
+                positions[spec.id] = position
         session.push_frame(tp.accepted(accepted, refused, positions))
         for res in replay:
             session.push_result(res)
@@ -181,17 +203,17 @@ class TaskServer:
             session.push_started(job.spec.id)
 
     def _done(self, job: Job, result: TaskResult) -> None:
-        self.service.node.audit.append("ran", task=job.spec.id, kind=job.spec.kind,
+        self.audit.append("ran", task=job.spec.id, kind=job.spec.kind,
                                        submitter=job.submitter, ok=result.ok)
         session = self.sessions.get(job.submitter)
         if session is not None and session.alive:
             session.push_result(result)
         else:
             # nobody to send it to now: keep it for the submitter's re-assign
-            self.service.store.autocommit.exec_done([result])
+            self.store.autocommit.exec_done([result])
 
     async def _writer(self, session: _Session) -> None:
-        identity = self.service.identity
+        identity = self.identity
         submitter = session.stream.peer_id
         while True:
             await session.wake.wait()
@@ -212,7 +234,7 @@ class TaskServer:
             if started:
                 frames.append(tp.progress(started, "running"))
             if results:
-                with self.service.store.transaction() as txn:
+                with self.store.transaction() as txn:
                     txn.exec_done(results)
                 for chunk in tp.chunks(results, lambda r: r.size_hint):
                     frames.append(tp.seal_results(identity, submitter, chunk))

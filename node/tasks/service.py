@@ -57,11 +57,21 @@ from teammesh.protocols.errors import (
     TaskError,
     TeammeshError,
 )
+from teammesh.protocols.scheduler_model import SchedulerConfig
+from teammesh.protocols.scheduler_peers import Breaker
 from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
 
 if TYPE_CHECKING:
-    from teammesh.node.daemon import Node
+    from collections.abc import Mapping
+
+    from teammesh.node.core.audit import AuditLog
+    from teammesh.node.core.config import Config, Home
+    from teammesh.node.core.journal import Journal
     from teammesh.node.files.service import FilesService
+    from teammesh.node.kinds.base import Kind
+    from teammesh.node.p2p.membership import Membership
+    from teammesh.node.p2p.mesh import Capacity, Mesh
+    from teammesh.protocols.identity import Identity
 
 logger = logging.getLogger("teammesh.tasks")
 
@@ -70,8 +80,6 @@ WHERE = ("any", "local", "peers", "bridge")
 MAX_INPUT = tp.MAX_INLINE_INPUT
 RETRY_BASE_S = 0.1
 RETRY_MAX_S = 5.0
-BREAKER_THRESHOLD = 3
-BREAKER_BASE_S = 2.0
 TARGET_QUEUED_MS = 20.0  # pipeline about this much work per peer slot beyond the running one
 MAX_PIPELINE = 64
 DEFAULT_KIND_MS = 1e9  # unknown duration: no pipelining until the first results teach us
@@ -194,28 +202,6 @@ class TaskRecord:
 
 
 @dataclass(slots=True)
-class Breaker:
-    failures: int = 0
-    open_until: float = 0.0
-    opened_at: float = 0.0
-
-    def allows(self, now: float, heard_at: float = -math.inf) -> bool:
-        """Closed, or open but the peer has been heard from since it opened (a fresh
-        ad after a partition heals): one probe goes through, half-open."""
-        return now >= self.open_until or heard_at > self.opened_at
-
-    def success(self) -> None:
-        self.failures = 0
-        self.open_until = 0.0
-
-    def failure(self, now: float) -> None:
-        self.failures += 1
-        if self.failures >= BREAKER_THRESHOLD:
-            self.opened_at = now
-            self.open_until = now + min(60.0, BREAKER_BASE_S * 2 ** (self.failures - BREAKER_THRESHOLD))
-
-
-@dataclass(slots=True)
 class PeerLink:
     """The submitter's stream to one executor peer."""
 
@@ -249,28 +235,41 @@ class PeerLink:
 
 
 class TaskService:
-    def __init__(self, node: Node, files: FilesService) -> None:
-        self.node = node
+    def __init__(self, *, config: Config, home: Home, identity: Identity, journal: Journal,
+                 audit: AuditLog, membership: Membership, mesh: Mesh, capacity: Capacity,
+                 kinds: Mapping[str, Kind], files: FilesService,
+                 stop_requested: trio.Event) -> None:
+        """Built by the composition root (node/daemon.py) with the services it uses."""
         self.files = files
-        cfg = node.config
-        self.identity = node.identity
-        self.store = TaskStore(node.journal)
-        self.kinds = node.kinds
-        self.spool = node.home.path / "spool"
+        cfg = config
+        self.home = home
+        self.identity = identity
+        self.audit = audit
+        self.membership = membership
+        self.mesh = mesh
+        self.capacity = capacity
+        self.stop_requested = stop_requested
+        self.store = TaskStore(journal)
+        self.kinds = kinds
+        self.spool = home.path / "spool"
         self.limits = Limits(
             max_input_mb=int(cfg.get("executor", "max_input_mb")),
             max_output_mb=int(cfg.get("executor", "max_output_mb")),
             kind_input_mb=dict(cfg.get("executor", "kind_max_input_mb")),
             kind_output_mb=dict(cfg.get("executor", "kind_max_output_mb")))
-        self.executor = Executor(node.capacity, allow=list(cfg.get("executor", "allow")),
+        self.executor = Executor(capacity, allow=list(cfg.get("executor", "allow")),
                                  memory_mb=cfg.get("executor", "memory_mb"),
                                  cpu_s=cfg.get("executor", "cpu_s"),
                                  timeout_s=cfg.get("executor", "timeout_s"),
-                                 kinds=node.kinds, limits=self.limits, spool=self.spool,
+                                 kinds=kinds, limits=self.limits, spool=self.spool,
                                  store=self._store_spilled)
         self.keep_s = float(cfg.get("journal", "keep_days")) * 86400
         self.cache_ttl_s = float(cfg.get("scheduler", "cache_ttl_s"))
-        self.server = TaskServer(self)
+        self.server = TaskServer(
+            store=self.store, executor=self.executor, kinds=kinds, files=files,
+            identity=identity, audit=audit, run_with_files=self.run_with_files,
+            member_queue=int(cfg.get("executor", "member_queue")),
+            member_queue_mb=int(cfg.get("executor", "member_queue_mb")))
         self.weights = dict(cfg.get("scheduler", "weights"))
         self.max_attempts = int(cfg.get("scheduler", "max_attempts"))
         self.cache_enabled = bool(cfg.get("scheduler", "cache"))
@@ -281,7 +280,8 @@ class TaskService:
         self.queue: list[TaskRecord] = []
         self._order = itertools.count()
         self.links: dict[str, PeerLink] = {}
-        self.breakers: dict[str, Breaker] = {}
+        self.breakers: dict[str, Breaker] = {}  # the scheduler's, with its defaults
+        self.breaker_config = SchedulerConfig()
         self.kind_ms: dict[str, float] = {}
         self.running_by_kind: dict[str, int] = {}
         self._wake = trio.Event()
@@ -369,7 +369,7 @@ class TaskService:
         k = self.kinds.get(kind)
         if k is not None:
             return k.version
-        for e in self.node.mesh.table.live(trio.current_time()):
+        for e in self.mesh.table.live(trio.current_time()):
             if kind in e.ad.kinds:
                 return e.ad.kinds[kind]
         return None
@@ -382,7 +382,7 @@ class TaskService:
         except sqlite3.OperationalError as exc:
             # nothing was accepted (the transaction rolled back): the caller is told why
             raise TaskError(f"this node's journal cannot take the tasks ({exc}); free disk"
-                            f" space in {self.node.home.path} and submit again") from exc
+                            f" space in {self.home.path} and submit again") from exc
 
     def _journal_and_queue(self, records: list[TaskRecord]) -> list[TaskRecord]:
         now = trio.current_time()
@@ -487,7 +487,7 @@ class TaskService:
                            [a.to_json() for a in r.attempts], r.started, r.finished))
         if (state == "done" and self.cache_enabled and not r.no_cache and r.replicas == 1):
             txn.cache_put(self._cache_key(r), output, executed_by, r.finished)
-        self.node.audit.append("result", task=r.id, kind=r.kind, state=state, by=executed_by)
+        self.audit.append("result", task=r.id, kind=r.kind, state=state, by=executed_by)
         r.notify()
         watcher = self.watchers.pop(r.id, None)
         if watcher is not None:
@@ -609,7 +609,7 @@ class TaskService:
         w = self.weights
         known = self.kinds.get(r.kind)
         needs = known.resources if known is not None else None
-        mesh = self.node.mesh
+        mesh = self.mesh
         local_fits = fits(needs, mesh.memory_bytes, mesh.gpus)
         if r.where in ("any", "local") and r.kind in self.kinds and self.executor.slots > 0 \
                 and not local_fits:
@@ -617,13 +617,13 @@ class TaskService:
         elif r.where in ("any", "local") and r.kind in self.kinds and self.executor.slots > 0:
             runners += 1
             matching_slots += self.executor.slots
-            free = self.executor.slots - self.node.capacity.busy - self.node.capacity.queue
+            free = self.executor.slots - self.capacity.busy - self.capacity.queue
             # local with a free slot always wins, and so does a task that runs at once
             inline = not r.input_cid and self.executor.runs_inline(r.kind, len(r.input))
             if (free > 0 or inline) and "local" not in taken:
                 out.append((1e9, "local"))
         if r.where in ("any", "peers"):
-            for e in self.node.mesh.table.live(now):
+            for e in self.mesh.table.live(now):
                 ad = e.ad
                 if r.kind not in ad.kinds:
                     continue
@@ -678,7 +678,7 @@ class TaskService:
             for peer, (kind, free, until) in self.offers.items():
                 if kind != r.kind or until <= now or peer in taken or peer in r.excluded:
                     continue
-                if self.node.mesh.table.get(peer, now) is not None:
+                if self.mesh.table.get(peer, now) is not None:
                     continue
                 runners += 1
                 link = self.links.get(peer)
@@ -711,7 +711,7 @@ class TaskService:
 
     def _drop_silent_links(self, now: float) -> None:
         """End links to peers whose ad expired (or who were revoked): their tasks move."""
-        table = self.node.mesh.table
+        table = self.mesh.table
         for link in list(self.links.values()):
             if not link.inflight or table.get(link.peer, now) is not None:
                 continue
@@ -966,7 +966,7 @@ class TaskService:
                            executed_by="bridge")
             return
         except BridgeUnavailable as exc:
-            breaker.failure(trio.current_time())
+            breaker.failure(trio.current_time(), self.breaker_config)
             # The bridge being down is not the task's fault: it waits (journaled) and is
             # retried; it is never failed for this.
             attempt = r.inflight.pop("bridge", None)
@@ -1014,7 +1014,7 @@ class TaskService:
 
     def _known_kinds_hint(self) -> str:
         names: set[str] = set(self.kinds)
-        for e in self.node.mesh.table.live(trio.current_time()):
+        for e in self.mesh.table.live(trio.current_time()):
             names.update(e.ad.kinds)
         return f"; kinds the team runs: {', '.join(sorted(names)) or 'none'}"
 
@@ -1054,7 +1054,10 @@ class TaskService:
                         r.priority, r.input_cid)
         job = Job(spec, "local", self._local_done)
         if spec.needs_files:
-            self.files.start_job(functools.partial(self.run_with_files, job, []))
+            try:
+                self.files.start_job(functools.partial(self.run_with_files, job, []))
+            except TeammeshError as exc:  # too many transfers now: a wait, not a failure
+                self._requeue_busy(r, "local", str(exc))
             return
         self.executor.submit_nowait(job)
 
@@ -1141,7 +1144,7 @@ class TaskService:
             if self.links.get(link.peer) is link:
                 del self.links[link.peer]
             now = trio.current_time()
-            self.breakers.setdefault(link.peer, Breaker()).failure(now)
+            self.breakers.setdefault(link.peer, Breaker()).failure(now, self.breaker_config)
             for r in list(link.inflight.values()):
                 self.attempt_lost(r, link.peer, reason)
             link.inflight.clear()
@@ -1210,7 +1213,7 @@ class TaskService:
         again at once if another peer advertises a free slot or the bridge could take it
         (the dispatcher then escalates it after the offer window, as any waiting task).
         Otherwise it stays: the executor gives each submitter its turn."""
-        entry = self.node.mesh.table.get(link.peer, now)
+        entry = self.mesh.table.get(link.peer, now)
         slots = max(1, entry.ad.slots) if entry is not None else 1
         own = len(link.inflight)
         moves: list[TaskRecord] = []
@@ -1249,7 +1252,7 @@ class TaskService:
     def _free_elsewhere(self, r: TaskRecord, peer: str, now: float) -> bool:
         """Does another live member that runs this kind advertise a free slot that our
         own tasks in flight there do not already take?"""
-        for e in self.node.mesh.table.live(now):
+        for e in self.mesh.table.live(now):
             p = e.ad.peer_id
             if p == peer or p in r.excluded or r.kind not in e.ad.kinds:
                 continue
@@ -1287,7 +1290,14 @@ class TaskService:
         if files:
             results = [res for res in results if _output_file(res) is None]
             for res in files:
-                self.files.start_job(functools.partial(self._collect_output, link.peer, res))
+                try:
+                    self.files.start_job(
+                        functools.partial(self._collect_output, link.peer, res))
+                except TeammeshError as exc:  # too many transfers: the task runs again
+                    r = self.records.get(res.id)
+                    if r is not None and link.peer in r.inflight:
+                        self.attempt_lost(r, link.peer, f"its output could not be fetched"
+                                          f" now: {exc}")
         with self.store.transaction() as db:
             self.apply_results(link.peer, results, db)
         link.successes += len(results)
@@ -1394,11 +1404,11 @@ class TaskService:
         if resumed:
             logger.info("resuming %d unfinished tasks from the journal", resumed)
         host.set_handler(OFFER, self._handle_offer)
-        team, _ = self.node.membership.require_team()
+        team, _ = self.membership.require_team()
         topic = tasks_topic(team.team_id)
         host.set_validator(topic, self._validate_call)
         # a peer with room (or a new peer) can place waiting tasks: wake the dispatcher
-        self.node.mesh.on_peers_changed.append(lambda: self._wake.set())
+        self.mesh.on_peers_changed.append(lambda: self._wake.set())
         try:
             async with host.subscribe(topic) as calls, trio.open_nursery() as nursery:
                 await nursery.start(self.executor.run)
@@ -1412,7 +1422,7 @@ class TaskService:
                     except Exception:
                         logger.exception("open call from %s", origin)
         finally:
-            if self.node.stop_requested.is_set():
+            if self.stop_requested.is_set():
                 # a clean stop interrupted nothing: only a crash counts against a task
                 self.store.requeue_running()
 
@@ -1433,7 +1443,7 @@ class TaskService:
 
     # --- open calls and offers ---------------------------------------------------------------
     def _validate_call(self, origin: str, forwarder: str, data: bytes) -> bool:
-        membership = self.node.membership
+        membership = self.membership
         if not (membership.is_member(origin) and membership.is_member(forwarder)):
             return False
         try:
@@ -1451,7 +1461,7 @@ class TaskService:
         if not isinstance(msg, tp.Call):
             return
         kind = self.kinds.get(msg.kind)
-        cap = self.node.capacity
+        cap = self.capacity
         free = cap.slots - cap.busy - cap.queue
         if kind is None or kind.version != msg.version or free <= 0:
             return
@@ -1536,7 +1546,7 @@ class TaskService:
             table[(k.name, k.version)] = {"name": k.name, "version": k.version,
                                           "description": k.description, "local": True,
                                           "peers": 0, "portable": k.portable}
-        for e in self.node.mesh.table.live(trio.current_time()):
+        for e in self.mesh.table.live(trio.current_time()):
             for name, ver in e.ad.kinds.items():
                 entry = table.setdefault((name, ver), {"name": name, "version": ver,
                                                        "description": "", "local": False,
