@@ -9,8 +9,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from teammesh.protocols.errors import StorageError
 from teammesh.storage.blockstore import CorruptBlock, FsBlockstore
 from teammesh.storage.cid import BLAKE2B_256, RAW, SHA2_512, Cid
+from teammesh.storage.dagpb import decode_unixfs
 
 # multihash codes as varints (the multicodec table): blake2b-256 is 0xb220
 BLAKE2B_256_VARINT = b"\xa0\xe4\x02"
@@ -49,3 +51,15 @@ def test_every_corrupt_block_is_counted_and_refusals_name_the_cid(tmp_path: Path
     with pytest.raises(CorruptBlock, match=f"^refusing block {cid}: its bytes do not match"):
         store.put(cid, b"evil")
     assert not store.has(cid)
+
+
+def test_unixfs_skips_fixed_width_fields_it_does_not_know() -> None:
+    """dagpb._skip: a fixed32 skipped as 8 bytes (no test reached the fixed-width branch)."""
+    known = bytes.fromhex("0802" "18e807")  # Type = 2 (file), filesize = 1000
+    fixed32 = b"\x4d" + b"\x01\x02\x03\x04"  # field 9, wire type 5
+    fixed64 = b"\x51" + b"\x00" * 8  # field 10, wire type 1
+    for unknown in (fixed32, fixed64):
+        got = decode_unixfs(unknown + known)
+        assert (got.type, got.filesize) == (2, 1000)
+    with pytest.raises(StorageError, match="truncated fixed-size"):
+        decode_unixfs(known + b"\x4d\x01\x02")
