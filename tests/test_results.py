@@ -109,3 +109,27 @@ async def test_lying_executor_is_caught_on_the_wire(tmp_path: Path,
         assert task["output"] is None
         assert "does not match its digest" in task["error"]
         assert all("digest" in (a["error"] or "") for a in task["attempts"])
+
+
+def test_submitter_does_not_collect_an_output_over_its_limit(tmp_path: Path) -> None:
+    """A peer's big output comes back as a file the submitter copies; the copy is bounded
+    by the submitter's own limit for the kind (executor.kind_max_output_mb), not only by
+    files.max_file_mb, and the failure names it."""
+    from teammesh.client import Client
+
+    with mesh(tmp_path, 2, slots=[0, 1]) as (sub, ex):
+        sub.stop()
+        cfg = sub.home / "config.toml"
+        cfg.write_text(cfg.read_text() + '\n[executor.kind_max_output_mb]\n"np.matmul" = 1\n')
+        sub.start()
+        wait_until(lambda: any(p["peer_id"] == ex.peer_id for p in sub.peers()), 30,
+                   what="the executor's ad")
+        with Client.from_home(sub.home, timeout=120) as c:
+            t = c.submit("np.matmul", params={"a": [[1.0]] * 800, "b": [[2.0] * 800]},
+                         wait=True, no_cache=True)
+            assert t["state"] == "failed"
+            assert t["executed_by"] == ex.peer_id
+            assert "1 MiB for np.matmul" in t["error"]
+            small = c.submit("np.matmul", params={"a": [[1.0]], "b": [[2.0]]}, wait=True,
+                             no_cache=True)
+            assert small["output"] == [[2.0]]

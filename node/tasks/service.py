@@ -60,6 +60,7 @@ from teammesh.protocols.errors import (
 from teammesh.protocols.scheduler_model import SchedulerConfig
 from teammesh.protocols.scheduler_peers import Breaker
 from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
+from teammesh.storage.unixfs import FileTooLarge
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -1321,7 +1322,8 @@ class TaskService:
         if r is None or r.state in TERMINAL or peer not in r.inflight or cid is None:
             return
         # bounded by the kind's output limit on this node, not only files.max_file_mb:
-        # the size the executor claims is checked before fetching, the real one after
+        # the size the result claims is checked first, the root block's claim by the pin,
+        # and the real size after it
         limit = self.limits.output_bytes(r.kind)
         claimed = res.output.get("size") if isinstance(res.output, dict) else None
         if isinstance(claimed, int) and claimed > limit:
@@ -1330,10 +1332,14 @@ class TaskService:
         r.waiting_reason = f"fetching its output ({cid}) from {peer}"
         r.notify()
         try:
-            await self.files.pin(cid)
+            # refused at the file's root block if it claims more than the limit
+            await self.files.pin(cid, max_bytes=limit)
             from teammesh.node.files.service import parse_cid
 
             size = await trio.to_thread.run_sync(self.files.store.file_size, parse_cid(cid))
+        except FileTooLarge as exc:  # final: another member would make the same output
+            self._output_too_big(r, peer, exc.size)
+            return
         except TeammeshError as exc:
             self.attempt_lost(r, peer, f"its output {cid} could not be fetched: {exc}")
             return
@@ -1349,6 +1355,8 @@ class TaskService:
     def _output_too_big(self, r: TaskRecord, peer: str, size: int) -> None:
         """The task ran, and its output is over this node's limit for the kind: final
         (another member would make the same output)."""
+        if r.state in TERMINAL or peer not in r.inflight:
+            return  # moved, lost or finished meanwhile: that attempt no longer counts
         attempt = r.inflight.pop(peer, None)
         error = self.limits.output_error(r.kind, size)
         if attempt is not None:
