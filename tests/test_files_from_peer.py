@@ -189,3 +189,31 @@ async def test_the_node_fetches_from_files_providers_and_does_not_serve_them(
                                  timeout_ms=3000, limit_s=30)
         finally:
             node.stop()
+
+
+async def test_a_provider_that_is_down_is_not_dialed_for_every_fetch(tmp_path: Path) -> None:
+    """A configured provider that refuses connections: the first fetch names the dial
+    error; the next ones (within a minute) do not dial it again and say so, with the way
+    to try now (--from)."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on (closed right away)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ghost = Identity(os.urandom(32)).peer_id
+    home = init_home(tmp_path / "n0")
+    run_cli(home, "team", "create", "testteam")
+    write_config(home, f'[files]\nproviders = ["/ip4/127.0.0.1/tcp/{port}/p2p/{ghost}"]\n')
+    cid = str(cid_of_bytes(os.urandom(1000)))
+    out = tmp_path / "out.bin"
+    node = Daemon(home).start()
+    try:
+        first = error_of(await teammesh(home, "get", cid, "-o", str(out)))
+        assert "no provider could be reached" in first
+        assert str(port) in first
+        second = error_of(await teammesh(home, "get", cid, "-o", str(out)))
+        assert "could be reached in the last 60 s" in second
+        assert "--from" in second
+    finally:
+        node.stop()
+    assert not out.exists()

@@ -52,6 +52,7 @@ MATERIALISE_MAX_BYTES = 64 * 1024 * 1024  # a file joined in the daemon's memory
 
 
 PROVIDER_DIAL_S = 10.0  # one outside provider's dial (TCP, Noise, yamux)
+PROVIDER_RETRY_S = 60.0  # a configured provider that could not be dialed is skipped this long
 
 
 class NotFound(StorageError):
@@ -171,6 +172,9 @@ class FilesService:
         self.fetch_order = [s for s in cfg.get("files", "fetch_order") if s in FETCH_SOURCES]
         self.max_file_bytes = _max_file_bytes(cfg)
         self.providers = _providers(cfg)
+        # configured providers that failed to dial: skipped until then (trio clock), so a
+        # provider that is down costs one dial a minute, not one per task input
+        self._provider_down: dict[str, float] = {}
         self.allow_peers = frozenset(cfg.get("files", "allow_peers"))
         self.serve_public = cfg.get("files", "serve") == "public"
         self.queue = MirrorQueue(self.home / "mirror-queue.db")
@@ -386,9 +390,20 @@ class FilesService:
         for p in self.host.connected_peers():
             if p not in candidates and self.is_member(p):
                 candidates.append(p)
-        outside, dial_errors = await self._dial_providers([*self.providers, *(providers or [])])
+        now = trio.current_time()
+        configured = [prov for prov in self.providers
+                      if self._provider_down.get(prov.peer_id, 0.0) <= now]
+        outside, dial_errors = await self._dial_providers([*configured, *(providers or [])])
+        for prov in configured:
+            if prov.peer_id not in outside:
+                self._provider_down[prov.peer_id] = now + PROVIDER_RETRY_S
         candidates += [p for p in outside if p not in candidates]
         if not candidates:
+            if not dial_errors and self.providers and not providers:
+                raise StorageError(
+                    "no team peer is connected and no provider in files.providers could be"
+                    f" reached in the last {PROVIDER_RETRY_S:g} s (they are dialed again"
+                    " after that); give one with --from to try now")
             if dial_errors:
                 raise StorageError("no team peer is connected and no provider could be"
                                    " reached: " + "; ".join(dial_errors))
