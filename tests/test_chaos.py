@@ -356,7 +356,12 @@ def test_submitter_cut_off_then_healed_loses_nothing(tmp_path: Path,
         lost, problems = lost_tasks(batch, run.lines)
         scenario_report("chaos/netns: submitter cut off, then healed", tried=n, lost=lost)
         errors = Counter(str(r.get("error"))[:40] for r in run.lines if r["state"] != "done")
-        assert not problems, f"{len(problems)} problems; errors {dict(errors)}"
+        seen_tags = {r.get("tag") for r in run.lines}
+        stuck = [(t.get("tag"), t["state"], t.get("waiting_reason"),
+                  [(a["peer"][-6:], a.get("error")) for a in t["attempts"]])
+                 for t in nodes[0].cli("task", "list", "--limit", "2000")
+                 if t.get("tag") is not None and t.get("tag") not in seen_tags]
+        assert not problems, f"{len(problems)} problems; errors {dict(errors)}; {stuck[:4]}"
         assert rc == 0, err[-2000:]
 
 

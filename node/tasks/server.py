@@ -101,7 +101,14 @@ class TaskServer:
     async def handle_stream(self, stream: Stream) -> None:
         session = _Session(stream)
         submitter = stream.peer_id
+        old = self.sessions.get(submitter)
         self.sessions[submitter] = session
+        if old is not None:
+            # A submitter keeps one task stream per executor: a new one means it gave up on
+            # the old (a cut link it timed out; ours may not have noticed). Results still
+            # waiting there go out here, or the re-assign it sends next ("already running
+            # here: its result will come") would wait for them forever.
+            self._hand_over(old, session)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, session)
@@ -112,9 +119,21 @@ class TaskServer:
             if self.sessions.get(submitter) is session:
                 del self.sessions[submitter]
             if session.results:
-                # finished but never sent: keep them for the submitter's re-assign
+                # finished but never sent: kept for the submitter's re-assign, and sent on
+                # its newer stream if it has one (it may have re-assigned them already)
                 self.store.autocommit.exec_done(session.results)
+                latest = self.sessions.get(submitter)
+                if latest is not None and latest.alive:
+                    self._hand_over(session, latest)
             await stream.close()
+
+    @staticmethod
+    def _hand_over(old: _Session, new: _Session) -> None:
+        """Results not known to have reached the submitter on ``old`` go out on ``new``
+        (a duplicate of one that did arrive is ignored by the submitter)."""
+        results, old.results = old.results, []
+        for res in results:
+            new.push_result(res)
 
     async def _reader(self, session: _Session, submitter: str) -> None:
         decoder = wire.FrameDecoder()
@@ -239,5 +258,10 @@ class TaskServer:
                 for chunk in tp.chunks(results, lambda r: r.size_hint):
                     frames.append(tp.seal_results(identity, submitter, chunk))
             if frames:
-                await session.stream.write(b"".join(frames))
+                try:
+                    await session.stream.write(b"".join(frames))
+                except BaseException:
+                    # not known to be delivered: handed to the submitter's next stream
+                    session.results[:0] = results
+                    raise
 
