@@ -12,11 +12,13 @@ The shape is the tasks bench's: a submitter daemon (0 slots) and two executor da
 control socket, like its daemon, sees only the lab's network.
 
 RTT 0 is the same switch with no delay. It is the reference, and it is the switch's
-ceiling, not loopback's: every packet still goes through one Python process (see
-``scripts/bench tasks`` for the loopback figures).
+ceiling, not loopback's: every packet still goes through one Python process. So the run
+also keeps a second, identical mesh up on 127.0.0.1 (no namespaces, no switch) and measures
+it in the same rounds (``loopback_*``): loopback vs RTT 0 is what the switch itself costs,
+RTT 0 vs 5/20/50 ms is what distance costs.
 
-Per RTT (0, 5, 20, 50 ms), every round: set the delay, wait until every daemon lists
-every other, then in one client process: 20 warm-up tasks, then
+Per setting (loopback, then RTT 0, 5, 20, 50 ms), every round: set the delay, wait until
+every daemon lists every other, then in one client process: 20 warm-up tasks, then
 
 - ``futures``: N ``executor().submit("base64.encode", 1 KiB)``, then ``.result()`` on each
   in order; N / wall time (first submit to last result).
@@ -24,9 +26,11 @@ every other, then in one client process: 20 warm-up tasks, then
 - ``seq_p50``: median round trip of 50 ``client.submit(kind, x, wait=True)`` one after
   another (each waits for its result before the next is sent).
 
-Rounds go over the RTTs in order, then in reverse order, alternating, so a drift in the
-machine's load does not fall on one RTT. Each round's figure at RTT r is also divided by
-the same round's figure at RTT 0; reported are medians over rounds with [min, max].
+Rounds go over the settings in order, then in reverse order, alternating, so a drift in
+the machine's load does not fall on one of them. Each round's figure per setting is also
+divided by the same round's figure at RTT 0; reported are medians over rounds with
+[min, max]. The switch's CPU time and the packets it forwarded, per task, come with each
+RTT (``rttN_switch_cpu_us_per_task``, ``rttN_packets_per_task``).
 
 ``python scripts/bench_rtt.py [--quick] [--tasks N] [--rounds R]``; ``scripts/bench rtt``.
 Needs root (network namespaces and TUN devices); without them it exits with one line.
@@ -51,6 +55,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 RTTS_MS = (0, 5, 20, 50)
+LOOPBACK = "loopback"  # the same three daemons on 127.0.0.1, no switch: the switch's cost
+Setting = int | str  # an RTT in ms through the switch, or LOOPBACK
 TASKS = 2000
 TASKS_QUICK = 500
 SEQ = 50
@@ -127,8 +133,19 @@ def client_main(home: str, n: int, n_seq: int) -> int:
 # --- the lab ------------------------------------------------------------------------------
 
 
-def _measure(netns: str, home: Path, n: int, n_seq: int) -> dict[str, Any]:
-    proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, __file__, "_client",
+def _tag(key: Setting) -> str:
+    return "loopback" if key == LOOPBACK else f"rtt{key}"
+
+
+def _label(key: Setting) -> str:
+    return "loopback" if key == LOOPBACK else f"RTT {key} ms"
+
+
+def _measure(netns: str | None, home: Path, n: int, n_seq: int) -> dict[str, Any]:
+    """One client process (in ``netns``, or here for the loopback mesh)."""
+    from chaostools import ns_prefix
+
+    proc = subprocess.run([*ns_prefix(netns), sys.executable, __file__, "_client",
                            str(home), str(n), str(n_seq)],
                           capture_output=True, text=True, timeout=CLIENT_S + 60)
     lines = proc.stdout.strip().splitlines()
@@ -147,61 +164,73 @@ def _cpu_s(pid: int) -> float:
 
 def bench_rtt(n: int, n_seq: int, rounds: int,
               emit: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-    """Every figure (emitted as it is made, and returned)."""
+    """Every figure (emitted at the end, and returned)."""
     from bench_baselines import figure
     from chaostools import full_mesh, netlab, netns_unavailable, ns_mesh
-    from meshtools import wait_until
+    from meshtools import mesh, wait_for_full_mesh, wait_until
 
     reason = netns_unavailable()
     if reason is not None:
         raise RuntimeError(f"bench rtt needs network namespaces (run as root): {reason}")
-    got: dict[int, dict[str, list[float]]] = {r: {k: [] for k in FIGURES} for r in RTTS_MS}
+    keys = [LOOPBACK, *RTTS_MS]
+    got: dict[Setting, dict[str, list[float]]] = {s: {k: [] for k in FIGURES} for s in keys}
     load: list[float] = []
-    switch_us: dict[int, list[float]] = {}
-    packets: dict[int, list[float]] = {}
+    switch_us: dict[Setting, list[float]] = {r: [] for r in RTTS_MS}
+    packets: dict[Setting, list[float]] = {r: [] for r in RTTS_MS}
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tm-bench-rtt-") as tmp, \
+            mesh(Path(tmp) / "lo", 3, slots=[0, 1, 1]) as lo_nodes, \
             netlab(3, seed=SEED) as lab, \
-            ns_mesh(lab, Path(tmp), slots=[0, 1, 1]) as nodes:
+            ns_mesh(lab, Path(tmp) / "ns", slots=[0, 1, 1]) as nodes:
+        wait_for_full_mesh(lo_nodes, timeout=HEALTHY_S)
         wait_until(lambda: full_mesh(nodes), HEALTHY_S, interval=1.0,
                    what="the namespaced mesh")
         load.append(os.getloadavg()[0])
         for rnd in range(rounds):
-            order = RTTS_MS if rnd % 2 == 0 else RTTS_MS[::-1]
-            for rtt in order:
-                lab.impair(rtt / 2, 0)
-                wait_until(lambda: full_mesh(nodes), HEALTHY_S, interval=1.0,
-                           what=f"the mesh at RTT {rtt} ms")
-                assert lab.hub is not None
-                cpu0, pk0 = _cpu_s(lab.hub.pid), lab.stats()["forwarded"]
-                res = _measure(lab.names[0], nodes[0].home, n, n_seq)
-                # per task of the client run (warm-up and all three parts), to set beside the
-                # time per task at RTT 0: what the switch itself costs
-                tasks = WARM + 2 * n + n_seq
-                switch_us.setdefault(rtt, []).append((_cpu_s(lab.hub.pid) - cpu0) * 1e6 / tasks)
-                packets.setdefault(rtt, []).append((lab.stats()["forwarded"] - pk0) / tasks)
+            for key in (keys if rnd % 2 == 0 else keys[::-1]):
+                if key == LOOPBACK:
+                    res = _measure(None, lo_nodes[0].home, n, n_seq)
+                else:
+                    assert isinstance(key, int)
+                    assert lab.hub is not None
+                    lab.impair(key / 2, 0)
+                    wait_until(lambda: full_mesh(nodes), HEALTHY_S, interval=1.0,
+                               what=f"the mesh at RTT {key} ms")
+                    cpu0, pk0 = _cpu_s(lab.hub.pid), lab.stats()["forwarded"]
+                    res = _measure(lab.names[0], nodes[0].home, n, n_seq)
+                    # per task of the client run (warm-up and all three parts), to set
+                    # beside the time per task at RTT 0: what the switch itself costs
+                    tasks = WARM + 2 * n + n_seq
+                    switch_us[key].append((_cpu_s(lab.hub.pid) - cpu0) * 1e6 / tasks)
+                    packets[key].append((lab.stats()["forwarded"] - pk0) / tasks)
                 for k, (name, _, _) in FIGURES.items():
-                    got[rtt][k].append(float(res[name]))
+                    got[key][k].append(float(res[name]))
                 load.append(os.getloadavg()[0])
-                print(f"bench rtt: round {rnd + 1}/{rounds} RTT {rtt} ms: futures"
+                print(f"bench rtt: round {rnd + 1}/{rounds} {_label(key)}: futures"
                       f" {res['futures_tasks_per_s']:,.0f}/s, batch"
                       f" {res['batch_tasks_per_s']:,.0f}/s, seq p50 {res['seq_p50_ms']:.1f} ms,"
                       f" spread {sorted(res['spread'].values())}", file=sys.stderr, flush=True)
         switch = lab.stats()
     out: list[dict[str, Any]] = []
-    for rtt in RTTS_MS:
+    for key in keys:
+        tag = _tag(key)
         for k, (name, unit, what) in FIGURES.items():
-            out.append(figure(f"rtt{rtt}_{name}", got[rtt][k], unit, rtt_ms=rtt, n_tasks=n,
-                              rounds=rounds, measures=what))
-            if rtt != 0:
-                # per round: this RTT's figure over the same round's figure at RTT 0
-                per_round = [a / b for a, b in zip(got[rtt][k], got[0][k], strict=True)]
-                out.append(figure(f"rtt{rtt}_{k}_ratio_vs_rtt0", per_round, "x", rtt_ms=rtt,
-                                  measures=f"per-round {name} at RTT {rtt} ms / at RTT 0"))
-        out.append(figure(f"rtt{rtt}_switch_cpu_us_per_task", switch_us[rtt], "us", rtt_ms=rtt,
+            out.append(figure(f"{tag}_{name}", got[key][k], unit, setting=_label(key),
+                              n_tasks=n, rounds=rounds, measures=what))
+            if key != 0:
+                # per round: this setting's figure over the same round's figure at RTT 0
+                per_round = [a / b for a, b in zip(got[key][k], got[0][k], strict=True)]
+                out.append(figure(f"{tag}_{k}_ratio_vs_rtt0", per_round, "x",
+                                  setting=_label(key),
+                                  measures=f"per-round {name} {_label(key)} / at RTT 0"))
+        if key == LOOPBACK:
+            continue
+        out.append(figure(f"{tag}_switch_cpu_us_per_task", switch_us[key], "us",
+                          setting=_label(key),
                           measures="CPU time (user + system) of the switch process during the"
                           " client run, per task (warm-up, futures, batch and sequential)"))
-        out.append(figure(f"rtt{rtt}_packets_per_task", packets[rtt], "packets", rtt_ms=rtt,
+        out.append(figure(f"{tag}_packets_per_task", packets[key], "packets",
+                          setting=_label(key),
                           measures="IP packets the switch forwarded during the client run,"
                           " per task (all parts, both directions, keepalives included)"))
     import platform
@@ -216,7 +245,7 @@ def bench_rtt(n: int, n_seq: int, rounds: int,
 
 
 def print_table(figs: list[dict[str, Any]], title: str) -> None:
-    """One row per RTT: each figure as median [min-max], and its ratio to RTT 0."""
+    """One row per setting: each figure as median [min-max], and its ratio to RTT 0."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -224,7 +253,7 @@ def print_table(figs: list[dict[str, Any]], title: str) -> None:
         return
     by = {f["figure"]: f for f in figs}
     t = Table(title=title)
-    t.add_column("RTT")
+    t.add_column("setting")
     for k, (_, unit, _) in FIGURES.items():
         t.add_column(f"{k} ({unit})")
         t.add_column("vs RTT 0")
@@ -237,12 +266,13 @@ def print_table(figs: list[dict[str, Any]], title: str) -> None:
         fmt = "{:,.0f}" if f["value"] >= 100 else "{:.3g}"
         return f"{fmt.format(f['value'])} [{fmt.format(f['min'])}-{fmt.format(f['max'])}]"
 
-    for rtt in RTTS_MS:
-        row = [f"{rtt} ms"]
+    for key in (LOOPBACK, *RTTS_MS):
+        tag = _tag(key)
+        row = [_label(key)]
         for k, (name, _, _) in FIGURES.items():
-            row += [cell(by.get(f"rtt{rtt}_{name}")), cell(by.get(f"rtt{rtt}_{k}_ratio_vs_rtt0"))]
-        row += [cell(by.get(f"rtt{rtt}_switch_cpu_us_per_task")),
-                cell(by.get(f"rtt{rtt}_packets_per_task"))]
+            row += [cell(by.get(f"{tag}_{name}")), cell(by.get(f"{tag}_{k}_ratio_vs_rtt0"))]
+        row += [cell(by.get(f"{tag}_switch_cpu_us_per_task")),
+                cell(by.get(f"{tag}_packets_per_task"))]
         t.add_row(*row)
     Console(stderr=True, width=200).print(t)
 
