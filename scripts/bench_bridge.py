@@ -132,8 +132,18 @@ def _headers(master: bytes, peer: str, method: str, path: str, body: bytes) -> d
     return h
 
 
+# workerd closes a keep-alive connection 5 s after its last response (kj's HTTP server
+# pipeline timeout, not configurable); httpx keeps idle connections for 5 s too. A
+# connection picked up again just as workerd closes it loses the request (a reset or
+# "Server disconnected without sending a response"): at the end of a round, the fast
+# connections wait for the slowest request (p99 several seconds here) and the next round
+# starts on them. Idle connections are therefore dropped by the client well before 5 s.
+KEEPALIVE_S = 2.0
+
+
 def _client(url: str, concurrency: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
+                          keepalive_expiry=KEEPALIVE_S)
     return httpx.AsyncClient(base_url=url, timeout=120, limits=limits, trust_env=False)
 
 

@@ -182,8 +182,9 @@ def test_revocation_rotates_the_bridge_master_and_members_fetch_their_new_keys(
         for d in (stays, goes):
             assert kv(d.home, "bridge_master") is None
         revoked_key = kv(goes.home, "bridge_key")
+        goes_id = goes.peer_id  # read now: a revoked daemon stops (and removes api.json)
 
-        admin.cli("team", "revoke", goes.peer_id)
+        admin.cli("team", "revoke", goes_id)
 
         wait_until(lambda: epoch(stays.home) == 1, 30, what="the member to fetch its new key")
         new_master = kv(admin.home, "bridge_master")
@@ -196,7 +197,7 @@ def test_revocation_rotates_the_bridge_master_and_members_fetch_their_new_keys(
         assert kv(stays.home, "bridge_master") is None
         # the revoked member learnt no key of the new epoch, and its old one is dead
         assert kv(goes.home, "bridge_key") == revoked_key
-        assert revoked_key != derive_member_key(new_master, goes.peer_id)
+        assert revoked_key != derive_member_key(new_master, goes_id)
         assert revoked_key not in keys.values()
         assert "got this node's bridge key for epoch 1" in stays.log.read_text()
         # what an admin gives the Worker (BRIDGE_KEY); a member has nothing to give

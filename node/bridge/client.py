@@ -250,6 +250,9 @@ def decode_task(task: Any, expect_id: str | None = None) -> BridgeTask:
                       cached=bool(t.get("cached", False)), raw=t)
 
 
+KEEPALIVE_S = 2.0  # see docs/BRIDGE.md, "Why not wrangler dev"
+
+
 class BridgeClient:
     """Signed requests to one bridge. Use as ``async with BridgeClient(...) as bridge:``
     or call :meth:`aclose` when done.
@@ -276,6 +279,9 @@ class BridgeClient:
             proxy=proxy,
             trust_env=proxy is None,
             headers={"User-Agent": "teammesh-bridge-client/2"},
+            # idle connections dropped well before a server's 5 s keep-alive limit
+            # (workerd's): a request sent just as the server closes one is lost
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S),
         )
 
     async def __aenter__(self) -> BridgeClient:

@@ -1,4 +1,4 @@
-"""Run the Cloudflare bridge Worker locally (``wrangler dev --local``, workerd on loopback).
+"""Run the Cloudflare bridge Worker locally (workerd on loopback, through Miniflare).
 
 :func:`open_bridge_dev` is a trio async context manager for tests and the daemon;
 :func:`run_bridge_dev` is the blocking form behind ``teammesh bridge dev``.
@@ -8,15 +8,30 @@ sources and node_modules, plus its own ``.dev.vars`` holding the key), so runs w
 different keys (tests, several teams, other developers' runs) never share or rewrite one
 ``bridge/.dev.vars``.
 
-wrangler is started in its own session/process group (``setsid``): its process tree is
-wrangler.js -> cli.js -> workerd (+ esbuild), and killing only the top pid can leave
-workerd running, so stopping sends SIGTERM to the whole group and SIGKILL after 5 s.
-Telemetry and the cf.json fetch are turned off; nothing but 127.0.0.1 is contacted.
+Why not ``wrangler dev``: it puts a second workerd (its ProxyWorker) in front of the
+Worker's, and under load that hop loses requests (503 "Your worker restarted
+mid-request", or a connection closed without an answer). workerd closes a keep-alive
+connection after 5 s idle, and the proxy's workerd drops pooled connections after the
+same 5 s: when load pauses for ~5 s (a slow tail, the start of the next burst) the proxy
+sends requests on connections the Worker's workerd is closing, and wrangler's proxy
+retries only GET and HEAD (docs/BRIDGE.md, "Why not wrangler dev", has the numbers).
+:func:`open_bridge_dev` therefore runs ``serve.mjs`` (:data:`SERVE_JS`, written into the
+run directory): Miniflare with wrangler's own reading of wrangler.jsonc
+(``unstable_getMiniflareWorkerOptions``), listening on 127.0.0.1:port itself; the
+client talks to the Worker's workerd directly. State is in ``persist_dir``/v3, where
+``wrangler dev --persist-to persist_dir`` keeps it too. :func:`wrangler_command` (plain
+``wrangler dev``) stays for manual use and tests that want wrangler itself.
+
+The server is started in its own session/process group (``setsid``): its process tree
+is node -> workerd, and killing only the top pid can leave workerd running, so stopping
+sends SIGTERM to the whole group and SIGKILL after 5 s. Telemetry and the cf.json fetch
+are turned off; nothing but 127.0.0.1 is contacted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -37,6 +52,7 @@ __all__ = [
     "open_bridge_dev",
     "prepare_run_dir",
     "run_bridge_dev",
+    "serve_command",
     "wrangler_command",
     "wrangler_env",
 ]
@@ -98,6 +114,61 @@ def wrangler_command(bridge_dir: Path, port: int, persist_dir: Path,
     return cmd
 
 
+# The local server: Miniflare (bridge/node_modules/miniflare, the version wrangler uses)
+# with the options wrangler derives from wrangler.jsonc (bindings, Durable Object classes
+# with SQLite, vars, compatibility date), the sources as ES modules from src/ (no bundling
+# step: src/ is plain ES modules with static imports), vars from the command line and the
+# key from .dev.vars (not the command line: other users can read a process's argv).
+SERVE_JS = r"""// written by teammesh (node/bridge/dev.py): the Worker in workerd, no wrangler dev proxy
+import { readFileSync } from "node:fs";
+import { Log, LogLevel, Miniflare } from "miniflare";
+import { unstable_getMiniflareWorkerOptions } from "wrangler";
+
+const [host, port, persistRoot, varsJson] = process.argv.slice(2);
+const secrets = {};
+for (const line of readFileSync(".dev.vars", "utf8").split("\n")) {
+  const eq = line.indexOf("=");
+  if (eq > 0) secrets[line.slice(0, eq).trim()] = line.slice(eq + 1).trim();
+}
+const { workerOptions, main } = unstable_getMiniflareWorkerOptions("wrangler.jsonc");
+const mf = new Miniflare({
+  ...workerOptions,
+  modules: true,
+  scriptPath: main,
+  modulesRoot: ".",
+  modulesRules: [{ type: "ESModule", include: ["**/*.js"] }],
+  bindings: { ...workerOptions.bindings, ...JSON.parse(varsJson), ...secrets },
+  host,
+  port: Number(port),
+  defaultPersistRoot: persistRoot,
+  cf: false,
+  log: new Log(LogLevel.INFO),
+});
+const url = await mf.ready;
+console.log(`teammesh bridge dev: ready on ${url}`);
+let stopping = false;
+const stop = async () => {
+  if (stopping) return;
+  stopping = true;
+  await mf.dispose();
+  process.exit(0);
+};
+process.on("SIGTERM", stop);
+process.on("SIGINT", stop);
+"""
+
+
+def serve_command(run_dir: Path, port: int, persist_dir: Path,
+                  extra_vars: dict[str, str] | None = None) -> list[str]:
+    """The command that serves the Worker from ``run_dir`` (see :data:`SERVE_JS`) on
+    127.0.0.1:``port`` with its state under ``persist_dir``/v3 (wrangler's layout)."""
+    node = shutil.which("node")
+    if node is None:
+        raise BridgeDevError("node is not installed; the bridge needs Node.js 20 (see docs/BRIDGE.md)")
+    return [node, str(Path(run_dir) / "serve.mjs"), "127.0.0.1", str(port),
+            str(Path(persist_dir) / "v3"), json.dumps(extra_vars or {})]
+
+
 def ensure_installed(bridge_dir: Path) -> None:
     """``npm ci`` in bridge/ unless node_modules already has wrangler."""
     if (bridge_dir / "node_modules" / "wrangler" / "bin" / "wrangler.js").exists():
@@ -130,8 +201,9 @@ RUN_DIR_LINKS = ("wrangler.jsonc", "package.json", "src", "node_modules")
 
 
 def prepare_run_dir(bridge_dir: Path, run_dir: Path, key_hex: str) -> Path:
-    """A private directory to run wrangler in: symlinks to ``bridge_dir``'s config,
-    sources and node_modules, and a ``.dev.vars`` (mode 600) with this run's key."""
+    """A private directory to run the Worker in: symlinks to ``bridge_dir``'s config,
+    sources and node_modules, a ``.dev.vars`` (mode 600) with this run's key, and
+    ``serve.mjs`` (:data:`SERVE_JS`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_DIR_LINKS:
         link = run_dir / name
@@ -142,6 +214,9 @@ def prepare_run_dir(bridge_dir: Path, run_dir: Path, key_hex: str) -> Path:
             link.unlink()
         link.symlink_to(target)
     write_dev_vars(run_dir, key_hex)
+    serve = run_dir / "serve.mjs"
+    if not serve.exists() or serve.read_text() != SERVE_JS:
+        serve.write_text(SERVE_JS)
     return run_dir
 
 
@@ -167,8 +242,9 @@ async def open_bridge_dev(bridge_dir: str | Path, port: int | None, key_hex: str
                           start_timeout: float = START_TIMEOUT_S) -> AsyncIterator[str]:
     """Start the Worker on 127.0.0.1:``port`` and yield its base URL.
 
-    ``extra_vars`` override wrangler.jsonc vars (e.g. {"RATE_BURST": "1000"}). wrangler's
-    output goes to ``log_path`` (default: ``persist_dir``/wrangler.log).
+    ``extra_vars`` override wrangler.jsonc vars (e.g. {"RATE_BURST": "1000"}). The
+    server's output (Miniflare's request log, the Worker's console) goes to ``log_path``
+    (default: ``persist_dir``/bridge-dev.log).
     """
     bridge_dir = Path(bridge_dir)
     persist_dir = Path(persist_dir)
@@ -176,11 +252,11 @@ async def open_bridge_dev(bridge_dir: str | Path, port: int | None, key_hex: str
     port = port or free_port()
     await trio.to_thread.run_sync(ensure_installed, bridge_dir)
     run_dir = prepare_run_dir(bridge_dir, persist_dir / "worker", key_hex)
-    log_file = Path(log_path) if log_path else persist_dir / "wrangler.log"
+    log_file = Path(log_path) if log_path else persist_dir / "bridge-dev.log"
     log = await trio.to_thread.run_sync(open, log_file, "ab")
     try:
         proc = await trio.lowlevel.open_process(
-            wrangler_command(run_dir, port, persist_dir, extra_vars), cwd=str(run_dir),
+            serve_command(run_dir, port, persist_dir, extra_vars), cwd=str(run_dir),
             env=wrangler_env(Path(persist_dir)), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -191,7 +267,7 @@ async def open_bridge_dev(bridge_dir: str | Path, port: int | None, key_hex: str
         while True:
             if proc.returncode is not None:
                 tail = log_file.read_text(errors="replace")[-1500:]
-                raise BridgeDevError(f"wrangler dev exited with {proc.returncode}:\n{tail}")
+                raise BridgeDevError(f"the local bridge (Miniflare) exited with {proc.returncode}:\n{tail}")
             if await trio.to_thread.run_sync(_health_ok, port):
                 break
             if trio.current_time() > deadline:
