@@ -461,6 +461,14 @@ async function loadCid(env, cid, multihash) {
   return data;
 }
 
+// The first param given as a file, as the node writes it: {"$cid": "<CID>"} and nothing else.
+function fileParam(params) {
+  for (const [k, v] of Object.entries(params)) {
+    if (v && typeof v === "object" && !Array.isArray(v) && Object.keys(v).length === 1 && typeof v.$cid === "string") return k;
+  }
+  return null;
+}
+
 const QUEUE_ON_CID = ["no_mirror", "cid_not_found", "input_too_large"];
 
 // KV holds small outputs as the value, larger ones as a reference to R2 (metadata).
@@ -554,6 +562,10 @@ async function submitTask(request, env, ctx, peer, body) {
   }
 
   let reason = whyNotPortable(kind, version, params, lim);
+  // A param given as a file ({"$cid": "..."}) is fetched by the pull-mode peer that runs
+  // the task; the edge's kinds take no files, and running one on the reference object
+  // itself would give a wrong answer, not an error.
+  if (!reason && fileParam(params) !== null) reason = `param '${fileParam(params)}' is a file ({"$cid"}), which pull-mode peers fetch`;
   if (!reason && cid === null) reason = whyNotAtEdge(kind, input.length, lim.edgeInput);
   if (reason && !queueAllowed) {
     throw new HttpError(422, "not_portable", `${reason}; the request says "queue": false, so it is not held for pull-mode peers`);

@@ -174,6 +174,25 @@ describe("cache keys cover the input", () => {
     expect(strict.json.error.code).toBe("cid_not_found");
   });
 
+  it("a task with a file param ({$cid}) is never run at the edge: queued with its params, one task per file", async () => {
+    const [cidA, cidB] = [await rawCid("param file a"), await rawCid("param file b")];
+    const a = await call("POST", "/v1/tasks", { kind: "hash.sha256", input_b64: "", params: { extra: { $cid: cidA } } }, { peer: "cidp-1" });
+    expect(a.status).toBe(202);
+    expect(a.json.state).toBe("queued");
+    expect(a.json.waiting_reason).toContain("param 'extra' is a file");
+    const leased = await call("POST", "/v1/lease", { kinds: ["hash.sha256"] }, { peer: "cidp-puller" });
+    const mine = leased.json.tasks.filter((t) => t.id === a.json.id);
+    expect(mine.map((t) => t.params)).toEqual([{ extra: { $cid: cidA } }]);
+    const done = await call("POST", `/v1/tasks/${a.json.id}/result`, { ok: true, output: "digest of a" }, { peer: "cidp-puller" });
+    expect(done.json.state).toBe("done");
+    const b = await call("POST", "/v1/tasks", { kind: "hash.sha256", input_b64: "", params: { extra: { $cid: cidB } } }, { peer: "cidp-2" });
+    expect(b.status).toBe(202);
+    expect(b.json.cached).toBe(false);
+    const strict = await call("POST", "/v1/tasks", { kind: "hash.sha256", input_b64: "", params: { extra: { $cid: cidB } }, queue: false }, { peer: "cidp-2" });
+    expect(strict.status).toBe(422);
+    expect(strict.json.error.code).toBe("not_portable");
+  });
+
   it("refuses an input_cid that is not a CID", async () => {
     const r = await call("POST", "/v1/tasks", { kind: "sec.cid", params: {}, input_cid: "bnotacid0000" }, { peer: "cid-4" });
     expect(r.status).toBe(400);
