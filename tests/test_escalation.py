@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,14 +87,14 @@ def test_saturated_mesh_escalates_to_bridge(tmp_path: Path) -> None:
                 data = tmp_path / "in.bin"
                 # over 64 KiB: a smaller hash would run at once on a's own daemon, slot or not
                 data.write_bytes(os.urandom(96 * 1024))
-                t0 = time.monotonic()
                 task = json.loads(run_cli(a.home, "submit", "hash.sha256", "--input", str(data),
                                           "--wait", "--json").stdout)
-                elapsed = time.monotonic() - t0
                 assert task["state"] == "done"
                 assert task["executed_by"] == "bridge"
                 assert task["output"] == hashlib.sha256(data.read_bytes()).hexdigest()
-                assert elapsed < 0.5 + 10  # offer window + a margin for a loaded machine
+                # straight to the bridge: it never waited in b's queue behind the sleeps
+                # (how soon is scripts/bench escalation's figure, not a test's bound)
+                assert [at["peer"] for at in task["attempts"]] == ["bridge"], task["attempts"]
             finally:
                 b.stop()
         finally:
