@@ -18,6 +18,7 @@ import pytest
 from nacl.signing import VerifyKey
 from teammesh.protocols import bitswap as bs
 from teammesh.protocols import tasks, wire
+from teammesh.protocols.bridgekey import MEMBER_KEY_LABEL, derive_member_key
 from teammesh.protocols.capability import CapabilityAd, DownNotice, PeerTable, open_down
 from teammesh.protocols.envelope import Opened, open_sealed, seal
 from teammesh.protocols.errors import (
@@ -828,3 +829,36 @@ def test_a_lone_peer_that_sent_bad_blocks_is_still_asked() -> None:
 def test_a_cid_varint_with_a_trailing_zero_is_refused_by_name() -> None:
     with pytest.raises(MalformedMessage, match=r"^non-minimal varint: trailing zero byte$"):
         wire.read_varint(b"\x81\x00", minimal=True)
+
+
+def _hmac_sha256_by_hand(key: bytes, message: bytes) -> bytes:
+    """RFC 2104 written out with hashlib alone (no hmac module), for bridgekey's tests."""
+    block = 64
+    if len(key) > block:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(block, b"\0")
+    inner = hashlib.sha256(bytes(k ^ 0x36 for k in key) + message).digest()
+    return hashlib.sha256(bytes(k ^ 0x5C for k in key) + inner).digest()
+
+
+def test_member_bridge_keys_match_the_documented_derivation() -> None:
+    """bridgekey.derive_member_key: no pure test reached it (only test_revocation, with
+    daemons). A wrong key means the Worker refuses every request of that member. The
+    expected values are openssl's (`openssl dgst -sha256 -mac HMAC -macopt hexkey:...` over
+    the label, its NUL and the peer id) and RFC 2104 written out with hashlib."""
+    # The hand-written HMAC first proves itself on RFC 4231 test case 2.
+    assert _hmac_sha256_by_hand(b"Jefe", b"what do ya want for nothing?").hex() == (
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+    assert MEMBER_KEY_LABEL == b"teammesh-bridge-member-v1\x00"
+    master = bytes(range(32))
+    assert derive_member_key(master, "QmPe\u00e9r").hex() == (
+        "1f2db6a0c5c187f987290a087b28e1ba70fd6c47fcd0f3ac660b329087da8913")
+    assert derive_member_key(b"\xaa" * 32, "12D3KooWQ9k3example").hex() == (
+        "f77053284f1b46fb338ad43e68011eddb500ca7f1d339ecdefa76363396171cd")
+    peers = ["12D3KooWA", "12D3KooWB", ""]
+    keys = {derive_member_key(master, p) for p in peers}
+    assert len(keys) == 3  # one member's key is not another's
+    for p in peers:
+        want = _hmac_sha256_by_hand(master, b"teammesh-bridge-member-v1\x00" + p.encode())
+        assert derive_member_key(master, p) == want
+        assert derive_member_key(b"\x01" + master[1:], p) != want  # the master key counts
