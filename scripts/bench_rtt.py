@@ -171,7 +171,7 @@ def bench_rtt(n: int, n_seq: int, rounds: int,
 
     reason = netns_unavailable()
     if reason is not None:
-        raise RuntimeError(f"bench rtt needs network namespaces (run as root): {reason}")
+        raise RuntimeError(f"needs network namespaces (run as root): {reason}")
     keys = [LOOPBACK, *RTTS_MS]
     got: dict[Setting, dict[str, list[float]]] = {s: {k: [] for k in FIGURES} for s in keys}
     load: list[float] = []
