@@ -8,8 +8,8 @@ Python process that forwards every IP packet and holds back what each namespace 
 
 The shape is the tasks bench's: a submitter daemon (0 slots) and two executor daemons
 (1 slot each), here one per namespace. The Python client runs in the submitter's namespace
-(``ip netns exec``; a child process of this script that prints one JSON line), so its
-control socket, like its daemon, sees only the lab's network.
+(``ip netns exec``, as the chaos suite runs the CLI; a child process of this script that
+prints one JSON line).
 
 RTT 0 is the same switch with no delay. It is the reference, and it is the switch's
 ceiling, not loopback's: every packet still goes through one Python process. So the run
