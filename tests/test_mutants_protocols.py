@@ -72,7 +72,7 @@ from teammesh.protocols.scheduler_model import (
     WaitReason,
     Where,
 )
-from teammesh.protocols.scheduler_peers import ewma
+from teammesh.protocols.scheduler_peers import PeerView, ewma
 
 K = "hash.sha256"
 
@@ -862,3 +862,63 @@ def test_member_bridge_keys_match_the_documented_derivation() -> None:
         want = _hmac_sha256_by_hand(master, b"teammesh-bridge-member-v1\x00" + p.encode())
         assert derive_member_key(master, p) == want
         assert derive_member_key(b"\x01" + master[1:], p) != want  # the master key counts
+
+
+def test_failures_render_the_text_users_are_shown() -> None:
+    """Failure.render: the GAVE_UP loss dropped (`self.loss and False`), the NO_RUNNER and
+    TOO_FEW_MEMBERS texts changed, the REPLICAS_DISAGREE separator changed. `teammesh
+    status` and the API print these; the hints in them are what a user acts on."""
+    f = FailReason
+    assert Failure(f.GAVE_UP, "peerA", 3, Loss.TIMEOUT).render() == (
+        "gave up after 3 attempts; last: peerA (timeout)")
+    assert Failure(f.GAVE_UP, "peerA", 3).render() == "gave up after 3 attempts; last: peerA (?)"
+    assert Failure(f.NO_RUNNER).render() == (
+        "no member runs this kind with the resources it needs, and no bridge can")
+    assert Failure(f.TOO_FEW_MEMBERS, attempts=3).render() == (
+        "3 replicas need as many distinct members running the kind, and fewer do: "
+        "lower --replicas or add members")
+    assert Failure(f.REPLICAS_DISAGREE, digests=(("a", bytes(range(16))), ("b", b"\xff" * 16)),
+                   ).render() == "replicas disagree: a -> 000102030405; b -> ffffffffffff"
+
+
+def test_waits_render_the_text_users_are_shown() -> None:
+    """Wait.render: the REPLICAS_PENDING and ON_BRIDGE texts changed."""
+    w = WaitReason
+    assert Wait(w.REPLICAS_PENDING, count=1, total=3).render(0.0) == (
+        "1 of 3 replicas placed; waiting for more distinct members")
+    assert Wait(w.ON_BRIDGE).render(0.0) == "sent to the bridge"
+
+
+def test_a_capability_ad_keeps_its_cost_and_memory_in_mib() -> None:
+    """PeerAd.from_capability: the cost dropped (`None`, or the argument left out so the
+    rtt took its place). The cost is what ranks equally placed peers (Weights.cost)."""
+    cap = CapabilityAd("p", "team", (), 4, 2, 1, 3 * 2**30, ("gpu0",), {K: "1"}, 5, 0.25,
+                       (), "tm", 1, 1000, b"")
+    got = PeerAd.from_capability(cap, rtt_ms=7.5)
+    assert got == PeerAd("p", {K: "1"}, 2, 1, 5, 3072.0, ("gpu0",), 0.25, 7.5)
+
+
+def test_a_peers_queue_drains_before_its_slots_free_and_sets_the_wait() -> None:
+    """PeerView.released: `queue > 1`, `queue += 1`, the 86,400 s cap as 86,401;
+    PeerView.wait_s: `avg / (queue + 1)`. The wait is what Rule 6 compares with the bridge
+    (docs/SCHEDULER.md: avg task time * (queue + 1) / slots)."""
+    v = PeerView.from_ad(PeerAd("p", {K: "1"}, 2, 0, 0))
+    for t in "abcd":
+        v.assigned(t)
+    assert (v.free, v.queue) == (0, 4)
+    v.released("a", 10.0)
+    assert (v.free, v.queue, v.avg_task_s) == (0, 3, 10.0)
+    assert v.wait_s(None) == 10.0 * (3 + 1) / 2
+    v.released("b", None)
+    v.released("c", None)
+    assert (v.free, v.queue) == (0, 1)
+    v.released("d", None)
+    assert (v.free, v.queue) == (0, 0)
+    assert v.wait_s(None) == 10.0 * (0 + 1) / 2
+    v2 = PeerView.from_ad(PeerAd("q", {K: "1"}, 1, 1, 0))
+    v2.assigned("x")
+    assert (v2.free, v2.queue) == (0, 0)
+    v2.released("x", 1e9)  # a day at most: one stuck task must not poison the average
+    assert (v2.free, v2.queue, v2.avg_task_s) == (1, 0, 86_400.0)
+    v2.released("x", 5.0)  # not ours any more: ignored
+    assert (v2.free, v2.avg_task_s) == (1, 86_400.0)

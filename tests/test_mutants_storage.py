@@ -5,14 +5,19 @@ Each test's docstring names the mutant it was written against.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import logging
+import os
 from pathlib import Path
 
 import pytest
-from teammesh.protocols.errors import StorageError
-from teammesh.storage.blockstore import CorruptBlock, FsBlockstore
+from teammesh.protocols.errors import MirrorError, MirrorUnavailable, StorageError
+from teammesh.storage.blockstore import CorruptBlock, FsBlockstore, StoreFull
 from teammesh.storage.cid import BLAKE2B_256, RAW, SHA2_512, Cid
-from teammesh.storage.dagpb import decode_unixfs
+from teammesh.storage.dagpb import decode_node, decode_unixfs, encode_node
+from teammesh.storage.mirrorqueue import MirrorQueue, drain
+from teammesh.storage.unixfs import FileImporter, human_bytes
 
 # multihash codes as varints (the multicodec table): blake2b-256 is 0xb220
 BLAKE2B_256_VARINT = b"\xa0\xe4\x02"
@@ -63,3 +68,201 @@ def test_unixfs_skips_fixed_width_fields_it_does_not_know() -> None:
         assert (got.type, got.filesize) == (2, 1000)
     with pytest.raises(StorageError, match="truncated fixed-size"):
         decode_unixfs(known + b"\x4d\x01\x02")
+
+
+def _raw_cid_bytes(block: bytes) -> bytes:
+    """A CIDv1 written out from the multiformats spec: version 1, codec raw (0x55),
+    multihash sha2-256 (0x12) of length 32 (0x20)."""
+    return b"\x01\x55\x12\x20" + hashlib.sha256(block).digest()
+
+
+def test_cid_strings_in_every_documented_multibase_name_the_same_block() -> None:
+    """Cid.parse: `prefix in "ff"` (an upper-case base16 CID, multibase 'F', refused)."""
+    raw = _raw_cid_bytes(b"hello")
+    b32 = "b" + base64.b32encode(raw).decode().lower().rstrip("=")
+    want = Cid.parse(b32)
+    assert want.verify(b"hello")
+    for text in ("B" + b32[1:].upper(), "f" + raw.hex(), "F" + raw.hex().upper(),
+                 "u" + base64.urlsafe_b64encode(raw).decode().rstrip("=")):
+        assert Cid.parse(text) == want, text
+
+
+def test_cid_refusals_tell_the_user_what_is_expected() -> None:
+    """Cid.parse: the unknown-prefix message set to None or changed; Cid.__post_init__:
+    the CIDv0 message changed."""
+    with pytest.raises(StorageError, match=(
+            r"^unknown multibase prefix 'x' in CID 'xyz'; expected 'b' \(base32\) "
+            r"or a 'Qm\.\.\.' CIDv0$")):
+        Cid.parse("xyz")
+    with pytest.raises(StorageError, match=(
+            r"^a CIDv0 must be a dag-pb block named by a 32-byte sha2-256 hash$")):
+        Cid(0, RAW, b"\x12\x20" + hashlib.sha256(b"x").digest())
+
+
+def test_a_put_that_fits_exactly_after_gc_is_accepted(tmp_path: Path) -> None:
+    """FsBlockstore.ensure_room: `_used + n >= limit_bytes` after gc (a fetch of exactly
+    the room left was refused as "full")."""
+    store = FsBlockstore(tmp_path, limit_bytes=1000)
+    junk = b"j" * 600
+    cid = Cid.of_block(RAW, junk)
+    store.put(cid, junk)  # not pinned: gc may take it
+    old = block_path(store, cid)
+    os.utime(old, (1_000_000, 1_000_000))  # written long before gc starts
+    store.ensure_room(1000)  # 600 + 1000 > 1000: gc frees 600, then 0 + 1000 fits
+    assert not store.has(cid)
+    with pytest.raises(StoreFull):
+        store.ensure_room(1001)
+
+
+def test_gc_logs_what_it_freed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """FsBlockstore.gc: `logger.info(freed, self.root)` (a logging error instead of the
+    line an operator reads)."""
+    store = FsBlockstore(tmp_path)
+    data = b"g" * 321
+    cid = Cid.of_block(RAW, data)
+    store.put(cid, data)
+    os.utime(block_path(store, cid), (1_000_000, 1_000_000))
+    with caplog.at_level(logging.INFO, logger="teammesh.storage.blockstore"):
+        assert store.gc() == 321
+    assert [r.getMessage() for r in caplog.records] == [f"gc freed 321 bytes in {tmp_path}"]
+
+
+# dag-pb written out by hand from dag-pb.proto: PBNode { Links = 2; Data = 1 },
+# PBLink { Hash = 1; Name = 2; Tsize = 3 }.
+def _link(cid_bytes: bytes, name: bytes | None, tsize: int) -> bytes:
+    out = b"\x0a" + bytes([len(cid_bytes)]) + cid_bytes
+    if name is not None:
+        out += b"\x12" + bytes([len(name)]) + name
+    return out + b"\x18" + bytes([tsize])
+
+
+def test_dag_pb_links_without_a_name_keep_their_bytes_and_their_cid() -> None:
+    """_decode_link: `name = ""` when the Name field is absent: re-encoding then writes an
+    empty Name, so the node's bytes (and its CID) change. Absent and empty are distinct in
+    dag-pb; both must round-trip."""
+    leaf = _raw_cid_bytes(b"leaf")
+    for name in (None, b"", b"a.txt"):
+        link = _link(leaf, name, 4)
+        node = b"\x12" + bytes([len(link)]) + link + b"\x0a\x02\x08\x02"
+        got = decode_node(node)
+        assert got.links[0].name == (None if name is None else name.decode())
+        assert encode_node(got) == node
+    with pytest.raises(StorageError, match=r"^dag-pb link without a Hash$"):
+        decode_node(b"\x12\x02\x18\x04")
+
+
+def test_unixfs_data_without_a_type_or_with_a_bad_filesize_is_refused_by_name() -> None:
+    """decode_unixfs: `type_ = ""` (Data without its required Type accepted); the
+    filesize field's name in the wire-type error changed."""
+    with pytest.raises(StorageError, match=r"^UnixFS Data without its required Type field$"):
+        decode_unixfs(b"\x18\x05")  # filesize = 5, no Type
+    with pytest.raises(StorageError,
+                       match=r"^UnixFS filesize has protobuf wire type 2, expected 0$"):
+        decode_unixfs(b"\x08\x02" b"\x1a\x01\x05")  # filesize as a length-delimited field
+
+
+@pytest.mark.parametrize(("n", "text"), [
+    (0, "0 bytes"), (1023, "1023 bytes"), (1024, "1 KiB"), (1025, "1.001 KiB"),
+    (5000, "4.883 KiB"), (3 * 1024 + 1, "3.001 KiB"), (1024**2, "1 MiB"),
+    (64 * 1024**3, "64 GiB"), (3 * 1024**4 // 2, "1.5 TiB"),
+])
+def test_human_bytes(n: int, text: str) -> None:
+    """human_bytes: the GiB unit as `1024 * 3`, the KiB unit as 1025 (what `files ls`
+    and the StoreFull hints print)."""
+    assert human_bytes(n) == text
+
+
+def test_finishing_an_import_twice_is_refused_by_name() -> None:
+    """FileImporter.finish: its RuntimeError without a message."""
+    imp = FileImporter()
+    imp.feed(b"x")
+    imp.finish()
+    with pytest.raises(RuntimeError, match=r"^FileImporter.finish\(\) called twice$"):
+        imp.finish()
+
+
+class _Mirror:
+    """An uploader that keeps what it is sent (R2Mirror against a real S3 server is in
+    test_r2.py; this is drain's side of the Uploader protocol)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Cid] = []
+        self.have: set[Cid] = set()
+        self.broken: dict[Cid, MirrorError] = {}
+
+    def upload_file(self, cid: Cid, path: Path) -> bool:
+        if cid in self.broken:
+            raise self.broken[cid]
+        self.sent.append(cid)
+        if cid in self.have:
+            return False
+        self.have.add(cid)
+        return True
+
+
+def test_mirror_queue_backs_off_5_s_doubling_to_an_hour(tmp_path: Path) -> None:
+    """mirrorqueue: no pure test reached it (only daemons in test_files.py). The backoff is
+    the module docstring's rule, 5 s * 2**(attempts - 1) capped at 3600 s, written out."""
+    cid = Cid.of_block(RAW, b"q")
+    with MirrorQueue(tmp_path / "q.db") as q:
+        q.enqueue(cid, tmp_path / "f")
+        assert len(q) == 1
+        now = 100.0
+        for attempts, pause in enumerate([5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560,
+                                          3600, 3600], start=1):
+            assert q.failed(cid, f"boom {attempts}", now) == now + pause
+            item = q.pending()[0]
+            assert (item.attempts, item.next_at, item.last_error) == (
+                attempts, now + pause, f"boom {attempts}")
+            assert q.due(now + pause - 0.001) == []
+            assert [i.cid for i in q.due(now + pause)] == [cid]
+            now += pause
+        q.failed(cid, "e" * 5000, now)
+        assert q.pending()[0].last_error == "e" * 1000
+        assert q.failed(Cid.of_block(RAW, b"not queued"), "x", 7.0) == 7.0
+        q.enqueue(cid, tmp_path / "g")  # queued again: due at once, new path
+        item = q.pending()[0]
+        assert (item.path, item.next_at, len(q)) == (tmp_path / "g", 0.0, 1)
+        q.done(cid)
+        assert (len(q), q.pending()) == (0, [])
+
+
+def test_mirror_queue_hands_out_the_longest_waiting_first_in_batches(tmp_path: Path) -> None:
+    cids = [Cid.of_block(RAW, bytes([i])) for i in range(5)]
+    with MirrorQueue(tmp_path / "q.db") as q:
+        for c in cids:
+            q.enqueue(c, tmp_path / "f")
+        q.failed(cids[0], "x", 0.0)  # due at 5
+        q.failed(cids[1], "x", 1.0)  # due at 6
+        assert [i.cid for i in q.due(4.0)] == cids[2:]
+        assert [i.cid for i in q.due(6.0, limit=4)] == [*cids[2:], cids[0]]
+        assert [i.cid for i in q.pending()] == [*cids[2:], cids[0], cids[1]]
+        assert str(q.pending()[0].cid) == str(cids[2].to_v1())
+
+
+def test_drain_uploads_counts_and_stops_at_an_unreachable_mirror(tmp_path: Path) -> None:
+    """drain: what each outcome does to the queue and to the report."""
+    files = []
+    for i in range(5):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(bytes([i]) * 10)
+        files.append((Cid.of_block(RAW, f.read_bytes()), f))
+    mirror = _Mirror()
+    mirror.have.add(files[1][0])
+    mirror.broken[files[2][0]] = MirrorError("bad request")
+    with MirrorQueue(tmp_path / "q.db") as q:
+        for c, f in files:
+            q.enqueue(c, f)
+        files[3][1].unlink()
+        r = drain(q, mirror, 50.0)
+        assert (r.uploaded, r.already, r.failed, r.dropped, r.unavailable) == (2, 1, 1, 1, False)
+        assert mirror.sent == [files[0][0], files[1][0], files[4][0]]
+        assert [(i.cid, i.attempts, i.next_at, i.last_error) for i in q.pending()] == [
+            (files[2][0], 1, 55.0, "bad request")]
+        for c, f in files[:2]:
+            q.enqueue(c, f)
+        mirror.broken[files[0][0]] = MirrorUnavailable("endpoint down")
+        r = drain(q, mirror, 60.0)
+        assert (r.uploaded, r.already, r.failed, r.dropped, r.unavailable) == (0, 0, 1, 0, True)
+        assert len(q) == 3  # the round stopped: the entries behind it wait
+        assert q.pending()[-1].last_error == "endpoint down"
