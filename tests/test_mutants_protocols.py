@@ -27,6 +27,7 @@ from teammesh.protocols.errors import (
     MalformedMessage,
     NotAMember,
     ResultRejected,
+    leaves,
 )
 from teammesh.protocols.identity import (
     Identity,
@@ -73,6 +74,7 @@ from teammesh.protocols.scheduler_model import (
     Where,
 )
 from teammesh.protocols.scheduler_peers import PeerView, ewma
+from teammesh.protocols.scheduler_sim import SimReport
 
 K = "hash.sha256"
 
@@ -922,3 +924,22 @@ def test_a_peers_queue_drains_before_its_slots_free_and_sets_the_wait() -> None:
     assert (v2.free, v2.queue, v2.avg_task_s) == (1, 0, 86_400.0)
     v2.released("x", 5.0)  # not ours any more: ignored
     assert (v2.free, v2.avg_task_s) == (1, 86_400.0)
+
+
+def test_leaves_flattens_nested_exception_groups_in_order() -> None:
+    """errors.leaves: `leaves(None)` for each sub-group. No pure test reached it; the
+    daemon uses it to judge each error a nursery grouped (a lost stream, a bad peer)."""
+    a, b, c = ValueError("a"), KeyError("b"), OSError("c")
+    grouped = BaseExceptionGroup("outer", [a, ExceptionGroup("inner", [b, ExceptionGroup(
+        "deep", [c])])])
+    got = leaves(grouped)
+    assert [id(e) for e in got] == [id(a), id(b), id(c)]
+    assert leaves(a) == [a]
+
+
+def test_a_simulation_report_has_no_state_for_an_unfinished_task() -> None:
+    """SimReport.state: `f or True` (a crash instead of None for a task still running)."""
+    report = SimReport()
+    report.submitted["t"] = "alice"
+    assert report.state("t") is None
+    assert report.lost() == ["t"]
