@@ -24,7 +24,7 @@ from teammesh.storage.blockstore import CorruptBlock, FsBlockstore, StoreFull
 from teammesh.storage.cid import BLAKE2B_256, RAW, SHA2_512, Cid
 from teammesh.storage.dagpb import decode_node, decode_unixfs, encode_node
 from teammesh.storage.mirrorqueue import MirrorQueue, drain
-from teammesh.storage.r2 import R2Mirror
+from teammesh.storage.r2 import MirrorAuthError, R2Mirror
 from teammesh.storage.unixfs import FileImporter, FileTooLarge, cid_of_file, human_bytes
 
 # multihash codes as varints (the multicodec table): blake2b-256 is 0xb220
@@ -370,12 +370,33 @@ class _ObjectServer(http.server.ThreadingHTTPServer):
         self.break_first = break_first
         self.requests: list[tuple[str, str | None, str | None]] = []  # path, Range, If-Match
         self.piece_read = threading.Event()  # the client has taken its first piece
+        self.error: tuple[int, str] | None = None  # answer every request with this S3 error
 
 
 class _ObjectHandler(http.server.BaseHTTPRequestHandler):
     server: _ObjectServer
 
+    def do_HEAD(self) -> None:
+        self._refuse()
+
+    def _refuse(self) -> bool:
+        """Answer with the server's S3 error, if it has one (HEAD gets no body, as in S3)."""
+        if self.server.error is None:
+            return False
+        status, code = self.server.error
+        body = b"" if self.command == "HEAD" else (
+            f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+            f"<Message>{code}</Message></Error>").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return True
+
     def do_GET(self) -> None:
+        if self._refuse():
+            return
         srv = self.server
         rng, match = self.headers.get("Range"), self.headers.get("If-Match")
         srv.requests.append((self.path, rng, match))
@@ -449,3 +470,24 @@ def test_a_download_over_max_bytes_is_refused_by_its_claimed_size(tmp_path: Path
             mirror.download(cid, tmp_path / "out", max_bytes=MIB)
     assert (e.value.size, e.value.limit) == (3 * MIB, MIB)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_mirror_that_refuses_says_why_and_what_to_do(tmp_path: Path) -> None:
+    """R2Mirror.size_of: `_translate(None, ...)` for an S3 error answer; _translate: the
+    missing-bucket hint changed. Wrong credentials and a mistyped bucket are the two
+    refusals an operator meets first."""
+    cid = Cid(1, RAW, _raw_cid_bytes(b"x")[2:])
+    with _object_server(b"") as srv:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        mirror = R2Mirror(url, "bkt", "k", "s")
+        srv.error = (403, "AccessDenied")
+        with pytest.raises(MirrorAuthError, match=(
+                f"^R2 mirror {re.escape(url)} rejected our credentials \\(403\\) on HEAD "
+                f"{mirror.key(cid)}: check the access key id and secret$")):
+            mirror.exists(cid)
+        srv.error = (404, "NoSuchBucket")
+        with pytest.raises(MirrorError, match=(
+                f"^bucket 'bkt' does not exist at {re.escape(url)}: create it "
+                r"\(R2Mirror\.ensure_bucket\) or fix the bucket name$")):
+            mirror.download(cid, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
