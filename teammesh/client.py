@@ -726,8 +726,8 @@ class Client:
             input: the task's input bytes (inline, at most 4 MiB; larger files by CID
                 with ``input_cid=...``).
             params: the kind's parameters.
-            **options: priority, where, replicas, timeout_s, no_cache, tag, input_cid,
-                version (as for ``submit``).
+            **options: priority, where, replicas, quorum, timeout_s, no_cache, tag,
+                input_cid, version (as for ``submit``).
 
         Returns:
             A TaskFuture; ``.result()`` is the task's output.
@@ -801,6 +801,21 @@ class Client:
 
     def submit(self, kind: str, input: bytes | None = None,
                params: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
+        """Submit one task; its JSON (with ``wait=True`` or a number of seconds, once it
+        has ended or the wait is over).
+
+        Args:
+            kind: the task kind (``teammesh kinds`` lists them).
+            input: the task's input bytes (inline, at most 4 MiB).
+            params: the kind's parameters.
+            **options: priority; where ("any", "local", "peers", "bridge"); replicas
+                (run it on N distinct members, 1-16); quorum (done when K of those agree,
+                1 to replicas; default: all of them); timeout_s; no_cache; tag;
+                input_cid; version; wait. None values are left out.
+
+        Raises:
+            TaskError: the node refused it (the message says which option and why).
+        """
         return dict(self.request("POST", "/v1/tasks",
                                  json=_submit_body(kind, input, params, options)))
 
@@ -1117,7 +1132,8 @@ class AsyncClient:
 
     async def submit(self, kind: str, input: bytes | None = None,
                      params: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
-        """Submit one task; its JSON (with ``wait=True``, once it has ended).
+        """Submit one task; its JSON (with ``wait=True``, once it has ended). Options as
+        for ``Client.submit`` (replicas, quorum, where, priority, timeout_s, ...).
 
         Inside ``async with``, ``wait=True`` rides the futures connection, so many
         concurrent submits go out together instead of one HTTP request each."""

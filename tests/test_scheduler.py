@@ -6,6 +6,8 @@ typed effects, as the trio shell in node/ would see them.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 
 import pytest
@@ -43,6 +45,7 @@ from teammesh.protocols.scheduler_model import (
     WaitReason,
     Weights,
     Where,
+    settle_quorum,
 )
 from teammesh.protocols.scheduler_peers import MAX_COST, MAX_SLOTS, PeerView
 
@@ -400,6 +403,85 @@ def test_quorum_fails_typed_as_soon_as_agreement_is_impossible() -> None:
     f = finished(s.handle(ResultArrived("u", "b", True, D2, 0.1), 2.0))[0]
     assert f.failure is not None
     assert f.failure.reason is FailReason.REPLICAS_DISAGREE
+
+
+D_FAIL = b"\xee" * 32  # a failed result's digest (it covers ok and the error)
+
+
+@pytest.mark.parametrize(("replicas", "k", "results", "state", "by"), [
+    (3, 2, [], TaskState.RUNNING, ()),
+    (3, 2, [("a", D1, True)], TaskState.RUNNING, ()),
+    (3, 2, [("a", D1, True), ("b", D1, True)], TaskState.DONE, ("a", "b")),
+    (3, 2, [("a", D2, True), ("b", D1, True), ("c", D1, True)], TaskState.DONE, ("b", "c")),
+    (3, 2, [("a", D1, True), ("b", D2, True)], TaskState.RUNNING, ()),  # c can decide
+    (3, 2, [("a", D1, True), ("b", D2, True), ("c", D3, True)], TaskState.FAILED, ()),
+    (3, 3, [("a", D1, True), ("b", D2, True)], TaskState.FAILED, ()),  # c cannot help
+    (3, 1, [("a", D2, True)], TaskState.DONE, ("a",)),
+    (2, 2, [("a", D1, True), ("b", D1, True)], TaskState.DONE, ("a", "b")),
+    # a failure is an outcome of its own: it never agrees with a success...
+    (3, 2, [("a", D1, True), ("b", D_FAIL, False)], TaskState.RUNNING, ()),
+    (2, 2, [("a", D1, True), ("b", D_FAIL, False)], TaskState.FAILED, ()),
+    # ...and k equal failures fail the task with that error, not as a disagreement
+    (3, 2, [("a", D_FAIL, False), ("b", D_FAIL, False)], TaskState.FAILED, ("a", "b")),
+])
+def test_settle_quorum_table(replicas: int, k: int, results: list[tuple[str, bytes, bool]],
+                             state: TaskState, by: tuple[str, ...]) -> None:
+    v = settle_quorum({p: (d, ok) for p, d, ok in results}, replicas, k)
+    assert (v.state, v.by) == (state, by)
+    if state is TaskState.DONE:
+        assert v.failure is None
+        assert v.digest == results[[p for p, _, _ in results].index(by[0])][1]
+    elif state is TaskState.FAILED and by:
+        assert v.failure == Failure(FailReason.TASK_ERROR, by[0])
+    elif state is TaskState.FAILED:
+        assert v.failure is not None
+        assert v.failure.reason is FailReason.REPLICAS_DISAGREE
+        assert v.failure.digests == tuple(sorted((p, d) for p, d, _ in results))
+        text = v.failure.render()
+        assert text.startswith("replicas disagree: a -> ")
+        assert f"no answer can reach the quorum of {k} of {replicas} replicas" in text
+    else:
+        assert v.failure is None
+        assert v.digest is None
+
+
+@pytest.mark.parametrize(("replicas", "k"), [(0, 1), (2, 0), (2, 3), (1, 2)])
+def test_settle_quorum_refuses_a_quorum_outside_1_to_replicas(replicas: int, k: int) -> None:
+    with pytest.raises(LocalProtocolError, match="quorum between 1 and replicas"):
+        settle_quorum({}, replicas, k)
+
+
+def test_settle_quorum_is_the_schedulers_rule_9() -> None:
+    """Every arrival order of every outcome mix for n <= 3: the scheduler's Finished is
+    the first non-running verdict of settle_quorum on the results so far (the daemon
+    calls settle_quorum; the scheduler has its own _settle)."""
+    outcomes = [(D1, True), (D2, True), (D_FAIL, False)]
+    peers = ("a", "b", "c")
+    checked = 0
+    for n in (1, 2, 3):
+        for k in range(1, n + 1):
+            for mix in itertools.product(outcomes, repeat=n):
+                s = sched(*(ad(p) for p in peers[:n]))
+                s.handle(Submitted(task("t", replicas=n, quorum=k)), 1.0)
+                got: dict[str, tuple[bytes, bool]] = {}
+                expected = None
+                for p, (d, ok) in zip(peers, mix, strict=False):
+                    out = finished(s.handle(ResultArrived("t", p, ok, d, 0.1), 2.0))
+                    got[p] = (d, ok)
+                    v = settle_quorum(got, n, k)
+                    if v.state is TaskState.RUNNING:
+                        assert out == []
+                        continue
+                    failure = v.failure
+                    if failure is not None and failure.reason is FailReason.REPLICAS_DISAGREE:
+                        # the scheduler's failure does not say n and k (its text is shorter)
+                        failure = dataclasses.replace(failure, attempts=0, quorum=0)
+                    expected = Finished("t", v.state, failure, v.by, v.digest)
+                    assert out == [expected], (n, k, mix)
+                    break
+                assert expected is not None  # n results always settle it
+                checked += 1
+    assert checked == 3 + 9 * 2 + 27 * 3
 
 
 def test_replicas_need_distinct_members() -> None:

@@ -49,7 +49,11 @@ OPENAPI: dict[str, Any] = {
                 "kind": {"type": "string"}, "input_b64": {"type": "string"},
                 "params": {"type": "object"},
                 "where": {"enum": ["any", "local", "peers", "bridge"]},
-                "replicas": {"type": "integer", "minimum": 1},
+                "replicas": {"type": "integer", "minimum": 1, "maximum": 16,
+                             "description": "run on this many distinct members"},
+                "quorum": {"type": "integer", "minimum": 1,
+                           "description": "done when this many replicas agree (1 to"
+                                          " replicas; default: all of them)"},
                 "priority": {"type": "integer"}, "timeout_s": {"type": "number"},
                 "no_cache": {"type": "boolean"}, "tag": {},
                 "wait": {"type": "boolean"}}},

@@ -457,7 +457,10 @@ def _finish(task: dict[str, Any]) -> None:
 @click.option("--params", "params_json", help="All params as a JSON object.")
 @click.option("--where", type=click.Choice(["any", "local", "peers", "bridge"]), default="any",
               show_default=True)
-@click.option("--replicas", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--replicas", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Run it on N distinct members and compare their outputs.")
+@click.option("--quorum", type=click.IntRange(1, 16), default=None,
+              help="Done when K replicas agree (1 to --replicas; default: all of them).")
 @click.option("--priority", type=int, default=0, show_default=True)
 @click.option("--timeout", type=float, default=None, help="Deadline in seconds.")
 @click.option("--no-cache", is_flag=True, help="Run even if a cached result exists.")
@@ -467,15 +470,19 @@ def _finish(task: dict[str, Any]) -> None:
 @pass_ctx
 def submit(ctx: Ctx, kind: str, input_spec: str | None, input_cid: str | None,
            params: tuple[str, ...],
-           params_json: str | None, where: str, replicas: int, priority: int,
-           timeout: float | None, no_cache: bool, wait: bool, output_path: str | None,
-           as_json: bool) -> None:
+           params_json: str | None, where: str, replicas: int, quorum: int | None,
+           priority: int, timeout: float | None, no_cache: bool, wait: bool,
+           output_path: str | None, as_json: bool) -> None:
     """Submit a task of KIND; prints its id, or its result with --wait."""
+    if quorum is not None and quorum > replicas:
+        raise click.BadParameter(f"{quorum} is more than --replicas {replicas}: at most as many"
+                                 " replicas as run can agree (raise --replicas)",
+                                 param_hint="--quorum")
     data = _read_input(input_spec)
     with ctx.client() as c:
         c._http.timeout = httpx_timeout(None if wait else 30)
         task = c.submit(kind, data, _parse_params(params, params_json), where=where,
-                        replicas=replicas, priority=priority, timeout_s=timeout,
+                        replicas=replicas, quorum=quorum, priority=priority, timeout_s=timeout,
                         no_cache=no_cache or None, wait=True if wait else None,
                         input_cid=input_cid)
         if wait and task["state"] not in ("done", "failed", "cancelled"):
@@ -578,7 +585,8 @@ def task_list(ctx: Ctx, state: str | None, limit: int, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def batch(ctx: Ctx, file: Path, parallel: int, as_json: bool) -> None:
-    """Run every task in FILE.jsonl ({"kind", "input", "params", "tag"} per line)."""
+    """Run every task in FILE.jsonl ({"kind", "input", "params", "tag"} per line; optional
+    "where", "priority", "replicas", "quorum", "timeout_s", "no_cache")."""
     import base64
 
     from rich.progress import Progress
@@ -602,7 +610,7 @@ def batch(ctx: Ctx, file: Path, parallel: int, as_json: bool) -> None:
             data = _read_input(str(path))
             assert data is not None
             body["input_b64"] = base64.b64encode(data).decode()
-        for key in ("where", "priority", "replicas", "timeout_s", "no_cache"):
+        for key in ("where", "priority", "replicas", "quorum", "timeout_s", "no_cache"):
             if key in spec:
                 body[key] = spec[key]
         bodies.append(body)

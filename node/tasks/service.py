@@ -57,7 +57,7 @@ from teammesh.protocols.errors import (
     TaskError,
     TeammeshError,
 )
-from teammesh.protocols.scheduler_model import SchedulerConfig
+from teammesh.protocols.scheduler_model import SchedulerConfig, TaskState, settle_quorum
 from teammesh.protocols.scheduler_peers import Breaker
 from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
 from teammesh.storage.unixfs import FileTooLarge
@@ -150,6 +150,7 @@ class TaskRecord:
     priority: int = 0
     where: str = "any"
     replicas: int = 1
+    quorum: int = 0  # k of k-of-n: this many equal results settle it; 0 reads as replicas
     timeout_s: float | None = None
     no_cache: bool = False
     tag: Any = None
@@ -176,14 +177,18 @@ class TaskRecord:
     order: int = 0
     runtime: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not self.quorum:
+            self.quorum = self.replicas  # unanimity, as before quorums existed
+
     def __lt__(self, other: TaskRecord) -> bool:
         return (-self.priority, self.order) < (-other.priority, other.order)
 
     @property
     def options(self) -> dict[str, Any]:
         return {"priority": self.priority, "where": self.where, "replicas": self.replicas,
-                "timeout_s": self.timeout_s, "no_cache": self.no_cache, "tag": self.tag,
-                "cached": self.cached, "input_cid": self.input_cid}
+                "quorum": self.quorum, "timeout_s": self.timeout_s, "no_cache": self.no_cache,
+                "tag": self.tag, "cached": self.cached, "input_cid": self.input_cid}
 
     def notify(self) -> None:
         self.changed.set()
@@ -195,8 +200,8 @@ class TaskRecord:
             "executed_by": self.executed_by, "output": json_safe(self.output),
             "error": self.error, "waiting_reason": self.waiting_reason,
             "attempts": [a.to_json() for a in self.attempts], "priority": self.priority,
-            "where": self.where, "replicas": self.replicas, "tag": self.tag,
-            "cached": self.cached, "input_cid": self.input_cid,
+            "where": self.where, "replicas": self.replicas, "quorum": self.quorum,
+            "tag": self.tag, "cached": self.cached, "input_cid": self.input_cid,
             "timings": {"submitted": self.submitted, "started": self.started,
                         "finished": self.finished, **self.runtime},
         }
@@ -345,6 +350,14 @@ class TaskService:
         timeout = body.get("timeout_s")
         if not isinstance(replicas, int) or not 1 <= replicas <= 16:
             raise TaskError("'replicas' must be an integer from 1 to 16")
+        quorum = body.get("quorum")
+        if quorum is None:
+            quorum = replicas  # every replica must agree
+        elif isinstance(quorum, bool) or not isinstance(quorum, int) \
+                or not 1 <= quorum <= replicas:
+            raise TaskError(f"'quorum' must be an integer from 1 to 'replicas' ({replicas}):"
+                            f" how many of the replicas must agree (got {quorum!r}); lower"
+                            " 'quorum' or raise 'replicas'")
         if not isinstance(priority, int):
             raise TaskError("'priority' must be an integer")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
@@ -361,7 +374,7 @@ class TaskService:
         version = body.get("version") or self._known_version(kind) or "1"
         return TaskRecord(
             id=new_task_id(), kind=kind, version=str(version), input=data, params=params,
-            priority=priority, where=where, replicas=replicas,
+            priority=priority, where=where, replicas=replicas, quorum=quorum,
             timeout_s=float(timeout) if timeout else None,
             no_cache=bool(body.get("no_cache", False)), tag=body.get("tag"),
             input_cid=input_cid, submitted=time.time())
@@ -452,14 +465,23 @@ class TaskService:
             raise TaskError(f"no active task {task_id}")
         if r.state in TERMINAL:
             return r
-        for peer in list(r.inflight):
+        self._cancel_attempts(r)
+        self._finalise(r, "cancelled", error="cancelled by the user")
+        return r
+
+    def _cancel_attempts(self, r: TaskRecord, why: str | None = None) -> None:
+        """Tell every target still running ``r`` to stop: the task ends without them.
+        ``why`` goes on their attempts (the user's cancel leaves them as they were)."""
+        for peer, attempt in list(r.inflight.items()):
+            if why is not None and attempt.error is None:
+                attempt.error = why
             if peer == "local":
                 self.executor.cancel(r.id)
             elif peer in self.links:
-                self.links[peer].send_control(tp.cancel([r.id]))
-                self.links[peer].inflight.pop(r.id, None)
-        self._finalise(r, "cancelled", error="cancelled by the user")
-        return r
+                link = self.links[peer]
+                link.send_control(tp.cancel([r.id]))
+                link.inflight.pop(r.id, None)
+                link.sent_at.pop(r.id, None)
 
     # --- results ------------------------------------------------------------------------
     def _finalise(self, r: TaskRecord, state: str, *, output: Any = None,
@@ -533,23 +555,39 @@ class TaskService:
                                    executed_by=peer, result=res, db=db)
                 continue
             r.replica_results[peer] = res
-            if len(r.replica_results) >= r.replicas:
-                self._settle_replicas(r, db)
+            self._settle_replicas(r, db)
 
     def _settle_replicas(self, r: TaskRecord, db: Txn) -> None:
-        digests = {p: res.digest for p, res in r.replica_results.items()}
-        first = next(iter(r.replica_results.values()))
-        if len(set(digests.values())) == 1:
-            if first.ok:
-                self._finalise(r, "done", output=first.output,
-                               executed_by=",".join(r.replica_results), result=first, db=db)
-            else:
-                self._finalise(r, "failed", error=f"{first.error} (on all replicas)",
-                               executed_by=",".join(r.replica_results), db=db)
+        """Rule 9, the scheduler's own function: done as soon as ``quorum`` results carry
+        one digest (the output is theirs, ``executed_by`` lists them), failed as soon as
+        no digest can reach it counting the replicas still out. A failed result is an
+        outcome of its own (its digest covers ok and the error). Replicas still running
+        when it settles are cancelled: their answer can no longer change it."""
+        results = r.replica_results
+        verdict = settle_quorum({p: (res.digest, res.ok) for p, res in results.items()},
+                                r.replicas, r.quorum)
+        if verdict.state is TaskState.RUNNING:
             return
-        detail = "; ".join(f"{p} -> {d.hex()[:12]}" for p, d in digests.items())
-        self._finalise(r, "failed", error=f"replicas disagree: {detail}",
-                       executed_by=",".join(r.replica_results), db=db)
+        self._cancel_attempts(r, f"cancelled: the task settled on {len(results)} of"
+                              f" {r.replicas} replicas")
+        failure = verdict.failure
+        if verdict.by:  # the quorum agreed, on an output or on a failure
+            first = results[verdict.by[0]]
+            by = ",".join(verdict.by)
+            if failure is None:
+                self._finalise(r, "done", output=first.output, executed_by=by, result=first,
+                               db=db)
+            else:
+                on = ("all replicas" if len(verdict.by) == r.replicas else
+                      f"{len(verdict.by)} of {r.replicas} replicas: {', '.join(verdict.by)}")
+                self._finalise(r, "failed", error=f"{first.error} (on {on})", executed_by=by,
+                               db=db)
+            return
+        assert failure is not None  # no agreement possible: REPLICAS_DISAGREE
+        errors = "".join(f"; {p} failed: {res.error}" for p, res in results.items()
+                         if not res.ok)
+        self._finalise(r, "failed", error=failure.render() + errors,
+                       executed_by=",".join(results), db=db)
 
     def attempt_lost(self, r: TaskRecord, peer: str, reason: str) -> None:
         """An attempt ended without a result (peer gone, refused): retry elsewhere."""
@@ -1384,10 +1422,15 @@ class TaskService:
                     continue
             resumed += 1
             opts = row.options
+            replicas = opts.get("replicas", 1)
+            # journals from before quorums have none: every replica must agree, as then
+            quorum = opts.get("quorum")
+            if not isinstance(quorum, int) or not 1 <= quorum <= replicas:
+                quorum = replicas
             r = TaskRecord(
                 id=row.id, kind=row.kind, version=row.version, input=row.input,
                 params=row.params, priority=opts.get("priority", 0),
-                where=opts.get("where", "any"), replicas=opts.get("replicas", 1),
+                where=opts.get("where", "any"), replicas=replicas, quorum=quorum,
                 timeout_s=opts.get("timeout_s"), no_cache=opts.get("no_cache", False),
                 tag=opts.get("tag"), input_cid=opts.get("input_cid"),
                 submitted=row.submitted, started=row.started)
@@ -1586,6 +1629,8 @@ def _row_json(row: TaskRow) -> dict[str, Any]:
             "waiting_reason": None if row.state in TERMINAL else "waiting to be resumed",
             "attempts": row.attempts, "priority": opts.get("priority", 0),
             "where": opts.get("where", "any"), "replicas": opts.get("replicas", 1),
+            # a journal from before quorums has none: every replica had to agree
+            "quorum": opts.get("quorum") or opts.get("replicas", 1),
             "tag": opts.get("tag"), "cached": opts.get("cached", False),
             "timings": {"submitted": row.submitted, "started": row.started,
                         "finished": row.finished}}

@@ -56,6 +56,8 @@ class TaskRow:
     version: str
     input: bytes
     params: dict[str, Any]
+    # JSON: priority, where, replicas, quorum, timeout_s, no_cache, tag, cached, input_cid;
+    # readers default a missing key (journals from before it was added lack it)
     options: dict[str, Any]
     state: str
     executed_by: str | None
