@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,3 +211,30 @@ def test_a_quorum_outside_1_to_replicas_is_refused_before_anything_runs(team: Te
     proc = run_cli(team.sub.home, "submit", "hash.sha256", "--quorum", "0", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "--quorum" in proc.stderr
+
+
+def test_a_task_journaled_before_quorums_resumes_needing_every_replica(team: Team) -> None:
+    """A replicated task in a journal written before ``quorum`` existed (its options say
+    replicas 3 and nothing else) resumes after a restart as it was submitted: all three
+    must agree, so with the liar among them it fails, where 2 of 3 would have passed.
+    Runs last: it restarts the submitter."""
+    data = b"submitted by an older node"
+    tid = "oldjournal-quorum"
+    options = {"priority": 0, "where": "any", "replicas": 3, "timeout_s": None,
+               "no_cache": False, "tag": "old", "cached": False, "input_cid": None}
+    assert team.sub.stop() == 0
+    db = sqlite3.connect(team.sub.home / "journal.db")
+    with db:
+        db.execute("INSERT INTO tasks(id, kind, version, input, params, options, state,"
+                   " attempts, submitted) VALUES(?, 'hash.sha256', '1', ?, '{}', ?, 'queued',"
+                   " '[]', ?)", (tid, data, json.dumps(options), time.time()))
+    db.close()
+    team.sub.start()
+    wait_for_full_mesh([team.sub, *team.honest, team.liar], timeout=30)
+    with Client.from_home(team.sub.home, timeout=120) as c:
+        t = c.task(tid, wait=60)
+    assert (t["replicas"], t["quorum"], t["tag"]) == (3, 3, "old")
+    assert t["state"] == "failed", t
+    assert t["error"].startswith("replicas disagree: ")
+    assert f"{team.liar.peer_id} -> {digest12(LIE)}" in t["error"]
+    assert "the quorum of 3 of 3 replicas" in t["error"]
