@@ -91,6 +91,7 @@ from .scheduler_model import (
     Wait,
     WaitReason,
     Where,
+    settle_quorum,
 )
 from .scheduler_peers import Breaker, ewma, sane_weights
 
@@ -425,24 +426,13 @@ class Scheduler:
 
     # --- outcomes --------------------------------------------------------------------------
     def _settle(self, rec: Record) -> None:
-        """Rule 9: accept on k equal digests; fail once no digest can reach k."""
+        """Rule 9: accept on k equal digests; fail once no digest can reach k (the rule is
+        ``settle_quorum``, which the node's replicas use too)."""
         t = rec.task
-        groups: dict[bytes, list[str]] = {}
-        for target, (digest, _ok) in rec.results.items():
-            groups.setdefault(digest, []).append(target)
-        digest, agreeing = max(groups.items(), key=lambda kv: len(kv[1]))
-        if len(agreeing) >= t.k:
-            ok = rec.results[agreeing[0]][1]
-            state = TaskState.DONE if ok else TaskState.FAILED
-            failure = None if ok else Failure(FailReason.TASK_ERROR, agreeing[0])
-            self._finish(rec, Trigger.RESULT, state, failure=failure, by=tuple(agreeing),
-                         digest=digest)
-            return
-        still_possible = t.replicas - len(rec.results)
-        if len(agreeing) + still_possible < t.k:
-            pairs = tuple(sorted((p, d) for p, (d, _ok) in rec.results.items()))
-            self._finish(rec, Trigger.RESULT, TaskState.FAILED,
-                         failure=Failure(FailReason.REPLICAS_DISAGREE, digests=pairs))
+        verdict = settle_quorum(rec.results, t.replicas, t.k)
+        if verdict.state is not TaskState.RUNNING:
+            self._finish(rec, Trigger.RESULT, verdict.state, failure=verdict.failure,
+                         by=verdict.by, digest=verdict.digest)
             return
         self._move(rec, Trigger.RESULT, TaskState.RUNNING)
         if rec.need > 0:

@@ -6,7 +6,6 @@ typed effects, as the trio shell in node/ would see them.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 
@@ -453,8 +452,8 @@ def test_settle_quorum_refuses_a_quorum_outside_1_to_replicas(replicas: int, k: 
 
 def test_settle_quorum_is_the_schedulers_rule_9() -> None:
     """Every arrival order of every outcome mix for n <= 3: the scheduler's Finished is
-    the first non-running verdict of settle_quorum on the results so far (the daemon
-    calls settle_quorum; the scheduler has its own _settle)."""
+    the first non-running verdict of settle_quorum on the results so far, no earlier and
+    no later (the scheduler and the daemon both settle replicas with settle_quorum)."""
     outcomes = [(D1, True), (D2, True), (D_FAIL, False)]
     peers = ("a", "b", "c")
     checked = 0
@@ -472,11 +471,7 @@ def test_settle_quorum_is_the_schedulers_rule_9() -> None:
                     if v.state is TaskState.RUNNING:
                         assert out == []
                         continue
-                    failure = v.failure
-                    if failure is not None and failure.reason is FailReason.REPLICAS_DISAGREE:
-                        # the scheduler's failure does not say n and k (its text is shorter)
-                        failure = dataclasses.replace(failure, attempts=0, quorum=0)
-                    expected = Finished("t", v.state, failure, v.by, v.digest)
+                    expected = Finished("t", v.state, v.failure, v.by, v.digest)
                     assert out == [expected], (n, k, mix)
                     break
                 assert expected is not None  # n results always settle it
