@@ -110,3 +110,19 @@ input_from = "words"
     assert human.returncode == 1
     assert "skipped" in human.stdout
     assert "an earlier step failed" in human.stdout
+
+
+def test_step_options_reach_the_submission(tmp_path: Path) -> None:
+    """replicas, quorum and the other per-step options are passed to the task as given;
+    a key the file format does not know is refused by name."""
+    import pytest
+    from teammesh.node.cli.workflow import load_workflow
+    from teammesh.protocols.errors import TeammeshError
+
+    wf = _write(tmp_path / "wf.toml", '[steps.vote]\nkind = "hash.sha256"\nreplicas = 3\n'
+                'quorum = 2\npriority = 5\nno_cache = true\n')
+    assert load_workflow(wf)["vote"].options == {"replicas": 3, "quorum": 2, "priority": 5,
+                                                 "no_cache": True}
+    bad = _write(tmp_path / "bad.toml", '[steps.vote]\nkind = "hash.sha256"\nquorom = 2\n')
+    with pytest.raises(TeammeshError, match="quorom"):
+        load_workflow(bad)

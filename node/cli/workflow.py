@@ -31,7 +31,7 @@ from teammesh.protocols.errors import TeammeshError
 from teammesh.client import decode_output
 
 STEP_KEYS = {"kind", "input", "input_from", "params", "params_from", "after", "where",
-             "priority", "replicas", "timeout_s", "no_cache"}
+             "priority", "replicas", "quorum", "timeout_s", "no_cache"}
 
 
 @dataclass
@@ -74,8 +74,8 @@ def load_workflow(path: Path) -> dict[str, Step]:
             input_file=(path.parent / spec["input"]) if "input" in spec else None,
             input_from=spec.get("input_from"), params=dict(spec.get("params", {})),
             params_from=dict(spec.get("params_from", {})), after=list(spec.get("after", [])),
-            options={k: spec[k] for k in ("where", "priority", "replicas", "timeout_s",
-                                          "no_cache") if k in spec})
+            options={k: spec[k] for k in ("where", "priority", "replicas", "quorum",
+                                          "timeout_s", "no_cache") if k in spec})
     for s in steps.values():
         missing = s.deps - set(steps)
         if missing:
