@@ -918,10 +918,11 @@ class TaskService:
         reads an input file from the R2 mirror, or queues the task for pull-mode members
         (which fetch it over the mesh): asked explicitly, that is the user's call; as an
         escalation it needs the mirror, or the task could wait there for a puller while
-        a mesh peer frees up. File params the bridge cannot pass on at all, and running
-        without them would give a wrong answer, not an error."""
-        if any(tp.is_cid_ref(v) for v in r.params.values()):
-            return "the bridge cannot run tasks with file ({\"$cid\"}) params; run it on the mesh"
+        a mesh peer frees up. File params ({"$cid"}) the Worker never runs itself: it
+        queues them for pull-mode members, so they go to the bridge only when asked."""
+        if not explicit and any(tp.is_cid_ref(v) for v in r.params.values()):
+            return ("the bridge queues tasks with file ({\"$cid\"}) params for pull-mode"
+                    " members; ask for it with --where bridge")
         if r.input_cid is not None and not explicit and \
                 self.files.mirror is None:
             return ("the bridge reads input files from the R2 mirror, and this node has no"
