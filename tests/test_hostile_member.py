@@ -294,15 +294,29 @@ def test_workers_do_not_inherit_secrets_and_the_home_is_private(tmp_path: Path,
             tid = c.submit("sleep", params={"seconds": 20}, no_cache=True)["id"]
             wait_until(lambda: c.task(tid)["state"] == "running", 30, what="the task")
         assert node.proc is not None
-        workers = wait_until(lambda: _children(node.proc.pid), 10, what="a worker process")
-        for pid in workers:
-            env = Path(f"/proc/{pid}/environ").read_bytes()
+        # Workers that have started (exec'd): between fork and exec a child's environ is
+        # still the daemon's, which is not what the worker runs with. The daemon's own
+        # environment has no TEAMMESH_WORKER_MEMORY_MB; a worker's always does.
+        workers = wait_until(lambda: _worker_envs(node.proc.pid), 10, what="a worker process")
+        for env in workers:
             assert secret.encode() not in env
-            assert b"TEAMMESH_WORKER_MEMORY_MB" in env  # it is the worker we think it is
         for name in ("config.toml", "journal.db", "api.token", "identity.key"):
             mode = (node.home / name).stat().st_mode & 0o777
             assert mode & 0o077 == 0, f"{name} is {oct(mode)}"
     assert worker_env({"PATH": "/bin", "CF_API_TOKEN": "x", "R2_KEY": "y"}) == {"PATH": "/bin"}
+
+
+def _worker_envs(pid: int) -> list[bytes]:
+    """The environments of ``pid``'s children that are worker processes."""
+    envs = []
+    for child in _children(pid):
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes()
+        except OSError:
+            continue
+        if b"TEAMMESH_WORKER_MEMORY_MB=" in env:
+            envs.append(env)
+    return envs
 
 
 def _children(pid: int) -> list[int]:
@@ -538,7 +552,7 @@ def test_oversized_params_and_a_100k_kind_ad_are_refused(tmp_path: Path,
                                                          scenario_report) -> None:
     import trio
     from teammesh.node.p2p.host import open_host
-    from teammesh.node.p2p.protocol_ids import ADS_SYNC
+    from teammesh.node.p2p.protocol_ids import ADS_SYNC, PING
     from teammesh.protocols.errors import TeammeshError
     from teammesh.protocols.identity import Identity
 
@@ -562,7 +576,7 @@ def test_oversized_params_and_a_100k_kind_ad_are_refused(tmp_path: Path,
 
         async def push() -> None:
             async with open_host(ident.seed, [LOOPBACK], peer_gate=lambda p: True,
-                                 stream_gate=lambda p, proto: False, gossip=False) as host:
+                                 stream_gate=lambda p, proto: proto == PING, gossip=False) as host:
                 with trio.fail_after(10):
                     await host.connect(addr)
                 s = await host.open_stream(peer, ADS_SYNC)
@@ -585,7 +599,7 @@ def test_a_member_sending_malformed_streams_is_benched(tmp_path: Path, scenario_
     with its id; honest members are not affected."""
     import trio
     from teammesh.node.p2p.host import STREAM_ERRORS, DialError, open_host
-    from teammesh.node.p2p.protocol_ids import ROSTER_SYNC
+    from teammesh.node.p2p.protocol_ids import PING, ROSTER_SYNC
     from teammesh.protocols.identity import Identity
 
     with mesh(tmp_path, 2, slots=[0, 1]) as (sub, ex):
@@ -598,7 +612,7 @@ def test_a_member_sending_malformed_streams_is_benched(tmp_path: Path, scenario_
 
         async def attack() -> None:
             async with open_host(seed, [LOOPBACK], peer_gate=lambda p: True,
-                                 stream_gate=lambda p, proto: False, gossip=False) as host:
+                                 stream_gate=lambda p, proto: proto == PING, gossip=False) as host:
                 with trio.fail_after(10):
                     await host.connect(addr)
                 for _ in range(12):
