@@ -83,6 +83,9 @@ _UNREACHABLE: Final = (
     bx.ReadTimeoutError,
     bx.ConnectionClosedError,
     bx.ResponseStreamingError,
+    # the server (or a proxy's idle timeout, or a restart) closed the connection in an
+    # orderly way before the whole body: as transient as a reset, and resumed the same way
+    bx.IncompleteReadError,
 )
 
 

@@ -370,6 +370,7 @@ class _ObjectServer(http.server.ThreadingHTTPServer):
         self.break_first = break_first
         self.requests: list[tuple[str, str | None, str | None]] = []  # path, Range, If-Match
         self.piece_read = threading.Event()  # the client has taken its first piece
+        self.orderly_close = False  # break off with a FIN (a proxy's idle timeout), not a reset
         self.error: tuple[int, str] | None = None  # answer every request with this S3 error
 
 
@@ -411,10 +412,11 @@ class _ObjectHandler(http.server.BaseHTTPRequestHandler):
             # Break off only once the client has its first piece (its progress callback
             # says so), so the resume point is known.
             srv.piece_read.wait(timeout=60)
-            # A reset, as a dropped link or a killed proxy gives (SO_LINGER 0). An orderly
-            # close here is not resumed at all: see docs/TESTING.md, "A bug the pass found".
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                       struct.pack("ii", 1, 0))
+            # A reset, as a dropped link or a killed proxy gives (SO_LINGER 0), or an
+            # orderly close, as a proxy's idle timeout or a server restart gives.
+            if not srv.orderly_close:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
             self.connection.close()
             self.close_connection = True
             return
@@ -437,21 +439,28 @@ def _object_server(data: bytes, *, break_first: bool = False) -> Iterator[_Objec
         t.join(timeout=30)
 
 
-def test_a_download_that_breaks_off_resumes_from_the_same_object(tmp_path: Path) -> None:
+@pytest.mark.parametrize("orderly", [False, True], ids=["reset", "orderly-close"])
+def test_a_download_that_breaks_off_resumes_from_the_same_object(tmp_path: Path,
+                                                                  orderly: bool) -> None:
     """R2Mirror.download: the resumed GET with `Key=None` or no Key, and the ETag read as
     `resp.get("etag")` (no ETag: "cannot resume"). The resume must ask for the same key,
-    from the byte it got to, pinned to the ETag it saw."""
+    from the byte it got to, pinned to the ETag it saw; after a reset and after an orderly
+    close mid-body alike (the latter was a raw botocore IncompleteReadError, not resumed)."""
     data = os.urandom(3 * MIB)
     src = tmp_path / "src"
     src.write_bytes(data)
     cid = cid_of_file(src)
     with _object_server(data, break_first=True) as srv:
+        srv.orderly_close = orderly
         mirror = R2Mirror(f"http://127.0.0.1:{srv.server_address[1]}", "bkt", "k", "s")
         got = mirror.download(cid, tmp_path / "out", lambda n: srv.piece_read.set())
         assert got == len(data)
         key_path = f"/bkt/{mirror.key(cid)}"
         assert srv.requests[0] == (key_path, None, None)
-        assert srv.requests[1:] == [(key_path, f"bytes={MIB}-", '"v1"')]  # 1 MiB pieces
+        # a reset loses what was in flight: it resumes after the client's first 1 MiB
+        # piece; after an orderly close the client has all the server sent (half)
+        resumed_at = len(data) // 2 if orderly else MIB
+        assert srv.requests[1:] == [(key_path, f"bytes={resumed_at}-", '"v1"')]
     assert (tmp_path / "out").read_bytes() == data
     assert not (tmp_path / "out.partial").exists()
 
