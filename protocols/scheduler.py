@@ -575,6 +575,12 @@ class Scheduler:
         if placed:
             self._set_wait(rec, Wait(WaitReason.REPLICAS_PENDING, count=len(rec.attempts)
                                      + len(rec.results), total=t.replicas))
+            # placed in part during the startup grace: look again when it ends (Rule 5's
+            # too-few check), or a shell that ticks at next_wakeup() would never fail it
+            assert self._started is not None
+            grace_end = self._started + self.config.startup_grace_s
+            if now < grace_end:
+                self._wake_at(grace_end)
             return _Outcome.SKIP
         return self._no_room(rec, now)
 

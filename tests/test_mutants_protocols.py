@@ -277,13 +277,16 @@ def test_a_short_estimated_queue_on_a_peer_is_not_left_for_the_bridge() -> None:
     assert s.wait_of("t") == Wait(WaitReason.QUEUED_ON_PEER, "a", 1)
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler bug found by the mutation pass: a replica "
-                   "task placed in part during the startup grace sets no wake-up for the "
-                   "grace's end (docs/TESTING.md); strict, so a fix shows up here")
 def test_a_partly_placed_replica_task_wakes_the_caller_at_the_grace_end() -> None:
+    """Found by the mutation pass (docs/TESTING.md): a replica task placed in part during
+    the startup grace set no wake-up, so a shell ticking at next_wakeup() left it pending.
+    At the grace's end, with still one member for three replicas, it fails."""
     s = sched(ad("a", slots=4), startup_grace_s=3.0)
     s.handle(Submitted(task("t", replicas=3)), 1.0)
     assert s.next_wakeup() == 3.0
+    out = finished(s.handle(Tick(), 3.0))
+    assert [(f.task_id, f.state, f.failure.reason if f.failure else None) for f in out] == \
+        [("t", TaskState.FAILED, FailReason.TOO_FEW_MEMBERS)]
 
 
 # --- wire: field readers and limits --------------------------------------------------------
