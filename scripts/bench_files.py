@@ -403,12 +403,16 @@ class Rig:
             f" {mib / s_al:.0f} MiB/s (load {load:.2f})")
 
 
-def bench_files(size_mib: int, runs: int, emit: Callable[[Figure], None]) -> list[Figure]:
-    """Move ``size_mib`` MiB ``runs`` times with each system; return (and emit) the figures."""
+def _check_args(size_mib: int, runs: int) -> None:
     if runs < 1 or size_mib < 1:
         raise ValueError("size_mib and runs must be >= 1")
     if not (HELIA_DIR / "node_modules" / "@helia" / "utils").is_dir() or not shutil.which("node"):
         raise RuntimeError("Helia is not installed: run scripts/setup-helia (needs node/npm)")
+
+
+def bench_files(size_mib: int, runs: int, emit: Callable[[Figure], None]) -> list[Figure]:
+    """Move ``size_mib`` MiB ``runs`` times with each system; return (and emit) the figures."""
+    _check_args(size_mib, runs)
     t_start = time.monotonic()
     load_start = os.getloadavg()
     size = size_mib * MiB
@@ -483,10 +487,7 @@ def bench_files(size_mib: int, runs: int, emit: Callable[[Figure], None]) -> lis
 
 def bench_from_helia(size_mib: int, runs: int, emit: Callable[[Figure], None]) -> list[Figure]:
     """``teammesh get --from`` a Helia node against Helia B from Helia A, interleaved."""
-    if runs < 1 or size_mib < 1:
-        raise ValueError("size_mib and runs must be >= 1")
-    if not (HELIA_DIR / "node_modules" / "@helia" / "utils").is_dir() or not shutil.which("node"):
-        raise RuntimeError("Helia is not installed: run scripts/setup-helia (needs node/npm)")
+    _check_args(size_mib, runs)
     t_start = time.monotonic()
     load_start = os.getloadavg()
     size = size_mib * MiB
