@@ -158,3 +158,42 @@ def test_pull_node_completes_bridge_queue(tmp_path: Path) -> None:
                 puller.wait(20)
         finally:
             a.stop()
+
+
+def test_a_cancel_reaches_the_bridge(tmp_path: Path) -> None:
+    """A task queued at the bridge (no pull member yet) that its user cancels is cancelled
+    at the Worker too, so a pull member that comes later does not run it."""
+    import trio
+    from teammesh.node.bridge.client import BridgeClient
+    from teammesh.node.core.journal import Journal
+
+    (a_home,) = _team(tmp_path, 1)
+    port = free_port()
+    with bridge_dev(a_home, port, tmp_path / "state") as url:
+        a = Daemon(a_home, ["--slots", "0", "--bridge", url]).start()
+        try:
+            a_id = a.peer_id
+            with Client.from_home(a.home, timeout=60) as c:
+                t = c.submit("sleep", params={"seconds": 1}, where="bridge", no_cache=True)
+                wait_until(lambda: "queued at the bridge" in (c.task(t["id"])["waiting_reason"]
+                                                              or ""), 30,
+                           what="the task to be queued at the bridge")
+                c.cancel(t["id"])
+                assert c.task(t["id"])["state"] == "cancelled"
+            journal = Journal(a_home / "journal.db")
+            try:
+                key = journal.get("bridge_key")
+            finally:
+                journal.close()
+            assert isinstance(key, bytes)
+
+            async def at_worker() -> dict[str, object]:
+                async with BridgeClient(url, key, a_id) as bridge:
+                    return await bridge.get(t["id"])
+
+            wait_until(lambda: trio.run(at_worker)["state"] == "cancelled", 30,
+                       what="the Worker to cancel the task")
+            task = trio.run(at_worker)
+            assert task["error"] == "cancelled by its submitter"
+        finally:
+            a.stop()

@@ -5,6 +5,7 @@
 //   GET  /v1/tasks?state=&kind=&limit list tasks
 //   GET  /v1/tasks/{id}               one task
 //   POST /v1/tasks/{id}/result        complete a leased task (pull mode)
+//   POST /v1/tasks/{id}/cancel        its submitter (or an admin) cancels a task
 //   POST /v1/lease                    lease queued tasks (pull mode)
 //   POST /v1/cache/invalidate         drop cached results (a kind, a version, or all)
 //   POST /v1/admin/rotate             admins: new master bridge key and epoch
@@ -757,6 +758,17 @@ async function completeTask(env, ctx, peer, id, body) {
   return jsonResponse(200, taskJson({ ...res.task, output: outputText }));
 }
 
+// Idempotent: a task that already ended is answered as it is (200), so a retried cancel
+// and a cancel that lost the race with the result both see the final state.
+async function cancelTask(env, peer, role, id) {
+  const res = await taskShard(env, id).stub.cancel(id, peer, role === "admin");
+  if (res.status === "missing") throw new HttpError(404, "not_found", `no task ${id}`);
+  if (res.status === "not_submitter") {
+    throw new HttpError(403, "not_submitter", `task ${id} was submitted by another member; only its submitter or an admin may cancel it`);
+  }
+  return jsonResponse(200, taskJson(await withOutput(env, res.task)));
+}
+
 // Across shards: each shard's best `limit` within its share of LIST_BYTES, merged in the
 // order asked for; outputs kept in R2 are fetched for the rows answered.
 async function listTasks(env, state, kind, limit) {
@@ -856,6 +868,10 @@ async function handleV1(request, env, ctx, url) {
   if (segments[1] === "tasks" && segments.length === 4 && segments[3] === "result") {
     if (method !== "POST") throw notAllowed(method, path);
     return completeTask(env, ctx, peer, decodePathSegment(segments[2]), json());
+  }
+  if (segments[1] === "tasks" && segments.length === 4 && segments[3] === "cancel") {
+    if (method !== "POST") throw notAllowed(method, path);
+    return cancelTask(env, peer, role, decodePathSegment(segments[2]));
   }
   if (path === "/v1/lease") {
     if (method !== "POST") throw notAllowed(method, path);

@@ -390,6 +390,37 @@ export class TaskQueue extends DurableObject {
     return { status: "ok", task: this.view(this.row(id)), cacheKey };
   }
 
+  // The submitter (or an admin) cancels `id`: queued or leased, it ends as cancelled and
+  // the lease holder's result is then refused (already_finished); a finished task is left
+  // as it is. `peer` is the authenticated caller.
+  async cancel(id, peer, admin) {
+    await this.expireLeases();
+    const r = this.row(id);
+    if (!r) return { status: "missing" };
+    if (!admin && r.submitter !== peer) return { status: "not_submitter" };
+    if (r.state === "done" || r.state === "failed" || r.state === "cancelled") {
+      return { status: "finished", task: this.view(r) };
+    }
+    const now = this.now();
+    const why = admin && r.submitter !== peer ? "cancelled by an admin" : "cancelled by its submitter";
+    const attempts = JSON.parse(r.attempts);
+    for (const a of attempts) {
+      if (a.ended === null || a.ended === undefined) {
+        a.ended = now;
+        a.error = why;
+      }
+    }
+    this.sql.exec(
+      "UPDATE tasks SET state = 'cancelled', error = ?, attempts = ?, lease_peer = NULL, lease_until = NULL," +
+        " waiting_reason = NULL, finished = ?, input = NULL WHERE id = ?",
+      why,
+      JSON.stringify(attempts),
+      now,
+      id,
+    );
+    return { status: "ok", task: this.view(this.row(id)) };
+  }
+
   // Leases that ran out go back to the queue (or fail after MAX_LEASES).
   async expireLeases() {
     this.expireEdgeRuns();

@@ -239,3 +239,40 @@ describe("result cache", () => {
     expect(c.json.cached).toBe(false);
   });
 });
+
+describe("cancel", () => {
+  it("its submitter cancels a queued task; another member may not; an admin may; a cancel is idempotent", async () => {
+    const t = await call("POST", "/v1/tasks", { kind: "vt.cancel", params: {}, submitter: "canceller" }, { peer: "canceller" });
+    expect(t.status).toBe(202);
+    const other = await call("POST", `/v1/tasks/${t.json.id}/cancel`, {}, { peer: "someone-else" });
+    expect(other.status).toBe(403);
+    expect(other.json.error.code).toBe("not_submitter");
+    const r = await call("POST", `/v1/tasks/${t.json.id}/cancel`, {}, { peer: "canceller" });
+    expect(r.status).toBe(200);
+    expect(r.json.state).toBe("cancelled");
+    expect(r.json.error).toBe("cancelled by its submitter");
+    // nothing left to lease, and a second cancel answers the same final state
+    const leased = await call("POST", "/v1/lease", { kinds: ["vt.cancel"] }, { peer: "cancel-puller" });
+    expect(leased.json.tasks).toEqual([]);
+    const again = await call("POST", `/v1/tasks/${t.json.id}/cancel`, {}, { peer: "canceller" });
+    expect([again.status, again.json.state]).toEqual([200, "cancelled"]);
+    const byAdmin = await call("POST", "/v1/tasks", { kind: "vt.cancel", params: {}, submitter: "canceller" }, { peer: "canceller" });
+    const a = await call("POST", `/v1/tasks/${byAdmin.json.id}/cancel`, {}, { peer: "an-admin", signOpts: { admin: true } });
+    expect([a.status, a.json.state, a.json.error]).toEqual([200, "cancelled", "cancelled by an admin"]);
+    const missing = await call("POST", "/v1/tasks/no-such-task/cancel", {}, { peer: "canceller" });
+    expect(missing.status).toBe(404);
+  });
+
+  it("a leased task that is cancelled refuses its lease holder's result", async () => {
+    const t = await call("POST", "/v1/tasks", { kind: "vt.cancel2", params: {}, submitter: "canceller2" }, { peer: "canceller2" });
+    const leased = await call("POST", "/v1/lease", { kinds: ["vt.cancel2"] }, { peer: "cancel-puller2" });
+    expect(leased.json.tasks.map((x) => x.id)).toEqual([t.json.id]);
+    const r = await call("POST", `/v1/tasks/${t.json.id}/cancel`, {}, { peer: "canceller2" });
+    expect(r.json.state).toBe("cancelled");
+    expect(JSON.parse(JSON.stringify(r.json.attempts)).map((x) => x.error)).toEqual(["cancelled by its submitter"]);
+    const late = await call("POST", `/v1/tasks/${t.json.id}/result`, { ok: true, output: 1 }, { peer: "cancel-puller2" });
+    expect(late.status).toBe(409);
+    expect(late.json.error.code).toBe("already_finished");
+    expect((await call("GET", `/v1/tasks/${t.json.id}`, undefined, { peer: "canceller2" })).json.state).toBe("cancelled");
+  });
+});

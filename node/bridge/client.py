@@ -411,6 +411,13 @@ class BridgeClient:
         return check_task(await self.request("POST", f"/v1/tasks/{task_id}/result", body),
                           task_id, check_output=False)
 
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        """``POST /v1/tasks/{id}/cancel``: this peer submitted it (or holds the master).
+        A queued or leased task ends as cancelled; one that already ended is answered as
+        it is. ``BridgeRejected`` 403 not_submitter, 404 not_found."""
+        return check_task(await self.request("POST", f"/v1/tasks/{task_id}/cancel", {}),
+                          task_id, check_output=False)
+
     async def invalidate_cache(self, prefix: str = "") -> dict[str, Any]:
         """``POST /v1/cache/invalidate``: prefix "" (all), "<kind>" or "<kind>/<version>".
         Returns {"scope", "generation"}."""

@@ -1023,6 +1023,11 @@ class TaskService:
                 self._wake.set()
             return
         breaker.success()
+        if r.state == "cancelled" and task.get("state") not in TERMINAL:
+            # the user cancelled while the bridge held it: tell the Worker, so a pull
+            # member does not run it for nothing (best effort: the result is ignored)
+            await self._cancel_on_bridge(r.id)
+            return
         if r.state in TERMINAL or "bridge" not in r.inflight:
             return
         r.inflight.pop("bridge").ended = time.time()
@@ -1036,6 +1041,16 @@ class TaskService:
             else:
                 self._finalise(r, "failed", error=f"{task.get('error')} (on {by})",
                                executed_by=by, db=db)
+
+    async def _cancel_on_bridge(self, task_id: str) -> None:
+        from teammesh.node.bridge.client import BridgeRejected, BridgeUnavailable
+
+        assert self.bridge is not None
+        try:
+            await self.bridge.cancel(task_id)
+        except (BridgeRejected, BridgeUnavailable) as exc:
+            logger.info("could not cancel %s at the bridge (its result will be ignored):"
+                        " %s", task_id, exc)
 
     def _offered(self, peer: str, kind: str, now: float) -> int:
         offer = self.offers.get(peer)
