@@ -83,6 +83,7 @@ RETRY_BASE_S = 0.1
 RETRY_MAX_S = 5.0
 TARGET_QUEUED_MS = 20.0  # pipeline about this much work per peer slot beyond the running one
 MAX_PIPELINE = 64
+MAX_RTT_COVERED_MS = 500.0  # a slower link's round trip is not covered further
 DEFAULT_KIND_MS = 1e9  # unknown duration: no pipelining until the first results teach us
 ACK_DELAY_S = 0.01
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
@@ -631,9 +632,14 @@ class TaskService:
         self._wake.set()
 
     # --- placement ----------------------------------------------------------------------
-    def _pipeline(self, kind: str) -> int:
+    def _pipeline(self, kind: str, rtt_ms: float = 0.0) -> int:
+        """Tasks to keep queued per peer slot beyond the running one: about
+        TARGET_QUEUED_MS of work, plus the link's round trip's worth, so that a distant
+        peer's slot does not idle while results and new assignments cross the network
+        (docs/BENCHMARKS.md, "Distance")."""
         ms = self.kind_ms.get(kind, DEFAULT_KIND_MS)
-        return int(min(MAX_PIPELINE, TARGET_QUEUED_MS / max(ms, 0.01)))
+        target = TARGET_QUEUED_MS + min(max(rtt_ms, 0.0), MAX_RTT_COVERED_MS)
+        return int(min(MAX_PIPELINE, target / max(ms, 0.01)))
 
     def _candidates(self, r: TaskRecord,
                     now: float) -> tuple[list[tuple[float, str]], Waiting | None]:
@@ -683,7 +689,7 @@ class TaskService:
                     continue
                 link = self.links.get(peer)
                 inflight = len(link.inflight) if link else 0
-                window = ad.slots * (1 + self._pipeline(r.kind))
+                window = ad.slots * (1 + self._pipeline(r.kind, link.rtt_ms if link else 0.0))
                 offered = self._offered(peer, r.kind, now)
                 full_at = self.peer_full.get(peer)
                 full = full_at is not None and full_at >= e.received  # no newer ad yet
