@@ -36,7 +36,7 @@ def _patch_pipeline(depth: int) -> None:
     """Send every executor as many tasks as it could possibly queue (a flood)."""
     from teammesh.node.tasks import service as tasks
 
-    tasks.TaskService._pipeline = lambda self, kind: depth  # type: ignore[method-assign]
+    tasks.TaskService._pipeline = lambda self, kind, rtt_ms=0.0: depth  # type: ignore[method-assign]
 
 
 def _patch_forge() -> None:
