@@ -94,6 +94,13 @@ from .scheduler_model import (
     settle_quorum,
 )
 from .scheduler_peers import Breaker, ewma, sane_weights
+from .scheduler_rules import (
+    escalate_now,
+    leave_queue_for_bridge,
+    next_queue_check,
+    pipeline_depth,
+    queue_wait_s,
+)
 
 KIND_CLOCK_IDLE_S = 1.0  # a kind idle this long past its window waits a window again
 
@@ -605,7 +612,7 @@ class Scheduler:
         peer, peer_wait = self._best_queue(
             rec, allowed, unknown_ok=not (bridge and self._bridge_open(now)))
         if bridge and self._bridge_open(now):
-            if now >= window_end and self.bridge_rtt_s <= peer_wait:
+            if escalate_now(now, rec.waiting_since, self.config, self.bridge_rtt_s, peer_wait):
                 return self._escalate(rec, now)
             bridge_eta = max(0.0, window_end - now) + self.bridge_rtt_s
             self._wake_at(window_end)
@@ -690,14 +697,13 @@ class Scheduler:
             if not (bridge_open and self._bridge_eligible(rec.task)
                     and self._bridge_open(now)):
                 continue
-            window_end = attempt.queued_at + self.config.offer_window_s
-            left = max(self._queued_left(rec, peer, attempt), now - attempt.queued_at)
-            if now >= window_end and self.bridge_rtt_s < left:
+            if leave_queue_for_bridge(now, attempt.queued_at, self.config, self.bridge_rtt_s,
+                                      self._queued_left(rec, peer, attempt)):
                 self._take_back(rec, peer)
                 self._escalate(rec, now, trigger=Trigger.MOVED)
             else:  # the window ends, or the time waited passes the bridge's round trip
-                self._wake_at(window_end if now < window_end
-                              else attempt.queued_at + self.bridge_rtt_s + 1e-6)
+                self._wake_at(next_queue_check(now, attempt.queued_at, self.config,
+                                               self.bridge_rtt_s))
         self._moved = (epoch, self._line_wake)
 
     # --- helpers ---------------------------------------------------------------------------
@@ -744,13 +750,13 @@ class Scheduler:
         if t.where is Where.LOCAL:
             return None, math.inf
         kind_avg = self._kind_avg_s.get(t.kind)
-        depth = self._pipeline(kind_avg)
         best, best_rank, best_wait = None, (math.inf, math.inf), math.inf
-        for peer in sorted(self.index.filled & allowed) if depth else ():
+        for peer in sorted(self.index.filled & allowed) if kind_avg is not None else ():
             view = self.peers[peer]
             mine = len(view.inflight)
-            if view.full or not self._usable(rec, peer) or view.queue > mine - view.slots \
-                    or mine >= view.slots * (1 + depth):
+            depth = pipeline_depth(kind_avg, view.rtt_ms / 1000, self.config)
+            if not depth or view.full or not self._usable(rec, peer) \
+                    or view.queue > mine - view.slots or mine >= view.slots * (1 + depth):
                 continue
             wait = view.wait_s(view.avg_task_s if view.avg_task_s is not None else kind_avg)
             rank = (wait, view.load)
@@ -767,15 +773,9 @@ class Scheduler:
         estimated waits at least as long again (the estimate was wrong), so the caller takes
         the larger of this and the time waited."""
         view = self.peers.get(peer)
-        avg = None if view is None else view.avg_task_s
-        if view is None or avg is None:
+        if view is None:
             return math.inf
-        return avg * attempt.position / max(1, view.slots)
-
-    def _pipeline(self, avg_s: float | None) -> int:
-        if avg_s is None:
-            return 0  # unknown duration: queue nothing until results teach us
-        return int(min(self.config.max_pipeline, self.config.target_queued_s / max(avg_s, 1e-6)))
+        return queue_wait_s(view.avg_task_s, attempt.position, view.slots)
 
     def bridge_can_take(self, t: Task) -> bool:
         """The bridge is configured and could run this task (breaker aside)."""

@@ -347,6 +347,7 @@ class SchedulerConfig:
     bridge_down_retry_s: float = 1.0
     target_queued_s: float = 0.02  # pipeline about this much work per slot beyond the running
     max_pipeline: int = 64
+    max_rtt_covered_s: float = 0.5  # a slower link's round trip is not pipelined further
 
 
 # --- Rule 9 as a function --------------------------------------------------------------

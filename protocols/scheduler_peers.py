@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from .scheduler_model import LOCAL, PeerAd, SchedulerConfig, Task, Weights
+from .scheduler_rules import placement_score, queue_wait_s
 
 MAX_SLOTS = 4096
 MAX_QUEUE = 1_000_000
@@ -175,9 +176,9 @@ class PeerView:
         if self.can_start():
             return 0.0
         avg = self.avg_task_s if self.avg_task_s is not None else kind_avg_s
-        if self.full or avg is None or self.slots == 0:
+        if self.full or self.slots == 0:
             return math.inf
-        return avg * (self.queue + 1) / self.slots
+        return queue_wait_s(avg, self.queue + 1, self.slots)
 
     @property
     def health(self) -> float:
@@ -193,9 +194,8 @@ class PeerView:
 
     def score_for(self, kind: str, version: str, w: Weights) -> float:
         """Compatibility 40, latency 30, cost 20, health 10 (by default); higher is better."""
-        compat = 1.0 if self.kinds.get(kind) == version else 0.5
-        return (w.compatibility * compat + w.latency / (1 + self.rtt_ms / 10)
-                + w.cost / (1 + self.cost) + w.health * self.health)
+        return placement_score(self.kinds.get(kind) == version, self.rtt_ms, self.cost,
+                               self.health, w)
 
 
 def sane_weights(w: Weights) -> Weights:

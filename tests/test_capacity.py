@@ -81,3 +81,48 @@ def test_a_cancel_right_after_submit_frees_the_slot_and_idle_slots_wake(tmp_path
             assert quick["state"] == "done"
             wait_until(lambda: node.cli("status")["free_slots"] == 3, 30,
                        what="no cancelled task holding a slot")
+
+
+def test_a_task_queued_behind_a_members_own_work_leaves_for_the_bridge(tmp_path: Path) -> None:
+    """Rule 6 with the bridge (protocols/scheduler_rules.leave_queue_for_bridge): b starts
+    its own 30 s task at the moment a (no slots of its own) places short ones, so a's
+    view of b may be stale and one may be queued on b behind that task. Its wait there is
+    unknown (a never ran a task on b), so once it has waited an offer window a takes it
+    back and the bridge runs it; every task is done with the right digest well before
+    b's task ends. (If b's new ad reaches a first, nothing is sent to b and the tasks
+    escalate directly: the test cannot pass by leaving one behind b's 30 s.)"""
+    homes = _team(tmp_path, 2)
+    port = free_port()
+    with bridge_dev(homes[0], port, tmp_path / "state") as url:
+        a = Daemon(homes[0], ["--slots", "0", "--bridge", url]).start()
+        b: Daemon | None = None
+        try:
+            _join(a, homes[1])
+            b = Daemon(homes[1], ["--slots", "1", "--bootstrap", a.addr]).start()
+            wait_until(lambda: any(p["free_slots"] == 1 for p in a.peers()), 30,
+                       what="a to see b's free slot")
+            blobs = [os.urandom(200 * 1024) for _ in range(3)]
+            with Client.from_home(a.home) as ca, Client.from_home(b.home) as cb:
+                hold = cb.submit("sleep", params={"seconds": 30}, where="local", no_cache=True)
+                mine = ca.submit_batch([{"kind": "hash.sha256", "input_b64": _b64(blob),
+                                         "no_cache": True} for blob in blobs])
+                finished = [ca.task(t["id"], wait=20) for t in mine]
+                for r, blob in zip(finished, blobs, strict=True):
+                    assert r["state"] == "done", (r["error"], r["attempts"])
+                    assert r["output"] == hashlib.sha256(blob).hexdigest()
+                    on_b = [at for at in r["attempts"] if at["peer"] == b.peer_id]
+                    if r["executed_by"] != b.peer_id:
+                        assert r["executed_by"] == "bridge", r["attempts"]
+                        assert all((at["error"] or "").startswith("moved: ") for at in on_b)
+                assert cb.task(hold["id"])["state"] == "running"  # none waited behind it
+                cb.request("POST", f"/v1/tasks/{hold['id']}/cancel")
+        finally:
+            for d in (a, b):
+                if d is not None:
+                    d.stop()
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()

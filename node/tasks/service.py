@@ -57,8 +57,17 @@ from teammesh.protocols.errors import (
     TaskError,
     TeammeshError,
 )
-from teammesh.protocols.scheduler_model import SchedulerConfig, TaskState, settle_quorum
-from teammesh.protocols.scheduler_peers import Breaker
+from teammesh.protocols.scheduler_model import SchedulerConfig, TaskState, Weights, settle_quorum
+from teammesh.protocols.scheduler_peers import Breaker, ewma, sane_weights
+from teammesh.protocols.scheduler_rules import (
+    escalate_now,
+    leave_queue_for_bridge,
+    next_queue_check,
+    pipeline_depth,
+    placement_score,
+    queue_wait_s,
+    queued_behind_others,
+)
 from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
 from teammesh.storage.unixfs import FileTooLarge
 
@@ -81,10 +90,6 @@ WHERE = ("any", "local", "peers", "bridge")
 MAX_INPUT = tp.MAX_INLINE_INPUT
 RETRY_BASE_S = 0.1
 RETRY_MAX_S = 5.0
-TARGET_QUEUED_MS = 20.0  # pipeline about this much work per peer slot beyond the running one
-MAX_PIPELINE = 64
-MAX_RTT_COVERED_MS = 500.0  # a slower link's round trip is not covered further
-DEFAULT_KIND_MS = 1e9  # unknown duration: no pipelining until the first results teach us
 ACK_DELAY_S = 0.01
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
 MAX_INTERRUPTIONS = 3  # a task running when the node stopped runs again at most twice
@@ -220,6 +225,7 @@ class PeerLink:
     sent_at: dict[str, float] = field(default_factory=dict)
     alive: bool = True
     rtt_ms: float = 5.0
+    avg_task_s: float | None = None  # our tasks' recent run times there (Rule 6's estimate)
     successes: int = 0
     failures: int = 0
     # cancelled when the peer goes silent (its ad expired): a cut link sends no FIN or RST,
@@ -277,7 +283,9 @@ class TaskService:
             identity=identity, audit=audit, run_with_files=self.run_with_files,
             member_queue=int(cfg.get("executor", "member_queue")),
             member_queue_mb=int(cfg.get("executor", "member_queue_mb")))
-        self.weights = dict(cfg.get("scheduler", "weights"))
+        w = dict(cfg.get("scheduler", "weights"))
+        self.weights = sane_weights(Weights(
+            **{k: float(w[k]) for k in ("compatibility", "latency", "cost", "health") if k in w}))
         self.max_attempts = int(cfg.get("scheduler", "max_attempts"))
         self.cache_enabled = bool(cfg.get("scheduler", "cache"))
         self.kind_limits: dict[str, int] = dict(cfg.get("scheduler", "kind_limits"))
@@ -288,7 +296,13 @@ class TaskService:
         self._order = itertools.count()
         self.links: dict[str, PeerLink] = {}
         self.breakers: dict[str, Breaker] = {}  # the scheduler's, with its defaults
-        self.breaker_config = SchedulerConfig()
+        self.offer_window_s = float(cfg.get("scheduler", "offer_window_s"))
+        # the rules' parameters (protocols/scheduler_rules.py), shared with the simulations
+        self.rules = SchedulerConfig(weights=self.weights, offer_window_s=self.offer_window_s)
+        self.breaker_config = self.rules
+        # measured on every escalation (the Worker's answer to a submit); the first guess
+        # is the rules' default until then
+        self.bridge_rtt_s = self.rules.bridge_rtt_s
         self.kind_ms: dict[str, float] = {}
         self.running_by_kind: dict[str, int] = {}
         self._wake = trio.Event()
@@ -297,13 +311,13 @@ class TaskService:
         self.startup_grace_s = float(cfg.get("gossip", "ad_interval_s")) + 1.0
         self.host: MeshHost | None = None
         self.watchers: dict[str, trio.MemorySendChannel[str]] = {}
-        self.offer_window_s = float(cfg.get("scheduler", "offer_window_s"))
         self.bridge: Any = None  # BridgeClient, when the node has a bridge URL and key
         self.offers: dict[str, tuple[str, int, float]] = {}  # peer -> (kind, free, until)
         # peer -> when an admission reply showed it queueing our task behind other
         # members' work: it counts as full until an ad received after that says otherwise
         self.peer_full: dict[str, float] = {}
-        self.remote_queued: dict[str, str] = {}  # task id -> the busy member queueing it
+        # task id -> (the busy member queueing it behind others' work, since, position)
+        self.remote_queued: dict[str, tuple[str, float, int]] = {}
         self.waiting_since: dict[tuple[str, str], float] = {}  # (kind, version) -> first wait
         self._kind_seen: dict[str, float] = {}  # kind -> last time a live ad listed it
         self.last_call: dict[tuple[str, str], float] = {}
@@ -633,13 +647,10 @@ class TaskService:
 
     # --- placement ----------------------------------------------------------------------
     def _pipeline(self, kind: str, rtt_ms: float = 0.0) -> int:
-        """Tasks to keep queued per peer slot beyond the running one: about
-        TARGET_QUEUED_MS of work, plus the link's round trip's worth, so that a distant
-        peer's slot does not idle while results and new assignments cross the network
-        (docs/BENCHMARKS.md, "Distance")."""
-        ms = self.kind_ms.get(kind, DEFAULT_KIND_MS)
-        target = TARGET_QUEUED_MS + min(max(rtt_ms, 0.0), MAX_RTT_COVERED_MS)
-        return int(min(MAX_PIPELINE, target / max(ms, 0.01)))
+        """Tasks to keep queued per peer slot beyond the running one (Rule 5's
+        pipelining, protocols/scheduler_rules.pipeline_depth)."""
+        ms = self.kind_ms.get(kind)
+        return pipeline_depth(None if ms is None else ms / 1000, rtt_ms / 1000, self.rules)
 
     def _candidates(self, r: TaskRecord,
                     now: float) -> tuple[list[tuple[float, str]], Waiting | None]:
@@ -712,11 +723,8 @@ class TaskService:
                     continue
                 rtt = link.rtt_ms if link else 5.0
                 health = link.health if link else 1.0
-                score = (w.get("compatibility", 40) * (1.0 if ad.kinds[r.kind] == r.version
-                                                        else 0.5)
-                         + w.get("latency", 30) / (1 + rtt / 10)
-                         + w.get("cost", 20) / (1 + ad.cost)
-                         + w.get("health", 10) * health) * (1 - inflight / window)
+                score = placement_score(ad.kinds[r.kind] == r.version, rtt, ad.cost, health,
+                                        w) * (1 - inflight / window)
                 out.append((score, peer))
         if r.where in ("any", "peers"):
             # members that answered an open call but whose ad we have not seen
@@ -770,7 +778,7 @@ class TaskService:
         now = trio.current_time()
         self._drop_silent_links(now)
         if self.remote_queued:
-            self._recheck_remote_queued(now)
+            self._recheck_remote_queued(now, nursery)
         uptime = now - self._started_at
         deferred: list[TaskRecord] = []
         reasons_changed: list[TaskRecord] = []
@@ -955,8 +963,9 @@ class TaskService:
         nobody = waiting.why in (NoRoom.NOBODY_RUNS, NoRoom.NO_SLOTS)
         if nobody and uptime <= self.startup_grace_s:
             return False
-        # saturated or empty mesh: give peers one offer window to free up first
-        return nobody or now - r.waiting_since >= self.offer_window_s
+        # saturated or empty mesh: give peers one offer window to free up first (no queue
+        # with a known wait is open to it, or it would have been a candidate)
+        return nobody or escalate_now(now, r.waiting_since, self.rules, self.bridge_rtt_s)
 
     def _escalate(self, r: TaskRecord, nursery: trio.Nursery, now: float) -> None:
         attempt = Attempt("bridge", time.time())
@@ -998,7 +1007,9 @@ class TaskService:
             body["input_b64"] = base64.b64encode(r.input).decode()
         breaker = self.breakers.setdefault("bridge", Breaker())
         try:
+            sent = trio.current_time()
             task = await self.bridge.submit(body)
+            self.bridge_rtt_s = ewma(self.bridge_rtt_s, trio.current_time() - sent)
             delay = 0.05
             while task.get("state") not in TERMINAL and r.state not in TERMINAL:
                 r.waiting_reason = f"queued at the bridge ({task.get('state')})"
@@ -1269,11 +1280,12 @@ class TaskService:
     def _on_admission(self, link: PeerLink, positions: dict[str, int], now: float) -> None:
         """The executor's admission reply, one round trip after the assign: each task
         started (0) or waits in its queue at a position. A task queued behind other
-        members' work (more tasks ahead of it there than ours) has an unknown wait (it may
-        be a 60 s task): the peer counts as full until a newer ad, and the task is placed
-        again at once if another peer advertises a free slot or the bridge could take it
-        (the dispatcher then escalates it after the offer window, as any waiting task).
-        Otherwise it stays: the executor gives each submitter its turn."""
+        members' work (more tasks ahead of it there than ours) may wait long (it may be a
+        60 s task): the peer counts as full until a newer ad, and the task is placed again
+        at once if another peer advertises a free slot. Otherwise it stays, and Rule 6
+        (``_recheck_remote_queued``) moves it when a slot frees elsewhere, or to the bridge
+        once the bridge's round trip is shorter than its wait there. The executor gives
+        each submitter its turn meanwhile."""
         entry = self.mesh.table.get(link.peer, now)
         slots = max(1, entry.ad.slots) if entry is not None else 1
         own = len(link.inflight)
@@ -1282,33 +1294,55 @@ class TaskService:
             r = link.inflight.get(tid)
             if r is None or r.state in TERMINAL or pos <= 0:
                 continue
-            # ahead of it: the peer's busy slots and pos - 1 queued tasks; ours there are
-            # at most the others we have in flight
-            behind_others = own - 1 < slots + pos - 1
             r.waiting_reason = f"queued on {link.peer} at position {pos}"
             r.notify()
-            if not behind_others:
+            if not queued_behind_others(own, slots, pos):
                 continue  # pipelined behind our own tasks: their times are known and short
             self.peer_full[link.peer] = now
-            if r.replicas == 1 and (self._bridge_could_take(r)
-                                    or self._free_elsewhere(r, link.peer, now)):
+            if r.replicas == 1 and self._free_elsewhere(r, link.peer, now):
                 moves.append(r)
             elif r.replicas == 1:
-                self.remote_queued[r.id] = link.peer  # moved when room appears elsewhere
+                self.remote_queued[r.id] = (link.peer, now, pos)
         for r in moves:
             self._move_off(r, link, "it queued the task behind other members' work")
 
-    def _recheck_remote_queued(self, now: float) -> None:
-        """Tasks left in a busy member's queue (nothing else could take them then) move
-        as soon as another member advertises a free slot or the bridge could take them."""
-        for tid, peer in list(self.remote_queued.items()):
+    def _recheck_remote_queued(self, now: float, nursery: trio.Nursery) -> None:
+        """Rule 6: a task in a busy member's queue behind others' work moves as soon as
+        another member advertises a free slot, or to the bridge once it has waited an offer
+        window there and the bridge's measured round trip is shorter than the wait left
+        (estimated from our tasks' recent times on that member, or the time already
+        waited if longer): protocols/scheduler_rules.leave_queue_for_bridge."""
+        for tid, (peer, queued_at, pos) in list(self.remote_queued.items()):
             r = self.records.get(tid)
             link = self.links.get(peer)
             if r is None or r.state in TERMINAL or link is None or tid not in link.inflight:
                 del self.remote_queued[tid]
-            elif self._bridge_could_take(r) or self._free_elsewhere(r, peer, now):
+            elif self._free_elsewhere(r, peer, now):
                 del self.remote_queued[tid]
                 self._move_off(r, link, "a member with a free slot appeared")
+            elif self._bridge_could_take(r) and leave_queue_for_bridge(
+                    now, queued_at, self.rules, self.bridge_rtt_s,
+                    self._queued_left(link, pos, now)):
+                del self.remote_queued[tid]
+                self._take_back(r, link, "the bridge starts it sooner than its queue there")
+                self._escalate(r, nursery, now)
+
+    def _queued_left(self, link: PeerLink, position: int, now: float) -> float:
+        entry = self.mesh.table.get(link.peer, now)
+        slots = max(1, entry.ad.slots) if entry is not None else 1
+        return queue_wait_s(link.avg_task_s, position, slots)
+
+    def _next_queue_check(self, now: float) -> float:
+        """When Rule 6 can next send a task in a busy member's queue to the bridge."""
+        if self.bridge is None:
+            return math.inf
+        soonest = math.inf
+        for tid, (_peer, since, _pos) in self.remote_queued.items():
+            r = self.records.get(tid)
+            if r is not None and self._bridge_could_take(r):
+                soonest = min(soonest, next_queue_check(now, since, self.rules,
+                                                        self.bridge_rtt_s))
+        return soonest
 
     def _free_elsewhere(self, r: TaskRecord, peer: str, now: float) -> bool:
         """Does another live member that runs this kind advertise a free slot that our
@@ -1325,9 +1359,9 @@ class TaskService:
                 return True
         return False
 
-    def _move_off(self, r: TaskRecord, link: PeerLink, why: str) -> None:
-        """Take a task out of a peer's queue (cancel it there) and place it again now.
-        Not a failure: it costs no attempt and no breaker strike."""
+    def _take_back(self, r: TaskRecord, link: PeerLink, why: str) -> None:
+        """Take a task out of a peer's queue (cancel it there). Not a failure: it costs
+        no attempt and no breaker strike."""
         link.send_control(tp.cancel([r.id]))
         link.inflight.pop(r.id, None)
         link.sent_at.pop(r.id, None)
@@ -1336,6 +1370,10 @@ class TaskService:
             attempt.ended, attempt.error = time.time(), f"moved: {why}"
         self.counters["moved"] += 1
         r.excluded.add(link.peer)  # not back there for this task while others can run it
+
+    def _move_off(self, r: TaskRecord, link: PeerLink, why: str) -> None:
+        """Take a task out of a peer's queue and place it again now."""
+        self._take_back(r, link, why)
         self._back_to_queue(r)
         r.not_before = 0.0
         r.waiting_reason = f"moved off {link.peer}: {why}"
@@ -1347,6 +1385,8 @@ class TaskService:
         for res in results:
             link.inflight.pop(res.id, None)
             link.sent_at.pop(res.id, None)
+            if math.isfinite(res.wall_ms) and res.wall_ms >= 0:
+                link.avg_task_s = ewma(link.avg_task_s, min(res.wall_ms, 86_400_000) / 1000)
         files = [res for res in results if _output_file(res) is not None]
         if files:
             results = [res for res in results if _output_file(res) is None]
@@ -1593,6 +1633,8 @@ class TaskService:
                 if r.waiting_since is not None and self.bridge is not None \
                         and r.waiting_since + self.offer_window_s > now:
                     soonest = min(soonest, r.waiting_since + self.offer_window_s)
+            if self.remote_queued:
+                soonest = min(soonest, self._next_queue_check(now))
             with trio.move_on_at(max(soonest, now + 0.001)):
                 await self._wake.wait()
             self._wake = trio.Event()

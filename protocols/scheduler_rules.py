@@ -1,0 +1,85 @@
+"""The placement rules as pure functions of numbers, shared by both schedulers.
+
+``scheduler.py`` (the state machine the simulations drive) and the daemon's task service
+(``node/tasks/service.py``) keep their own bookkeeping: the first over typed events, the
+second over live links, records and the journal. Where they decide the same question,
+they call the same function here, so a rule changes in one place and the simulations
+test what the daemon does. Each function names the rule of ``scheduler.py``'s docstring
+it implements.
+
+Times are seconds; ``inf`` means unknown or never.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .scheduler_model import SchedulerConfig, Weights
+
+
+def pipeline_depth(avg_task_s: float | None, rtt_s: float, cfg: SchedulerConfig) -> int:
+    """Rule 5 (pipelining): tasks to keep queued per peer slot beyond the running one.
+
+    About ``target_queued_s`` of work, plus the link's round trip (up to
+    ``max_rtt_covered_s``), so that a distant peer's slot does not idle while a result
+    and the next assignment cross the network (docs/BENCHMARKS.md, "Distance"). A kind of
+    unknown duration is not pipelined until results teach us its time: it may be a 60 s
+    task, and a queue behind it is a wait nobody can estimate."""
+    if avg_task_s is None or not math.isfinite(avg_task_s):
+        return 0
+    covered = min(max(rtt_s, 0.0), cfg.max_rtt_covered_s) if math.isfinite(rtt_s) else 0.0
+    return int(min(cfg.max_pipeline, (cfg.target_queued_s + covered) / max(avg_task_s, 1e-6)))
+
+
+def placement_score(same_version: bool, rtt_ms: float, cost: float, health: float,
+                    w: Weights) -> float:
+    """Rule 4: compatibility 40, latency 30, cost 20, health 10 (by default); higher is
+    better. Inputs are already clamped (``scheduler_peers``) and weights sane."""
+    compat = 1.0 if same_version else 0.5
+    return (w.compatibility * compat + w.latency / (1 + rtt_ms / 10)
+            + w.cost / (1 + cost) + w.health * health)
+
+
+def queue_wait_s(avg_task_s: float | None, ahead: int, slots: int) -> float:
+    """Estimated wait for a task with ``ahead`` tasks before it (running ones included)
+    on ``slots`` slots, from recent task times there; ``inf`` when none are known."""
+    if avg_task_s is None or not math.isfinite(avg_task_s):
+        return math.inf
+    return avg_task_s * max(0, ahead) / max(1, slots)
+
+
+def queued_behind_others(own_inflight: int, slots: int, position: int) -> bool:
+    """Rule 6's trigger, from an admission reply: does our task at ``position`` in a
+    peer's queue wait behind other submitters' work? Ahead of it are the peer's busy
+    slots and ``position - 1`` queued tasks; at most ``own_inflight - 1`` of those are
+    ours. Behind our own tasks the wait is known (pipelining); behind others' it is not."""
+    return own_inflight - 1 < max(1, slots) + position - 1
+
+
+def escalate_now(now: float, waiting_since: float, cfg: SchedulerConfig, bridge_rtt_s: float,
+                 queue_wait: float = math.inf) -> bool:
+    """Rule 5's escalation: a task that found no free slot goes to the bridge once its
+    kind has waited a whole offer window and the bridge's round trip is no longer than
+    the wait in the best queue open to it (``inf``: no queue with a known wait)."""
+    return now >= waiting_since + cfg.offer_window_s and bridge_rtt_s <= queue_wait
+
+
+def leave_queue_for_bridge(now: float, queued_at: float, cfg: SchedulerConfig,
+                           bridge_rtt_s: float, wait_left_s: float) -> bool:
+    """Rule 6: a task queued in a busy peer's queue moves to the bridge once it has waited
+    there an offer window and the bridge's round trip is shorter than the wait left. The
+    wait left is the estimate, or the time already waited if that is longer (a task that
+    outwaited its estimate was behind something slower than we knew)."""
+    if now < queued_at + cfg.offer_window_s:
+        return False
+    return bridge_rtt_s < max(wait_left_s, now - queued_at)
+
+
+def next_queue_check(now: float, queued_at: float, cfg: SchedulerConfig,
+                     bridge_rtt_s: float) -> float:
+    """When ``leave_queue_for_bridge`` can next change its answer by time alone: the end
+    of the offer window, or the moment the time waited passes the bridge's round trip."""
+    window_end = queued_at + cfg.offer_window_s
+    if now < window_end:
+        return window_end
+    return max(now, queued_at + bridge_rtt_s) + 1e-6
