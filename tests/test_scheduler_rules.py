@@ -11,7 +11,6 @@ import math
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from teammesh.protocols.scheduler_model import SchedulerConfig, Weights
 from teammesh.protocols.scheduler_rules import (
     escalate_now,
