@@ -95,14 +95,14 @@ from .scheduler_model import (
 )
 from .scheduler_peers import Breaker, ewma, sane_weights
 from .scheduler_rules import (
+    KindClocks,
     escalate_now,
     leave_queue_for_bridge,
     next_queue_check,
     pipeline_depth,
     queue_wait_s,
+    retry_delay_s,
 )
-
-KIND_CLOCK_IDLE_S = 1.0  # a kind idle this long past its window waits a window again
 
 
 class Trigger(enum.Enum):
@@ -230,7 +230,7 @@ class Scheduler:
         self._delayed: list[tuple[float, int, str, int]] = []
         self._deadlines: list[tuple[float, int, str]] = []
         self._remote_queued: dict[tuple[str, str], None] = {}  # (task id, peer queueing it)
-        self._kind_waiting: dict[tuple[str, str], tuple[float, float]] = {}  # (since, last)
+        self._kind_clocks = KindClocks()
         # Capacity epoch: bumped whenever room may have appeared (an ad, a result, a slot
         # or bridge place given back). A line whose head found no room is not looked at
         # again until the epoch moves or its wake-up time comes: in a saturated team most
@@ -462,10 +462,7 @@ class Scheduler:
                 FailReason.GAVE_UP, target, attempts=rec.retries, loss=loss))
             return
         cfg = self.config
-        jitter = self._jitter()
-        jitter = jitter if math.isfinite(jitter) and jitter >= 0 else 1.0
-        delay = min(cfg.retry_max_s, cfg.retry_base_s * 2 ** min(rec.retries - 1, 30)) * jitter
-        rec.not_before = now + delay
+        rec.not_before = now + retry_delay_s(rec.retries, cfg, self._jitter())
         self._move(rec, Trigger.LOST, TaskState.RUNNING if rec.attempts else TaskState.QUEUED)
         self._set_wait(rec, Wait(WaitReason.BACKOFF, target, rec.retries,
                                  cfg.max_attempts, rec.not_before, loss=loss))
@@ -577,7 +574,7 @@ class Scheduler:
             self._assign(rec, target, now)
             placed = True
         if rec.need <= 0:
-            self._kind_waiting.pop((t.kind, t.version), None)
+            self._kind_clocks.placed((t.kind, t.version))
             return _Outcome.DONE
         if placed:
             self._set_wait(rec, Wait(WaitReason.REPLICAS_PENDING, count=len(rec.attempts)
@@ -708,16 +705,8 @@ class Scheduler:
 
     # --- helpers ---------------------------------------------------------------------------
     def _kind_clock(self, t: Task, now: float) -> float:
-        """Since when tasks of this kind found no room. The clock is the kind's: once a
-        kind has waited a whole window, the next task need not wait another (sustained
-        saturation escalates at once). It stops when a task of the kind gets a free slot,
-        or when no task of it found no room for a window and KIND_CLOCK_IDLE_S."""
-        key = (t.kind, t.version)
-        since, last = self._kind_waiting.get(key, (now, now))
-        if now - last > self.config.offer_window_s + KIND_CLOCK_IDLE_S:
-            since = now
-        self._kind_waiting[key] = (since, now)
-        return since
+        """Since when tasks of this kind found no room (``KindClocks``)."""
+        return self._kind_clocks.waiting((t.kind, t.version), now, self.config)
 
     def _usable(self, rec: Record, peer: str) -> bool:
         return (peer not in rec.attempts and peer not in rec.results

@@ -13,6 +13,7 @@ Times are seconds; ``inf`` means unknown or never.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 from .scheduler_model import SchedulerConfig, Weights
 
@@ -83,3 +84,38 @@ def next_queue_check(now: float, queued_at: float, cfg: SchedulerConfig,
     if now < window_end:
         return window_end
     return max(now, queued_at + bridge_rtt_s) + 1e-6
+
+
+def retry_delay_s(retries: int, cfg: SchedulerConfig, jitter: float) -> float:
+    """Rule 8: the wait before retry number ``retries`` (1 = the first retry):
+    ``min(max, base * 2**(retries - 1)) * jitter``. A jitter that is not a finite,
+    non-negative number counts as 1."""
+    j = jitter if math.isfinite(jitter) and jitter >= 0 else 1.0
+    return min(cfg.retry_max_s, cfg.retry_base_s * 2.0 ** min(max(retries, 1) - 1, 30)) * j
+
+
+KIND_CLOCK_IDLE_S = 1.0  # a kind idle this long past its window waits a window again
+
+
+@dataclass(slots=True)
+class KindClocks:
+    """Rule 5's clock, per (kind, version): since when tasks of the kind find no room.
+
+    The clock is the kind's, not the task's: once a kind has waited a whole offer window,
+    the next task of it need not wait another (sustained saturation escalates at once,
+    not one window per task). It stops when a task of the kind is placed on a free slot
+    (``placed``), or when no task of it has waited for ``offer_window_s +
+    KIND_CLOCK_IDLE_S``: a kind that saturated an hour ago gives peers a fresh window."""
+
+    _clocks: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+
+    def waiting(self, key: tuple[str, str], now: float, cfg: SchedulerConfig) -> float:
+        """A task of the kind found no room now: since when the kind has been waiting."""
+        since, last = self._clocks.get(key, (now, now))
+        if now - last > cfg.offer_window_s + KIND_CLOCK_IDLE_S:
+            since = now
+        self._clocks[key] = (since, now)
+        return since
+
+    def placed(self, key: tuple[str, str]) -> None:
+        self._clocks.pop(key, None)

@@ -13,6 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from teammesh.protocols.scheduler_model import SchedulerConfig, Weights
 from teammesh.protocols.scheduler_rules import (
+    KIND_CLOCK_IDLE_S,
+    KindClocks,
     escalate_now,
     leave_queue_for_bridge,
     next_queue_check,
@@ -20,6 +22,7 @@ from teammesh.protocols.scheduler_rules import (
     placement_score,
     queue_wait_s,
     queued_behind_others,
+    retry_delay_s,
 )
 
 CFG = SchedulerConfig(offer_window_s=0.5, target_queued_s=0.02, max_pipeline=64,
@@ -97,3 +100,28 @@ def test_the_next_check_is_when_the_answer_can_change(now: float, since: float, 
     # time waited decides at the following check)
     later = next_queue_check(at, since, CFG, rtt)
     assert leave_queue_for_bridge(later, since, CFG, rtt, left) or left > later - since
+
+
+def test_retry_delays_double_up_to_the_cap() -> None:
+    cfg = SchedulerConfig(retry_base_s=0.1, retry_max_s=5.0)
+    assert [retry_delay_s(n, cfg, 1.0) for n in (1, 2, 3)] == [0.1, 0.2, 0.4]
+    assert retry_delay_s(10, cfg, 1.0) == 5.0
+    assert retry_delay_s(10_000, cfg, 1.0) == 5.0  # no overflow
+    assert retry_delay_s(2, cfg, 1.5) == 0.30000000000000004
+    assert retry_delay_s(2, cfg, math.nan) == 0.2  # a broken jitter counts 1
+    assert retry_delay_s(2, cfg, -1.0) == 0.2
+
+
+def test_a_kinds_clock_runs_while_it_waits_and_restarts_after_idling() -> None:
+    cfg = SchedulerConfig(offer_window_s=0.5)
+    clocks = KindClocks()
+    key = ("sleep", "1")
+    assert clocks.waiting(key, 10.0, cfg) == 10.0
+    assert clocks.waiting(key, 10.4, cfg) == 10.0  # still the kind's first wait
+    assert clocks.waiting(key, 11.9, cfg) == 10.0  # 1.5 s since the last: not idle yet
+    # idle for longer than a window + KIND_CLOCK_IDLE_S: peers get a fresh window
+    assert clocks.waiting(key, 11.9 + 0.5 + KIND_CLOCK_IDLE_S + 0.01, cfg) == \
+        11.9 + 0.5 + KIND_CLOCK_IDLE_S + 0.01
+    clocks.placed(key)
+    assert clocks.waiting(key, 20.0, cfg) == 20.0
+    assert clocks.waiting(("sleep", "2"), 20.1, cfg) == 20.1  # versions are apart

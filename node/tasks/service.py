@@ -60,6 +60,7 @@ from teammesh.protocols.errors import (
 from teammesh.protocols.scheduler_model import SchedulerConfig, TaskState, Weights, settle_quorum
 from teammesh.protocols.scheduler_peers import Breaker, ewma, sane_weights
 from teammesh.protocols.scheduler_rules import (
+    KindClocks,
     escalate_now,
     leave_queue_for_bridge,
     next_queue_check,
@@ -67,6 +68,7 @@ from teammesh.protocols.scheduler_rules import (
     placement_score,
     queue_wait_s,
     queued_behind_others,
+    retry_delay_s,
 )
 from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
 from teammesh.storage.unixfs import FileTooLarge
@@ -88,8 +90,6 @@ logger = logging.getLogger("teammesh.tasks")
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 WHERE = ("any", "local", "peers", "bridge")
 MAX_INPUT = tp.MAX_INLINE_INPUT
-RETRY_BASE_S = 0.1
-RETRY_MAX_S = 5.0
 ACK_DELAY_S = 0.01
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
 MAX_INTERRUPTIONS = 3  # a task running when the node stopped runs again at most twice
@@ -298,7 +298,8 @@ class TaskService:
         self.breakers: dict[str, Breaker] = {}  # the scheduler's, with its defaults
         self.offer_window_s = float(cfg.get("scheduler", "offer_window_s"))
         # the rules' parameters (protocols/scheduler_rules.py), shared with the simulations
-        self.rules = SchedulerConfig(weights=self.weights, offer_window_s=self.offer_window_s)
+        self.rules = SchedulerConfig(weights=self.weights, offer_window_s=self.offer_window_s,
+                                     max_attempts=self.max_attempts)
         self.breaker_config = self.rules
         # measured on every escalation (the Worker's answer to a submit); the first guess
         # is the rules' default until then
@@ -318,7 +319,7 @@ class TaskService:
         self.peer_full: dict[str, float] = {}
         # task id -> (the busy member queueing it behind others' work, since, position)
         self.remote_queued: dict[str, tuple[str, float, int]] = {}
-        self.waiting_since: dict[tuple[str, str], float] = {}  # (kind, version) -> first wait
+        self.kind_clocks = KindClocks()  # Rule 5: since when each kind finds no room
         self._kind_seen: dict[str, float] = {}  # kind -> last time a live ad listed it
         self.last_call: dict[tuple[str, str], float] = {}
         self.calls_to_publish: list[tuple[str, str, int]] = []
@@ -619,7 +620,7 @@ class TaskService:
             self._finalise(r, "failed", error=f"gave up after {r.retries} attempts; last: "
                            f"{peer} failed with {reason}")
             return
-        delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (r.retries - 1)) * random.uniform(0.5, 1.5)
+        delay = retry_delay_s(r.retries, self.rules, random.uniform(0.5, 1.5))
         r.not_before = trio.current_time() + delay
         r.waiting_reason = (f"retry {r.retries + 1} of {self.max_attempts} in {delay:.1f} s "
                             f"after {peer} failed with: {reason}")
@@ -863,7 +864,7 @@ class TaskService:
                     self._set_reason(r, text, reasons_changed)
                     self._note_waiting(r, now)
                     continue
-                self.waiting_since.pop((r.kind, r.version), None)
+                self.kind_clocks.placed((r.kind, r.version))
                 candidates.sort(reverse=True)
                 chosen = [p for _, p in candidates[:needed]]
                 for peer in chosen:
@@ -955,7 +956,7 @@ class TaskService:
         # The clock is the kind's: once tasks of a kind have found no room for a whole
         # window, the next one need not wait another (sustained saturation escalates in
         # milliseconds, not one window per task). Placing any task of the kind resets it.
-        kind_since = self.waiting_since.get((r.kind, r.version), now)
+        kind_since = self.kind_clocks.waiting((r.kind, r.version), now, self.rules)
         r.waiting_since = min(r.waiting_since if r.waiting_since is not None else now,
                               kind_since)
         if waiting.why in (NoRoom.UNFIT, NoRoom.NOT_LOCAL):
@@ -1078,7 +1079,7 @@ class TaskService:
     def _note_waiting(self, r: TaskRecord, now: float) -> None:
         """Tasks of a kind waited past the offer window: ask the team (open call)."""
         key = (r.kind, r.version)
-        since = self.waiting_since.setdefault(key, now)
+        since = self.kind_clocks.waiting(key, now, self.rules)
         if now - since >= self.offer_window_s and now - self.last_call.get(key, -1e9) >= 1.0:
             self.last_call[key] = now
             self.calls_to_publish.append((r.kind, r.version, 1))
