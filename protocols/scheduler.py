@@ -231,6 +231,7 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, str]] = []
         self._remote_queued: dict[tuple[str, str], None] = {}  # (task id, peer queueing it)
         self._kind_clocks = KindClocks()
+        self._kind_seen: dict[str, float] = {}  # kind -> when a member with slots ran it
         # Capacity epoch: bumped whenever room may have appeared (an ad, a result, a slot
         # or bridge place given back). A line whose head found no room is not looked at
         # again until the epoch moves or its wake-up time comes: in a saturated team most
@@ -298,7 +299,7 @@ class Scheduler:
             case Cancelled():
                 self._on_cancelled(event)
             case PeerAd():
-                self._on_peer_ad(event)
+                self._on_peer_ad(event, now)
             case PeerGone():
                 self._on_peer_gone(event, now)
             case AdmissionReply():
@@ -341,14 +342,21 @@ class Scheduler:
             return  # finished already (or never ours): cancelling is idempotent
         self._finish(rec, Trigger.CANCELLED, TaskState.CANCELLED)
 
-    def _on_peer_ad(self, ev: PeerAd) -> None:
+    def _on_peer_ad(self, ev: PeerAd, now: float) -> None:
         self.index.upsert(ev)
+        view = self.index.views.get(ev.peer)
+        if view is not None and view.slots > 0:
+            for kind in view.kinds:
+                self._kind_seen[kind] = now
         self._grew()
 
     def _on_peer_gone(self, ev: PeerGone, now: float) -> None:
         view = self.index.remove(ev.peer)
         if view is None:
             return
+        if view.slots > 0:
+            for kind in view.kinds:
+                self._kind_seen[kind] = now
         for task_id in sorted(view.inflight):
             rec = self.records.get(task_id)
             if rec is not None and ev.peer in rec.attempts:
@@ -635,13 +643,20 @@ class Scheduler:
         grace_end = self._started + self.config.startup_grace_s
         if self._bridge_eligible(t) and now >= grace_end:
             return self._to_bridge_or_wait(rec, now)
+        seen = self._kind_seen.get(t.kind)
+        any_kind = bool(self.index.runners.get(t.kind))
+        if now >= grace_end and not rec.attempts and not rec.results and not any_kind \
+                and seen is not None and now < seen + self.config.kind_memory_s:
+            # members that ran it lately are unreachable, not gone: wait for them a while
+            self._wake_at(seen + self.config.kind_memory_s)
+            self._set_wait(rec, Wait(WaitReason.UNREACHABLE, kind=t.kind, until=seen))
+            return _Outcome.SKIP if rec.excluded else _Outcome.BLOCKED
         if now >= grace_end and not rec.attempts:
             failure = (Failure(FailReason.TOO_FEW_MEMBERS, attempts=t.replicas) if rec.results
                        else Failure(FailReason.NO_RUNNER))
             self._finish(rec, Trigger.UNPLACEABLE, TaskState.FAILED, failure=failure)
             return _Outcome.DONE
         self._wake_at(grace_end)
-        any_kind = bool(self.index.runners.get(t.kind))
         reason = WaitReason.NO_RESOURCES if any_kind else WaitReason.NO_RUNNER
         self._set_wait(rec, Wait(reason, kind=t.kind))
         return _Outcome.BLOCKED

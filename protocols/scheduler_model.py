@@ -69,6 +69,7 @@ class Loss(enum.Enum):
 class WaitReason(enum.Enum):
     SUBMITTED = "submitted"
     NO_RUNNER = "no_runner"  # nobody runs the kind (yet: startup grace)
+    UNREACHABLE = "unreachable"  # members that ran the kind lately are gone for now
     NO_RESOURCES = "no_resources"  # runners exist, none with the memory/GPU it needs
     ALL_BUSY = "all_busy"
     KIND_LIMIT = "kind_limit"
@@ -99,7 +100,8 @@ class Wait:
     target: str | None = None  # peer for SENT/QUEUED_ON_PEER/RUNNING_ON/BACKOFF
     count: int = 0  # queue position, busy slots, limit, attempt number, replicas placed
     total: int = 0  # max attempts, replicas wanted
-    until: float | None = None  # BACKOFF/BRIDGE_DOWN: when it is tried again
+    until: float | None = None  # BACKOFF/BRIDGE_DOWN: when it is tried again;
+    #                             UNREACHABLE: when a member last ran the kind
     kind: str = ""
     loss: Loss | None = None
 
@@ -109,6 +111,9 @@ class Wait:
         texts = {
             w.SUBMITTED: "submitted",
             w.NO_RUNNER: f"no member runs kind {self.kind} (waiting for members to advertise it)",
+            w.UNREACHABLE: (f"no member that runs kind {self.kind} is reachable now (one was"
+                            f" {now - (self.until if self.until is not None else now):.0f} s"
+                            " ago); waiting for one"),
             w.NO_RESOURCES: f"no member running {self.kind} has the memory or GPU it needs",
             w.ALL_BUSY: f"all {self.count} matching slots busy",
             w.KIND_LIMIT: f"kind limit: {self.count} {self.kind} tasks already running",
@@ -348,6 +353,9 @@ class SchedulerConfig:
     target_queued_s: float = 0.02  # pipeline about this much work per slot beyond the running
     max_pipeline: int = 64
     max_rtt_covered_s: float = 0.5  # a slower link's round trip is not pipelined further
+    # a kind some member ran this recently is worth waiting for: a laptop whose network
+    # drops must not fail its whole queue (Rule 5)
+    kind_memory_s: float = 3600.0
 
 
 # --- Rule 9 as a function --------------------------------------------------------------

@@ -55,3 +55,33 @@ def test_a_members_gpus_reach_the_team_in_its_ad(tmp_path: Path,
         peers = wait_until(lambda: a.peers(), 20, what="b's ad")
         assert peers[0]["peer_id"] == b.peer_id
         assert peers[0]["gpus"] == ["NVIDIA A100-SXM4-40GB, 40960 MiB"]
+
+
+def test_a_kind_whose_member_dropped_off_waits_for_it(tmp_path: Path) -> None:
+    """A laptop's network drops (here: its daemon is killed): tasks of the kinds only it
+    ran wait, saying so, instead of failing as "no member runs kind"; they run when it is
+    back (the machine's WaitReason.UNREACHABLE, kind_memory_s)."""
+    from teammesh.client import Client
+
+    with mesh(tmp_path, 2, slots=[0, 1]) as (a, b):
+        wait_until(lambda: any(p["peer_id"] == b.peer_id for p in a.peers()), 30,
+                   what="a to see b")
+        with Client.from_home(a.home) as ca:
+            first = ca.submit("base64.encode", b"x" * 300_000, wait=True, no_cache=True)
+            assert first["executed_by"] == b.peer_id
+            b_id = b.peer_id
+            b.kill9()
+            wait_until(lambda: all(p["peer_id"] != b_id for p in a.peers()), 30,
+                       what="a to list b as gone")
+            tid = ca.submit("base64.encode", b"y" * 300_000, no_cache=True)["id"]
+
+            def waits() -> bool:
+                t = ca.task(tid)
+                assert t["state"] == "queued", t
+                return "is reachable now (one was" in (t["waiting_reason"] or "")
+
+            wait_until(waits, 30, what="the task to wait for the kind's member")
+            b.start()
+            done = ca.task(tid, wait=60)
+            assert done["state"] == "done", done["error"]
+            assert done["executed_by"] == b_id

@@ -302,6 +302,38 @@ def test_nobody_runs_the_kind_escalates_after_grace_or_fails() -> None:
     assert f.failure.reason is FailReason.NO_RUNNER
 
 
+def test_a_kind_whose_members_went_away_lately_waits_for_them() -> None:
+    """A laptop's network drops: the members that ran the kind are unreachable, not gone.
+    Its tasks wait (typed UNREACHABLE) for an hour after one was last heard, then fail;
+    a member coming back runs them. Members that never had a slot do not count."""
+    s = sched(ad("p"), startup_grace_s=3.0, kind_memory_s=3600.0)
+    s.handle(PeerGone("p"), 2.0)
+    assert finished(s.handle(Submitted(task("t")), 10.0)) == []
+    w = s.wait_of("t")
+    assert w == Wait(WaitReason.UNREACHABLE, kind=K, until=2.0)
+    assert w is not None
+    assert w.render(12.0).startswith(
+        f"no member that runs kind {K} is reachable now (one was 10 s ago)")
+    assert s.next_wakeup() == 3602.0
+    assert sends(s.handle(PeerAd("p", {K: "1"}, 1, 1, 0), 20.0)) == [("p", "t")]
+    s.handle(PeerGone("p"), 21.0)  # lost again: the retry waits for a member too
+    assert s.state_of("t") is TaskState.QUEUED
+    assert s.wait_of("t") is not None
+    s.handle(Submitted(task("u")), 30.0)
+    assert finished(s.handle(Tick(), 3620.0)) == []
+    assert s.state_of("t") is TaskState.QUEUED
+    assert s.state_of("u") is TaskState.QUEUED
+    # an hour after the kind was last seen, both fail: no task waits for ever
+    f = finished(s.handle(Tick(), 3621.5))
+    assert sorted((x.task_id, x.failure) for x in f) == [
+        ("t", Failure(FailReason.NO_RUNNER)), ("u", Failure(FailReason.NO_RUNNER))]
+    # a member with no slots never ran anything here
+    s = sched(ad("idle", slots=0), startup_grace_s=3.0)
+    s.handle(PeerGone("idle"), 2.0)
+    f = finished(s.handle(Submitted(task("v")), 10.0))
+    assert [x.failure for x in f] == [Failure(FailReason.NO_RUNNER)]
+
+
 def test_where_bridge_without_a_bridge_fails_typed() -> None:
     s = sched(ad("p"))
     f = finished(s.handle(Submitted(task("t", where=Where.BRIDGE)), 1.0))[0]

@@ -198,7 +198,9 @@ def scenarios(draw: st.DrawFn) -> tuple[SimConfig, list[tuple[str, Task, float, 
                     bridge_rtt_s=draw(st.sampled_from([0.05, 0.3, 1.0])),
                     sched=SchedulerConfig(bridge=bridge, offer_window_s=draw(
                         st.sampled_from([0.0, 0.5, 2.0])), kind_limits=draw(
-                        st.sampled_from([{}, {"g": 1}]))))
+                        st.sampled_from([{}, {"g": 1}])),
+                        # members that died are waited for this long (the run is 600 s)
+                        kind_memory_s=draw(st.sampled_from([0.0, 30.0, 300.0]))))
     subs = []
     for j in range(draw(st.integers(1, 40))):
         who = f"m{draw(st.integers(0, n_sub - 1))}"

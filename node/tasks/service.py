@@ -57,7 +57,14 @@ from teammesh.protocols.errors import (
     TaskError,
     TeammeshError,
 )
-from teammesh.protocols.scheduler_model import SchedulerConfig, TaskState, Weights, settle_quorum
+from teammesh.protocols.scheduler_model import (
+    SchedulerConfig,
+    TaskState,
+    Wait,
+    WaitReason,
+    Weights,
+    settle_quorum,
+)
 from teammesh.protocols.scheduler_peers import Breaker, ewma, sane_weights
 from teammesh.protocols.scheduler_rules import (
     KindClocks,
@@ -109,7 +116,6 @@ class NoRoom(enum.Enum):
 # Reasons that do not pass by waiting for a slot: after the start-up grace, the task fails
 # unless its kind ran on the team recently (members that are only unreachable come back).
 FINAL = frozenset({NoRoom.NOBODY_RUNS, NoRoom.NO_SLOTS, NoRoom.NOT_LOCAL, NoRoom.UNFIT})
-KIND_MEMORY_S = 3600.0  # a kind seen on the team this recently is worth waiting for
 
 
 @dataclass(frozen=True, slots=True)
@@ -849,13 +855,13 @@ class TaskService:
                         seen = self._kind_seen.get(r.kind)
                         if uptime <= self.startup_grace_s:
                             text += " (waiting for peers to announce themselves)"
-                        elif waiting.why is NoRoom.NOBODY_RUNS and (
-                                r.attempts or (seen is not None and now - seen < KIND_MEMORY_S)):
+                        elif waiting.why is NoRoom.NOBODY_RUNS and seen is not None \
+                                and now - seen < self.rules.kind_memory_s:
                             # members that ran it are unreachable, not gone: a laptop whose
-                            # network drops must not fail its whole queue
-                            ago = f"{now - seen:.0f} s ago" if seen is not None else "earlier"
-                            text = (f"no member that runs kind {r.kind} is reachable now (one"
-                                    f" was {ago}); waiting for one")
+                            # network drops must not fail its whole queue (the machine's
+                            # WaitReason.UNREACHABLE, with the same text)
+                            text = Wait(WaitReason.UNREACHABLE, kind=r.kind,
+                                        until=seen).render(now)
                         else:
                             self._finalise(r, "failed",
                                            error=text + self._known_kinds_hint())
