@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from .scheduler_model import LOCAL, PeerAd, SchedulerConfig, Task, Weights
-from .scheduler_rules import placement_score, queue_wait_s
+from .scheduler_rules import fits_resources, placement_score, queue_wait_s
 
 MAX_SLOTS = 4096
 MAX_QUEUE = 1_000_000
@@ -159,9 +159,7 @@ class PeerView:
         """Runs the kind and has the resources (memory, GPU) the task needs."""
         if task.kind not in self.kinds or self.slots == 0:
             return False
-        if task.memory_mb > 0 and self.memory_mb < task.memory_mb:
-            return False
-        return not task.gpu or bool(self.gpus)
+        return fits_resources(task.memory_mb, task.gpu, self.memory_mb, self.gpus)
 
     def can_start(self) -> bool:
         return self.free > 0 and not self.full

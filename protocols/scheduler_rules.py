@@ -32,6 +32,15 @@ def pipeline_depth(avg_task_s: float | None, rtt_s: float, cfg: SchedulerConfig)
     return int(min(cfg.max_pipeline, (cfg.target_queued_s + covered) / max(avg_task_s, 1e-6)))
 
 
+def fits_resources(memory_mb: float, gpu: bool, have_memory_mb: float,
+                   gpus: tuple[str, ...]) -> bool:
+    """Rule 4's filter: can a member with ``have_memory_mb`` and ``gpus`` run a task that
+    needs ``memory_mb`` (0: no need stated) and, if ``gpu``, a GPU?"""
+    if gpu and not gpus:
+        return False
+    return memory_mb <= 0 or have_memory_mb >= memory_mb
+
+
 def placement_score(same_version: bool, rtt_ms: float, cost: float, health: float,
                     w: Weights) -> float:
     """Rule 4: compatibility 40, latency 30, cost 20, health 10 (by default); higher is

@@ -16,6 +16,7 @@ from teammesh.protocols.scheduler_rules import (
     KIND_CLOCK_IDLE_S,
     KindClocks,
     escalate_now,
+    fits_resources,
     leave_queue_for_bridge,
     next_queue_check,
     pipeline_depth,
@@ -125,3 +126,11 @@ def test_a_kinds_clock_runs_while_it_waits_and_restarts_after_idling() -> None:
     clocks.placed(key)
     assert clocks.waiting(key, 20.0, cfg) == 20.0
     assert clocks.waiting(("sleep", "2"), 20.1, cfg) == 20.1  # versions are apart
+
+
+def test_resources_fit_by_memory_and_gpu() -> None:
+    assert fits_resources(0, False, 0, ())  # no need stated
+    assert fits_resources(256, False, 256, ())
+    assert not fits_resources(257, False, 256, ())
+    assert not fits_resources(0, True, 4096, ())
+    assert fits_resources(1024, True, 4096, ("A100, 40960 MiB",))

@@ -69,6 +69,7 @@ from teammesh.protocols.scheduler_peers import Breaker, ewma, sane_weights
 from teammesh.protocols.scheduler_rules import (
     KindClocks,
     escalate_now,
+    fits_resources,
     leave_queue_for_bridge,
     next_queue_check,
     pipeline_depth,
@@ -131,9 +132,8 @@ def fits(resources: Any, memory_bytes: int, gpus: tuple[str, ...]) -> bool:
     """Can a node with this memory and these GPUs run a kind that needs ``resources``?"""
     if resources is None:
         return True
-    if getattr(resources, "gpu", False) and not gpus:
-        return False
-    return int(getattr(resources, "memory_mb", 0)) * 1024 * 1024 <= memory_bytes
+    return fits_resources(int(getattr(resources, "memory_mb", 0)),
+                          bool(getattr(resources, "gpu", False)), memory_bytes / 2**20, gpus)
 
 
 def new_task_id() -> str:
@@ -304,8 +304,11 @@ class TaskService:
         self.breakers: dict[str, Breaker] = {}  # the scheduler's, with its defaults
         self.offer_window_s = float(cfg.get("scheduler", "offer_window_s"))
         # the rules' parameters (protocols/scheduler_rules.py), shared with the simulations
+        # before "nobody runs kind X" is final, every member has had time to advertise
+        self.startup_grace_s = float(cfg.get("gossip", "ad_interval_s")) + 1.0
         self.rules = SchedulerConfig(weights=self.weights, offer_window_s=self.offer_window_s,
-                                     max_attempts=self.max_attempts)
+                                     max_attempts=self.max_attempts,
+                                     startup_grace_s=self.startup_grace_s)
         self.breaker_config = self.rules
         # measured on every escalation (the Worker's answer to a submit); the first guess
         # is the rules' default until then
@@ -314,8 +317,6 @@ class TaskService:
         self.running_by_kind: dict[str, int] = {}
         self._wake = trio.Event()
         self._started_at = 0.0
-        # before "nobody runs kind X" is final, every member has had time to advertise
-        self.startup_grace_s = float(cfg.get("gossip", "ad_interval_s")) + 1.0
         self.host: MeshHost | None = None
         self.watchers: dict[str, trio.MemorySendChannel[str]] = {}
         self.bridge: Any = None  # BridgeClient, when the node has a bridge URL and key
