@@ -64,9 +64,7 @@ from teammesh.protocols.scheduler_model import (
     PeerGone,
     ResultArrived,
     SchedulerConfig,
-    Send,
     Submitted,
-    Task,
     TaskState,
     Tick,
     Wait,
@@ -75,25 +73,7 @@ from teammesh.protocols.scheduler_model import (
 )
 from teammesh.protocols.scheduler_peers import PeerView, ewma
 from teammesh.protocols.scheduler_sim import SimReport
-
-K = "hash.sha256"
-
-
-def ad(peer: str, *, slots: float = 1, free: float | None = None, rtt: float | None = None,
-       ) -> PeerAd:
-    return PeerAd(peer, {K: "1"}, slots, slots if free is None else free, 0, 4096, (), 0.0, rtt)
-
-
-def task(tid: str = "t", **kw: object) -> Task:
-    return Task(tid, K, "1", **kw)  # type: ignore[arg-type]
-
-
-def sends(effects: list[Effect]) -> list[tuple[str, str]]:
-    return [(e.peer, e.task.id) for e in effects if isinstance(e, Send)]
-
-
-def finished(effects: list[Effect]) -> list[Finished]:
-    return [e for e in effects if isinstance(e, Finished)]
+from test_scheduler import K, ad, finished, sends, task  # one set of scheduler test helpers
 
 
 def sched(*ads: PeerAd, jitter: float | None = None, **cfg: object) -> Scheduler:
