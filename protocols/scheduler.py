@@ -232,6 +232,7 @@ class Scheduler:
         self._remote_queued: dict[tuple[str, str], None] = {}  # (task id, peer queueing it)
         self._kind_clocks = KindClocks()
         self._kind_seen: dict[str, float] = {}  # kind -> when a member with slots ran it
+        self._max_rtt_s = 0.0  # the slowest link seen: bounds every link's pipeline depth
         # Capacity epoch: bumped whenever room may have appeared (an ad, a result, a slot
         # or bridge place given back). A line whose head found no room is not looked at
         # again until the epoch moves or its wake-up time comes: in a saturated team most
@@ -348,6 +349,8 @@ class Scheduler:
         if view is not None and view.slots > 0:
             for kind in view.kinds:
                 self._kind_seen[kind] = now
+        if view is not None:
+            self._max_rtt_s = max(self._max_rtt_s, view.rtt_ms / 1000)
         self._grew()
 
     def _on_peer_gone(self, ev: PeerGone, now: float) -> None:
@@ -755,12 +758,18 @@ class Scheduler:
             return None, math.inf
         kind_avg = self._kind_avg_s.get(t.kind)
         best, best_rank, best_wait = None, (math.inf, math.inf), math.inf
-        for peer in sorted(self.index.filled & allowed) if kind_avg is not None else ():
+        # the deepest any link could need (the slowest round trip seen); 0 for long kinds,
+        # which skip the scan
+        deepest = pipeline_depth(kind_avg, self._max_rtt_s, self.config)
+        for peer in sorted(self.index.filled & allowed) if deepest else ():
             view = self.peers[peer]
             mine = len(view.inflight)
-            depth = pipeline_depth(kind_avg, view.rtt_ms / 1000, self.config)
-            if not depth or view.full or not self._usable(rec, peer) \
-                    or view.queue > mine - view.slots or mine >= view.slots * (1 + depth):
+            if view.full or view.queue > mine - view.slots \
+                    or mine >= view.slots * (1 + deepest) or not self._usable(rec, peer):
+                continue
+            # this link's own depth: the target work plus its round trip
+            if mine >= view.slots * (1 + pipeline_depth(kind_avg, view.rtt_ms / 1000,
+                                                        self.config)):
                 continue
             wait = view.wait_s(view.avg_task_s if view.avg_task_s is not None else kind_avg)
             rank = (wait, view.load)
