@@ -54,7 +54,7 @@ from __future__ import annotations
 import enum
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -262,13 +262,24 @@ class Scheduler:
             LocalProtocolError: ``now`` went back, a task id was submitted twice, or a task
                 is malformed (replicas < 1, quorum outside 1..replicas).
         """
+        return self.handle_many((event,), now)
+
+    def handle_many(self, events: Iterable[Event], now: float) -> list[Effect]:
+        """Apply several events that happened by ``now``, in order, then decide once.
+
+        The same rules as one ``handle`` per event at ``now``, but one placement pass for
+        the lot: a shell that reads a frame of 500 results, or takes a batch of 2,000
+        submissions, pays for one pass, not one per event. Tasks submitted together are
+        placed by priority then order, as if queued before the pass. An error raised by
+        one event leaves the earlier ones applied; the next call places them."""
         if now < self._now:
             raise LocalProtocolError(f"the scheduler's clock went back ({now} < {self._now})")
         self._now = now
         if self._started is None:
             self._started = now
         self._out = []
-        self._apply(event, now)
+        for event in events:
+            self._apply(event, now)
         self._expire(now)
         self._dispatch(now)
         self._flush_persist()

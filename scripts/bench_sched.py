@@ -10,6 +10,10 @@ debounce, 2 ms links) and prints, as JSON lines on stdout and a table on stderr:
 - makespan ratio: the simulated makespan over an omniscient placer's, which knows every
   task's arrival and duration in advance, has no latency and no ads, and greedily starts
   each task, in arrival order, on the slot that frees first.
+
+Then a burst: one submitter takes 2,000 submissions at once (a batch call, or a frame of
+futures) in a team of 100 members, through ``handle`` once per task and through
+``handle_many`` once for the lot; the figure is CPU time per task for each, best of 3.
 """
 
 from __future__ import annotations
@@ -88,6 +92,39 @@ def run(n: int, n_sub: int, per_slot: int, seed: int) -> dict[str, object]:
             "makespan_ratio": makespan / best, "sim_wall_s": wall}
 
 
+def burst(n_tasks: int = 2000, members: int = 100) -> dict[str, object]:
+    from teammesh.protocols.scheduler import Scheduler
+    from teammesh.protocols.scheduler_model import PeerAd, Submitted
+
+    def fresh() -> Scheduler:
+        s = Scheduler(SchedulerConfig())
+        for i in range(members):
+            s.handle(PeerAd(f"p{i}", {"k": "1"}, 2, 2, 0, 4096), 0.0)
+        return s
+
+    def events() -> list[Submitted]:
+        return [Submitted(Task(f"t{i}", "k", "1")) for i in range(n_tasks)]
+
+    def one_by_one() -> float:
+        s, evs = fresh(), events()
+        t0 = time.process_time()
+        for ev in evs:
+            s.handle(ev, 1.0)
+        return time.process_time() - t0
+
+    def at_once() -> float:
+        s, evs = fresh(), events()
+        t0 = time.process_time()
+        s.handle_many(evs, 1.0)
+        return time.process_time() - t0
+
+    each = min(one_by_one() for _ in range(3))
+    many = min(at_once() for _ in range(3))
+    return {"figure": "sched_burst", "members": members, "tasks": n_tasks,
+            "handle_us_per_task": 1e6 * each / n_tasks,
+            "handle_many_us_per_task": 1e6 * many / n_tasks, "speedup": each / many}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="100,1000")
@@ -111,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['decision_us_per_task']:>9.1f} {r['decision_us_per_call']:>8.1f} "
               f"{r['makespan_s']:>8.2f}s {r['omniscient_makespan_s']:>9.2f}s "
               f"{r['makespan_ratio']:>6.2f}", file=sys.stderr)
+    b = {**burst(), "machine": machine.strip()}
+    print(json.dumps(b), flush=True)
+    print(f"burst of {b['tasks']} submissions, {b['members']} members: handle"
+          f" {b['handle_us_per_task']:.1f} µs/task, handle_many"
+          f" {b['handle_many_us_per_task']:.1f} µs/task ({b['speedup']:.1f}x)", file=sys.stderr)
     return 0
 
 

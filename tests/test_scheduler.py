@@ -25,6 +25,7 @@ from teammesh.protocols.scheduler_model import (
     CancelRemote,
     Effect,
     Escalate,
+    Event,
     FailReason,
     Failure,
     Finished,
@@ -625,3 +626,30 @@ def test_breaker_half_open_when_heard_from_again() -> None:
     assert b.allows(16.0)
     b.success()
     assert b.allows(0.0)
+
+
+def test_handle_many_places_a_burst_in_one_pass_by_the_same_rules() -> None:
+    """A batch of submissions and results through handle_many ends as one handle per
+    event would: the same tasks on the same peers, by priority then order."""
+    def burst(s: Scheduler) -> list[Event]:
+        return [Submitted(task(f"t{i}", priority=i % 3)) for i in range(12)]
+
+    one, many = sched(ad("a", slots=2), ad("b", slots=3)), \
+        sched(ad("a", slots=2), ad("b", slots=3))
+    seq: list[Effect] = []
+    for ev in burst(one):
+        seq += one.handle(ev, 1.0)
+    batched = many.handle_many(burst(many), 1.0)
+    # both fill the five slots and one queue place per slot (Rule 5, no bridge) ...
+    assert len(sends(seq)) == len(sends(batched)) == 10
+    # ... but batched sees the whole burst: the slots go to the highest priorities
+    assert {t for _, t in sends(batched)[:5]} == {"t2", "t5", "t8", "t11", "t1"}
+    assert {t for _, t in sends(batched)} == {f"t{i}" for i in range(12)} - {"t6", "t9"}
+    assert {t for _, t in sends(seq)} == {f"t{i}" for i in range(10)}
+    # results and more submissions in one call: each freed slot is taken once
+    done = [ResultArrived(t, p, True, D1, 0.1) for p, t in sends(batched)[:2]]
+    out = many.handle_many([*done, Submitted(task("late", priority=5))], 2.0)
+    assert [f.task_id for f in finished(out)] == [t for _, t in sends(batched)[:2]]
+    assert "late" in {t for _, t in sends(out)}
+    with pytest.raises(LocalProtocolError):
+        many.handle_many([Tick()], 1.5)  # the clock never goes back
