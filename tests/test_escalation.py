@@ -95,6 +95,13 @@ def test_saturated_mesh_escalates_to_bridge(tmp_path: Path) -> None:
                 # straight to the bridge: it never waited in b's queue behind the sleeps
                 # (how soon is scripts/bench escalation's figure, not a test's bound)
                 assert [at["peer"] for at in task["attempts"]] == ["bridge"], task["attempts"]
+                # the round trip Rule 6 weighs a busy queue against is measured, not the
+                # rules' 1 s guess
+                with Client.from_home(a.home) as c:
+                    bridge = c.request("GET", "/v1/dashboard")["bridge"]
+                assert bridge["configured"] is True
+                assert isinstance(bridge["rtt_ms"], float)
+                assert bridge["rtt_ms"] != 1000.0, bridge
             finally:
                 b.stop()
         finally:

@@ -227,6 +227,9 @@ class Dashboard:
             "checked": self.bridge_checked,
             "breaker": None if breaker is None else
             ("open" if not breaker.allows(trio.current_time()) else "closed"),
+            # what Rule 6 compares a busy member's queue with (measured; 1 s until then)
+            "rtt_ms": None if client is None or svc is None else
+            round(svc.bridge_rtt_s * 1000, 1),
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

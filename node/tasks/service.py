@@ -1067,6 +1067,21 @@ class TaskService:
                 self._finalise(r, "failed", error=f"{task.get('error')} (on {by})",
                                executed_by=by, db=db)
 
+    async def _measure_bridge(self) -> None:
+        """Seed the bridge's round trip with one health check at start, so Rule 6 does
+        not decide on the rules' 1 s guess until the first escalation measures it."""
+        from teammesh.node.bridge.client import BridgeError
+
+        sent = trio.current_time()
+        with trio.move_on_after(10):
+            try:
+                await self.bridge.health()
+            except (BridgeError, OSError) as exc:
+                logger.info("bridge health check at start failed (%s): its round trip is"
+                            " measured at the first escalation", exc)
+                return
+            self.bridge_rtt_s = trio.current_time() - sent
+
     async def _cancel_on_bridge(self, task_id: str) -> None:
         from teammesh.node.bridge.client import BridgeRejected, BridgeUnavailable
 
@@ -1536,6 +1551,8 @@ class TaskService:
                 nursery.start_soon(self._dispatch_loop, nursery)
                 nursery.start_soon(self._publish_calls, host, topic)
                 nursery.start_soon(self._prune_loop)
+                if self.bridge is not None:
+                    nursery.start_soon(self._measure_bridge)
                 task_status.started()
                 async for origin, data in calls:
                     try:
