@@ -122,6 +122,7 @@ function renderOverview(o) {
       ["health", h ? (h.ok ? `ok · version ${h.version}` : "answering, not ok")
         : b.error ? el("span", { class: "error" }, b.error) : "checking…"],
       ["circuit breaker", b.breaker || "closed (not used yet)"],
+      ["round trip", b.rtt_ms != null ? `${b.rtt_ms} ms (a busy member's queue is weighed against it)` : "–"],
       ["pull mode", b.pull ? "yes: this node takes work from the bridge" : "no"],
       ["checked", b.checked ? new Date(b.checked * 1000).toLocaleTimeString() : "–"],
     ]);
