@@ -237,8 +237,11 @@ def task_routes(svc: TaskService, endpoint: Any,
                 if key != last:
                     last = key
                     yield f"event: task\ndata: {json.dumps(snapshot)}\n\n"
-                if r.state in ("done", "failed", "cancelled"):
-                    return
+                    # sending awaited: the task may have changed (even ended) meanwhile,
+                    # and its change event is spent; look again before waiting
+                    continue
+                if snapshot["state"] in ("done", "failed", "cancelled"):
+                    return  # the last event sent is the terminal one
                 with trio.move_on_after(15):
                     await r.changed.wait()
 
