@@ -289,10 +289,6 @@ class TaskService:
             identity=identity, audit=audit, run_with_files=self.run_with_files,
             member_queue=int(cfg.get("executor", "member_queue")),
             member_queue_mb=int(cfg.get("executor", "member_queue_mb")))
-        w = dict(cfg.get("scheduler", "weights"))
-        self.weights = sane_weights(Weights(
-            **{k: float(w[k]) for k in ("compatibility", "latency", "cost", "health") if k in w}))
-        self.max_attempts = int(cfg.get("scheduler", "max_attempts"))
         self.cache_enabled = bool(cfg.get("scheduler", "cache"))
         self.kind_limits: dict[str, int] = dict(cfg.get("scheduler", "kind_limits"))
         self.default_timeout_s = float(cfg.get("executor", "timeout_s"))
@@ -302,14 +298,16 @@ class TaskService:
         self._order = itertools.count()
         self.links: dict[str, PeerLink] = {}
         self.breakers: dict[str, Breaker] = {}  # the scheduler's, with its defaults
-        self.offer_window_s = float(cfg.get("scheduler", "offer_window_s"))
-        # the rules' parameters (protocols/scheduler_rules.py), shared with the simulations
-        # before "nobody runs kind X" is final, every member has had time to advertise
-        self.startup_grace_s = float(cfg.get("gossip", "ad_interval_s")) + 1.0
-        self.rules = SchedulerConfig(weights=self.weights, offer_window_s=self.offer_window_s,
-                                     max_attempts=self.max_attempts,
-                                     startup_grace_s=self.startup_grace_s)
-        self.breaker_config = self.rules
+        # The rules' parameters (protocols/scheduler_rules.py), shared with the simulations,
+        # and the breakers' too. Before "nobody runs kind X" is final (startup grace),
+        # every member has had time to advertise.
+        w = dict(cfg.get("scheduler", "weights"))
+        self.rules = SchedulerConfig(
+            weights=sane_weights(Weights(**{k: float(w[k]) for k in (
+                "compatibility", "latency", "cost", "health") if k in w})),
+            offer_window_s=float(cfg.get("scheduler", "offer_window_s")),
+            max_attempts=int(cfg.get("scheduler", "max_attempts")),
+            startup_grace_s=float(cfg.get("gossip", "ad_interval_s")) + 1.0)
         # measured on every escalation (the Worker's answer to a submit); the first guess
         # is the rules' default until then
         self.bridge_rtt_s = self.rules.bridge_rtt_s
@@ -623,13 +621,13 @@ class TaskService:
         r.excluded.add(peer)
         r.retries += 1
         self.counters["retries"] += 1
-        if r.retries >= self.max_attempts:
+        if r.retries >= self.rules.max_attempts:
             self._finalise(r, "failed", error=f"gave up after {r.retries} attempts; last: "
                            f"{peer} failed with {reason}")
             return
         delay = retry_delay_s(r.retries, self.rules, random.uniform(0.5, 1.5))
         r.not_before = trio.current_time() + delay
-        r.waiting_reason = (f"retry {r.retries + 1} of {self.max_attempts} in {delay:.1f} s "
+        r.waiting_reason = (f"retry {r.retries + 1} of {self.rules.max_attempts} in {delay:.1f} s "
                             f"after {peer} failed with: {reason}")
         self._back_to_queue(r)
         if not r.inflight or len(r.inflight) < r.replicas:
@@ -670,7 +668,7 @@ class TaskService:
         unfit = 0  # run the kind but lack its resources
         matching_slots = 0
         taken = set(r.inflight) | set(r.replica_results)
-        w = self.weights
+        w = self.rules.weights
         known = self.kinds.get(r.kind)
         needs = known.resources if known is not None else None
         mesh = self.mesh
@@ -854,7 +852,7 @@ class TaskService:
                     text = waiting.text
                     if waiting.why in FINAL:
                         seen = self._kind_seen.get(r.kind)
-                        if uptime <= self.startup_grace_s:
+                        if uptime <= self.rules.startup_grace_s:
                             text += " (waiting for peers to announce themselves)"
                         elif waiting.why is NoRoom.NOBODY_RUNS and seen is not None \
                                 and now - seen < self.rules.kind_memory_s:
@@ -969,7 +967,7 @@ class TaskService:
         if waiting.why in (NoRoom.UNFIT, NoRoom.NOT_LOCAL):
             return False  # the bridge has no GPU either; where=local never escalates
         nobody = waiting.why in (NoRoom.NOBODY_RUNS, NoRoom.NO_SLOTS)
-        if nobody and uptime <= self.startup_grace_s:
+        if nobody and uptime <= self.rules.startup_grace_s:
             return False
         # saturated or empty mesh: give peers one offer window to free up first (no queue
         # with a known wait is open to it, or it would have been a candidate)
@@ -1031,7 +1029,7 @@ class TaskService:
                            executed_by="bridge")
             return
         except BridgeUnavailable as exc:
-            breaker.failure(trio.current_time(), self.breaker_config)
+            breaker.failure(trio.current_time(), self.rules)
             # The bridge being down is not the task's fault: it waits (journaled) and is
             # retried; it is never failed for this.
             attempt = r.inflight.pop("bridge", None)
@@ -1100,7 +1098,7 @@ class TaskService:
         """Tasks of a kind waited past the offer window: ask the team (open call)."""
         key = (r.kind, r.version)
         since = self.kind_clocks.waiting(key, now, self.rules)
-        if now - since >= self.offer_window_s and now - self.last_call.get(key, -1e9) >= 1.0:
+        if now - since >= self.rules.offer_window_s and now - self.last_call.get(key, -1e9) >= 1.0:
             self.last_call[key] = now
             self.calls_to_publish.append((r.kind, r.version, 1))
             self._calls_wake.set()
@@ -1237,7 +1235,7 @@ class TaskService:
             if self.links.get(link.peer) is link:
                 del self.links[link.peer]
             now = trio.current_time()
-            self.breakers.setdefault(link.peer, Breaker()).failure(now, self.breaker_config)
+            self.breakers.setdefault(link.peer, Breaker()).failure(now, self.rules)
             for r in list(link.inflight.values()):
                 self.attempt_lost(r, link.peer, reason)
             link.inflight.clear()
@@ -1307,8 +1305,7 @@ class TaskService:
         (``_recheck_remote_queued``) moves it when a slot frees elsewhere, or to the bridge
         once the bridge's round trip is shorter than its wait there. The executor gives
         each submitter its turn meanwhile."""
-        entry = self.mesh.table.get(link.peer, now)
-        slots = max(1, entry.ad.slots) if entry is not None else 1
+        slots = self._slots_of(link.peer, now)
         own = len(link.inflight)
         moves: list[TaskRecord] = []
         for tid, pos in positions.items():
@@ -1349,9 +1346,12 @@ class TaskService:
                 self._escalate(r, nursery, now)
 
     def _queued_left(self, link: PeerLink, position: int, now: float) -> float:
-        entry = self.mesh.table.get(link.peer, now)
-        slots = max(1, entry.ad.slots) if entry is not None else 1
-        return queue_wait_s(link.avg_task_s, position, slots)
+        return queue_wait_s(link.avg_task_s, position, self._slots_of(link.peer, now))
+
+    def _slots_of(self, peer: str, now: float) -> int:
+        """A live member's advertised slots (at least 1: it queued our task, so it runs)."""
+        entry = self.mesh.table.get(peer, now)
+        return max(1, entry.ad.slots) if entry is not None else 1
 
     def _next_queue_check(self, now: float) -> float:
         """When Rule 6 can next send a task in a busy member's queue to the bridge."""
@@ -1621,7 +1621,7 @@ class TaskService:
         await stream.close()
         if not isinstance(msg, tp.Offer):
             raise RemoteProtocolError("expected an offer")
-        until = trio.current_time() + max(self.offer_window_s, 1.0)
+        until = trio.current_time() + max(self.rules.offer_window_s, 1.0)
         self.offers[stream.peer_id] = (msg.kind, msg.free, until)
         self.counters["offers_received"] += 1
         self._wake.set()
@@ -1654,8 +1654,8 @@ class TaskService:
                 if r.deadline is not None:
                     soonest = min(soonest, r.deadline)
                 if r.waiting_since is not None and self.bridge is not None \
-                        and r.waiting_since + self.offer_window_s > now:
-                    soonest = min(soonest, r.waiting_since + self.offer_window_s)
+                        and r.waiting_since + self.rules.offer_window_s > now:
+                    soonest = min(soonest, r.waiting_since + self.rules.offer_window_s)
             if self.remote_queued:
                 soonest = min(soonest, self._next_queue_check(now))
             with trio.move_on_at(max(soonest, now + 0.001)):
