@@ -91,7 +91,6 @@ from .scheduler_model import (
     Wait,
     WaitReason,
     Where,
-    settle_quorum,
 )
 from .scheduler_peers import Breaker, ewma, sane_weights
 from .scheduler_rules import (
@@ -102,6 +101,7 @@ from .scheduler_rules import (
     pipeline_depth,
     queue_wait_s,
     retry_delay_s,
+    settle_quorum,
 )
 
 

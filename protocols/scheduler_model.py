@@ -1,9 +1,9 @@
 """The scheduler's vocabulary: tasks, events in, effects out, states and typed reasons.
 
-Everything here is plain data (frozen dataclasses and enums), and one pure function:
-``settle_quorum`` (Rule 9, k-of-n replicas), which the daemon's task service applies
-today. The other rules that connect them live in ``scheduler.py``; the per-peer
-bookkeeping (clamped ads, scores, breakers) in ``scheduler_peers.py``. Human text is
+Everything here is plain data (frozen dataclasses and enums). The rules that connect them
+live in ``scheduler.py``, and those the daemon's task service applies too in
+``scheduler_rules.py``; the per-peer bookkeeping (clamped ads, scores, breakers) in
+``scheduler_peers.py``. Human text is
 rendered from the typed reasons (``Wait.render``, ``Failure.render``) and never parsed
 back: code decides on the enums.
 
@@ -19,8 +19,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-from .errors import LocalProtocolError
 
 if TYPE_CHECKING:
     from .capability import CapabilityAd
@@ -356,67 +354,3 @@ class SchedulerConfig:
     # a kind some member ran this recently is worth waiting for: a laptop whose network
     # drops must not fail its whole queue (Rule 5)
     kind_memory_s: float = 3600.0
-
-
-# --- Rule 9 as a function --------------------------------------------------------------
-# The daemon's task service settles replicas with it; Scheduler._settle applies the same
-# rule (tests/test_scheduler.py checks that both give the same Finished for every order).
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """Where a task with replicas stands after the results so far (``settle_quorum``).
-
-    ``state`` is RUNNING (wait for more results), DONE (``by`` agreed on ``digest``) or
-    FAILED: either ``by`` agreed on a failed outcome (``failure`` is TASK_ERROR, naming the
-    first of them), or no outcome can reach the quorum any more (``failure`` is
-    REPLICAS_DISAGREE with every (target, digest) received, ``by`` empty)."""
-
-    state: TaskState
-    by: tuple[str, ...] = ()
-    digest: bytes | None = None
-    failure: Failure | None = None
-
-
-def settle_quorum(results: Mapping[str, tuple[bytes, bool]], replicas: int,
-                  quorum: int) -> Verdict:
-    """Rule 9: a task with ``replicas`` = n is done when ``quorum`` = k results agree.
-
-    Args:
-        results: target -> (output digest, ok) of each result received so far, in arrival
-            order; targets whose attempt was lost are not in it (they are retried, so they
-            still count as possible results).
-        replicas: n, how many distinct members run the task.
-        quorum: k, how many equal results settle it (1..n; n is unanimity).
-
-    Returns:
-        The verdict. Results agree when their digests are equal: the digest covers ok,
-        output and error (protocols/tasks.py ``output_digest``), so a failed result is an
-        outcome of its own, never agreeing with a success; k equal failures fail the task
-        with that error. Agreement is impossible as soon as the largest group plus the n
-        results still to come (running, or not placed yet) is short of k.
-
-    Raises:
-        LocalProtocolError: n < 1, or k outside 1..n (the caller validates user input).
-    """
-    if replicas < 1 or not 1 <= quorum <= replicas:
-        raise LocalProtocolError(f"replicas must be >= 1 and the quorum between 1 and "
-                                 f"replicas (got {replicas}, {quorum})")
-    groups: dict[tuple[bytes, bool], list[str]] = {}
-    for target, (digest, ok) in results.items():
-        # keyed by ok too: a result that claims a digest it does not match cannot make a
-        # failure agree with a success (digests are checked before they get here)
-        groups.setdefault((digest, ok), []).append(target)
-    if not groups:
-        return Verdict(TaskState.RUNNING)
-    # Called after each result, only the group that just grew can newly reach k (any
-    # other would have settled the task before); max keeps the first of equal groups.
-    (digest, ok), agreeing = max(groups.items(), key=lambda kv: len(kv[1]))
-    if len(agreeing) >= quorum:
-        failure = None if ok else Failure(FailReason.TASK_ERROR, agreeing[0])
-        return Verdict(TaskState.DONE if ok else TaskState.FAILED, tuple(agreeing), digest,
-                       failure)
-    still_possible = replicas - len(results)
-    if len(agreeing) + still_possible < quorum:
-        pairs = tuple(sorted((p, d) for p, (d, _ok) in results.items()))
-        return Verdict(TaskState.FAILED, failure=Failure(
-            FailReason.REPLICAS_DISAGREE, attempts=replicas, digests=pairs, quorum=quorum))
-    return Verdict(TaskState.RUNNING)

@@ -1,4 +1,4 @@
-"""The placement rules as pure functions of numbers, shared by both schedulers.
+"""The placement and settling rules as pure functions, shared by both schedulers.
 
 ``scheduler.py`` (the state machine the simulations drive) and the daemon's task service
 (``node/tasks/service.py``) keep their own bookkeeping: the first over typed events, the
@@ -13,9 +13,11 @@ Times are seconds; ``inf`` means unknown or never.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .scheduler_model import SchedulerConfig, Weights
+from .errors import LocalProtocolError
+from .scheduler_model import FailReason, Failure, SchedulerConfig, TaskState, Weights
 
 
 def pipeline_depth(avg_task_s: float | None, rtt_s: float, cfg: SchedulerConfig) -> int:
@@ -128,3 +130,67 @@ class KindClocks:
 
     def placed(self, key: tuple[str, str]) -> None:
         self._clocks.pop(key, None)
+
+
+# --- Rule 9 ------------------------------------------------------------------------------
+# The daemon's task service settles replicas with it, and so does Scheduler._settle
+# (tests/test_scheduler.py checks it against the scheduler's Finished for every order).
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Where a task with replicas stands after the results so far (``settle_quorum``).
+
+    ``state`` is RUNNING (wait for more results), DONE (``by`` agreed on ``digest``) or
+    FAILED: either ``by`` agreed on a failed outcome (``failure`` is TASK_ERROR, naming the
+    first of them), or no outcome can reach the quorum any more (``failure`` is
+    REPLICAS_DISAGREE with every (target, digest) received, ``by`` empty)."""
+
+    state: TaskState
+    by: tuple[str, ...] = ()
+    digest: bytes | None = None
+    failure: Failure | None = None
+
+
+def settle_quorum(results: Mapping[str, tuple[bytes, bool]], replicas: int,
+                  quorum: int) -> Verdict:
+    """Rule 9: a task with ``replicas`` = n is done when ``quorum`` = k results agree.
+
+    Args:
+        results: target -> (output digest, ok) of each result received so far, in arrival
+            order; targets whose attempt was lost are not in it (they are retried, so they
+            still count as possible results).
+        replicas: n, how many distinct members run the task.
+        quorum: k, how many equal results settle it (1..n; n is unanimity).
+
+    Returns:
+        The verdict. Results agree when their digests are equal: the digest covers ok,
+        output and error (protocols/tasks.py ``output_digest``), so a failed result is an
+        outcome of its own, never agreeing with a success; k equal failures fail the task
+        with that error. Agreement is impossible as soon as the largest group plus the n
+        results still to come (running, or not placed yet) is short of k.
+
+    Raises:
+        LocalProtocolError: n < 1, or k outside 1..n (the caller validates user input).
+    """
+    if replicas < 1 or not 1 <= quorum <= replicas:
+        raise LocalProtocolError(f"replicas must be >= 1 and the quorum between 1 and "
+                                 f"replicas (got {replicas}, {quorum})")
+    groups: dict[tuple[bytes, bool], list[str]] = {}
+    for target, (digest, ok) in results.items():
+        # keyed by ok too: a result that claims a digest it does not match cannot make a
+        # failure agree with a success (digests are checked before they get here)
+        groups.setdefault((digest, ok), []).append(target)
+    if not groups:
+        return Verdict(TaskState.RUNNING)
+    # Called after each result, only the group that just grew can newly reach k (any
+    # other would have settled the task before); max keeps the first of equal groups.
+    (digest, ok), agreeing = max(groups.items(), key=lambda kv: len(kv[1]))
+    if len(agreeing) >= quorum:
+        failure = None if ok else Failure(FailReason.TASK_ERROR, agreeing[0])
+        return Verdict(TaskState.DONE if ok else TaskState.FAILED, tuple(agreeing), digest,
+                       failure)
+    still_possible = replicas - len(results)
+    if len(agreeing) + still_possible < quorum:
+        pairs = tuple(sorted((p, d) for p, (d, _ok) in results.items()))
+        return Verdict(TaskState.FAILED, failure=Failure(
+            FailReason.REPLICAS_DISAGREE, attempts=replicas, digests=pairs, quorum=quorum))
+    return Verdict(TaskState.RUNNING)

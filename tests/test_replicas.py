@@ -3,7 +3,7 @@
 With ``replicas=N`` the submitter runs a task on N distinct members; with ``quorum=K``
 (default N: unanimity) it accepts an output as soon as K replicas' output digests agree,
 and fails the task as soon as no digest can reach K (node/tasks/service.py,
-``_settle_replicas``, applying protocols/scheduler_model.py's ``settle_quorum``, the
+``_settle_replicas``, applying protocols/scheduler_rules.py's ``settle_quorum``, the
 scheduler's Rule 9). Replicas still running then are cancelled. Here one member is the
 real daemon patched to return a consistent wrong answer, and to never finish a ``sleep``
 task until cancelled (tests/lying_member.py): the user must see either the honest

@@ -45,9 +45,9 @@ from teammesh.protocols.scheduler_model import (
     WaitReason,
     Weights,
     Where,
-    settle_quorum,
 )
 from teammesh.protocols.scheduler_peers import MAX_COST, MAX_SLOTS, PeerView
+from teammesh.protocols.scheduler_rules import settle_quorum
 
 K = "hash.sha256"
 D1, D2, D3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32

@@ -63,7 +63,6 @@ from teammesh.protocols.scheduler_model import (
     Wait,
     WaitReason,
     Weights,
-    settle_quorum,
 )
 from teammesh.protocols.scheduler_peers import Breaker, ewma, sane_weights
 from teammesh.protocols.scheduler_rules import (
@@ -77,6 +76,7 @@ from teammesh.protocols.scheduler_rules import (
     queue_wait_s,
     queued_behind_others,
     retry_delay_s,
+    settle_quorum,
 )
 from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
 from teammesh.storage.unixfs import FileTooLarge
