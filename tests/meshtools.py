@@ -108,6 +108,17 @@ class Daemon:
         self.proc.wait()
 
 
+def journal_value(home: Path, key: str) -> bytes | None:
+    """One key of a node's journal (its kv table), e.g. its bridge key."""
+    from teammesh.node.core.journal import Journal
+
+    journal = Journal(home / "journal.db")
+    try:
+        return journal.get(key)
+    finally:
+        journal.close()
+
+
 def init_home(path: Path) -> Path:
     run_cli(path, "init")
     return path

@@ -827,18 +827,13 @@ def test_pull_member_signs_with_its_own_key(tmp_path: Path) -> None:
     the admin's bridge tasks with it, and the bridge records it as their executor; two
     queued tasks that differ only in their input CID get two outputs (the pull member
     fetches each file from the admin over the mesh)."""
-    from meshtools import Daemon, init_home, run_cli
-    from teammesh.node.core.journal import Journal
+    from meshtools import Daemon, init_home, journal_value, run_cli
 
     from teammesh.client import Client
 
     a_home, p_home = init_home(tmp_path / "admin"), init_home(tmp_path / "puller")
     run_cli(a_home, "team", "create", "t")
-    journal = Journal(a_home / "journal.db")
-    try:
-        master = journal.get("bridge_master")
-    finally:
-        journal.close()
+    master = journal_value(a_home, "bridge_master")
     assert isinstance(master, bytes)
     with run_worker(tmp_path / "state", master.hex()) as url:
         a = Daemon(a_home, ["--slots", "0", "--bridge", url]).start()
@@ -887,12 +882,8 @@ def test_pull_member_signs_with_its_own_key(tmp_path: Path) -> None:
         {cid: ("done", digest) for cid, digest in files.items()}, \
         [t["error"] for t in hashed.values()]
     assert {t["executed_by"] for t in hashed.values()} == {p_id}
-    journal = Journal(p_home / "journal.db")
-    try:
-        assert journal.get("bridge_master") is None  # a member never holds the master
-        assert journal.get("bridge_key") == derive_member_key(master, p_id)
-    finally:
-        journal.close()
+    assert journal_value(p_home, "bridge_master") is None  # a member never holds the master
+    assert journal_value(p_home, "bridge_key") == derive_member_key(master, p_id)
 
 
 async def test_bridge_dev_vars_override_wrangler_config(tmp_path: Path) -> None:

@@ -171,8 +171,8 @@ def test_a_cancel_reaches_the_bridge(tmp_path: Path) -> None:
     """A task queued at the bridge (no pull member yet) that its user cancels is cancelled
     at the Worker too, so a pull member that comes later does not run it."""
     import trio
+    from meshtools import journal_value
     from teammesh.node.bridge.client import BridgeClient
-    from teammesh.node.core.journal import Journal
 
     (a_home,) = _team(tmp_path, 1)
     port = free_port()
@@ -187,11 +187,7 @@ def test_a_cancel_reaches_the_bridge(tmp_path: Path) -> None:
                            what="the task to be queued at the bridge")
                 c.cancel(t["id"])
                 assert c.task(t["id"])["state"] == "cancelled"
-            journal = Journal(a_home / "journal.db")
-            try:
-                key = journal.get("bridge_key")
-            finally:
-                journal.close()
+            key = journal_value(a_home, "bridge_key")
             assert isinstance(key, bytes)
 
             async def at_worker() -> dict[str, object]:
