@@ -66,6 +66,7 @@ from .scheduler_model import (
     Admission,
     AdmissionReply,
     AttemptLost,
+    BridgeMeasured,
     BridgeResult,
     BridgeUnavailable,
     Cancelled,
@@ -245,6 +246,7 @@ class Scheduler:
         self._running_by_kind: dict[str, int] = {}
         self._kind_avg_s: dict[str, float] = {}
         self.bridge_rtt_s = self.config.bridge_rtt_s
+        self._bridge_measured = False  # BridgeMeasured fed: results no longer measure it
         self.bridge_breaker = Breaker()
         self._bridge_inflight = 0
         self._seq = 0
@@ -303,6 +305,21 @@ class Scheduler:
         rec = self.records.get(task_id)
         return None if rec is None else rec.wait
 
+    def running_by_kind(self) -> dict[str, int]:
+        """Tasks running now (an attempt out), by kind: what ``kind_limits`` counts."""
+        return {k: n for k, n in self._running_by_kind.items() if n > 0}
+
+    def queued(self) -> int:
+        """Tasks held here waiting for a place."""
+        return sum(1 for rec in self.records.values() if rec.state is TaskState.QUEUED)
+
+    def breakers(self) -> dict[str, Breaker]:
+        """Each known peer's circuit breaker (LOCAL excluded), and the bridge's."""
+        out = {p: v.breaker for p, v in self.peers.items() if p != LOCAL}
+        if self.config.bridge:
+            out[BRIDGE] = self.bridge_breaker
+        return out
+
     # --- events ----------------------------------------------------------------------------
     def _apply(self, event: Event, now: float) -> None:
         match event:
@@ -324,6 +341,8 @@ class Scheduler:
                 self._on_bridge_result(event, now)
             case BridgeUnavailable():
                 self._on_bridge_unavailable(event, now)
+            case BridgeMeasured():
+                self._on_bridge_measured(event)
             case Tick():
                 pass  # Rules 1, 5 and 6 run after every event
             case _:
@@ -440,13 +459,22 @@ class Scheduler:
         attempt = rec.attempts.get(BRIDGE) if rec is not None else None
         if rec is None or attempt is None:
             return
-        self.bridge_rtt_s = ewma(self.bridge_rtt_s, now - attempt.sent)
+        if not self._bridge_measured:
+            self.bridge_rtt_s = ewma(self.bridge_rtt_s, now - attempt.sent)
         self.bridge_breaker.success()
         self._drop_attempt(rec, BRIDGE)
         state = TaskState.DONE if ev.ok else TaskState.FAILED
         failure = None if ev.ok else Failure(FailReason.TASK_ERROR, ev.executed_by)
         self._finish(rec, Trigger.RESULT, state, failure=failure, by=(ev.executed_by,),
                      digest=ev.digest)
+
+    def _on_bridge_measured(self, ev: BridgeMeasured) -> None:
+        if math.isfinite(ev.rtt_s) and ev.rtt_s >= 0:
+            # the first measure replaces the config's guess rather than averaging with it
+            old = self.bridge_rtt_s if self._bridge_measured else None
+            self._bridge_measured = True
+            self.bridge_rtt_s = ewma(old, min(ev.rtt_s, 3600.0))
+            self._grew()  # a queue's wait may now lose to the bridge (Rule 6)
 
     def _on_bridge_unavailable(self, ev: BridgeUnavailable, now: float) -> None:
         rec = self.records.get(ev.task_id)

@@ -264,12 +264,21 @@ class BridgeUnavailable:
 
 
 @dataclass(frozen=True, slots=True)
+class BridgeMeasured:
+    """The bridge answered a request in ``rtt_s`` (a health check, or a submit's answer):
+    the round trip Rules 5 and 6 weigh queues against. ``BridgeResult`` measures it too,
+    from ``Escalate`` to the result, for shells that learn nothing sooner."""
+
+    rtt_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed: deadlines, backoffs and offer windows are checked on every event."""
 
 
 Event = (Submitted | Cancelled | PeerAd | PeerGone | AdmissionReply | ResultArrived
-         | AttemptLost | BridgeResult | BridgeUnavailable | Tick)
+         | AttemptLost | BridgeResult | BridgeUnavailable | BridgeMeasured | Tick)
 
 
 # --- effects out ---------------------------------------------------------------------------

@@ -34,9 +34,9 @@ def _patch_ads(spec: str) -> None:
 
 def _patch_pipeline(depth: int) -> None:
     """Send every executor as many tasks as it could possibly queue (a flood)."""
-    from teammesh.node.tasks import service as tasks
+    from teammesh.protocols import scheduler
 
-    tasks.TaskService._pipeline = lambda self, kind, rtt_ms=0.0: depth  # type: ignore[method-assign]
+    scheduler.pipeline_depth = lambda *_args: depth  # type: ignore[assignment]
 
 
 def _patch_forge() -> None:

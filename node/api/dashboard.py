@@ -198,7 +198,7 @@ class Dashboard:
         states: dict[str, int] = {}
         for r in list(svc.records.values()):
             states[r.state] = states.get(r.state, 0) + 1
-        return {"counters": dict(svc.counters), "queued_here": len(svc.queue),
+        return {"counters": dict(svc.counters), "queued_here": svc.queued_count,
                 "in_memory": states,
                 "kinds": [k["name"] for k in svc.kinds_json()]}
 

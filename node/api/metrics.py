@@ -150,7 +150,7 @@ class _NodeCollector(Collector):
         for name, value in svc.counters.items():
             yield _counter(f"teammesh_tasks_{name}", f"Tasks: {name.replace('_', ' ')}.", value)
         yield _gauge("teammesh_tasks_queued", "Tasks submitted here waiting to be placed.",
-                     len(svc.queue))
+                     svc.queued_count)
         by_state = GaugeMetricFamily("teammesh_tasks", "Tasks this node holds in memory,"
                                      " by state.", labels=["state"])
         counts = dict.fromkeys(STATES, 0)

@@ -1,28 +1,32 @@
-"""Task service, submitter side: accept, journal, route, retry, verify, finish.
+"""Task service, submitter side: the I/O shell around the scheduler.
 
-A submitted task is journaled before the API answers. The dispatcher then places it:
-local executor if this node runs the kind and has a free slot, else the best-scoring live
-peer with room (compatibility, latency, cost, health; weights from config), else it waits
-with a ``waiting_reason``. One long-lived stream per executor peer carries batches of
-assigns one way and signed result batches the other (see protocols/tasks.py), so the cost
-of a stream, a signature and a journal transaction is paid per batch, not per task.
+Where a task runs is decided by ``protocols/scheduler.py`` (``Scheduler``), a pure state
+machine, and only there (its rules: docs/SCHEDULER.md). This service feeds it what
+happens, each with the time: submissions and journaled tasks at start, the mesh table's
+verified ads and open-call offers (``PeerAd``/``PeerGone``), this node's own executor
+capacity (``PeerAd(LOCAL)``), admission replies, verified results, lost links, the
+bridge's answers and round trip, cancels, and the clock (``Tick`` at
+``next_wakeup()``). It carries out what the scheduler returns, in order: assign on a
+peer's stream (``Send``), run on the local executor (``RunLocal``), escalate to the
+Cloudflare bridge (``Escalate``), cancel an attempt (``CancelRemote``), show why a task
+waits (``Persist``) and end it (``Finished``). What stays here is I/O and what users
+read: the journal, streams, files, the bridge's HTTP, and the texts, rendered from the
+scheduler's typed reasons (with what only the shell knows: a refusal's message, the
+mesh's view of who runs a kind).
 
-Retries: an attempt lost with its peer (stream reset, peer killed, refused) is retried
-elsewhere with exponential backoff and jitter, behind a per-peer circuit breaker. An
-attempt the executor *ran* and reported failed (bad input, limits) is final. The first
-verified result wins; any later one for the same id is ignored, so the client sees each
-task finish exactly once, even across kill -9 of either side (the journal replays
-unfinished tasks at start and executors return stored results for ids they already ran).
+One long-lived stream per executor peer carries batches of assigns one way and signed
+result batches the other (see protocols/tasks.py), so the cost of a stream, a signature
+and a journal transaction is paid per batch, not per task. The first verified result
+wins; any later one for the same id is ignored, so the client sees each task finish
+exactly once, even across kill -9 of either side (the journal replays unfinished tasks at
+start and executors return stored results for ids they already ran).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import hashlib
-import heapq
-import itertools
 import json
 import logging
 import math
@@ -32,6 +36,7 @@ import secrets
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +54,7 @@ from teammesh.node.p2p.protocol_ids import OFFER, TASKS, tasks_topic
 from teammesh.node.tasks.executor import Executor, Job, Limits
 from teammesh.node.tasks.server import SPOOL_INPUT_BYTES, TaskServer
 from teammesh.node.tasks.store import NewTask, Outcome, TaskRow, TaskStore, Txn
+from teammesh.protocols import scheduler_model as sm
 from teammesh.protocols import tasks as tp
 from teammesh.protocols import wire
 from teammesh.protocols.errors import (
@@ -57,27 +63,10 @@ from teammesh.protocols.errors import (
     TaskError,
     TeammeshError,
 )
-from teammesh.protocols.scheduler_model import (
-    SchedulerConfig,
-    TaskState,
-    Wait,
-    WaitReason,
-    Weights,
-)
-from teammesh.protocols.scheduler_peers import Breaker, ewma, sane_weights
-from teammesh.protocols.scheduler_rules import (
-    KindClocks,
-    escalate_now,
-    fits_resources,
-    leave_queue_for_bridge,
-    next_queue_check,
-    pipeline_depth,
-    placement_score,
-    queue_wait_s,
-    queued_behind_others,
-    retry_delay_s,
-    settle_quorum,
-)
+from teammesh.protocols.scheduler import Scheduler
+from teammesh.protocols.scheduler_model import BRIDGE, LOCAL, SchedulerConfig, Weights
+from teammesh.protocols.scheduler_peers import Breaker, sane_weights
+from teammesh.protocols.scheduler_rules import fits_resources
 from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
 from teammesh.storage.unixfs import FileTooLarge
 
@@ -102,30 +91,11 @@ ACK_DELAY_S = 0.01
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
 MAX_INTERRUPTIONS = 3  # a task running when the node stopped runs again at most twice
 PRUNE_EVERY_S = 3600.0
-
-
-class NoRoom(enum.Enum):
-    """Why no target can take a task now. Control flow reads this, never the text."""
-
-    NOBODY_RUNS = "nobody_runs"  # no live member runs the kind
-    NO_SLOTS = "no_slots"  # members run it but offer 0 slots
-    NOT_LOCAL = "not_local"  # where=local, and this node cannot
-    UNFIT = "unfit"  # the members that run it lack its resources (GPU, memory)
-    BUSY = "busy"  # every matching slot is taken
-
-
-# Reasons that do not pass by waiting for a slot: after the start-up grace, the task fails
-# unless its kind ran on the team recently (members that are only unreachable come back).
-FINAL = frozenset({NoRoom.NOBODY_RUNS, NoRoom.NO_SLOTS, NoRoom.NOT_LOCAL, NoRoom.UNFIT})
-
-
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    why: NoRoom
-    text: str  # for people (waiting_reason, errors); rendered here, never parsed
-
-    def __str__(self) -> str:
-        return self.text
+RECHECK_S = 0.25  # while tasks are held, the scheduler looks at the time this often
+# Waits that ask the team for room (an open call) once a task has waited an offer window
+CALL_WAITS = frozenset({sm.WaitReason.ALL_BUSY, sm.WaitReason.NO_RUNNER,
+                        sm.WaitReason.UNREACHABLE, sm.WaitReason.REPLICAS_PENDING,
+                        sm.WaitReason.BRIDGE_DOWN})
 
 
 def fits(resources: Any, memory_bytes: int, gpus: tuple[str, ...]) -> bool:
@@ -178,23 +148,18 @@ class TaskRecord:
     waiting_reason: str | None = None
     cached: bool = False
     # runtime only
-    inflight: dict[str, Attempt] = field(default_factory=dict)
-    replica_results: dict[str, TaskResult] = field(default_factory=dict)
-    excluded: set[str] = field(default_factory=set)
-    retries: int = 0
-    not_before: float = 0.0
-    deadline: float | None = None
-    waiting_since: float | None = None
+    inflight: dict[str, Attempt] = field(default_factory=dict)  # out now, by target
+    results: dict[str, TaskResult] = field(default_factory=dict)  # by target
+    errors: dict[str, str] = field(default_factory=dict)  # by target: a failure's own text
+    losses: dict[str, str] = field(default_factory=dict)  # by target: why it was lost there
+    deadline: float | None = None  # on trio's clock
+    waiting_since: float | None = None  # queued with a wait that asks the team for room
     changed: trio.Event = field(default_factory=trio.Event)
-    order: int = 0
     runtime: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.quorum:
             self.quorum = self.replicas  # unanimity, as before quorums existed
-
-    def __lt__(self, other: TaskRecord) -> bool:
-        return (-self.priority, self.order) < (-other.priority, other.order)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -231,7 +196,6 @@ class PeerLink:
     sent_at: dict[str, float] = field(default_factory=dict)
     alive: bool = True
     rtt_ms: float = 5.0
-    avg_task_s: float | None = None  # our tasks' recent run times there (Rule 6's estimate)
     successes: int = 0
     failures: int = 0
     # cancelled when the peer goes silent (its ad expired): a cut link sends no FIN or RST,
@@ -247,6 +211,10 @@ class PeerLink:
     def send_control(self, frame: bytes) -> None:
         self.control.append(frame)
         self.wake.set()
+
+    def forget(self, task_id: str) -> None:
+        self.inflight.pop(task_id, None)
+        self.sent_at.pop(task_id, None)
 
     @property
     def health(self) -> float:
@@ -290,42 +258,38 @@ class TaskService:
             member_queue=int(cfg.get("executor", "member_queue")),
             member_queue_mb=int(cfg.get("executor", "member_queue_mb")))
         self.cache_enabled = bool(cfg.get("scheduler", "cache"))
-        self.kind_limits: dict[str, int] = dict(cfg.get("scheduler", "kind_limits"))
         self.default_timeout_s = float(cfg.get("executor", "timeout_s"))
         self.records: OrderedDict[str, TaskRecord] = OrderedDict()
         self._now_running: list[TaskRecord] = []
-        self.queue: list[TaskRecord] = []
-        self._order = itertools.count()
         self.links: dict[str, PeerLink] = {}
-        self.breakers: dict[str, Breaker] = {}  # the scheduler's, with its defaults
-        # The rules' parameters (protocols/scheduler_rules.py), shared with the simulations,
-        # and the breakers' too. Before "nobody runs kind X" is final (startup grace),
-        # every member has had time to advertise.
+        # The scheduler's parameters from [scheduler]. Before "nobody runs kind X" is
+        # final (startup grace), every member has had time to advertise.
         w = dict(cfg.get("scheduler", "weights"))
         self.rules = SchedulerConfig(
             weights=sane_weights(Weights(**{k: float(w[k]) for k in (
                 "compatibility", "latency", "cost", "health") if k in w})),
             offer_window_s=float(cfg.get("scheduler", "offer_window_s")),
             max_attempts=int(cfg.get("scheduler", "max_attempts")),
-            startup_grace_s=float(cfg.get("gossip", "ad_interval_s")) + 1.0)
-        # measured on every escalation (the Worker's answer to a submit); the first guess
-        # is the rules' default until then
-        self.bridge_rtt_s = self.rules.bridge_rtt_s
-        self.kind_ms: dict[str, float] = {}
-        self.running_by_kind: dict[str, int] = {}
+            startup_grace_s=float(cfg.get("gossip", "ad_interval_s")) + 1.0,
+            kind_limits=dict(cfg.get("scheduler", "kind_limits")))
+        self.bridge: Any = None  # BridgeClient, when the node has a bridge URL and key
+        # rebuilt by run() once the bridge is known (it is set after construction)
+        self.sched = self._new_scheduler()
+        self._live: dict[str, TaskRecord] = {}  # the tasks the scheduler holds
+        self._inbox: list[sm.Event] = []
+        self._handling = False
+        self._nursery: trio.Nursery | None = None
+        self._txn: Txn | None = None  # the journal transaction of a frame of results
+        # what the scheduler was last told about each peer (its ad entry, or an offer)
+        self._fed: dict[str, object] = {}
+        self._peers_dirty = True
+        self._next_expiry = math.inf
+        self._local_fed: tuple[int, int, int] | None = None
         self._wake = trio.Event()
         self._started_at = 0.0
         self.host: MeshHost | None = None
         self.watchers: dict[str, trio.MemorySendChannel[str]] = {}
-        self.bridge: Any = None  # BridgeClient, when the node has a bridge URL and key
         self.offers: dict[str, tuple[str, int, float]] = {}  # peer -> (kind, free, until)
-        # peer -> when an admission reply showed it queueing our task behind other
-        # members' work: it counts as full until an ad received after that says otherwise
-        self.peer_full: dict[str, float] = {}
-        # task id -> (the busy member queueing it behind others' work, since, position)
-        self.remote_queued: dict[str, tuple[str, float, int]] = {}
-        self.kind_clocks = KindClocks()  # Rule 5: since when each kind finds no room
-        self._kind_seen: dict[str, float] = {}  # kind -> last time a live ad listed it
         self.last_call: dict[tuple[str, str], float] = {}
         self.calls_to_publish: list[tuple[str, str, int]] = []
         self._calls_wake = trio.Event()
@@ -333,6 +297,32 @@ class TaskService:
                          "retries": 0, "rejected_results": 0, "cache_hits": 0,
                          "calls_published": 0, "offers_received": 0, "offers_sent": 0,
                          "moved": 0}
+
+    def _new_scheduler(self) -> Scheduler:
+        cfg = dataclasses.replace(self.rules, bridge=self.bridge is not None)
+        return Scheduler(cfg, jitter=lambda: random.uniform(0.5, 1.5))
+
+    # --- what the API and metrics read ----------------------------------------------------
+    @property
+    def bridge_rtt_s(self) -> float:
+        """The bridge's round trip as the scheduler weighs it (measured once it answers)."""
+        return self.sched.bridge_rtt_s
+
+    @property
+    def breakers(self) -> dict[str, Breaker]:
+        return self.sched.breakers()
+
+    @property
+    def running_by_kind(self) -> dict[str, int]:
+        return self.sched.running_by_kind()
+
+    @property
+    def queued_count(self) -> int:
+        return self.sched.queued()
+
+    @property
+    def kind_limits(self) -> Mapping[str, int]:
+        return self.rules.kind_limits
 
     # --- submission ---------------------------------------------------------------------
     def _spec_from_request(self, body: dict[str, Any]) -> TaskRecord:
@@ -419,6 +409,7 @@ class TaskService:
             raise TaskError(f"this node's journal cannot take the tasks ({exc}); free disk"
                             f" space in {self.home.path} and submit again") from exc
 
+
     def _journal_and_queue(self, records: list[TaskRecord]) -> list[TaskRecord]:
         now = trio.current_time()
         hits: list[TaskRecord] = []
@@ -437,14 +428,46 @@ class TaskService:
                     started=r.started, finished=r.finished))
         self.counters["submitted"] += len(records)
         self.counters["cache_hits"] += len(hits)
+        events: list[sm.Event] = []
         for r in records:
             self._remember(r)
-            if r.state == "queued":
-                if r.timeout_s:
-                    r.deadline = now + r.timeout_s
-                self._enqueue(r)
-        self._wake.set()
+            if r.state != "queued":
+                continue
+            if r.timeout_s:
+                r.deadline = now + r.timeout_s
+            if self._runs_inline_here(r):
+                self._run_inline(r)
+                continue
+            self._live[r.id] = r
+            events.append(sm.Submitted(self._task_of(r)))
+        self._feed(events)
         return records
+
+    def _task_of(self, r: TaskRecord) -> sm.Task:
+        """What the scheduler needs to know of a task (inputs and params stay here)."""
+        kind = self.kinds.get(r.kind)
+        needs = kind.resources if kind is not None else None
+        return sm.Task(
+            r.id, r.kind, r.version, priority=r.priority, where=sm.Where(r.where),
+            replicas=r.replicas, quorum=r.quorum, deadline=r.deadline,
+            memory_mb=int(getattr(needs, "memory_mb", 0) or 0),
+            gpu=bool(getattr(needs, "gpu", False)),
+            bridge_ok=r.where == "bridge" or self._bridge_cannot_run(r) is None)
+
+    def _runs_inline_here(self, r: TaskRecord) -> bool:
+        """Kinds that run at once inside this daemon (a small hash) need no place: they
+        run before the scheduler sees them, like a cache hit."""
+        return (r.where in ("any", "local") and r.replicas == 1 and r.kind in self.kinds
+                and self.executor.slots > 0 and r.input_cid is None
+                and r.kind not in self.rules.kind_limits
+                and not any(tp.is_cid_ref(v) for v in r.params.values())
+                and self.executor.runs_inline(r.kind, len(r.input))
+                and fits(self.kinds[r.kind].resources, self.mesh.memory_bytes, self.mesh.gpus))
+
+    def _run_inline(self, r: TaskRecord) -> None:
+        self._open_attempt(r, LOCAL)
+        r.state = "running"
+        self._run_local(r, trio.current_time(), admit=False)
 
     def _cache_key(self, r: TaskRecord) -> str:
         h = hashlib.sha256()
@@ -462,9 +485,6 @@ class TaskService:
                 break
             del self.records[oldest_id]
 
-    def _enqueue(self, r: TaskRecord) -> None:
-        r.order = next(self._order)
-        heapq.heappush(self.queue, r)
 
     def get(self, task_id: str) -> TaskRecord | dict[str, Any] | None:
         r = self.records.get(task_id)
@@ -480,53 +500,36 @@ class TaskService:
             out.append(live.to_json() if live is not None else _row_json(row))
         return out
 
+
     def cancel(self, task_id: str) -> TaskRecord:
         r = self.records.get(task_id)
         if r is None:
             raise TaskError(f"no active task {task_id}")
         if r.state in TERMINAL:
             return r
-        self._cancel_attempts(r)
-        self._finalise(r, "cancelled", error="cancelled by the user")
+        if r.id in self._live:
+            self._feed([sm.Cancelled(r.id)])  # Finished(CANCELLED), its attempts cancelled
+        if r.state not in TERMINAL:  # not the scheduler's (an inline run): nothing to stop
+            self._finalise(r, "cancelled", error="cancelled by the user")
         return r
-
-    def _cancel_attempts(self, r: TaskRecord, why: str | None = None) -> None:
-        """Tell every target still running ``r`` to stop: the task ends without them.
-        ``why`` goes on their attempts (the user's cancel leaves them as they were)."""
-        for peer, attempt in list(r.inflight.items()):
-            if why is not None and attempt.error is None:
-                attempt.error = why
-            if peer == "local":
-                self.executor.cancel(r.id)
-            elif peer in self.links:
-                link = self.links[peer]
-                link.send_control(tp.cancel([r.id]))
-                link.inflight.pop(r.id, None)
-                link.sent_at.pop(r.id, None)
 
     # --- results ------------------------------------------------------------------------
     def _finalise(self, r: TaskRecord, state: str, *, output: Any = None,
                   error: str | None = None, executed_by: str | None = None,
-                  result: TaskResult | None = None, db: Txn | None = None) -> None:
+                  result: TaskResult | None = None) -> None:
         if r.state in TERMINAL:
             return
-        # running_by_kind counts tasks in state running (placed, not back in the queue)
-        was_running = r.state == "running"
+        self._live.pop(r.id, None)
         r.state, r.output, r.error = state, output, error
         r.executed_by = executed_by
         r.finished = time.time()
         r.waiting_reason = None
-        if result is not None:
+        if result is not None and result.wall_ms:
             r.runtime = {"wall_ms": result.wall_ms, "cpu_ms": result.cpu_ms}
-        for peer in r.inflight:
-            if peer in self.links:
-                self.links[peer].inflight.pop(r.id, None)
-        for a in r.inflight.values():
-            a.ended = r.finished
-        r.inflight.clear()
-        self._running_delta(r.kind, -1 if was_running else 0)
+        for target in list(r.inflight):
+            self._close_attempt(r, target, None)
         self.counters[state] = self.counters.get(state, 0) + 1
-        txn = db if db is not None else self.store.autocommit
+        txn = self._txn if self._txn is not None else self.store.autocommit
         txn.finish(Outcome(r.id, state, executed_by, output, error,
                            [a.to_json() for a in r.attempts], r.started, r.finished))
         if (state == "done" and self.cache_enabled and not r.no_cache and r.replicas == 1):
@@ -536,7 +539,6 @@ class TaskService:
         watcher = self.watchers.pop(r.id, None)
         if watcher is not None:
             watcher.send_nowait(r.id)  # sized to its batch: never blocks
-        self._wake.set()
 
     def watch(self, r: TaskRecord, channel: trio.MemorySendChannel[str]) -> None:
         if r.state not in TERMINAL:
@@ -545,355 +547,304 @@ class TaskService:
     def unwatch(self, r: TaskRecord) -> None:
         self.watchers.pop(r.id, None)
 
-    def _back_to_queue(self, r: TaskRecord) -> None:
-        """Its last attempt ended without a result: it is queued again, and no longer
-        counts against its kind's limit (kind_limits) until it is placed again."""
-        if r.state == "running" and not r.inflight:
-            r.state = "queued"
-            self._running_delta(r.kind, -1)
-
-    def _running_delta(self, kind: str, delta: int) -> None:
-        self.running_by_kind[kind] = max(0, self.running_by_kind.get(kind, 0) + delta)
-
-    def apply_results(self, peer: str, results: list[TaskResult], db: Txn) -> None:
-        """Verified results from ``peer`` ('local' for our executor)."""
-        for res in results:
-            r = self.records.get(res.id)
-            if r is None or r.state in TERMINAL or peer not in r.inflight:
-                continue
-            attempt = r.inflight.pop(peer)
-            attempt.ended = time.time()
-            if not res.ok:
-                attempt.error = res.error
-            old = self.kind_ms.get(r.kind, res.wall_ms)
-            self.kind_ms[r.kind] = 0.8 * old + 0.2 * res.wall_ms
-            if r.replicas == 1:
-                if res.ok:
-                    self._finalise(r, "done", output=res.output, executed_by=peer, result=res,
-                                   db=db)
-                else:
-                    self._finalise(r, "failed", error=f"{res.error} (on {peer})",
-                                   executed_by=peer, result=res, db=db)
-                continue
-            r.replica_results[peer] = res
-            self._settle_replicas(r, db)
-
-    def _settle_replicas(self, r: TaskRecord, db: Txn) -> None:
-        """Rule 9, the scheduler's own function: done as soon as ``quorum`` results carry
-        one digest (the output is theirs, ``executed_by`` lists them), failed as soon as
-        no digest can reach it counting the replicas still out. A failed result is an
-        outcome of its own (its digest covers ok and the error). Replicas still running
-        when it settles are cancelled: their answer can no longer change it."""
-        results = r.replica_results
-        verdict = settle_quorum({p: (res.digest, res.ok) for p, res in results.items()},
-                                r.replicas, r.quorum)
-        if verdict.state is TaskState.RUNNING:
-            return
-        self._cancel_attempts(r, f"cancelled: the task settled on {len(results)} of"
-                              f" {r.replicas} replicas")
-        failure = verdict.failure
-        if verdict.by:  # the quorum agreed, on an output or on a failure
-            first = results[verdict.by[0]]
-            by = ",".join(verdict.by)
-            if failure is None:
-                self._finalise(r, "done", output=first.output, executed_by=by, result=first,
-                               db=db)
-            else:
-                on = ("all replicas" if len(verdict.by) == r.replicas else
-                      f"{len(verdict.by)} of {r.replicas} replicas: {', '.join(verdict.by)}")
-                self._finalise(r, "failed", error=f"{first.error} (on {on})", executed_by=by,
-                               db=db)
-            return
-        assert failure is not None  # no agreement possible: REPLICAS_DISAGREE
-        errors = "".join(f"; {p} failed: {res.error}" for p, res in results.items()
-                         if not res.ok)
-        self._finalise(r, "failed", error=failure.render() + errors,
-                       executed_by=",".join(results), db=db)
-
-    def attempt_lost(self, r: TaskRecord, peer: str, reason: str) -> None:
-        """An attempt ended without a result (peer gone, refused): retry elsewhere."""
-        attempt = r.inflight.pop(peer, None)
-        if attempt is not None:
-            attempt.ended = time.time()
-            attempt.error = reason
-        if r.state in TERMINAL:
-            return
-        r.excluded.add(peer)
-        r.retries += 1
-        self.counters["retries"] += 1
-        if r.retries >= self.rules.max_attempts:
-            self._finalise(r, "failed", error=f"gave up after {r.retries} attempts; last: "
-                           f"{peer} failed with {reason}")
-            return
-        delay = retry_delay_s(r.retries, self.rules, random.uniform(0.5, 1.5))
-        r.not_before = trio.current_time() + delay
-        r.waiting_reason = (f"retry {r.retries + 1} of {self.rules.max_attempts} in {delay:.1f} s "
-                            f"after {peer} failed with: {reason}")
-        self._back_to_queue(r)
-        if not r.inflight or len(r.inflight) < r.replicas:
-            self._enqueue(r)
-        r.notify()
-        self._wake.set()
-
-    def _requeue_busy(self, r: TaskRecord, peer: str, message: str) -> None:
-        """The peer had no room (or this submitter used its share there): the task waits
-        a moment and is placed again. Not a failure: a busy team delays a task, it never
-        uses up its attempts."""
-        attempt = r.inflight.pop(peer, None)
-        if attempt is not None:
-            attempt.ended, attempt.error = time.time(), f"busy: {message}"
-        if r.state in TERMINAL:
-            return
-        r.not_before = trio.current_time() + random.uniform(0.05, 0.25)
-        r.waiting_reason = f"{peer} is busy ({message}); placing it again"
-        self._back_to_queue(r)
-        self._enqueue(r)
-        r.notify()
-        self._wake.set()
-
-    # --- placement ----------------------------------------------------------------------
-    def _pipeline(self, kind: str, rtt_ms: float = 0.0) -> int:
-        """Tasks to keep queued per peer slot beyond the running one (Rule 5's
-        pipelining, protocols/scheduler_rules.pipeline_depth)."""
-        ms = self.kind_ms.get(kind)
-        return pipeline_depth(None if ms is None else ms / 1000, rtt_ms / 1000, self.rules)
-
-    def _candidates(self, r: TaskRecord,
-                    now: float) -> tuple[list[tuple[float, str]], Waiting | None]:
-        """Scored targets with room, or why there are none."""
-        out: list[tuple[float, str]] = []
-        behind: list[tuple[float, str]] = []  # busy with others' work: a last resort
-        runners = 0
-        idle_runners = 0  # run the kind but offer no slots
-        unfit = 0  # run the kind but lack its resources
-        matching_slots = 0
-        taken = set(r.inflight) | set(r.replica_results)
-        w = self.rules.weights
-        known = self.kinds.get(r.kind)
-        needs = known.resources if known is not None else None
-        mesh = self.mesh
-        local_fits = fits(needs, mesh.memory_bytes, mesh.gpus)
-        if r.where in ("any", "local") and r.kind in self.kinds and self.executor.slots > 0 \
-                and not local_fits:
-            unfit += 1
-        elif r.where in ("any", "local") and r.kind in self.kinds and self.executor.slots > 0:
-            runners += 1
-            matching_slots += self.executor.slots
-            free = self.executor.slots - self.capacity.busy - self.capacity.queue
-            # local with a free slot always wins, and so does a task that runs at once
-            inline = not r.input_cid and self.executor.runs_inline(r.kind, len(r.input))
-            if (free > 0 or inline) and "local" not in taken:
-                out.append((1e9, "local"))
-        if r.where in ("any", "peers"):
-            for e in self.mesh.table.live(now):
-                ad = e.ad
-                if r.kind not in ad.kinds:
-                    continue
-                self._kind_seen[r.kind] = now
-                if ad.slots == 0:
-                    idle_runners += 1
-                    continue
-                if not fits(needs, ad.memory_bytes, ad.gpus):
-                    unfit += 1
-                    continue
-                runners += 1
-                matching_slots += ad.slots
-                peer = ad.peer_id
-                if peer in taken or peer in r.excluded:
-                    continue
-                br = self.breakers.get(peer)
-                if br is not None and not br.allows(now, e.received):
-                    continue
-                link = self.links.get(peer)
-                inflight = len(link.inflight) if link else 0
-                window = ad.slots * (1 + self._pipeline(r.kind, link.rtt_ms if link else 0.0))
-                offered = self._offered(peer, r.kind, now)
-                full_at = self.peer_full.get(peer)
-                full = full_at is not None and full_at >= e.received  # no newer ad yet
-                if offered:
-                    window = max(window, inflight + offered)
-                elif (inflight == 0 and ad.free_slots == 0) or full:
-                    # Busy with other members' work: a task sent now would wait in its
-                    # queue while another peer or the bridge could start it. (Our own
-                    # tasks in flight there are what its ad counts when we pipeline.) It
-                    # queues there only if nothing else can take it: the executor then
-                    # gives us our turn among its submitters (one place per slot). An
-                    # admission reply that queued our task behind others' work marks it
-                    # full until its next ad, however its last ad counted.
-                    if inflight < max(1, ad.slots):
-                        rtt = link.rtt_ms if link else 5.0
-                        behind.append((1.0 / (1 + ad.queue / max(1, ad.slots)) / (1 + rtt),
-                                       peer))
-                    continue
-                if inflight >= window:
-                    continue
-                rtt = link.rtt_ms if link else 5.0
-                health = link.health if link else 1.0
-                score = placement_score(ad.kinds[r.kind] == r.version, rtt, ad.cost, health,
-                                        w) * (1 - inflight / window)
-                out.append((score, peer))
-        if r.where in ("any", "peers"):
-            # members that answered an open call but whose ad we have not seen
-            for peer, (kind, free, until) in self.offers.items():
-                if kind != r.kind or until <= now or peer in taken or peer in r.excluded:
-                    continue
-                if self.mesh.table.get(peer, now) is not None:
-                    continue
-                runners += 1
-                link = self.links.get(peer)
-                if (len(link.inflight) if link else 0) < free:
-                    out.append((1.0, peer))
-        if out:
-            return out, None
-        if behind and not self._bridge_could_take(r):
-            return behind, None
-        if (runners == 0 and unfit and r.where != "local") or (r.where == "local" and unfit):
-            need = "a GPU" if getattr(needs, "gpu", False) else \
-                f"{getattr(needs, 'memory_mb', 0)} MiB of memory"
-            return [], Waiting(NoRoom.UNFIT, f"the {unfit} members that run kind {r.kind}"
-                               f" lack what it needs ({need})")
-        if runners == 0 and idle_runners and r.where != "local":
-            return [], Waiting(NoRoom.NO_SLOTS,
-                               f"no member runs kind {r.kind} with free capacity: the"
-                               f" {idle_runners} that run it offer 0 slots (no capacity)")
-        if runners == 0:
-            if r.where == "local":
-                return [], Waiting(NoRoom.NOT_LOCAL,
-                                   f"this node does not run kind {r.kind} (or has no slots)")
-            return [], Waiting(NoRoom.NOBODY_RUNS, f"no member runs kind {r.kind}")
-        if r.excluded and len(r.excluded) >= runners:
-            # Every runner failed it once: try them again (the retry budget still bounds
-            # this); a lost stream is usually a passing network event, not a bad peer.
-            r.excluded.clear()
-            return self._candidates(r, now)
-        return [], Waiting(NoRoom.BUSY, f"all {matching_slots} matching slots busy")
-
-    def _drop_silent_links(self, now: float) -> None:
-        """End links to peers whose ad expired (or who were revoked): their tasks move."""
-        table = self.mesh.table
-        for link in list(self.links.values()):
-            if not link.inflight or table.get(link.peer, now) is not None:
-                continue
-            offer = self.offers.get(link.peer)
-            if offer is not None and offer[2] > now:
-                continue
-            link.gone_reason = "it went silent (its capability ad expired)"
-            link.scope.cancel()
-
-    def _dispatch_once(self, nursery: trio.Nursery) -> None:
-        now = trio.current_time()
-        self._drop_silent_links(now)
-        if self.remote_queued:
-            self._recheck_remote_queued(now, nursery)
-        uptime = now - self._started_at
-        deferred: list[TaskRecord] = []
-        reasons_changed: list[TaskRecord] = []
-        local_batch: list[TaskRecord] = []
-        no_room: dict[tuple[str, str], Waiting] = {}
-        hits = 0
-        while self.queue:
-            if hits >= 32:
-                # A long run of tasks with no room: stop if the rest of the queue can only
-                # be the same (a heap pop per waiting task per result was most of the cost)
-                hits = 0
-                if self._rest_waits(no_room, now):
+    # --- the scheduler: events in, effects out --------------------------------------------
+    def _feed(self, events: Iterable[sm.Event] = ()) -> None:
+        """Tell the scheduler what happened and carry out what it decides. Carrying out
+        an effect can cause events (an inline run's result, a refusal): they queue and
+        are handled next, in order, so the scheduler is never entered twice at once."""
+        self._inbox.extend(events)
+        if self._handling or self._nursery is None:
+            return  # the running call (or run(), once started) takes them
+        self._handling = True
+        try:
+            while True:
+                now = trio.current_time()
+                self._sync_capacity(now)
+                batch, self._inbox = self._inbox, []
+                try:
+                    effects = self.sched.handle_many(batch, now)
+                except Exception:
+                    # a scheduler bug must not stop the node; the events before the failing
+                    # one were applied (handle_many's contract), the rest are lost
+                    logger.exception("the scheduler failed on %d events; please report it",
+                                     len(batch))
+                    effects = []
+                self._carry_out(effects, now)
+                if not self._inbox:
                     break
-            r = heapq.heappop(self.queue)
-            try:
-                if r.state in TERMINAL:
-                    continue
-                if r.deadline is not None and now >= r.deadline:
-                    self._finalise(r, "failed", error=f"deadline of {r.timeout_s:g} s exceeded")
-                    continue
-                if r.not_before > now:
-                    deferred.append(r)
-                    continue
-                if r.where == "bridge":
-                    if self.bridge is None:
-                        self._finalise(r, "failed", error="no bridge configured for this node"
-                                       " (set [bridge] url or use --bridge URL)")
-                        continue
-                    why_not = self._bridge_cannot_run(r, explicit=True)
-                    if why_not is not None:
-                        self._finalise(r, "failed", error=why_not)
-                        continue
-                    if "bridge" not in r.inflight:
-                        self._escalate(r, nursery, now)
-                    continue
-                limit = self.kind_limits.get(r.kind)
-                if limit is not None and self.running_by_kind.get(r.kind, 0) >= limit:
-                    deferred.append(r)
-                    self._set_reason(r, f"kind limit: {limit} {r.kind} tasks already running",
-                                     reasons_changed)
-                    continue
-                needed = r.replicas - len(r.inflight) - len(r.replica_results)
-                if needed <= 0:
-                    continue
-                # In a pass, a task that is neither placed, retried nor replicated gets the same
-                # answer as the last such task of its kind and placement when that answer was
-                # "no room" (placing others only takes room). Without this, a queue of 2,000
-                # waiting tasks cost 2,000 candidate scans per result, most of a submitter's CPU.
-                plain = not r.inflight and not r.replica_results and not r.excluded
-                key = (r.kind, r.where)
-                waiting: Waiting | None
-                candidates: list[tuple[float, str]]
-                if plain and key in no_room:
-                    candidates, waiting = [], no_room[key]
-                    hits += 1
-                else:
-                    hits = 0
-                    candidates, waiting = self._candidates(r, now)
-                    if waiting is not None and plain:
-                        no_room[key] = waiting
-                if waiting is not None and self._should_escalate(r, waiting, now, uptime):
-                    self._escalate(r, nursery, now)
-                    continue
-                if waiting is not None:
-                    text = waiting.text
-                    if waiting.why in FINAL:
-                        seen = self._kind_seen.get(r.kind)
-                        if uptime <= self.rules.startup_grace_s:
-                            text += " (waiting for peers to announce themselves)"
-                        elif waiting.why is NoRoom.NOBODY_RUNS and seen is not None \
-                                and now - seen < self.rules.kind_memory_s:
-                            # members that ran it are unreachable, not gone: a laptop whose
-                            # network drops must not fail its whole queue (the machine's
-                            # WaitReason.UNREACHABLE, with the same text)
-                            text = Wait(WaitReason.UNREACHABLE, kind=r.kind,
-                                        until=seen).render(now)
-                        else:
-                            self._finalise(r, "failed",
-                                           error=text + self._known_kinds_hint())
-                            continue
-                    deferred.append(r)
-                    self._set_reason(r, text, reasons_changed)
-                    self._note_waiting(r, now)
-                    continue
-                self.kind_clocks.placed((r.kind, r.version))
-                candidates.sort(reverse=True)
-                chosen = [p for _, p in candidates[:needed]]
-                for peer in chosen:
-                    self._assign(r, peer, nursery, local_batch)
-                if len(r.inflight) + len(r.replica_results) < r.replicas:
-                    deferred.append(r)
-                    self._set_reason(r, f"{len(r.inflight)} of {r.replicas} replicas placed;"
-                                     " waiting for more distinct members", reasons_changed)
-            except Exception as exc:
-                # One task's placement must never stop the dispatcher (a hostile ad once
-                # made every member's loop divide by zero): the task fails, loudly.
-                logger.exception("placing task %s (%s) failed", r.id, r.kind)
-                self._finalise(r, "failed", error=f"internal error while placing the task:"
-                               f" {type(exc).__name__}: {exc}")
-        if self.queue:
-            for r in deferred:
-                heapq.heappush(self.queue, r)
-        else:
-            self.queue = deferred  # popped in order: a sorted list is already a heap
-        for r in reasons_changed:
-            r.notify()
+        finally:
+            self._handling = False
         self._persist_running()
-        for r in local_batch:
-            self._run_local(r)
+
+    def _sync_capacity(self, now: float) -> None:
+        """Bring the scheduler's picture of the team up to date: the mesh table's live ads
+        and offers (``PeerAd``, ``PeerGone`` for those gone) and this node's executor."""
+        if self._peers_dirty or now >= self._next_expiry:
+            self._peers_dirty = False
+            self._sync_peers(now)
+        ex = self.executor
+        held = len(ex.by_id)  # set as a job is accepted, before it starts: no double count
+        local = (ex.slots, max(0, ex.slots - held), max(0, held - ex.slots))
+        if local != self._local_fed:
+            self._local_fed = local
+            kinds = {name: k.version for name, k in self.kinds.items()} if ex.slots else {}
+            self._inbox.append(sm.PeerAd(LOCAL, kinds, *local, self.mesh.memory_bytes / 2**20,
+                                         tuple(self.mesh.gpus)))
+
+    def _sync_peers(self, now: float) -> None:
+        fed: dict[str, object] = {}
+        expiry = math.inf
+        for e in self.mesh.table.live(now):
+            peer = e.ad.peer_id
+            if peer == self.identity.peer_id:
+                continue
+            fed[peer] = e
+            expiry = min(expiry, e.expires)
+            if self._fed.get(peer) is not e:
+                link = self.links.get(peer)
+                self._inbox.append(sm.PeerAd.from_capability(
+                    e.ad, link.rtt_ms if link is not None else None))
+        # members that answered an open call but whose ad we have not seen: an ad for the
+        # offer's window
+        for peer, (kind, free, until) in list(self.offers.items()):
+            if until <= now:
+                del self.offers[peer]
+                continue
+            if peer in fed:
+                continue
+            offer = (kind, free, until)
+            fed[peer] = offer
+            expiry = min(expiry, until)
+            if self._fed.get(peer) != offer:
+                version = next((v for (k, v) in self.last_call if k == kind), "")
+                self._inbox.append(sm.PeerAd(peer, {kind: version}, free, free, 0))
+        for peer in self._fed.keys() - fed.keys():
+            self._inbox.append(sm.PeerGone(peer))
+        self._fed = fed
+        self._next_expiry = expiry
+
+    def _carry_out(self, effects: Sequence[sm.Effect], now: float) -> None:
+        finishing = {e.task_id: e for e in effects if isinstance(e, sm.Finished)}
+        for i, effect in enumerate(effects):
+            try:
+                match effect:
+                    case sm.Send(peer=peer, task=task):
+                        self._send(peer, task.id, now)
+                    case sm.RunLocal(task=task):
+                        self._start_local(task.id, now)
+                    case sm.Escalate(task=task):
+                        self._start_bridge(task.id)
+                    case sm.CancelRemote(target=target, task_id=task_id):
+                        self._cancel_attempt(target, task_id, finishing.get(task_id),
+                                             effects[i + 1:])
+                    case sm.Persist():
+                        self._on_persist(effect, now)
+                    case sm.Finished():
+                        self._on_finished(effect)
+            except Exception as exc:
+                # one task's effect (a stream, a spool file) can fail that attempt, never
+                # the service: the scheduler hears it as lost and places the task again
+                logger.exception("carrying out %s failed", type(effect).__name__)
+                placed = _placement_of(effect)
+                if placed is not None:
+                    lost = self._lost(placed[0], placed[1], sm.Loss.REFUSED,
+                                      f"internal error: {type(exc).__name__}: {exc}")
+                    if lost is not None:
+                        self._inbox.append(lost)
+
+    def _open_attempt(self, r: TaskRecord, target: str) -> Attempt:
+        attempt = Attempt(target, time.time())
+        r.attempts.append(attempt)
+        r.inflight[target] = attempt
+        r.waiting_since = None
+        if r.started is None:
+            r.started = attempt.started
+        return attempt
+
+    def _close_attempt(self, r: TaskRecord, target: str, error: str | None) -> None:
+        attempt = r.inflight.pop(target, None)
+        if attempt is not None:
+            attempt.ended = time.time()
+            if error is not None and attempt.error is None:
+                attempt.error = error
+        link = self.links.get(target)
+        if link is not None:
+            link.forget(r.id)
+
+    def _lost(self, task_id: str, target: str, loss: sm.Loss,
+              reason: str) -> sm.AttemptLost | None:
+        """An attempt ended without a result: the event for the scheduler (which retries
+        it elsewhere, Rule 8), or None if that attempt no longer counts."""
+        r = self._live.get(task_id)
+        if r is None or target not in r.inflight:
+            return None
+        self._close_attempt(r, target, reason)
+        r.losses[target] = reason
+        self.counters["retries"] += 1
+        return sm.AttemptLost(task_id, target, loss)
+
+    def _send(self, peer: str, task_id: str, now: float) -> None:
+        r = self._live.get(task_id)
+        if r is None:
+            return
+        self._open_attempt(r, peer)
+        link = self.links.get(peer)
+        if link is None or not link.alive:
+            link = PeerLink(peer)
+            self.links[peer] = link
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_link, link)
+        link.send(self._spec(r, now), r)
+        link.sent_at[r.id] = now
+
+    def _spec(self, r: TaskRecord, now: float) -> TaskSpec:
+        # the executor stops it at the task's deadline (a timeout counts from submission)
+        timeout = self.default_timeout_s if r.deadline is None else max(0.001, r.deadline - now)
+        return TaskSpec(r.id, r.kind, r.version, r.input, r.params, int(timeout * 1000),
+                        r.priority, r.input_cid)
+
+    def _cancel_attempt(self, target: str, task_id: str, finished: sm.Finished | None,
+                        after: Sequence[sm.Effect]) -> None:
+        r = self._live.get(task_id)
+        if r is None or target not in r.inflight:
+            return
+        if finished is None:  # Rule 6: taken out of a busy member's queue, placed again
+            to_bridge = any(isinstance(e, sm.Escalate) and e.task.id == task_id for e in after)
+            why = ("moved: the bridge starts it sooner than its queue there" if to_bridge
+                   else "moved: a member with a free slot starts it sooner")
+            self.counters["moved"] += 1
+        elif finished.state is sm.TaskState.CANCELLED:
+            why = None  # the user's cancel leaves the attempts as they were
+        elif finished.failure is not None and finished.failure.reason is sm.FailReason.DEADLINE:
+            why = "cancelled: the task's deadline passed"
+        else:
+            why = (f"cancelled: the task settled on {len(r.results)} of {r.replicas}"
+                   " replicas")
+        self._close_attempt(r, target, why)
+        if target == LOCAL:
+            self.executor.cancel(task_id)
+        elif target == BRIDGE:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._cancel_on_bridge, task_id)
+        else:
+            link = self.links.get(target)
+            if link is not None:
+                link.send_control(tp.cancel([task_id]))
+
+    def _on_persist(self, p: sm.Persist, now: float) -> None:
+        r = self._live.get(p.task_id)
+        if r is None:
+            return
+        for target in [t for t in r.inflight if t not in p.targets]:
+            # the scheduler dropped it without an effect: its member went away (PeerGone)
+            self._close_attempt(r, target, r.losses.get(target, "its member went away"))
+        r.state = p.state.value
+        r.waiting_reason = self._render_wait(r, p.wait, now)
+        queued = p.state is sm.TaskState.QUEUED
+        if queued and p.wait is not None and p.wait.reason in CALL_WAITS:
+            if r.waiting_since is None:
+                r.waiting_since = now
+        else:
+            r.waiting_since = None
+        r.notify()
+
+    def _on_finished(self, f: sm.Finished) -> None:
+        r = self._live.get(f.task_id)
+        if r is None:
+            return
+        if f.state is sm.TaskState.CANCELLED:
+            self._finalise(r, "cancelled", error="cancelled by the user")
+            return
+        by = ",".join(f.by) or None
+        first = r.results.get(f.by[0]) if f.by else None
+        if f.state is sm.TaskState.DONE and first is not None:
+            self._finalise(r, "done", output=first.output, executed_by=by, result=first)
+            return
+        failure = f.failure
+        error = self._failure_text(r, failure, f.by) if failure is not None else "failed"
+        if failure is not None and failure.reason is sm.FailReason.REPLICAS_DISAGREE:
+            by = ",".join(r.results) or None  # every member that answered
+        self._finalise(r, "failed", error=error, executed_by=by, result=first)
+
+    # --- texts users read, rendered from the scheduler's typed reasons ---------------------
+    def _render_wait(self, r: TaskRecord, wait: sm.Wait | None, now: float) -> str | None:
+        if wait is None:
+            return None
+        w = sm.WaitReason
+        if wait.reason is w.RUNNING_ON:
+            return None
+        if wait.reason in (w.NO_RUNNER, w.NO_RESOURCES):
+            text = self._no_runner_text(r)
+            if now - self._started_at <= self.rules.startup_grace_s:
+                text += " (waiting for peers to announce themselves)"
+            return text
+        if wait.reason is w.BACKOFF:
+            left = max(0.0, (wait.until or now) - now)
+            why = r.losses.get(wait.target or "", wait.loss.value if wait.loss else "?")
+            return (f"retry {wait.count + 1} of {wait.total} in {left:.1f} s after"
+                    f" {wait.target} failed with: {why}")
+        if wait.reason is w.SUBMITTED:
+            return "waiting to be placed"
+        return wait.render(now)
+
+    def _failure_text(self, r: TaskRecord, failure: sm.Failure, by: Sequence[str]) -> str:
+        f = sm.FailReason
+        if failure.reason is f.TASK_ERROR:
+            target = failure.target or "?"
+            if target in r.errors:
+                return r.errors[target]
+            res = r.results.get(target)
+            error = res.error if res is not None else "failed"
+            if r.replicas == 1 or len(by) <= 1:
+                return f"{error} (on {target})"
+            on = ("all replicas" if len(by) == r.replicas else
+                  f"{len(by)} of {r.replicas} replicas: {', '.join(by)}")
+            return f"{error} (on {on})"
+        if failure.reason is f.REPLICAS_DISAGREE:
+            errors = "".join(f"; {p} failed: {res.error}" for p, res in r.results.items()
+                             if not res.ok)
+            return failure.render() + errors
+        if failure.reason is f.DEADLINE:
+            if r.attempts:
+                return (f"timed out: no result within its {r.timeout_s:g} s timeout (last"
+                        f" tried on {r.attempts[-1].peer})")
+            return f"deadline of {r.timeout_s:g} s exceeded"
+        if failure.reason is f.GAVE_UP:
+            target = failure.target or "?"
+            why = r.losses.get(target, failure.loss.value if failure.loss else "?")
+            return f"gave up after {failure.attempts} attempts; last: {target} failed with {why}"
+        if failure.reason is f.NO_RUNNER:
+            return self._no_runner_text(r) + self._known_kinds_hint()
+        return failure.render()
+
+    def _no_runner_text(self, r: TaskRecord) -> str:
+        """Why no member can take a task, from the mesh's view of who runs its kind."""
+        kind = self.kinds.get(r.kind)
+        needs = kind.resources if kind is not None else None
+        mesh = self.mesh
+        local = kind is not None and self.executor.slots > 0
+        if r.where == "local":
+            if local and not fits(needs, mesh.memory_bytes, mesh.gpus):
+                return self._unfit_text(r, 1, needs)
+            return f"this node does not run kind {r.kind} (or has no slots)"
+        ads = [e.ad for e in mesh.table.live(trio.current_time()) if r.kind in e.ad.kinds]
+        with_slots = [a for a in ads if a.slots > 0]
+        unfit = sum(1 for a in with_slots if not fits(needs, a.memory_bytes, a.gpus))
+        if r.where == "any" and local:
+            with_slots.append(None)  # type: ignore[arg-type]
+            unfit += not fits(needs, mesh.memory_bytes, mesh.gpus)
+        if ads and not with_slots:
+            return (f"no member runs kind {r.kind} with free capacity: the {len(ads)} that"
+                    " run it offer 0 slots (no capacity)")
+        if with_slots and unfit == len(with_slots):
+            return self._unfit_text(r, unfit, needs)
+        return f"no member runs kind {r.kind}"
+
+    @staticmethod
+    def _unfit_text(r: TaskRecord, n: int, needs: Any) -> str:
+        need = "a GPU" if getattr(needs, "gpu", False) else \
+            f"{getattr(needs, 'memory_mb', 0)} MiB of memory"
+        return f"the {n} members that run kind {r.kind} lack what it needs ({need})"
 
     def _persist_running(self) -> None:
         """Journal which tasks started: one that was running when the node died is
@@ -903,254 +854,46 @@ class TaskService:
         # only a run on this node can be what stopped it: a task on a peer is unaffected
         # by our restarts and stays 'queued' in the journal (it is re-sent at start)
         rows = [(r.id, r.started) for r in self._now_running
-                if r.state == "running" and "local" in r.inflight]
+                if r.state == "running" and LOCAL in r.inflight]
         self._now_running = []
-        with self.store.transaction() as txn:
-            txn.mark_running(rows)
+        if rows and self._txn is not None:
+            self._txn.mark_running(rows)
+        elif rows:
+            with self.store.transaction() as txn:
+                txn.mark_running(rows)
 
-    def _rest_waits(self, no_room: dict[tuple[str, str], Waiting], now: float) -> bool:
-        """Would every task still queued just wait again (no room for its kind, nothing
-        to fail, time out or escalate)?"""
-        if self.bridge is not None:
-            return False
-        for waiting in no_room.values():
-            if waiting.why in FINAL:
-                return False
-        for t in self.queue:
-            if t.state in TERMINAL:
-                continue
-            if (t.kind, t.where) not in no_room or t.inflight or t.replica_results \
-                    or t.excluded or (t.deadline is not None and t.deadline <= now):
-                return False
-        return True
-
-    # --- escalation to the Cloudflare bridge ---------------------------------------------------
-    def _bridge_could_take(self, r: TaskRecord) -> bool:
-        """Would this task escalate if it found no room (so it need not queue behind
-        other members' work)?"""
-        br = self.breakers.get("bridge")
-        return (self.bridge is not None and r.where == "any" and r.replicas == 1
-                and self._bridge_cannot_run(r) is None
-                and (br is None or br.allows(trio.current_time())))
-
-    def _bridge_cannot_run(self, r: TaskRecord, *, explicit: bool = False) -> str | None:
-        """Why the bridge cannot be given this task with its data, or None. The Worker
-        reads an input file from the R2 mirror, or queues the task for pull-mode members
-        (which fetch it over the mesh): asked explicitly, that is the user's call; as an
-        escalation it needs the mirror, or the task could wait there for a puller while
-        a mesh peer frees up. File params ({"$cid"}) the Worker never runs itself: it
-        queues them for pull-mode members, so they go to the bridge only when asked."""
-        if not explicit and any(tp.is_cid_ref(v) for v in r.params.values()):
-            return ("the bridge queues tasks with file ({\"$cid\"}) params for pull-mode"
-                    " members; ask for it with --where bridge")
-        if r.input_cid is not None and not explicit and \
-                self.files.mirror is None:
-            return ("the bridge reads input files from the R2 mirror, and this node has no"
-                    " mirror configured ([r2] in config.toml)")
-        return None
-
-    def _should_escalate(self, r: TaskRecord, waiting: Waiting, now: float,
-                         uptime: float) -> bool:
-        if self.bridge is None or r.where != "any" or r.replicas != 1 or "bridge" in r.inflight:
-            return False
-        if self._bridge_cannot_run(r) is not None:
-            return False
-        br = self.breakers.get("bridge")
-        if br is not None and not br.allows(now):
-            return False
-        # The clock is the kind's: once tasks of a kind have found no room for a whole
-        # window, the next one need not wait another (sustained saturation escalates in
-        # milliseconds, not one window per task). Placing any task of the kind resets it.
-        kind_since = self.kind_clocks.waiting((r.kind, r.version), now, self.rules)
-        r.waiting_since = min(r.waiting_since if r.waiting_since is not None else now,
-                              kind_since)
-        if waiting.why in (NoRoom.UNFIT, NoRoom.NOT_LOCAL):
-            return False  # the bridge has no GPU either; where=local never escalates
-        nobody = waiting.why in (NoRoom.NOBODY_RUNS, NoRoom.NO_SLOTS)
-        if nobody and uptime <= self.rules.startup_grace_s:
-            return False
-        # saturated or empty mesh: give peers one offer window to free up first (no queue
-        # with a known wait is open to it, or it would have been a candidate)
-        return nobody or escalate_now(now, r.waiting_since, self.rules, self.bridge_rtt_s)
-
-    def _escalate(self, r: TaskRecord, nursery: trio.Nursery, now: float) -> None:
-        attempt = Attempt("bridge", time.time())
-        r.attempts.append(attempt)
-        r.inflight["bridge"] = attempt
-        if r.state == "queued":
-            r.state = "running"
-            r.started = r.started or attempt.started
-            self._running_delta(r.kind, 1)
-            self._now_running.append(r)
-        r.waiting_reason = "sent to the bridge"
-        r.notify()
-        nursery.start_soon(self._run_on_bridge, r)
-
-    async def _run_on_bridge(self, r: TaskRecord) -> None:
-        try:
-            await self._run_on_bridge_unguarded(r)
-        except Exception as exc:
-            # the bridge's answer is untrusted input: it can fail this task, nothing else
-            logger.exception("task %s on the bridge", r.id)
-            attempt = r.inflight.pop("bridge", None)
-            if attempt is not None:
-                attempt.ended, attempt.error = time.time(), str(exc)
-            self._finalise(r, "failed", error=f"the bridge's answer could not be used:"
-                           f" {type(exc).__name__}: {exc}", executed_by="bridge")
-
-    async def _run_on_bridge_unguarded(self, r: TaskRecord) -> None:
-        import base64
-
-        from teammesh.node.bridge.client import BridgeRejected, BridgeUnavailable, decode_task
-
-        assert self.bridge is not None
-        body: dict[str, Any] = {"id": r.id, "kind": r.kind, "version": r.version,
-                                "params": r.params, "priority": r.priority,
-                                "submitter": self.identity.peer_id}
-        if r.input_cid is not None:
-            body["input_cid"] = r.input_cid  # the Worker reads it from the R2 mirror
-        else:
-            body["input_b64"] = base64.b64encode(r.input).decode()
-        breaker = self.breakers.setdefault("bridge", Breaker())
-        try:
-            sent = trio.current_time()
-            task = await self.bridge.submit(body)
-            self.bridge_rtt_s = ewma(self.bridge_rtt_s, trio.current_time() - sent)
-            delay = 0.05
-            while task.get("state") not in TERMINAL and r.state not in TERMINAL:
-                r.waiting_reason = f"queued at the bridge ({task.get('state')})"
-                await trio.sleep(delay)
-                delay = min(2.0, delay * 1.5)
-                task = await self.bridge.get(r.id)
-        except BridgeRejected as exc:
-            breaker.success()
-            r.inflight.pop("bridge", None)
-            self._finalise(r, "failed", error=f"the bridge refused it: {exc}",
-                           executed_by="bridge")
+    # --- the local executor ----------------------------------------------------------------
+    def _start_local(self, task_id: str, now: float) -> None:
+        r = self._live.get(task_id)
+        if r is None:
             return
-        except BridgeUnavailable as exc:
-            breaker.failure(trio.current_time(), self.rules)
-            # The bridge being down is not the task's fault: it waits (journaled) and is
-            # retried; it is never failed for this.
-            attempt = r.inflight.pop("bridge", None)
-            if attempt is not None:
-                attempt.ended, attempt.error = time.time(), str(exc)
-            if r.state not in TERMINAL:
-                wait = max(1.0, breaker.open_until - trio.current_time())
-                r.not_before = trio.current_time() + wait
-                r.waiting_reason = (f"no peer has capacity and the bridge is unreachable"
-                                    f" ({exc}); retrying in {wait:.0f} s")
-                self._back_to_queue(r)
-                self._enqueue(r)
-                r.notify()
-                self._wake.set()
-            return
-        breaker.success()
-        if r.state == "cancelled" and task.get("state") not in TERMINAL:
-            # the user cancelled while the bridge held it: tell the Worker, so a pull
-            # member does not run it for nothing (best effort: the result is ignored)
-            await self._cancel_on_bridge(r.id)
-            return
-        if r.state in TERMINAL or "bridge" not in r.inflight:
-            return
-        r.inflight.pop("bridge").ended = time.time()
-        decoded = decode_task(task, r.id)
-        output = decoded.output
-        # "bridge" when the Worker ran it, a pull-mode member's peer id when one did
-        by = decoded.executed_by or "bridge"
-        with self.store.transaction() as db:
-            if task.get("state") == "done":
-                self._finalise(r, "done", output=output, executed_by=by, db=db)
-            else:
-                self._finalise(r, "failed", error=f"{task.get('error')} (on {by})",
-                               executed_by=by, db=db)
+        self._open_attempt(r, LOCAL)
+        self._now_running.append(r)
+        self._run_local(r, now)
 
-    async def _measure_bridge(self) -> None:
-        """Seed the bridge's round trip with one health check at start, so Rule 6 does
-        not decide on the rules' 1 s guess until the first escalation measures it."""
-        sent = trio.current_time()
-        with trio.move_on_after(10):
+    def _run_local(self, r: TaskRecord, now: float, *, admit: bool = True) -> None:
+        job = Job(self._spec(r, now), LOCAL, self._local_done)
+        if job.spec.needs_files:
             try:
-                await self.bridge.health()
-            except Exception as exc:  # the bridge's answer is untrusted: never the service's end
-                logger.info("bridge health check at start failed (%s): its round trip is"
-                            " measured at the first escalation", exc)
-                return
-            self.bridge_rtt_s = trio.current_time() - sent
-
-    async def _cancel_on_bridge(self, task_id: str) -> None:
-        from teammesh.node.bridge.client import BridgeRejected, BridgeUnavailable
-
-        assert self.bridge is not None
-        try:
-            await self.bridge.cancel(task_id)
-        except (BridgeRejected, BridgeUnavailable) as exc:
-            logger.info("could not cancel %s at the bridge (its result will be ignored):"
-                        " %s", task_id, exc)
-
-    def _offered(self, peer: str, kind: str, now: float) -> int:
-        offer = self.offers.get(peer)
-        if offer is None or offer[0] != kind or offer[2] <= now:
-            return 0
-        return offer[1]
-
-    def _note_waiting(self, r: TaskRecord, now: float) -> None:
-        """Tasks of a kind waited past the offer window: ask the team (open call)."""
-        key = (r.kind, r.version)
-        since = self.kind_clocks.waiting(key, now, self.rules)
-        if now - since >= self.rules.offer_window_s and now - self.last_call.get(key, -1e9) >= 1.0:
-            self.last_call[key] = now
-            self.calls_to_publish.append((r.kind, r.version, 1))
-            self._calls_wake.set()
-
-    def _known_kinds_hint(self) -> str:
-        names: set[str] = set(self.kinds)
-        for e in self.mesh.table.live(trio.current_time()):
-            names.update(e.ad.kinds)
-        return f"; kinds the team runs: {', '.join(sorted(names)) or 'none'}"
-
-    def _set_reason(self, r: TaskRecord, reason: str, changed: list[TaskRecord]) -> None:
-        if r.waiting_reason != reason:
-            r.waiting_reason = reason
-            changed.append(r)
-
-    def _assign(self, r: TaskRecord, peer: str, nursery: trio.Nursery,
-                local_batch: list[TaskRecord]) -> None:
-        attempt = Attempt(peer, time.time())
-        r.attempts.append(attempt)
-        r.inflight[peer] = attempt
-        if r.state == "queued":
-            r.state = "running"
-            r.started = r.started or attempt.started
-            self._running_delta(r.kind, 1)
-            self._now_running.append(r)
-        r.waiting_reason = None
-        if peer == "local":
-            local_batch.append(r)
-            return
-        link = self.links.get(peer)
-        if link is None or not link.alive:
-            link = PeerLink(peer)
-            self.links[peer] = link
-            nursery.start_soon(self._run_link, link)
-        timeout = r.timeout_s or self.default_timeout_s
-        link.send(TaskSpec(r.id, r.kind, r.version, r.input, r.params, int(timeout * 1000),
-                           r.priority, r.input_cid), r)
-        r.waiting_reason = f"queued on {peer}" if r.replicas == 1 else None
-        link.sent_at[r.id] = trio.current_time()
-
-    def _run_local(self, r: TaskRecord) -> None:
-        timeout = r.timeout_s or self.default_timeout_s
-        spec = TaskSpec(r.id, r.kind, r.version, r.input, r.params, int(timeout * 1000),
-                        r.priority, r.input_cid)
-        job = Job(spec, "local", self._local_done)
-        if spec.needs_files:
-            try:
-                self.files.start_job(functools.partial(self.run_with_files, job, []))
+                self.files.start_job(functools.partial(self._run_local_with_files, job))
             except TeammeshError as exc:  # too many transfers now: a wait, not a failure
-                self._requeue_busy(r, "local", str(exc))
+                self._close_attempt(r, LOCAL, f"busy: {exc}")
+                self._feed([sm.AdmissionReply(r.id, LOCAL, sm.Admission.BUSY)])
             return
+        position = self.executor.admission_position(job)
         self.executor.submit_nowait(job)
+        if admit:
+            self._feed([self._admitted(r.id, LOCAL, position)])
+
+    async def _run_local_with_files(self, job: Job) -> None:
+        await self.run_with_files(job, [])
+        self._feed([self._admitted(job.spec.id, LOCAL, 0)])
+
+    @staticmethod
+    def _admitted(task_id: str, target: str, position: int) -> sm.AdmissionReply:
+        if position <= 0:
+            return sm.AdmissionReply(task_id, target, sm.Admission.STARTED)
+        return sm.AdmissionReply(task_id, target, sm.Admission.QUEUED, position)
 
     async def run_with_files(self, job: Job, peers: list[str]) -> None:
         """Fetch a job's input files into the spool (from ``peers`` first), then queue it.
@@ -1191,13 +934,177 @@ class TaskService:
         return dict(await self.files.store_path(path))
 
     def _local_done(self, job: Job | None, result: TaskResult) -> None:
+        r = self.records.get(result.id)
+        if r is not None and r.id not in self._live and LOCAL in r.inflight \
+                and r.state not in TERMINAL:
+            # an inline run (the scheduler never held it): its result is the outcome
+            self._close_attempt(r, LOCAL, None if result.ok else result.error)
+            if result.ok:
+                self._finalise(r, "done", output=result.output, executed_by=LOCAL,
+                               result=result)
+            else:
+                self._finalise(r, "failed", error=f"{result.error} (on {LOCAL})",
+                               executed_by=LOCAL, result=result)
+            return
+        self._deliver(LOCAL, [result])
+
+    def _deliver(self, target: str, results: Iterable[TaskResult]) -> None:
+        """Verified results (seal and digest checked) from ``target``: to the scheduler,
+        which settles each task (Rule 9) and says when it is finished."""
+        events: list[sm.Event] = []
+        for res in results:
+            r = self._live.get(res.id)
+            if r is None or target not in r.inflight:
+                continue  # moved, lost or finished meanwhile: that attempt no longer counts
+            self._close_attempt(r, target, None if res.ok else res.error)
+            r.results[target] = res
+            wall = res.wall_ms / 1000 if math.isfinite(res.wall_ms) else math.nan
+            events.append(sm.ResultArrived(res.id, target, res.ok, res.digest, wall))
+        if not events:
+            return
+        if self._handling or self._txn is not None:
+            self._feed(events)
+            return
+        with self.store.transaction() as db:  # one journal transaction per frame
+            self._txn = db
+            try:
+                self._feed(events)
+            finally:
+                self._txn = None
+
+    # --- escalation to the Cloudflare bridge ---------------------------------------------------
+    def _bridge_cannot_run(self, r: TaskRecord) -> str | None:
+        """Why the bridge should not be given this task as an escalation, or None. The
+        Worker reads an input file from the R2 mirror, or queues the task for pull-mode
+        members (which fetch it over the mesh): asked explicitly (``where=bridge``), that
+        is the user's call; as an escalation it needs the mirror, or the task could wait
+        there for a puller while a mesh peer frees up. File params ({"$cid"}) the Worker
+        never runs itself: it queues them for pull-mode members, so they go to the bridge
+        only when asked."""
+        if any(tp.is_cid_ref(v) for v in r.params.values()):
+            return ("the bridge queues tasks with file ({\"$cid\"}) params for pull-mode"
+                    " members; ask for it with --where bridge")
+        if r.input_cid is not None and self.files.mirror is None:
+            return ("the bridge reads input files from the R2 mirror, and this node has no"
+                    " mirror configured ([r2] in config.toml)")
+        return None
+
+    def _start_bridge(self, task_id: str) -> None:
+        r = self._live.get(task_id)
+        if r is None:
+            return
+        self._open_attempt(r, BRIDGE)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_on_bridge, r)
+
+    async def _run_on_bridge(self, r: TaskRecord) -> None:
+        try:
+            await self._run_on_bridge_unguarded(r)
+        except Exception as exc:
+            # the bridge's answer is untrusted input: it can fail this task, nothing else
+            logger.exception("task %s on the bridge", r.id)
+            self._bridge_outcome(r, False, None, BRIDGE, f"the bridge's answer could not be"
+                                 f" used: {type(exc).__name__}: {exc}")
+
+    async def _run_on_bridge_unguarded(self, r: TaskRecord) -> None:
+        import base64
+
+        from teammesh.node.bridge.client import BridgeRejected, BridgeUnavailable, decode_task
+
+        assert self.bridge is not None
+        body: dict[str, Any] = {"id": r.id, "kind": r.kind, "version": r.version,
+                                "params": r.params, "priority": r.priority,
+                                "submitter": self.identity.peer_id}
+        if r.input_cid is not None:
+            body["input_cid"] = r.input_cid  # the Worker reads it from the R2 mirror
+        else:
+            body["input_b64"] = base64.b64encode(r.input).decode()
+        try:
+            sent = trio.current_time()
+            task = await self.bridge.submit(body)
+            # the round trip Rules 5 and 6 weigh queues against: the Worker's answer
+            self._feed([sm.BridgeMeasured(trio.current_time() - sent)])
+            delay = 0.05
+            while task.get("state") not in TERMINAL and BRIDGE in r.inflight:
+                r.waiting_reason = f"queued at the bridge ({task.get('state')})"
+                await trio.sleep(delay)
+                delay = min(2.0, delay * 1.5)
+                task = await self.bridge.get(r.id)
+        except BridgeRejected as exc:
+            self._bridge_outcome(r, False, None, BRIDGE, f"the bridge refused it: {exc}")
+            return
+        except BridgeUnavailable as exc:
+            # Not the task's fault: the scheduler holds it for the bridge's breaker (Rule
+            # 8) and never fails it for this. The text is the scheduler's BRIDGE_DOWN.
+            if BRIDGE in r.inflight:
+                self._close_attempt(r, BRIDGE, str(exc))
+                self._feed([sm.BridgeUnavailable(r.id)])
+            return
+        if BRIDGE not in r.inflight:
+            return  # cancelled, or finished otherwise meanwhile (CancelRemote told the Worker)
+        decoded = decode_task(task, r.id)
+        # "bridge" when the Worker ran it, a pull-mode member's peer id when one did
+        by = decoded.executed_by or BRIDGE
+        if task.get("state") == "done":
+            self._bridge_outcome(r, True, decoded.output, by, None)
+        else:
+            self._bridge_outcome(r, False, None, by, f"{task.get('error')} (on {by})")
+
+    def _bridge_outcome(self, r: TaskRecord, ok: bool, output: Any, by: str,
+                        error: str | None) -> None:
+        if BRIDGE not in r.inflight or r.id not in self._live:
+            return
+        res = make_result(r.id, ok, output, error, 0.0, 0.0)
+        self._close_attempt(r, BRIDGE, error)
+        r.results[by] = res
+        if error is not None:
+            r.errors[by] = error
+        event = sm.BridgeResult(r.id, ok, res.digest, by)
+        if self._handling or self._txn is not None:
+            self._feed([event])
+            return
         with self.store.transaction() as db:
-            self.apply_results("local", [result], db)
+            self._txn = db
+            try:
+                self._feed([event])
+            finally:
+                self._txn = None
+
+    async def _measure_bridge(self) -> None:
+        """Seed the bridge's round trip with one health check at start, so Rule 6 does
+        not decide on the rules' 1 s guess until the first escalation measures it."""
+        sent = trio.current_time()
+        with trio.move_on_after(10):
+            try:
+                await self.bridge.health()
+            except Exception as exc:  # the bridge's answer is untrusted: never the service's end
+                logger.info("bridge health check at start failed (%s): its round trip is"
+                            " measured at the first escalation", exc)
+                return
+            self._feed([sm.BridgeMeasured(trio.current_time() - sent)])
+
+    async def _cancel_on_bridge(self, task_id: str) -> None:
+        from teammesh.node.bridge.client import BridgeRejected, BridgeUnavailable
+
+        assert self.bridge is not None
+        try:
+            await self.bridge.cancel(task_id)
+        except (BridgeRejected, BridgeUnavailable) as exc:
+            logger.info("could not cancel %s at the bridge (its result will be ignored):"
+                        " %s", task_id, exc)
+
+    def _known_kinds_hint(self) -> str:
+        names: set[str] = set(self.kinds)
+        for e in self.mesh.table.live(trio.current_time()):
+            names.update(e.ad.kinds)
+        return f"; kinds the team runs: {', '.join(sorted(names)) or 'none'}"
+
 
     # --- links to executor peers ----------------------------------------------------------
     async def _run_link(self, link: PeerLink) -> None:
         assert self.host is not None
         reason = "connection lost"
+        loss = sm.Loss.STREAM_CLOSED
         try:
             with link.scope:
                 stream = await self.host.open_stream(link.peer, TASKS)
@@ -1216,10 +1123,12 @@ class TaskService:
                 reason = "stream closed by the peer"
             if link.scope.cancelled_caught:
                 reason = link.gone_reason or "link dropped"
+                loss = sm.Loss.PEER_GONE
         except DialError as exc:
             reason = f"cannot reach it ({exc})"
         except (RemoteProtocolError, ResultRejected) as exc:
             reason = str(exc)
+            loss = sm.Loss.BAD_RESULT
             self.counters["rejected_results"] += isinstance(exc, ResultRejected)
             logger.warning("dropping link to %s: %s", link.peer, exc)
             with trio.CancelScope(shield=True):
@@ -1234,11 +1143,10 @@ class TaskService:
             link.alive = False
             if self.links.get(link.peer) is link:
                 del self.links[link.peer]
-            now = trio.current_time()
-            self.breakers.setdefault(link.peer, Breaker()).failure(now, self.rules)
-            for r in list(link.inflight.values()):
-                self.attempt_lost(r, link.peer, reason)
+            link.failures += 1
+            lost = [self._lost(tid, link.peer, loss, reason) for tid in list(link.inflight)]
             link.inflight.clear()
+            self._feed([e for e in lost if e is not None])
             self._wake.set()
 
     async def _link_writer(self, link: PeerLink, stream: Stream) -> None:
@@ -1277,170 +1185,66 @@ class TaskService:
                     case _:
                         pass  # S → E messages, or a newer peer's: nothing to do here
 
+
     def _on_accepted(self, link: PeerLink, acc: tp.Accepted) -> None:
+        """The executor's answer to a batch of assigns, one round trip after it: each task
+        started (0) or queued at a position (``adm``), or refused. The scheduler decides
+        what a queue position means (Rule 6: a task behind other members' work moves when
+        another place would start it sooner) and what a busy refusal means (Rule 7)."""
         now = trio.current_time()
         for tid in acc.ids:
             sent = link.sent_at.pop(tid, None)
             if sent is not None:
                 link.rtt_ms = 0.9 * link.rtt_ms + 0.1 * (now - sent) * 1000
+        events: list[sm.Event] = []
         for refusal in acc.refused:
             link.sent_at.pop(refusal.id, None)
-            r = link.inflight.pop(refusal.id, None)
-            if r is None:
+            r = link.inflight.get(refusal.id)
+            if r is None or link.peer not in r.inflight:
                 continue
-            if refusal.code is tp.RefuseCode.BUSY:
-                self._requeue_busy(r, link.peer, refusal.message)
+            if refusal.code is tp.RefuseCode.BUSY:  # a wait, not a failure
+                self._close_attempt(r, link.peer, f"busy: {refusal.message}")
+                events.append(sm.AdmissionReply(r.id, link.peer, sm.Admission.BUSY))
             else:
-                self.attempt_lost(r, link.peer,
+                lost = self._lost(r.id, link.peer, sm.Loss.REFUSED,
                                   f"refused ({refusal.code.value}): {refusal.message}")
-        if acc.positions is not None:
-            self._on_admission(link, acc.positions, now)
+                if lost is not None:
+                    events.append(lost)
+        for tid, pos in (acc.positions or {}).items():
+            if tid in link.inflight:
+                events.append(self._admitted(tid, link.peer, pos))
+        self._feed(events)
 
-    def _on_admission(self, link: PeerLink, positions: dict[str, int], now: float) -> None:
-        """The executor's admission reply, one round trip after the assign: each task
-        started (0) or waits in its queue at a position. A task queued behind other
-        members' work (more tasks ahead of it there than ours) may wait long (it may be a
-        60 s task): the peer counts as full until a newer ad, and the task is placed again
-        at once if another peer advertises a free slot. Otherwise it stays, and Rule 6
-        (``_recheck_remote_queued``) moves it when a slot frees elsewhere, or to the bridge
-        once the bridge's round trip is shorter than its wait there. The executor gives
-        each submitter its turn meanwhile."""
-        slots = self._slots_of(link.peer, now)
-        own = len(link.inflight)
-        moves: list[TaskRecord] = []
-        for tid, pos in positions.items():
-            r = link.inflight.get(tid)
-            if r is None or r.state in TERMINAL or pos <= 0:
-                continue
-            r.waiting_reason = f"queued on {link.peer} at position {pos}"
-            r.notify()
-            if not queued_behind_others(own, slots, pos):
-                continue  # pipelined behind our own tasks: their times are known and short
-            self.peer_full[link.peer] = now
-            if r.replicas == 1 and self._free_elsewhere(r, link.peer, now):
-                moves.append(r)
-            elif r.replicas == 1:
-                self.remote_queued[r.id] = (link.peer, now, pos)
-        for r in moves:
-            self._move_off(r, link, "it queued the task behind other members' work")
-
-    def _recheck_remote_queued(self, now: float, nursery: trio.Nursery) -> None:
-        """Rule 6: a task in a busy member's queue behind others' work moves as soon as
-        another member advertises a free slot, or to the bridge once it has waited an offer
-        window there and the bridge's measured round trip is shorter than the wait left
-        (estimated from our tasks' recent times on that member, or the time already
-        waited if longer): protocols/scheduler_rules.leave_queue_for_bridge."""
-        for tid, (peer, queued_at, pos) in list(self.remote_queued.items()):
-            r = self.records.get(tid)
-            link = self.links.get(peer)
-            if r is None or r.state in TERMINAL or link is None or tid not in link.inflight:
-                del self.remote_queued[tid]
-            elif self._free_elsewhere(r, peer, now):
-                del self.remote_queued[tid]
-                self._move_off(r, link, "a member with a free slot appeared")
-            elif self._bridge_could_take(r) and leave_queue_for_bridge(
-                    now, queued_at, self.rules, self.bridge_rtt_s,
-                    self._queued_left(link, pos, now)):
-                del self.remote_queued[tid]
-                self._take_back(r, link, "the bridge starts it sooner than its queue there")
-                self._escalate(r, nursery, now)
-
-    def _queued_left(self, link: PeerLink, position: int, now: float) -> float:
-        return queue_wait_s(link.avg_task_s, position, self._slots_of(link.peer, now))
-
-    def _slots_of(self, peer: str, now: float) -> int:
-        """A live member's advertised slots (at least 1: it queued our task, so it runs)."""
-        entry = self.mesh.table.get(peer, now)
-        return max(1, entry.ad.slots) if entry is not None else 1
-
-    def _next_queue_check(self, now: float) -> float:
-        """When Rule 6 can next send a task in a busy member's queue to the bridge."""
-        if self.bridge is None:
-            return math.inf
-        soonest = math.inf
-        for tid, (_peer, since, _pos) in self.remote_queued.items():
-            r = self.records.get(tid)
-            if r is not None and self._bridge_could_take(r):
-                soonest = min(soonest, next_queue_check(now, since, self.rules,
-                                                        self.bridge_rtt_s))
-        return soonest
-
-    def _free_elsewhere(self, r: TaskRecord, peer: str, now: float) -> bool:
-        """Does another live member that runs this kind advertise a free slot that our
-        own tasks in flight there do not already take?"""
-        for e in self.mesh.table.live(now):
-            p = e.ad.peer_id
-            if p == peer or p in r.excluded or r.kind not in e.ad.kinds:
-                continue
-            link = self.links.get(p)
-            if e.ad.free_slots - (len(link.inflight) if link else 0) <= 0:
-                continue
-            full_at = self.peer_full.get(p)
-            if full_at is None or full_at < e.received:
-                return True
-        return False
-
-    def _take_back(self, r: TaskRecord, link: PeerLink, why: str) -> None:
-        """Take a task out of a peer's queue (cancel it there). Not a failure: it costs
-        no attempt and no breaker strike."""
-        link.send_control(tp.cancel([r.id]))
-        link.inflight.pop(r.id, None)
-        link.sent_at.pop(r.id, None)
-        attempt = r.inflight.pop(link.peer, None)
-        if attempt is not None:
-            attempt.ended, attempt.error = time.time(), f"moved: {why}"
-        self.counters["moved"] += 1
-        r.excluded.add(link.peer)  # not back there for this task while others can run it
-
-    def _move_off(self, r: TaskRecord, link: PeerLink, why: str) -> None:
-        """Take a task out of a peer's queue and place it again now."""
-        self._take_back(r, link, why)
-        self._back_to_queue(r)
-        r.not_before = 0.0
-        r.waiting_reason = f"moved off {link.peer}: {why}"
-        self._enqueue(r)
-        r.notify()
-        self._wake.set()
+    def _on_progress(self, link: PeerLink, ids: list[str]) -> None:
+        """Queued tasks that started there."""
+        self._feed([sm.AdmissionReply(tid, link.peer, sm.Admission.STARTED)
+                    for tid in ids if tid in link.inflight])
 
     def _on_results(self, link: PeerLink, results: list[TaskResult]) -> None:
         for res in results:
-            link.inflight.pop(res.id, None)
             link.sent_at.pop(res.id, None)
-            if math.isfinite(res.wall_ms) and res.wall_ms >= 0:
-                link.avg_task_s = ewma(link.avg_task_s, min(res.wall_ms, 86_400_000) / 1000)
         files = [res for res in results if _output_file(res) is not None]
-        if files:
-            results = [res for res in results if _output_file(res) is None]
-            for res in files:
-                try:
-                    self.files.start_job(
-                        functools.partial(self._collect_output, link.peer, res))
-                except TeammeshError as exc:  # too many transfers: the task runs again
-                    r = self.records.get(res.id)
-                    if r is not None and link.peer in r.inflight:
-                        self.attempt_lost(r, link.peer, f"its output could not be fetched"
-                                          f" now: {exc}")
-        with self.store.transaction() as db:
-            self.apply_results(link.peer, results, db)
+        plain = [res for res in results if _output_file(res) is None] if files else results
+        for res in files:
+            # the link no longer answers for it: the output is fetched from the executor
+            link.inflight.pop(res.id, None)
+            try:
+                self.files.start_job(functools.partial(self._collect_output, link.peer, res))
+            except TeammeshError as exc:  # too many transfers: the task runs again
+                lost = self._lost(res.id, link.peer, sm.Loss.BAD_RESULT,
+                                  f"its output could not be fetched now: {exc}")
+                if lost is not None:
+                    self._feed([lost])
         link.successes += len(results)
-        self.breakers.setdefault(link.peer, Breaker()).success()
+        self._deliver(link.peer, plain)
         link.send_control(tp.ack([res.id for res in results]))
-        self._wake.set()
-
-    def _on_progress(self, link: PeerLink, ids: list[str]) -> None:
-        for tid in ids:
-            self.remote_queued.pop(tid, None)  # running there now: it stays
-            r = link.inflight.get(tid)
-            if r is not None and r.state == "running":
-                r.waiting_reason = None
-                r.notify()
 
     async def _collect_output(self, peer: str, res: TaskResult) -> None:
         """A result whose output is a file on the executor: copy the file here (pinned)
         before the task is done, so the output outlives the executor."""
-        r = self.records.get(res.id)
+        r = self._live.get(res.id)
         cid = _output_file(res)
-        if r is None or r.state in TERMINAL or peer not in r.inflight or cid is None:
+        if r is None or peer not in r.inflight or cid is None:
             return
         # bounded by the kind's output limit on this node, not only files.max_file_mb:
         # the size the result claims is checked first, the root block's claim by the pin,
@@ -1462,33 +1266,32 @@ class TaskService:
             self._output_too_big(r, peer, exc.size)
             return
         except TeammeshError as exc:
-            self.attempt_lost(r, peer, f"its output {cid} could not be fetched: {exc}")
+            lost = self._lost(r.id, peer, sm.Loss.BAD_RESULT,
+                              f"its output {cid} could not be fetched: {exc}")
+            if lost is not None:
+                self._feed([lost])
             return
         if size > limit:
             await self.files.unpin(cid)
             self._output_too_big(r, peer, size)
             return
-        if r.state in TERMINAL or peer not in r.inflight:
-            return
-        with self.store.transaction() as db:
-            self.apply_results(peer, [res], db)
+        self._deliver(peer, [res])
 
     def _output_too_big(self, r: TaskRecord, peer: str, size: int) -> None:
-        """The task ran, and its output is over this node's limit for the kind: final
-        (another member would make the same output)."""
-        if r.state in TERMINAL or peer not in r.inflight:
+        """The task ran, and its output is over this node's limit for the kind: a failed
+        result (another member would make the same output), with the limit named."""
+        if r.id not in self._live or peer not in r.inflight:
             return  # moved, lost or finished meanwhile: that attempt no longer counts
-        attempt = r.inflight.pop(peer, None)
         error = self.limits.output_error(r.kind, size)
-        if attempt is not None:
-            attempt.ended, attempt.error = time.time(), error
-        self._finalise(r, "failed", error=f"{error} (on {peer}); raise the limit on this"
-                       " node to collect it", executed_by=peer)
+        failed = make_result(r.id, False, None, error, 0.0, 0.0)
+        r.errors[peer] = f"{error} (on {peer}); raise the limit on this node to collect it"
+        self._deliver(peer, [failed])
 
     # --- service --------------------------------------------------------------------------
     def _resume_from_journal(self) -> int:
         now = trio.current_time()
         resumed = 0
+        events: list[sm.Event] = []
         for row in self.store.unfinished():
             if row.state == "running":
                 # it was running when the node stopped: if it is what stops the node, a
@@ -1523,12 +1326,15 @@ class TaskService:
             if r.timeout_s:
                 r.deadline = now + r.timeout_s
             self._remember(r)
-            self._enqueue(r)
+            self._live[r.id] = r
+            events.append(sm.Submitted(self._task_of(r)))
+        self._feed(events)  # handled once run() has its nursery
         return resumed
 
     async def run(self, host: MeshHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.host = host
         self._started_at = trio.current_time()
+        self.sched = self._new_scheduler()  # the bridge is known now
         self.spool.mkdir(mode=0o700, exist_ok=True)
         for leftover in self.spool.iterdir():  # a crash's inputs and outputs
             leftover.unlink(missing_ok=True)
@@ -1542,11 +1348,12 @@ class TaskService:
         topic = tasks_topic(team.team_id)
         host.set_validator(topic, self._validate_call)
         # a peer with room (or a new peer) can place waiting tasks: wake the dispatcher
-        self.mesh.on_peers_changed.append(lambda: self._wake.set())
+        self.mesh.on_peers_changed.append(self._peers_changed)
         try:
             async with host.subscribe(topic) as calls, trio.open_nursery() as nursery:
                 await nursery.start(self.executor.run)
-                nursery.start_soon(self._dispatch_loop, nursery)
+                self._nursery = nursery
+                nursery.start_soon(self._dispatch_loop)
                 nursery.start_soon(self._publish_calls, host, topic)
                 nursery.start_soon(self._prune_loop)
                 if self.bridge is not None:
@@ -1558,9 +1365,14 @@ class TaskService:
                     except Exception:
                         logger.exception("open call from %s", origin)
         finally:
+            self._nursery = None
             if self.stop_requested.is_set():
                 # a clean stop interrupted nothing: only a crash counts against a task
                 self.store.requeue_running()
+
+    def _peers_changed(self) -> None:
+        self._peers_dirty = True
+        self._wake.set()
 
     async def _prune_loop(self) -> None:
         while True:
@@ -1624,7 +1436,7 @@ class TaskService:
         until = trio.current_time() + max(self.rules.offer_window_s, 1.0)
         self.offers[stream.peer_id] = (msg.kind, msg.free, until)
         self.counters["offers_received"] += 1
-        self._wake.set()
+        self._peers_changed()
 
     async def _publish_calls(self, host: MeshHost, topic: str) -> None:
         while True:
@@ -1638,29 +1450,48 @@ class TaskService:
                 except STREAM_ERRORS:
                     logger.debug("call publish failed", exc_info=True)
 
-    async def _dispatch_loop(self, nursery: trio.Nursery) -> None:
+    async def _dispatch_loop(self) -> None:
+        """The scheduler's clock: ``Tick`` at its next wake-up (a retry, a deadline, the
+        end of an offer window), when the mesh changes, and a few times a second while it
+        holds tasks (this node's own capacity changes without a wake-up). Submissions,
+        replies and results are fed as they come."""
         while True:
-            self._dispatch_once(nursery)
-            # Results, new links, offers and peer-table changes set _wake; time itself
-            # only matters for retries (not_before), deadlines and the end of an offer
-            # window. Sleep until the first of those instead of polling a waiting queue.
             now = trio.current_time()
-            # a waiting queue is re-checked four times a second (start-up grace, room that
-            # frees without a wake-up); an empty one sleeps until something arrives
-            soonest = now + 0.25 if self.queue else math.inf
-            for r in self.queue:
-                if r.not_before > now:
-                    soonest = min(soonest, r.not_before)
-                if r.deadline is not None:
-                    soonest = min(soonest, r.deadline)
-                if r.waiting_since is not None and self.bridge is not None \
-                        and r.waiting_since + self.rules.offer_window_s > now:
-                    soonest = min(soonest, r.waiting_since + self.rules.offer_window_s)
-            if self.remote_queued:
-                soonest = min(soonest, self._next_queue_check(now))
+            self._drop_silent_links(now)
+            self._feed([sm.Tick()])
+            self._call_for_room(now)
+            soonest = min(self.sched.next_wakeup() or math.inf, self._next_expiry)
+            if self._live:
+                soonest = min(soonest, now + RECHECK_S)
             with trio.move_on_at(max(soonest, now + 0.001)):
                 await self._wake.wait()
             self._wake = trio.Event()
+
+    def _drop_silent_links(self, now: float) -> None:
+        """End links to peers whose ad expired (or who were revoked): their tasks move."""
+        table = self.mesh.table
+        for link in list(self.links.values()):
+            if not link.inflight or table.get(link.peer, now) is not None:
+                continue
+            offer = self.offers.get(link.peer)
+            if offer is not None and offer[2] > now:
+                continue
+            link.gone_reason = "it went silent (its capability ad expired)"
+            link.scope.cancel()
+
+    def _call_for_room(self, now: float) -> None:
+        """Tasks of a kind waited past the offer window: ask the team (an open call, at
+        most one a second per kind); members with room answer with an offer."""
+        due: set[tuple[str, str]] = set()
+        window = self.rules.offer_window_s
+        for r in self._live.values():
+            if r.waiting_since is not None and now - r.waiting_since >= window:
+                due.add((r.kind, r.version))
+        for key in sorted(due):
+            if now - self.last_call.get(key, -1e9) >= 1.0:
+                self.last_call[key] = now
+                self.calls_to_publish.append((key[0], key[1], 1))
+                self._calls_wake.set()
 
     async def wait(self, task_id: str) -> TaskRecord | dict[str, Any] | None:
         """Until the task ends; callers bound it with move_on_after."""
@@ -1675,7 +1506,8 @@ class TaskService:
         lines = []
         for k, v in self.counters.items():
             lines += [f"# TYPE teammesh_tasks_{k}_total counter", f"teammesh_tasks_{k}_total {v}"]
-        lines += ["# TYPE teammesh_tasks_queued gauge", f"teammesh_tasks_queued {len(self.queue)}"]
+        lines += ["# TYPE teammesh_tasks_queued gauge",
+                  f"teammesh_tasks_queued {self.queued_count}"]
         return lines
 
     def kinds_json(self) -> list[dict[str, Any]]:
@@ -1691,6 +1523,18 @@ class TaskService:
                                                        "peers": 0, "portable": False})
                 entry["peers"] += 1
         return sorted(table.values(), key=lambda d: (d["name"], d["version"]))
+
+
+def _placement_of(effect: sm.Effect) -> tuple[str, str] | None:
+    """(task id, target) of an effect that starts an attempt."""
+    match effect:
+        case sm.Send(peer=peer, task=task):
+            return task.id, peer
+        case sm.RunLocal(task=task):
+            return task.id, LOCAL
+        case sm.Escalate(task=task):
+            return task.id, BRIDGE
+    return None
 
 
 def _output_file(res: TaskResult) -> str | None:
