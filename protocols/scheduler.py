@@ -255,6 +255,7 @@ class Scheduler:
         self._wakeup: float = math.inf
         self._out: list[Effect] = []
         self._dirty: dict[str, None] = {}
+        self._fresh: list[Record] = []  # submitted in this call
 
     # --- the one entry point ---------------------------------------------------------------
     def handle(self, event: Event, now: float) -> list[Effect]:
@@ -366,6 +367,7 @@ class Scheduler:
             heapq.heappush(self._deadlines, (t.deadline, rec.seq, t.id))
         self._enqueue(rec)
         self._dirty[t.id] = None
+        self._fresh.append(rec)
 
     def _on_cancelled(self, ev: Cancelled) -> None:
         rec = self.records.get(ev.task_id)
@@ -594,6 +596,19 @@ class Scheduler:
         for rec in skipped:
             self._enqueue(rec)
         self._move_queued(now)
+        self._explain_fresh()
+
+    def _explain_fresh(self) -> None:
+        """A task that joined a line whose head waits was not decided (Rule 2): it waits
+        for the same reason, and says so rather than "submitted"."""
+        fresh, self._fresh = self._fresh, []
+        for rec in fresh:
+            if rec.state is not TaskState.QUEUED or rec.wait is None \
+                    or rec.wait.reason is not WaitReason.SUBMITTED:
+                continue
+            head = self._head(self._lines.get(rec.key, []))
+            if head is not None and head is not rec and head.wait is not None:
+                self._set_wait(rec, head.wait)
 
     def _head(self, line: list[tuple[int, int, str, int]]) -> Record | None:
         while line:

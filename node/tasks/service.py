@@ -286,6 +286,7 @@ class TaskService:
         self._next_expiry = math.inf
         self._local_fed: tuple[int, int, int] | None = None
         self._wake = trio.Event()
+        self._sleeping_until = math.inf  # when the clock loop wakes by itself
         self._started_at = 0.0
         self.host: MeshHost | None = None
         self.watchers: dict[str, trio.MemorySendChannel[str]] = {}
@@ -575,6 +576,13 @@ class TaskService:
         finally:
             self._handling = False
         self._persist_running()
+        # the clock loop sleeps until the scheduler's wake-up as it was: an earlier one
+        # now (a deadline, a retry, tasks held) must wake it
+        wakeup = self.sched.next_wakeup()
+        if self._live:
+            wakeup = min(wakeup or math.inf, trio.current_time() + RECHECK_S)
+        if wakeup is not None and wakeup < self._sleeping_until:
+            self._wake.set()
 
     def _sync_capacity(self, now: float) -> None:
         """Bring the scheduler's picture of the team up to date: the mesh table's live ads
@@ -625,7 +633,8 @@ class TaskService:
 
     def _carry_out(self, effects: Sequence[sm.Effect], now: float) -> None:
         finishing = {e.task_id: e for e in effects if isinstance(e, sm.Finished)}
-        for i, effect in enumerate(effects):
+        escalating = {e.task.id for e in effects if isinstance(e, sm.Escalate)}
+        for effect in effects:
             try:
                 match effect:
                     case sm.Send(peer=peer, task=task):
@@ -636,7 +645,7 @@ class TaskService:
                         self._start_bridge(task.id)
                     case sm.CancelRemote(target=target, task_id=task_id):
                         self._cancel_attempt(target, task_id, finishing.get(task_id),
-                                             effects[i + 1:])
+                                             task_id in escalating)
                     case sm.Persist():
                         self._on_persist(effect, now)
                     case sm.Finished():
@@ -704,12 +713,11 @@ class TaskService:
                         r.priority, r.input_cid)
 
     def _cancel_attempt(self, target: str, task_id: str, finished: sm.Finished | None,
-                        after: Sequence[sm.Effect]) -> None:
+                        to_bridge: bool) -> None:
         r = self._live.get(task_id)
         if r is None or target not in r.inflight:
             return
         if finished is None:  # Rule 6: taken out of a busy member's queue, placed again
-            to_bridge = any(isinstance(e, sm.Escalate) and e.task.id == task_id for e in after)
             why = ("moved: the bridge starts it sooner than its queue there" if to_bridge
                    else "moved: a member with a free slot starts it sooner")
             self.counters["moved"] += 1
@@ -1463,7 +1471,8 @@ class TaskService:
             soonest = min(self.sched.next_wakeup() or math.inf, self._next_expiry)
             if self._live:
                 soonest = min(soonest, now + RECHECK_S)
-            with trio.move_on_at(max(soonest, now + 0.001)):
+            self._sleeping_until = max(soonest, now + 0.001)
+            with trio.move_on_at(self._sleeping_until):
                 await self._wake.wait()
             self._wake = trio.Event()
 
