@@ -424,9 +424,10 @@ class Scheduler:
             if view is not None:
                 view.admitted_queued(rec.task.id, ev.position)
                 self.index.touch(view)
-            if ev.peer != LOCAL:
-                self._remote_queued[(rec.task.id, ev.peer)] = None
-                self._moved = (-1, math.inf)
+            # this node's own queue too: its slots also serve other members' tasks, so a
+            # task RunLocal sent to a slot that looked free can wait behind them (Rule 6)
+            self._remote_queued[(rec.task.id, ev.peer)] = None
+            self._moved = (-1, math.inf)
             self._set_wait(rec, Wait(WaitReason.QUEUED_ON_PEER, ev.peer, attempt.position))
         self._move(rec, Trigger.ADMITTED, TaskState.RUNNING)
 

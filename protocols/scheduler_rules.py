@@ -1,11 +1,10 @@
-"""The placement and settling rules as pure functions, shared by both schedulers.
+"""The placement and settling rules as pure functions.
 
-``scheduler.py`` (the state machine the simulations drive) and the daemon's task service
-(``node/tasks/service.py``) keep their own bookkeeping: the first over typed events, the
-second over live links, records and the journal. Where they decide the same question,
-they call the same function here, so a rule changes in one place and the simulations
-test what the daemon does. Each function names the rule of ``scheduler.py``'s docstring
-it implements.
+``scheduler.py`` (the state machine the daemon's task service drives, and the
+simulations too) decides with these; each is small enough to pin at its boundaries
+(tests/test_scheduler_rules.py) apart from the machine's bookkeeping. Each function names
+the rule of ``scheduler.py``'s docstring it implements. (They were written to be shared
+while the daemon still placed tasks itself, until session 10 handed placement over.)
 
 Times are seconds; ``inf`` means unknown or never.
 """
@@ -58,14 +57,6 @@ def queue_wait_s(avg_task_s: float | None, ahead: int, slots: int) -> float:
     if avg_task_s is None or not math.isfinite(avg_task_s):
         return math.inf
     return avg_task_s * max(0, ahead) / max(1, slots)
-
-
-def queued_behind_others(own_inflight: int, slots: int, position: int) -> bool:
-    """Rule 6's trigger, from an admission reply: does our task at ``position`` in a
-    peer's queue wait behind other submitters' work? Ahead of it are the peer's busy
-    slots and ``position - 1`` queued tasks; at most ``own_inflight - 1`` of those are
-    ours. Behind our own tasks the wait is known (pipelining); behind others' it is not."""
-    return own_inflight - 1 < max(1, slots) + position - 1
 
 
 def escalate_now(now: float, waiting_since: float, cfg: SchedulerConfig, bridge_rtt_s: float,

@@ -19,6 +19,7 @@ from teammesh.protocols.scheduler_model import (
     Admission,
     AdmissionReply,
     AttemptLost,
+    BridgeMeasured,
     BridgeResult,
     BridgeUnavailable,
     Cancelled,
@@ -172,6 +173,8 @@ def test_kind_limit() -> None:
         out += s.handle(Submitted(task(f"t{i}")), 1.0)
     assert len(sends(out)) == 2
     assert s.wait_of("t2") == Wait(WaitReason.KIND_LIMIT, count=2, kind=K)
+    # t3 waits behind t2 in the same line, undecided (Rule 2), and says why all the same
+    assert s.wait_of("t3") == Wait(WaitReason.KIND_LIMIT, count=2, kind=K)
     out = s.handle(ResultArrived("t0", "p", True, D1, 0.1), 2.0)
     assert sends(out) == [("p", "t2")]
 
@@ -246,6 +249,28 @@ def test_queued_task_moves_when_a_slot_frees_elsewhere() -> None:
     # the old attempt's late result is ignored; b's result finishes it, once
     assert s.handle(ResultArrived("t", "a", True, D1, 0.1), 1.3) == []
     assert finished(s.handle(ResultArrived("t", "b", True, D1, 0.1), 1.4))[0].by == ("b",)
+
+
+def test_a_task_queued_on_this_nodes_own_executor_moves_too() -> None:
+    # this node's slots serve other members as well: a RunLocal to a slot that looked free
+    # can wait behind their work, and Rule 6 applies to it as to a peer's queue
+    s = sched(ad(LOCAL), ad("b", slots=1, free=0))
+    assert only(s.handle(Submitted(task("t")), 1.0), RunLocal) == [RunLocal(task("t"))]
+    s.handle(AdmissionReply("t", LOCAL, Admission.QUEUED, 2), 1.01)
+    out = s.handle(ad("b"), 1.2)
+    assert CancelRemote(LOCAL, "t") in out
+    assert sends(out) == [("b", "t")]
+
+
+def test_the_bridges_measured_round_trip_replaces_the_guess_then_averages() -> None:
+    s = sched(bridge=True, bridge_rtt_s=1.0)
+    s.handle(BridgeMeasured(0.05), 1.0)
+    assert s.bridge_rtt_s == pytest.approx(0.05)  # not averaged with the 1 s guess
+    s.handle(BridgeMeasured(0.15), 1.1)
+    assert s.bridge_rtt_s == pytest.approx(0.07)  # then an EWMA (0.2 per sample)
+    for junk in (math.nan, -1.0):
+        s.handle(BridgeMeasured(junk), 1.2)
+    assert s.bridge_rtt_s == pytest.approx(0.07)
 
 
 def test_queued_task_moves_to_the_bridge_after_the_offer_window() -> None:

@@ -22,7 +22,6 @@ from teammesh.protocols.scheduler_rules import (
     pipeline_depth,
     placement_score,
     queue_wait_s,
-    queued_behind_others,
     retry_delay_s,
 )
 
@@ -57,15 +56,6 @@ def test_queue_wait_is_unknown_without_task_times() -> None:
     assert queue_wait_s(0.1, 3, 2) == 0.15000000000000002
     assert queue_wait_s(0.1, 3, 0) == 0.30000000000000004  # no slot counts as one
     assert queue_wait_s(0.1, -1, 1) == 0.0
-
-
-def test_queued_behind_others_compares_our_tasks_with_what_is_ahead() -> None:
-    # one slot, position 1: a running task is ahead; if it is ours (2 in flight), fine
-    assert queued_behind_others(own_inflight=1, slots=1, position=1)
-    assert not queued_behind_others(own_inflight=2, slots=1, position=1)
-    assert queued_behind_others(own_inflight=2, slots=1, position=2)
-    assert not queued_behind_others(own_inflight=5, slots=2, position=3)
-    assert queued_behind_others(own_inflight=1, slots=0, position=1)
 
 
 def test_escalation_waits_one_window_and_only_for_a_slower_queue() -> None:
