@@ -209,7 +209,27 @@ def unpack(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     v = obj.get("v")
     if type(v) is not int or v != WIRE_VERSION:  # True and 1.0 are not versions
         raise MalformedMessage(f"unsupported message version {obj.get('v')!r}")
+    # strict_map_key admits bytes keys too; code reading a map expects str ones. A bytes
+    # key needs a bin header (0xc4-0xc6), so the walk runs only when one may be there.
+    if (b"\xc4" in data or b"\xc5" in data or b"\xc6" in data) and not _str_keys(obj):
+        raise MalformedMessage("a map key is not a string")
     return obj
+
+
+def _str_keys(obj: Any) -> bool:
+    """Are the keys of every map in ``obj`` strings? (Iterative: depth is bounded anyway.)"""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for k, val in item.items():
+                if not isinstance(k, str):
+                    return False
+                if isinstance(val, (dict, list)):
+                    stack.append(val)
+        elif isinstance(item, list):
+            stack.extend(x for x in item if isinstance(x, (dict, list)))
+    return True
 
 
 def frame(payload: bytes) -> bytes:

@@ -132,6 +132,9 @@ def test_frame_too_large_raises_before_the_body_arrives() -> None:
     wire.pack({"v": 1}), wire.pack({"t": 5, "v": 1}), wire.pack({"t": "a", "v": 2}),
     wire.pack({"t": "a"}), b"\x81\x01\x02",  # int map key
     b"\x81\x81\xa1a\x01\x01",  # a map used as a map key
+    # a bytes map key, at the top and nested (strict_map_key admits bytes; found by fuzzing)
+    b"\x83\xa1t\xa1a\xa1v\x01\xc4\x00\x00",
+    b"\x83\xa1t\xa1a\xa1v\x01\xa1d\x91\x81\xc4\x01k\x00",
 ])
 def test_unpack_rejects_bad_envelopes(data: bytes) -> None:
     with pytest.raises(MalformedMessage):
