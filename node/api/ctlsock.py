@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from teammesh.node.api.tasks import batch_bodies, op_batch, op_show, op_submit
-from teammesh.node.tasks.service import TERMINAL
+from teammesh.node.tasks.records import TERMINAL
 from teammesh.protocols import wire
 from teammesh.protocols.errors import TaskError, TeammeshError
 
 if TYPE_CHECKING:
     from teammesh.node.daemon import Node
-    from teammesh.node.tasks.service import TaskRecord
+    from teammesh.node.tasks.records import TaskRecord
 
 logger = logging.getLogger("teammesh.ctlsock")
 

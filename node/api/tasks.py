@@ -17,7 +17,8 @@ from teammesh.node.api.http import Request as HttpRequest
 from teammesh.protocols.errors import TaskError, TeammeshError
 
 if TYPE_CHECKING:
-    from teammesh.node.tasks.service import TaskRecord, TaskService
+    from teammesh.node.tasks.records import TaskRecord
+    from teammesh.node.tasks.service import TaskService
 
 MAX_WAIT_S = 3600.0
 MAX_BATCH_TASKS = 100_000

@@ -52,8 +52,17 @@ from teammesh.node.p2p.host import (
 )
 from teammesh.node.p2p.protocol_ids import OFFER, TASKS, tasks_topic
 from teammesh.node.tasks.executor import Executor, Job, Limits
+from teammesh.node.tasks.records import (
+    TERMINAL,
+    Attempt,
+    TaskRecord,
+    new_task_id,
+    output_file,
+    row_json,
+)
 from teammesh.node.tasks.server import SPOOL_INPUT_BYTES, TaskServer
-from teammesh.node.tasks.store import NewTask, Outcome, TaskRow, TaskStore, Txn
+from teammesh.node.tasks.store import NewTask, Outcome, TaskStore, Txn
+from teammesh.node.tasks.submission import record_from_request
 from teammesh.protocols import scheduler_model as sm
 from teammesh.protocols import tasks as tp
 from teammesh.protocols import wire
@@ -67,7 +76,7 @@ from teammesh.protocols.scheduler import Scheduler
 from teammesh.protocols.scheduler_model import BRIDGE, LOCAL, SchedulerConfig, Weights
 from teammesh.protocols.scheduler_peers import Breaker, sane_weights
 from teammesh.protocols.scheduler_rules import fits_resources
-from teammesh.protocols.tasks import TaskResult, TaskSpec, json_safe, make_result
+from teammesh.protocols.tasks import TaskResult, TaskSpec, make_result
 from teammesh.storage.unixfs import FileTooLarge
 
 if TYPE_CHECKING:
@@ -84,9 +93,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("teammesh.tasks")
 
-TERMINAL = frozenset({"done", "failed", "cancelled"})
-WHERE = ("any", "local", "peers", "bridge")
-MAX_INPUT = tp.MAX_INLINE_INPUT
 ACK_DELAY_S = 0.01
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
 MAX_INTERRUPTIONS = 3  # a task running when the node stopped runs again at most twice
@@ -104,84 +110,6 @@ def fits(resources: Any, memory_bytes: int, gpus: tuple[str, ...]) -> bool:
         return True
     return fits_resources(int(getattr(resources, "memory_mb", 0)),
                           bool(getattr(resources, "gpu", False)), memory_bytes / 2**20, gpus)
-
-
-def new_task_id() -> str:
-    return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
-
-
-@dataclass(slots=True)
-class Attempt:
-    peer: str
-    started: float
-    ended: float | None = None
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"peer": self.peer, "started": self.started, "ended": self.ended,
-                "error": self.error}
-
-
-@dataclass(slots=True)
-class TaskRecord:
-    id: str
-    kind: str
-    version: str
-    input: bytes
-    params: dict[str, Any]
-    priority: int = 0
-    where: str = "any"
-    replicas: int = 1
-    quorum: int = 0  # k of k-of-n: this many equal results settle it; 0 reads as replicas
-    timeout_s: float | None = None
-    no_cache: bool = False
-    tag: Any = None
-    input_cid: str | None = None
-    state: str = "queued"
-    executed_by: str | None = None
-    output: Any = None
-    error: str | None = None
-    attempts: list[Attempt] = field(default_factory=list)
-    submitted: float = 0.0
-    started: float | None = None
-    finished: float | None = None
-    waiting_reason: str | None = None
-    cached: bool = False
-    # runtime only
-    inflight: dict[str, Attempt] = field(default_factory=dict)  # out now, by target
-    results: dict[str, TaskResult] = field(default_factory=dict)  # by target
-    errors: dict[str, str] = field(default_factory=dict)  # by target: a failure's own text
-    losses: dict[str, str] = field(default_factory=dict)  # by target: why it was lost there
-    deadline: float | None = None  # on trio's clock
-    waiting_since: float | None = None  # queued with a wait that asks the team for room
-    changed: trio.Event = field(default_factory=trio.Event)
-    runtime: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.quorum:
-            self.quorum = self.replicas  # unanimity, as before quorums existed
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return {"priority": self.priority, "where": self.where, "replicas": self.replicas,
-                "quorum": self.quorum, "timeout_s": self.timeout_s, "no_cache": self.no_cache,
-                "tag": self.tag, "cached": self.cached, "input_cid": self.input_cid}
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "kind": self.kind, "version": self.version, "state": self.state,
-            "executed_by": self.executed_by, "output": json_safe(self.output),
-            "error": self.error, "waiting_reason": self.waiting_reason,
-            "attempts": [a.to_json() for a in self.attempts], "priority": self.priority,
-            "where": self.where, "replicas": self.replicas, "quorum": self.quorum,
-            "tag": self.tag, "cached": self.cached, "input_cid": self.input_cid,
-            "timings": {"submitted": self.submitted, "started": self.started,
-                        "finished": self.finished, **self.runtime},
-        }
 
 
 @dataclass(slots=True)
@@ -326,71 +254,6 @@ class TaskService:
         return self.rules.kind_limits
 
     # --- submission ---------------------------------------------------------------------
-    def _spec_from_request(self, body: dict[str, Any]) -> TaskRecord:
-        import base64
-
-        kind = body.get("kind")
-        if not isinstance(kind, str) or not kind:
-            raise TaskError("'kind' (string) is required")
-        raw = body.get("input_b64")
-        data = b""
-        if raw is not None:
-            if not isinstance(raw, str):
-                raise TaskError("'input_b64' must be a base64 string")
-            try:
-                data = base64.b64decode(raw, validate=True)
-            except ValueError as exc:
-                raise TaskError("'input_b64' is not valid base64") from exc
-        if len(data) > MAX_INPUT:
-            raise TaskError(f"input is {len(data)} bytes; inline inputs are limited to"
-                            f" {MAX_INPUT} bytes (share larger files by CID)")
-        params = body.get("params") or {}
-        if not isinstance(params, dict):
-            raise TaskError("'params' must be an object")
-        try:
-            psize = tp.params_size(params)
-        except TeammeshError as exc:
-            raise TaskError(f"'params' cannot be encoded: {exc}") from exc
-        if psize > tp.MAX_PARAMS_BYTES:
-            raise TaskError(f"'params' is {psize} bytes packed; the limit is"
-                            f" {tp.MAX_PARAMS_BYTES} (pass big data as the input or by CID)")
-        where = body.get("where", "any")
-        if where not in WHERE:
-            raise TaskError(f"'where' must be one of {', '.join(WHERE)}")
-        replicas = body.get("replicas", 1)
-        priority = body.get("priority", 0)
-        timeout = body.get("timeout_s")
-        if not isinstance(replicas, int) or not 1 <= replicas <= 16:
-            raise TaskError("'replicas' must be an integer from 1 to 16")
-        quorum = body.get("quorum")
-        if quorum is None:
-            quorum = replicas  # every replica must agree
-        elif isinstance(quorum, bool) or not isinstance(quorum, int) \
-                or not 1 <= quorum <= replicas:
-            raise TaskError(f"'quorum' must be an integer from 1 to 'replicas' ({replicas}):"
-                            f" how many of the replicas must agree (got {quorum!r}); lower"
-                            " 'quorum' or raise 'replicas'")
-        if not isinstance(priority, int):
-            raise TaskError("'priority' must be an integer")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise TaskError("'timeout_s' must be a positive number")
-        input_cid = body.get("input_cid")
-        if input_cid is not None:
-            from teammesh.node.files.service import parse_cid
-
-            if not isinstance(input_cid, str):
-                raise TaskError("'input_cid' must be a CID string")
-            input_cid = str(parse_cid(input_cid))
-            if data:
-                raise TaskError("give either 'input_b64' or 'input_cid', not both")
-        version = body.get("version") or self._known_version(kind) or "1"
-        return TaskRecord(
-            id=new_task_id(), kind=kind, version=str(version), input=data, params=params,
-            priority=priority, where=where, replicas=replicas, quorum=quorum,
-            timeout_s=float(timeout) if timeout else None,
-            no_cache=bool(body.get("no_cache", False)), tag=body.get("tag"),
-            input_cid=input_cid, submitted=time.time())
-
     def _known_version(self, kind: str) -> str | None:
         k = self.kinds.get(kind)
         if k is not None:
@@ -402,7 +265,7 @@ class TaskService:
 
     def submit_many(self, bodies: list[dict[str, Any]]) -> list[TaskRecord]:
         """Validate all, journal all in one transaction, then queue: all or nothing."""
-        records = [self._spec_from_request(b) for b in bodies]
+        records = [record_from_request(b, self._known_version) for b in bodies]
         try:
             return self._journal_and_queue(records)
         except sqlite3.OperationalError as exc:
@@ -492,13 +355,13 @@ class TaskService:
         if r is not None:
             return r
         row = self.store.get(task_id)
-        return None if row is None else _row_json(row)
+        return None if row is None else row_json(row)
 
     def list_tasks(self, state: str | None, limit: int) -> list[dict[str, Any]]:
         out = []
         for row in self.store.listing(state, limit):
             live = self.records.get(row.id)
-            out.append(live.to_json() if live is not None else _row_json(row))
+            out.append(live.to_json() if live is not None else row_json(row))
         return out
 
 
@@ -1231,8 +1094,8 @@ class TaskService:
     def _on_results(self, link: PeerLink, results: list[TaskResult]) -> None:
         for res in results:
             link.sent_at.pop(res.id, None)
-        files = [res for res in results if _output_file(res) is not None]
-        plain = [res for res in results if _output_file(res) is None] if files else results
+        files = [res for res in results if output_file(res) is not None]
+        plain = [res for res in results if output_file(res) is None] if files else results
         for res in files:
             # the link no longer answers for it: the output is fetched from the executor
             link.inflight.pop(res.id, None)
@@ -1251,7 +1114,7 @@ class TaskService:
         """A result whose output is a file on the executor: copy the file here (pinned)
         before the task is done, so the output outlives the executor."""
         r = self._live.get(res.id)
-        cid = _output_file(res)
+        cid = output_file(res)
         if r is None or peer not in r.inflight or cid is None:
             return
         # bounded by the kind's output limit on this node, not only files.max_file_mb:
@@ -1546,31 +1409,7 @@ def _placement_of(effect: sm.Effect) -> tuple[str, str] | None:
     return None
 
 
-def _output_file(res: TaskResult) -> str | None:
-    """The CID of a result's output when it is a file reference (a big output)."""
-    out = res.output
-    if res.ok and isinstance(out, dict) and isinstance(out.get("$cid"), str) and \
-            set(out) <= {"$cid", "size", "format"}:
-        return str(out["$cid"])
-    return None
-
-
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-
-
-def _row_json(row: TaskRow) -> dict[str, Any]:
-    opts = row.options
-    return {"id": row.id, "kind": row.kind, "version": row.version, "state": row.state,
-            "executed_by": row.executed_by, "output": json_safe(row.output),
-            "error": row.error,
-            "waiting_reason": None if row.state in TERMINAL else "waiting to be resumed",
-            "attempts": row.attempts, "priority": opts.get("priority", 0),
-            "where": opts.get("where", "any"), "replicas": opts.get("replicas", 1),
-            # a journal from before quorums has none: every replica had to agree
-            "quorum": opts.get("quorum") or opts.get("replicas", 1),
-            "tag": opts.get("tag"), "cached": opts.get("cached", False),
-            "timings": {"submitted": row.submitted, "started": row.started,
-                        "finished": row.finished}}
