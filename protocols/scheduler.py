@@ -109,6 +109,8 @@ from .scheduler_rules import (
 class Trigger(enum.Enum):
     """What moved a task: an event, or a decision the scheduler took on one."""
 
+    __hash__ = object.__hash__  # members are singletons: hash by identity, in C
+
     PLACED = "placed"  # Send / RunLocal / Escalate
     MOVED = "moved"  # taken out of a busy peer's queue to a better place
     ADMITTED = "admitted"  # AdmissionReply started/queued
@@ -160,12 +162,16 @@ def transition(state: TaskState, trigger: Trigger, new: TaskState) -> TaskState:
 
 
 class Phase(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: hash by identity, in C
+
     SENT = "sent"
     QUEUED = "queued"
     STARTED = "started"
 
 
 class _Outcome(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: hash by identity, in C
+
     DONE = 1  # placed, escalated or failed: off the line
     BLOCKED = 2  # no room: the rest of its line waits too
     SKIP = 3  # this task waits, the next in line may still go
@@ -489,6 +495,12 @@ class Scheduler:
         """Rule 9: accept on k equal digests; fail once no digest can reach k (the rule is
         ``settle_quorum``, which the node's replicas use too)."""
         t = rec.task
+        if t.replicas == 1:  # the common case, without building settle_quorum's groups
+            ((target, (digest, ok)),) = rec.results.items()
+            self._finish(rec, Trigger.RESULT, TaskState.DONE if ok else TaskState.FAILED,
+                         failure=None if ok else Failure(FailReason.TASK_ERROR, target),
+                         by=(target,), digest=digest)
+            return
         verdict = settle_quorum(rec.results, t.replicas, t.k)
         if verdict.state is not TaskState.RUNNING:
             self._finish(rec, Trigger.RESULT, verdict.state, failure=verdict.failure,
@@ -759,10 +771,20 @@ class Scheduler:
             if rec is None or attempt is None or attempt.phase is not Phase.QUEUED:
                 self._remote_queued.pop((task_id, peer), None)
                 continue
-            target = self._free_target(rec) if rec.task.kind in free_kinds else None
+            kind = rec.task.kind
+            free = self.index.free.get(kind) if kind in free_kinds else None
+            # (the only free member being the one that queues it: an ad older than our
+            # assignments there; nothing to move to)
+            target = self._free_target(rec) if free and free != {peer} else None
             if target is not None:
                 self._take_back(rec, peer)
                 self._assign(rec, target, now, trigger=Trigger.MOVED)
+                if not self.index.free.get(kind):
+                    # that was the last free slot: the rest of the scan is a dict lookup
+                    # each, not a heap pick each (a pipelined executor has ~65 queued)
+                    free_kinds.discard(kind)
+                    if not free_kinds and not bridge_open:
+                        break
                 continue
             if not (bridge_open and self._bridge_eligible(rec.task)
                     and self._bridge_open(now)):

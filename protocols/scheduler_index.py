@@ -31,7 +31,7 @@ class PeerIndex:
         self.free_epoch = 0
         self._free_heaps: dict[tuple[str, str], list[Entry]] = {}
         self._queue_heaps: dict[str, list[Entry]] = {}
-        self._versions: dict[str, set[str]] = {}  # kind -> versions with a free heap
+        self._free_keys: list[tuple[str, str]] = []  # (kind, version) of every free heap
         self._runner_cache: dict[Hashable, tuple[int, list[str], int, frozenset[str]]] = {}
 
     # --- changes -----------------------------------------------------------------------
@@ -62,6 +62,7 @@ class PeerIndex:
         return view
 
     def _unlist(self, view: PeerView) -> None:
+        view.listed_free = None
         for kind in view.kinds:
             self.runners.get(kind, set()).discard(view.peer)
             self.free.get(kind, set()).discard(view.peer)
@@ -71,19 +72,26 @@ class PeerIndex:
         view.stamp += 1
         free = view.can_start()
         if view.peer != LOCAL:
-            for kind in view.kinds:
-                for version in self._versions.get(kind, ()):
-                    heap = self._free_heaps.get((kind, version))
-                    if heap is not None and free:
-                        heapq.heappush(heap, (-view.score_for(kind, version, self.weights),
-                                              view.peer, view.stamp))
-                heap = self._queue_heaps.get(kind)
-                if heap is not None and view.has_queue_place:
-                    heapq.heappush(heap, (view.load, view.peer, view.stamp))
+            # only the kinds tasks were placed for have heaps: a member advertising twenty
+            # kinds costs what its one busy kind costs
+            kinds = view.kinds
+            if free:
+                for kind, version in self._free_keys:
+                    if kind in kinds:
+                        heapq.heappush(self._free_heaps[(kind, version)], (
+                            -view.score_for(kind, version, self.weights), view.peer,
+                            view.stamp))
+            if view.has_queue_place:
+                for kind, heap in self._queue_heaps.items():
+                    if kind in kinds:
+                        heapq.heappush(heap, (view.load, view.peer, view.stamp))
             if view.slots and len(view.inflight) >= view.slots:
                 self.filled.add(view.peer)
             else:
                 self.filled.discard(view.peer)
+        if free is view.listed_free:
+            return  # the free sets already say so (most touches change only load or health)
+        view.listed_free = free
         for kind in view.kinds:
             s = self.free.setdefault(kind, set())
             if not free:
@@ -142,8 +150,9 @@ class PeerIndex:
             heap = [(-self.views[p].score_for(kind, version, self.weights), p,
                      self.views[p].stamp) for p in self.free.get(kind, ()) if p != LOCAL]
             heapq.heapify(heap)
+            if (kind, version) not in self._free_heaps:
+                self._free_keys.append((kind, version))
             self._free_heaps[(kind, version)] = heap
-            self._versions.setdefault(kind, set()).add(version)
         return heap
 
     def _queue_heap(self, kind: str) -> list[Entry]:

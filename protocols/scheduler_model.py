@@ -28,6 +28,8 @@ BRIDGE = "bridge"
 
 
 class TaskState(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: hash by identity, in C
+
     QUEUED = "queued"  # held by the submitter, waiting for a place (see its Wait)
     RUNNING = "running"  # at least one attempt is out (sent, queued remotely, started)
     DONE = "done"
@@ -40,6 +42,8 @@ class TaskState(enum.Enum):
 
 
 class Where(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: hash by identity, in C
+
     ANY = "any"  # local, then peers, then the bridge
     LOCAL = "local"
     PEERS = "peers"
@@ -49,6 +53,8 @@ class Where(enum.Enum):
 class Admission(enum.Enum):
     """An executor's reply to an assignment (one per task, within one round trip)."""
 
+    __hash__ = object.__hash__  # members are singletons: hash by identity, in C
+
     STARTED = "started"
     QUEUED = "queued"  # with its position in the executor's queue (1 = next)
     BUSY = "busy"  # refused: no slot and no queue place
@@ -56,6 +62,8 @@ class Admission(enum.Enum):
 
 class Loss(enum.Enum):
     """Why an attempt ended without a result."""
+
+    __hash__ = object.__hash__  # members are singletons: hash by identity, in C
 
     STREAM_CLOSED = "stream_closed"
     TIMEOUT = "timeout"
@@ -65,6 +73,8 @@ class Loss(enum.Enum):
 
 
 class WaitReason(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: hash by identity, in C
+
     SUBMITTED = "submitted"
     NO_RUNNER = "no_runner"  # nobody runs the kind (yet: startup grace)
     UNREACHABLE = "unreachable"  # members that ran the kind lately are gone for now
@@ -81,6 +91,8 @@ class WaitReason(enum.Enum):
 
 
 class FailReason(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: hash by identity, in C
+
     DEADLINE = "deadline"
     GAVE_UP = "gave_up"  # max_attempts attempts lost
     NO_RUNNER = "no_runner"
@@ -104,29 +116,44 @@ class Wait:
     loss: Loss | None = None
 
     def render(self, now: float) -> str:
-        r, w = self.reason, WaitReason
-        left = max(0.0, (self.until or now) - now)
-        texts = {
-            w.SUBMITTED: "submitted",
-            w.NO_RUNNER: f"no member runs kind {self.kind} (waiting for members to advertise it)",
-            w.UNREACHABLE: (f"no member that runs kind {self.kind} is reachable now (one was"
-                            f" {now - (self.until if self.until is not None else now):.0f} s"
-                            " ago); waiting for one"),
-            w.NO_RESOURCES: f"no member running {self.kind} has the memory or GPU it needs",
-            w.ALL_BUSY: f"all {self.count} matching slots busy",
-            w.KIND_LIMIT: f"kind limit: {self.count} {self.kind} tasks already running",
-            w.BACKOFF: (f"retry {self.count + 1} of {self.total} in {left:.1f} s after "
-                        f"{self.target} failed ({self.loss.value if self.loss else '?'})"),
-            w.BRIDGE_DOWN: (f"no peer has capacity and the bridge is unreachable; retrying "
-                            f"in {left:.0f} s"),
-            w.REPLICAS_PENDING: (f"{self.count} of {self.total} replicas placed; waiting for "
-                                 "more distinct members"),
-            w.SENT: f"sent to {self.target}",
-            w.QUEUED_ON_PEER: f"queued on {self.target} at position {self.count}",
-            w.RUNNING_ON: f"running on {self.target}",
-            w.ON_BRIDGE: "sent to the bridge",
-        }
-        return texts[r]
+        # only the one text is built: the shell renders a wait on every change
+        w = WaitReason
+        match self.reason:
+            case w.SENT:
+                return f"sent to {self.target}"
+            case w.QUEUED_ON_PEER:
+                return f"queued on {self.target} at position {self.count}"
+            case w.RUNNING_ON:
+                return f"running on {self.target}"
+            case w.ON_BRIDGE:
+                return "sent to the bridge"
+            case w.ALL_BUSY:
+                return f"all {self.count} matching slots busy"
+            case w.SUBMITTED:
+                return "submitted"
+            case w.NO_RUNNER:
+                return (f"no member runs kind {self.kind} (waiting for members to advertise"
+                        " it)")
+            case w.UNREACHABLE:
+                ago = now - (self.until if self.until is not None else now)
+                return (f"no member that runs kind {self.kind} is reachable now (one was"
+                        f" {ago:.0f} s ago); waiting for one")
+            case w.NO_RESOURCES:
+                return f"no member running {self.kind} has the memory or GPU it needs"
+            case w.KIND_LIMIT:
+                return f"kind limit: {self.count} {self.kind} tasks already running"
+            case w.BACKOFF:
+                left = max(0.0, (self.until or now) - now)
+                return (f"retry {self.count + 1} of {self.total} in {left:.1f} s after "
+                        f"{self.target} failed ({self.loss.value if self.loss else '?'})")
+            case w.BRIDGE_DOWN:
+                left = max(0.0, (self.until or now) - now)
+                return (f"no peer has capacity and the bridge is unreachable; retrying "
+                        f"in {left:.0f} s")
+            case w.REPLICAS_PENDING:
+                return (f"{self.count} of {self.total} replicas placed; waiting for more"
+                        " distinct members")
+        raise AssertionError(f"no text for {self.reason}")  # every WaitReason has one
 
 
 @dataclass(frozen=True, slots=True)

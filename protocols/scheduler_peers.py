@@ -93,6 +93,7 @@ class PeerView:
     failures: int = 0
     breaker: Breaker = field(default_factory=Breaker)
     stamp: int = 0  # bumped on every change the scheduler's indexes care about
+    listed_free: bool | None = None  # whether PeerIndex's free sets hold it (None: unlisted)
 
     @classmethod
     def from_ad(cls, ad: PeerAd) -> PeerView:
@@ -107,7 +108,14 @@ class PeerView:
         self.slots = clamp_int(ad.slots, MAX_SLOTS)
         free = min(clamp_int(ad.free_slots, MAX_SLOTS), self.slots)
         self.free = max(0, free - len(self.unconfirmed))
-        self.queue = clamp_int(ad.queue, MAX_QUEUE)
+        queue = clamp_int(ad.queue, MAX_QUEUE)
+        if self.inflight:
+            # The ad was made before it reached us, and our own bookkeeping (assignments,
+            # admission positions, results) since is fresher: an ad counting our tasks
+            # that have ended since would fence the peer off as "others' work queued"
+            # until the next ad. Others' work still shows in our admission positions.
+            queue = min(queue, self.queue)
+        self.queue = queue
         self.memory_mb = clamp_int(ad.memory_mb, MAX_MEMORY_MB)
         self.gpus = tuple(g for g in ad.gpus if isinstance(g, str))[:16]
         self.cost = clamp_float(ad.cost, 0.0, MAX_COST, nan=MAX_COST)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from teammesh.node.tasks.store import TaskRow
 from teammesh.protocols import tasks as tp
+from teammesh.protocols.scheduler_model import Wait
 from teammesh.protocols.tasks import TaskResult, json_safe
 
 TERMINAL = frozenset({"done", "failed", "cancelled"})
@@ -61,7 +63,7 @@ class TaskRecord:
     submitted: float = 0.0
     started: float | None = None
     finished: float | None = None
-    waiting_reason: str | None = None
+    note: str | None = None  # the shell's own waiting text ("queued at the bridge (...)")
     cached: bool = False
     # runtime only
     inflight: dict[str, Attempt] = field(default_factory=dict)  # out now, by target
@@ -70,7 +72,10 @@ class TaskRecord:
     losses: dict[str, str] = field(default_factory=dict)  # by target: why it was lost there
     deadline: float | None = None  # on trio's clock
     waiting_since: float | None = None  # queued with a wait that asks the team for room
-    changed: trio.Event = field(default_factory=trio.Event)
+    # the scheduler's reason and the service's renderer: the text is made when read
+    wait: Wait | None = None
+    render: Callable[[TaskRecord], str | None] | None = None
+    _changed: trio.Event | None = None  # made when someone waits (most tasks: nobody)
     runtime: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,9 +88,28 @@ class TaskRecord:
                 "quorum": self.quorum, "timeout_s": self.timeout_s, "no_cache": self.no_cache,
                 "tag": self.tag, "cached": self.cached, "input_cid": self.input_cid}
 
+    @property
+    def waiting_reason(self) -> str | None:
+        """Why it waits, for people: the shell's note, else the scheduler's reason."""
+        if self.note is not None or self.wait is None or self.render is None:
+            return self.note
+        return self.render(self)
+
+    @waiting_reason.setter
+    def waiting_reason(self, text: str | None) -> None:
+        self.note = text
+
+    @property
+    def changed(self) -> trio.Event:
+        """Set at the record's next change (state, reason, outcome)."""
+        if self._changed is None:
+            self._changed = trio.Event()
+        return self._changed
+
     def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -104,6 +104,9 @@ CALL_WAITS = frozenset({sm.WaitReason.ALL_BUSY, sm.WaitReason.NO_RUNNER,
                         sm.WaitReason.BRIDGE_DOWN})
 
 
+_WHERE = {w.value: w for w in sm.Where}
+
+
 def fits(resources: Any, memory_bytes: int, gpus: tuple[str, ...]) -> bool:
     """Can a node with this memory and these GPUs run a kind that needs ``resources``?"""
     if resources is None:
@@ -222,6 +225,7 @@ class TaskService:
         self.last_call: dict[tuple[str, str], float] = {}
         self.calls_to_publish: list[tuple[str, str, int]] = []
         self._calls_wake = trio.Event()
+        self._next_call_check = 0.0
         self.counters = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
                          "retries": 0, "rejected_results": 0, "cache_hits": 0,
                          "calls_published": 0, "offers_received": 0, "offers_sent": 0,
@@ -304,7 +308,8 @@ class TaskService:
                 continue
             self._live[r.id] = r
             events.append(sm.Submitted(self._task_of(r)))
-        self._feed(events)
+        if events:  # cache hits and inline runs need no pass of the scheduler
+            self._post(events)
         return records
 
     def _task_of(self, r: TaskRecord) -> sm.Task:
@@ -312,7 +317,7 @@ class TaskService:
         kind = self.kinds.get(r.kind)
         needs = kind.resources if kind is not None else None
         return sm.Task(
-            r.id, r.kind, r.version, priority=r.priority, where=sm.Where(r.where),
+            r.id, r.kind, r.version, priority=r.priority, where=_WHERE[r.where],
             replicas=r.replicas, quorum=r.quorum, deadline=r.deadline,
             memory_mb=int(getattr(needs, "memory_mb", 0) or 0),
             gpu=bool(getattr(needs, "gpu", False)),
@@ -342,6 +347,7 @@ class TaskService:
         return h.hexdigest()
 
     def _remember(self, r: TaskRecord) -> None:
+        r.render = self._render_wait
         self.records[r.id] = r
         while len(self.records) > MEMORY_KEEP:
             oldest_id, oldest = next(iter(self.records.items()))
@@ -387,7 +393,7 @@ class TaskService:
         r.state, r.output, r.error = state, output, error
         r.executed_by = executed_by
         r.finished = time.time()
-        r.waiting_reason = None
+        r.note, r.wait = None, None
         if result is not None and result.wall_ms:
             r.runtime = {"wall_ms": result.wall_ms, "cpu_ms": result.cpu_ms}
         for target in list(r.inflight):
@@ -446,6 +452,14 @@ class TaskService:
             wakeup = min(wakeup or math.inf, trio.current_time() + RECHECK_S)
         if wakeup is not None and wakeup < self._sleeping_until:
             self._wake.set()
+
+    def _post(self, events: Iterable[sm.Event]) -> None:
+        """Events that can wait for the clock loop's next pass (a trio checkpoint away):
+        submissions and admission replies from many requests and frames then cost the
+        scheduler one pass, not one each. Results and cancels go through ``_feed`` at
+        once: a user waits on them."""
+        self._inbox.extend(events)
+        self._wake.set()
 
     def _sync_capacity(self, now: float) -> None:
         """Bring the scheduler's picture of the team up to date: the mesh table's live ads
@@ -609,15 +623,19 @@ class TaskService:
         for target in [t for t in r.inflight if t not in p.targets]:
             # the scheduler dropped it without an effect: its member went away (PeerGone)
             self._close_attempt(r, target, r.losses.get(target, "its member went away"))
-        r.state = p.state.value
-        r.waiting_reason = self._render_wait(r, p.wait, now)
+        state = p.state.value
+        changed = state != r.state or r.wait is None or p.wait is None \
+            or p.wait.reason is not r.wait.reason
+        r.state = state
+        r.wait, r.note = p.wait, None  # rendered when read (_render_wait)
         queued = p.state is sm.TaskState.QUEUED
         if queued and p.wait is not None and p.wait.reason in CALL_WAITS:
             if r.waiting_since is None:
                 r.waiting_since = now
         else:
             r.waiting_since = None
-        r.notify()
+        if changed:  # a new position in the same queue wakes no stream
+            r.notify()
 
     def _on_finished(self, f: sm.Finished) -> None:
         r = self._live.get(f.task_id)
@@ -638,8 +656,10 @@ class TaskService:
         self._finalise(r, "failed", error=error, executed_by=by, result=first)
 
     # --- texts users read, rendered from the scheduler's typed reasons ---------------------
-    def _render_wait(self, r: TaskRecord, wait: sm.Wait | None, now: float) -> str | None:
-        if wait is None:
+    def _render_wait(self, r: TaskRecord) -> str | None:
+        """``TaskRecord.render``: the text of the scheduler's reason, made when read."""
+        wait, now = r.wait, trio.current_time()
+        if wait is None or r.state in TERMINAL:
             return None
         w = sm.WaitReason
         if wait.reason is w.RUNNING_ON:
@@ -751,10 +771,12 @@ class TaskService:
                 self._close_attempt(r, LOCAL, f"busy: {exc}")
                 self._feed([sm.AdmissionReply(r.id, LOCAL, sm.Admission.BUSY)])
             return
+        if not admit:
+            self.executor.submit_nowait(job)
+            return
         position = self.executor.admission_position(job)
         self.executor.submit_nowait(job)
-        if admit:
-            self._feed([self._admitted(r.id, LOCAL, position)])
+        self._feed([self._admitted(r.id, LOCAL, position)])
 
     async def _run_local_with_files(self, job: Job) -> None:
         await self.run_with_files(job, [])
@@ -894,7 +916,7 @@ class TaskService:
             sent = trio.current_time()
             task = await self.bridge.submit(body)
             # the round trip Rules 5 and 6 weigh queues against: the Worker's answer
-            self._feed([sm.BridgeMeasured(trio.current_time() - sent)])
+            self._post([sm.BridgeMeasured(trio.current_time() - sent)])
             delay = 0.05
             while task.get("state") not in TERMINAL and BRIDGE in r.inflight:
                 r.waiting_reason = f"queued at the bridge ({task.get('state')})"
@@ -952,7 +974,7 @@ class TaskService:
                 logger.info("bridge health check at start failed (%s): its round trip is"
                             " measured at the first escalation", exc)
                 return
-            self._feed([sm.BridgeMeasured(trio.current_time() - sent)])
+            self._post([sm.BridgeMeasured(trio.current_time() - sent)])
 
     async def _cancel_on_bridge(self, task_id: str) -> None:
         from teammesh.node.bridge.client import BridgeRejected, BridgeUnavailable
@@ -1084,11 +1106,11 @@ class TaskService:
         for tid, pos in (acc.positions or {}).items():
             if tid in link.inflight:
                 events.append(self._admitted(tid, link.peer, pos))
-        self._feed(events)
+        self._post(events)
 
     def _on_progress(self, link: PeerLink, ids: list[str]) -> None:
         """Queued tasks that started there."""
-        self._feed([sm.AdmissionReply(tid, link.peer, sm.Admission.STARTED)
+        self._post([sm.AdmissionReply(tid, link.peer, sm.Admission.STARTED)
                     for tid in ids if tid in link.inflight])
 
     def _on_results(self, link: PeerLink, results: list[TaskResult]) -> None:
@@ -1354,6 +1376,9 @@ class TaskService:
     def _call_for_room(self, now: float) -> None:
         """Tasks of a kind waited past the offer window: ask the team (an open call, at
         most one a second per kind); members with room answer with an offer."""
+        if now < self._next_call_check:
+            return  # it walks every held task: a few times a second is enough
+        self._next_call_check = now + RECHECK_S
         due: set[tuple[str, str]] = set()
         window = self.rules.offer_window_s
         for r in self._live.values():
