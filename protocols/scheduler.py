@@ -262,6 +262,8 @@ class Scheduler:
         self._out: list[Effect] = []
         self._dirty: dict[str, None] = {}
         self._fresh: list[Record] = []  # submitted in this call
+        self._persist_waits = self.config.persist_waits
+        self._target_waits: dict[tuple[WaitReason, str], Wait] = {}
 
     # --- the one entry point ---------------------------------------------------------------
     def handle(self, event: Event, now: float) -> list[Effect]:
@@ -423,13 +425,15 @@ class Scheduler:
             self._remote_queued.pop((rec.task.id, ev.peer), None)
             if view is not None:
                 view.started(rec.task.id)
-            self._set_wait(rec, Wait(WaitReason.RUNNING_ON, ev.peer))
+            self._set_wait(rec, self._wait_at(WaitReason.RUNNING_ON, ev.peer))
         else:
             attempt.phase, attempt.position, attempt.queued_at = (
                 Phase.QUEUED, max(1, ev.position), now)
             if view is not None:
+                before = (view.free, view.queue)
                 view.admitted_queued(rec.task.id, ev.position)
-                self.index.touch(view)
+                if (view.free, view.queue) != before:  # pipelined: what we counted already
+                    self.index.touch(view)
             # this node's own queue too: its slots also serve other members' tasks, so a
             # task RunLocal sent to a slot that looked free can wait behind them (Rule 6)
             self._remote_queued[(rec.task.id, ev.peer)] = None
@@ -890,10 +894,10 @@ class Scheduler:
         self._move(rec, trigger, TaskState.RUNNING)
         if target == LOCAL:
             self._out.append(RunLocal(rec.task))
-            self._set_wait(rec, Wait(WaitReason.RUNNING_ON, LOCAL))
+            self._set_wait(rec, self._wait_at(WaitReason.RUNNING_ON, LOCAL))
         else:
             self._out.append(Send(target, rec.task))
-            self._set_wait(rec, Wait(WaitReason.SENT, target))
+            self._set_wait(rec, self._wait_at(WaitReason.SENT, target))
 
     def _escalate(self, rec: Record, now: float, trigger: Trigger = Trigger.PLACED) -> _Outcome:
         rec.attempts[BRIDGE] = Attempt(BRIDGE, now)
@@ -943,7 +947,18 @@ class Scheduler:
     def _set_wait(self, rec: Record, wait: Wait) -> None:
         if rec.wait != wait:
             rec.wait = wait
-            self._dirty[rec.task.id] = None
+            if self._persist_waits:
+                self._dirty[rec.task.id] = None
+
+    def _wait_at(self, reason: WaitReason, target: str) -> Wait:
+        """A shared ``Wait`` for the reasons that name only a target (two per task)."""
+        key = (reason, target)
+        wait = self._target_waits.get(key)
+        if wait is None:
+            if len(self._target_waits) > 4096:  # peers come and go: bounded
+                self._target_waits.clear()
+            wait = self._target_waits[key] = Wait(reason, target)
+        return wait
 
     def _wake_at(self, t: float) -> None:
         if t > self._now:
@@ -959,7 +974,8 @@ class Scheduler:
             rec = self.records.get(task_id)
             if rec is None:
                 continue
-            snap = (rec.state, rec.wait, tuple(sorted(rec.attempts)))
+            snap = (rec.state, rec.wait if self._persist_waits else None,
+                    tuple(sorted(rec.attempts)))
             if snap != rec.persisted:
                 rec.persisted = snap
                 self._out.append(Persist(task_id, rec.state, rec.wait, snap[2]))

@@ -390,3 +390,7 @@ class SchedulerConfig:
     # a kind some member ran this recently is worth waiting for: a laptop whose network
     # drops must not fail its whole queue (Rule 5)
     kind_memory_s: float = 3600.0
+    # False: Persist only when a task's state or targets change, not when only why it
+    # waits does (a shell that shows wait_of() when asked, such as the daemon's, saves
+    # two effects per task; the simulations keep every change)
+    persist_waits: bool = True

@@ -16,7 +16,6 @@ from typing import Any
 import trio
 from teammesh.node.tasks.store import TaskRow
 from teammesh.protocols import tasks as tp
-from teammesh.protocols.scheduler_model import Wait
 from teammesh.protocols.tasks import TaskResult, json_safe
 
 TERMINAL = frozenset({"done", "failed", "cancelled"})
@@ -72,8 +71,7 @@ class TaskRecord:
     losses: dict[str, str] = field(default_factory=dict)  # by target: why it was lost there
     deadline: float | None = None  # on trio's clock
     waiting_since: float | None = None  # queued with a wait that asks the team for room
-    # the scheduler's reason and the service's renderer: the text is made when read
-    wait: Wait | None = None
+    # the service's renderer of the scheduler's reason: the text is made when read
     render: Callable[[TaskRecord], str | None] | None = None
     _changed: trio.Event | None = None  # made when someone waits (most tasks: nobody)
     runtime: dict[str, float] = field(default_factory=dict)
@@ -91,7 +89,7 @@ class TaskRecord:
     @property
     def waiting_reason(self) -> str | None:
         """Why it waits, for people: the shell's note, else the scheduler's reason."""
-        if self.note is not None or self.wait is None or self.render is None:
+        if self.note is not None or self.render is None:
             return self.note
         return self.render(self)
 

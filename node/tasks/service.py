@@ -232,7 +232,8 @@ class TaskService:
                          "moved": 0}
 
     def _new_scheduler(self) -> Scheduler:
-        cfg = dataclasses.replace(self.rules, bridge=self.bridge is not None)
+        cfg = dataclasses.replace(self.rules, bridge=self.bridge is not None,
+                                  persist_waits=False)
         return Scheduler(cfg, jitter=lambda: random.uniform(0.5, 1.5))
 
     # --- what the API and metrics read ----------------------------------------------------
@@ -393,7 +394,7 @@ class TaskService:
         r.state, r.output, r.error = state, output, error
         r.executed_by = executed_by
         r.finished = time.time()
-        r.note, r.wait = None, None
+        r.note = None
         if result is not None and result.wall_ms:
             r.runtime = {"wall_ms": result.wall_ms, "cpu_ms": result.cpu_ms}
         for target in list(r.inflight):
@@ -624,18 +625,14 @@ class TaskService:
             # the scheduler dropped it without an effect: its member went away (PeerGone)
             self._close_attempt(r, target, r.losses.get(target, "its member went away"))
         state = p.state.value
-        changed = state != r.state or r.wait is None or p.wait is None \
-            or p.wait.reason is not r.wait.reason
         r.state = state
-        r.wait, r.note = p.wait, None  # rendered when read (_render_wait)
-        queued = p.state is sm.TaskState.QUEUED
-        if queued and p.wait is not None and p.wait.reason in CALL_WAITS:
-            if r.waiting_since is None:
-                r.waiting_since = now
-        else:
+        # since when it is held here, for open calls (_call_for_room)
+        if p.state is not sm.TaskState.QUEUED:
             r.waiting_since = None
-        if changed:  # a new position in the same queue wakes no stream
-            r.notify()
+        elif r.waiting_since is None:
+            r.waiting_since = now
+        r.note = None  # the shell's own text gives way to the scheduler's new reason
+        r.notify()
 
     def _on_finished(self, f: sm.Finished) -> None:
         r = self._live.get(f.task_id)
@@ -658,8 +655,11 @@ class TaskService:
     # --- texts users read, rendered from the scheduler's typed reasons ---------------------
     def _render_wait(self, r: TaskRecord) -> str | None:
         """``TaskRecord.render``: the text of the scheduler's reason, made when read."""
-        wait, now = r.wait, trio.current_time()
-        if wait is None or r.state in TERMINAL:
+        if r.state in TERMINAL:
+            return None
+        # the scheduler's reason now (it reports only state changes: persist_waits)
+        wait, now = self.sched.wait_of(r.id), trio.current_time()
+        if wait is None:
             return None
         w = sm.WaitReason
         if wait.reason is w.RUNNING_ON:
@@ -1381,9 +1381,12 @@ class TaskService:
         self._next_call_check = now + RECHECK_S
         due: set[tuple[str, str]] = set()
         window = self.rules.offer_window_s
+        wait_of = self.sched.wait_of
         for r in self._live.values():
             if r.waiting_since is not None and now - r.waiting_since >= window:
-                due.add((r.kind, r.version))
+                wait = wait_of(r.id)
+                if wait is not None and wait.reason in CALL_WAITS:
+                    due.add((r.kind, r.version))
         for key in sorted(due):
             if now - self.last_call.get(key, -1e9) >= 1.0:
                 self.last_call[key] = now
