@@ -251,6 +251,21 @@ def test_queued_task_moves_when_a_slot_frees_elsewhere() -> None:
     assert finished(s.handle(ResultArrived("t", "b", True, D1, 0.1), 1.4))[0].by == ("b",)
 
 
+def test_without_persist_waits_only_state_and_targets_are_reported() -> None:
+    s = sched(ad("a", rtt=1.0), persist_waits=False)
+    out = s.handle(Submitted(task("t")), 1.0)
+    assert only(out, Persist) == [Persist("t", TaskState.RUNNING, Wait(WaitReason.SENT, "a"),
+                                          ("a",))]
+    # a new reason alone is no Persist: the shell reads wait_of when it shows the task
+    assert s.handle(AdmissionReply("t", "a", Admission.QUEUED, 3), 1.01) == []
+    assert s.wait_of("t") == Wait(WaitReason.QUEUED_ON_PEER, "a", 3)
+    assert s.handle(AdmissionReply("t", "a", Admission.STARTED), 1.02) == []
+    assert s.wait_of("t") == Wait(WaitReason.RUNNING_ON, "a")
+    # losing the attempt changes state and targets: reported
+    out = s.handle(AttemptLost("t", "a", Loss.STREAM_CLOSED), 1.1)
+    assert [(p.state, p.targets) for p in only(out, Persist)] == [(TaskState.QUEUED, ())]
+
+
 def test_a_task_queued_on_this_nodes_own_executor_moves_too() -> None:
     # this node's slots serve other members as well: a RunLocal to a slot that looked free
     # can wait behind their work, and Rule 6 applies to it as to a peer's queue
