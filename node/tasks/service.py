@@ -97,6 +97,7 @@ ACK_DELAY_S = 0.01
 MEMORY_KEEP = 20_000  # finished tasks kept in memory; older ones are read from the journal
 MAX_INTERRUPTIONS = 3  # a task running when the node stopped runs again at most twice
 PRUNE_EVERY_S = 3600.0
+OFFER_MEMORY_MB = 2**24  # what an offer's ad claims: as much as any kind asks (clamped)
 RECHECK_S = 0.25  # while tasks are held, the scheduler looks at the time this often
 # Waits that ask the team for room (an open call) once a task has waited an offer window
 CALL_WAITS = frozenset({sm.WaitReason.ALL_BUSY, sm.WaitReason.NO_RUNNER,
@@ -503,7 +504,12 @@ class TaskService:
             expiry = min(expiry, until)
             if self._fed.get(peer) != offer:
                 version = next((v for (k, v) in self.last_call if k == kind), "")
-                self._inbox.append(sm.PeerAd(peer, {kind: version}, free, free, 0))
+                # An offer answers our call for the kind: the member says it runs it now.
+                # It names no memory; with 0 the scheduler would count it a member too
+                # small for the kind, and a task whose members had just dropped off would
+                # fail "no member runs it" instead of waiting for them (a chaos run did).
+                self._inbox.append(sm.PeerAd(peer, {kind: version}, free, free, 0,
+                                             memory_mb=OFFER_MEMORY_MB))
         for peer in self._fed.keys() - fed.keys():
             self._inbox.append(sm.PeerGone(peer))
         self._fed = fed
