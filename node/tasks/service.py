@@ -255,10 +255,6 @@ class TaskService:
     def queued_count(self) -> int:
         return self.sched.queued()
 
-    @property
-    def kind_limits(self) -> Mapping[str, int]:
-        return self.rules.kind_limits
-
     # --- submission ---------------------------------------------------------------------
     def _known_version(self, kind: str) -> str | None:
         k = self.kinds.get(kind)
@@ -859,12 +855,16 @@ class TaskService:
             r.results[target] = res
             wall = res.wall_ms / 1000 if math.isfinite(res.wall_ms) else math.nan
             events.append(sm.ResultArrived(res.id, target, res.ok, res.digest, wall))
-        if not events:
-            return
+        if events:
+            self._feed_journaled(events)
+
+    def _feed_journaled(self, events: list[sm.Event]) -> None:
+        """``_feed`` events that finish tasks, in one journal transaction (a frame of
+        results costs one), unless a pass or a transaction is already under way."""
         if self._handling or self._txn is not None:
             self._feed(events)
             return
-        with self.store.transaction() as db:  # one journal transaction per frame
+        with self.store.transaction() as db:
             self._txn = db
             try:
                 self._feed(events)
@@ -958,16 +958,7 @@ class TaskService:
         r.results[by] = res
         if error is not None:
             r.errors[by] = error
-        event = sm.BridgeResult(r.id, ok, res.digest, by)
-        if self._handling or self._txn is not None:
-            self._feed([event])
-            return
-        with self.store.transaction() as db:
-            self._txn = db
-            try:
-                self._feed([event])
-            finally:
-                self._txn = None
+        self._feed_journaled([sm.BridgeResult(r.id, ok, res.digest, by)])
 
     async def _measure_bridge(self) -> None:
         """Seed the bridge's round trip with one health check at start, so Rule 6 does
