@@ -56,7 +56,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from .errors import LocalProtocolError
 from .scheduler_index import PeerIndex
@@ -148,6 +148,12 @@ TRANSITIONS: Final[dict[TaskState, dict[Trigger, frozenset[TaskState]]]] = {
 }
 
 
+# the table flattened for the hot path: one set lookup per step
+_ALLOWED: Final[frozenset[tuple[TaskState, Trigger, TaskState]]] = frozenset(
+    (state, trigger, new) for state, rules in TRANSITIONS.items()
+    for trigger, news in rules.items() for new in news)
+
+
 def transition(state: TaskState, trigger: Trigger, new: TaskState) -> TaskState:
     """Check one step against ``TRANSITIONS``.
 
@@ -155,10 +161,13 @@ def transition(state: TaskState, trigger: Trigger, new: TaskState) -> TaskState:
         LocalProtocolError: the step is not in the table (a bug in the scheduler or in how
             its caller drives it).
     """
-    if new not in TRANSITIONS[state].get(trigger, frozenset()):
+    if (state, trigger, new) not in _ALLOWED:
         raise LocalProtocolError(f"task cannot go from {state.value} to {new.value} on "
                                  f"{trigger.value}: a scheduler bug, please report it")
     return new
+
+
+_SUBMITTED: Final = Wait(WaitReason.SUBMITTED)  # immutable: one for every new task
 
 
 class Phase(enum.Enum):
@@ -204,14 +213,20 @@ class Record:
     wait: Wait | None = None
     token: int = 0  # invalidates stale line entries (lazy deletion)
     persisted: tuple[TaskState, Wait | None, tuple[str, ...]] | None = None
+    # its line while queued, and while running (more replicas, a retry): a running task
+    # is in a line of its own, so a kind limit that holds the queued ones back does not
+    # hold it back too; built once, a line is looked up several times per event
+    key_queued: Key = field(init=False)
+    key_running: Key = field(init=False)
+
+    def __post_init__(self) -> None:
+        t = self.task
+        base = (t.kind, t.version, t.where, t.memory_mb, t.gpu, t.bridge_ok, t.replicas > 1)
+        self.key_queued, self.key_running = (*base, False), (*base, True)
 
     @property
     def key(self) -> Key:
-        t = self.task
-        # a running task (more replicas, a retry) is in a line of its own: a kind limit
-        # that holds the queued ones back must not hold it back too
-        return (t.kind, t.version, t.where, t.memory_mb, t.gpu, t.bridge_ok, t.replicas > 1,
-                self.state is TaskState.RUNNING)
+        return self.key_running if self.state is TaskState.RUNNING else self.key_queued
 
     @property
     def need(self) -> int:
@@ -264,6 +279,13 @@ class Scheduler:
         self._fresh: list[Record] = []  # submitted in this call
         self._persist_waits = self.config.persist_waits
         self._target_waits: dict[tuple[WaitReason, str], Wait] = {}
+        self._handlers: dict[type, Callable[[Any, float], None]] = {
+            Submitted: self._on_submitted, Cancelled: self._on_cancelled,
+            PeerAd: self._on_peer_ad, PeerGone: self._on_peer_gone,
+            AdmissionReply: self._on_admission, ResultArrived: self._on_result,
+            AttemptLost: self._on_lost, BridgeResult: self._on_bridge_result,
+            BridgeUnavailable: self._on_bridge_unavailable,
+            BridgeMeasured: self._on_bridge_measured, Tick: self._on_tick}
 
     # --- the one entry point ---------------------------------------------------------------
     def handle(self, event: Event, now: float) -> list[Effect]:
@@ -331,31 +353,15 @@ class Scheduler:
 
     # --- events ----------------------------------------------------------------------------
     def _apply(self, event: Event, now: float) -> None:
-        match event:
-            case Submitted():
-                self._on_submitted(event, now)
-            case Cancelled():
-                self._on_cancelled(event)
-            case PeerAd():
-                self._on_peer_ad(event, now)
-            case PeerGone():
-                self._on_peer_gone(event, now)
-            case AdmissionReply():
-                self._on_admission(event, now)
-            case ResultArrived():
-                self._on_result(event)
-            case AttemptLost():
-                self._on_lost(event, now)
-            case BridgeResult():
-                self._on_bridge_result(event, now)
-            case BridgeUnavailable():
-                self._on_bridge_unavailable(event, now)
-            case BridgeMeasured():
-                self._on_bridge_measured(event)
-            case Tick():
-                pass  # Rules 1, 5 and 6 run after every event
-            case _:
-                raise LocalProtocolError(f"the scheduler does not take {type(event).__name__}")
+        # by exact type, one dict lookup (a match statement tries each case in turn, and
+        # the common events, results and admission replies, came late in it)
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            raise LocalProtocolError(f"the scheduler does not take {type(event).__name__}")
+        handler(event, now)
+
+    def _on_tick(self, ev: Tick, now: float) -> None:
+        pass  # Rules 1, 5 and 6 run after every event
 
     def _on_submitted(self, ev: Submitted, now: float) -> None:
         t = ev.task
@@ -365,7 +371,7 @@ class Scheduler:
             raise LocalProtocolError(f"task {t.id}: replicas must be >= 1 and the quorum "
                                      f"between 1 and replicas (got {t.replicas}, {t.quorum})")
         self._seq += 1
-        rec = Record(t, self._seq, now, wait=Wait(WaitReason.SUBMITTED))
+        rec = Record(t, self._seq, now, wait=_SUBMITTED)
         self.records[t.id] = rec
         if t.where is Where.BRIDGE and not self.config.bridge:
             self._finish(rec, Trigger.UNPLACEABLE, TaskState.FAILED,
@@ -377,7 +383,7 @@ class Scheduler:
         self._dirty[t.id] = None
         self._fresh.append(rec)
 
-    def _on_cancelled(self, ev: Cancelled) -> None:
+    def _on_cancelled(self, ev: Cancelled, now: float) -> None:
         rec = self.records.get(ev.task_id)
         if rec is None:
             return  # finished already (or never ours): cancelling is idempotent
@@ -441,7 +447,7 @@ class Scheduler:
             self._set_wait(rec, Wait(WaitReason.QUEUED_ON_PEER, ev.peer, attempt.position))
         self._move(rec, Trigger.ADMITTED, TaskState.RUNNING)
 
-    def _on_result(self, ev: ResultArrived) -> None:
+    def _on_result(self, ev: ResultArrived, now: float) -> None:
         rec = self.records.get(ev.task_id)
         if rec is None or ev.peer not in rec.attempts or ev.peer == BRIDGE:
             return  # stale or duplicate: nothing is delivered twice
@@ -481,7 +487,7 @@ class Scheduler:
         self._finish(rec, Trigger.RESULT, state, failure=failure, by=(ev.executed_by,),
                      digest=ev.digest)
 
-    def _on_bridge_measured(self, ev: BridgeMeasured) -> None:
+    def _on_bridge_measured(self, ev: BridgeMeasured, now: float) -> None:
         if math.isfinite(ev.rtt_s) and ev.rtt_s >= 0:
             # the first measure replaces the config's guess rather than averaging with it
             old = self.bridge_rtt_s if self._bridge_measured else None
@@ -683,16 +689,18 @@ class Scheduler:
             # the retry budget still bounds this
             rec.excluded.clear()
             return self._decide(rec, now)
-        since = self._kind_clock(t, now)
-        rec.waiting_since = min(rec.waiting_since if rec.waiting_since is not None else now,
-                                since)
-        window_end = rec.waiting_since + self.config.offer_window_s
         bridge = self._bridge_eligible(t)
-        peer, peer_wait = self._best_queue(
-            rec, allowed, unknown_ok=not (bridge and self._bridge_open(now)))
-        if bridge and self._bridge_open(now):
+        bridge_open = bridge and self._bridge_open(now)
+        peer, peer_wait = self._best_queue(rec, allowed, unknown_ok=not bridge_open)
+        if self.config.bridge:  # the kind's clock is read only to escalate
+            since = self._kind_clock(t, now)
+            rec.waiting_since = min(
+                rec.waiting_since if rec.waiting_since is not None else now, since)
+        if bridge_open:
+            assert rec.waiting_since is not None
             if escalate_now(now, rec.waiting_since, self.config, self.bridge_rtt_s, peer_wait):
                 return self._escalate(rec, now)
+            window_end = rec.waiting_since + self.config.offer_window_s
             bridge_eta = max(0.0, window_end - now) + self.bridge_rtt_s
             self._wake_at(window_end)
         else:
@@ -839,23 +847,33 @@ class Scheduler:
             return None, math.inf
         kind_avg = self._kind_avg_s.get(t.kind)
         best, best_rank, best_wait = None, (math.inf, math.inf), math.inf
+        cfg = self.config
         # the deepest any link could need (the slowest round trip seen); 0 for long kinds,
         # which skip the scan
-        deepest = pipeline_depth(kind_avg, self._max_rtt_s, self.config)
-        for peer in sorted(self.index.filled & allowed) if deepest else ():
-            view = self.peers[peer]
-            mine = len(view.inflight)
-            if view.full or view.queue > mine - view.slots \
-                    or mine >= view.slots * (1 + deepest) or not self._usable(rec, peer):
-                continue
-            # this link's own depth: the target work plus its round trip
-            if mine >= view.slots * (1 + pipeline_depth(kind_avg, view.rtt_ms / 1000,
-                                                        self.config)):
-                continue
-            wait = view.wait_s(view.avg_task_s if view.avg_task_s is not None else kind_avg)
-            rank = (wait, view.load)
-            if rank < best_rank:
-                best, best_rank, best_wait = peer, rank, wait
+        deepest = pipeline_depth(kind_avg, self._max_rtt_s, cfg) if kind_avg is not None else 0
+        if deepest:
+            assert kind_avg is not None
+            # pipeline_depth per link, inline (a call per peer per placement): kind_avg is
+            # finite here, and a view's rtt_ms is clamped finite
+            avg_s = max(kind_avg, 1e-6)
+            attempts, results, excluded = rec.attempts, rec.results, rec.excluded
+            views, now = self.peers, self._now
+            for peer in sorted(self.index.filled & allowed):
+                view = views[peer]
+                mine, slots = len(view.inflight), view.slots
+                if view.full or view.queue > mine - slots or mine >= slots * (1 + deepest) \
+                        or peer in attempts or peer in results or peer in excluded \
+                        or not view.breaker.allows(now):
+                    continue
+                # this link's own depth: the target work plus its round trip
+                covered = min(view.rtt_ms / 1000, cfg.max_rtt_covered_s)
+                if mine >= slots * (1 + int(min(cfg.max_pipeline,
+                                                (cfg.target_queued_s + covered) / avg_s))):
+                    continue
+                wait = view.wait_s(view.avg_task_s if view.avg_task_s is not None else kind_avg)
+                rank = (wait, view.load)
+                if rank < best_rank:
+                    best, best_rank, best_wait = peer, rank, wait
         if best is not None or not unknown_ok:
             return best, best_wait
         reserve = self.index.least_loaded(t.kind, lambda view: (
@@ -942,13 +960,16 @@ class Scheduler:
         elif old is TaskState.RUNNING and new is not TaskState.RUNNING:
             self._running_by_kind[rec.task.kind] -= 1
             self._grew()
+        elif trigger is Trigger.ADMITTED:
+            return  # neither its state nor its targets changed: nothing to persist
         self._dirty[rec.task.id] = None
 
     def _set_wait(self, rec: Record, wait: Wait) -> None:
-        if rec.wait != wait:
+        if not self._persist_waits:
+            rec.wait = wait  # read when asked (wait_of): no change to detect
+        elif rec.wait != wait:
             rec.wait = wait
-            if self._persist_waits:
-                self._dirty[rec.task.id] = None
+            self._dirty[rec.task.id] = None
 
     def _wait_at(self, reason: WaitReason, target: str) -> Wait:
         """A shared ``Wait`` for the reasons that name only a target (two per task)."""
@@ -974,8 +995,9 @@ class Scheduler:
             rec = self.records.get(task_id)
             if rec is None:
                 continue
+            attempts = rec.attempts
             snap = (rec.state, rec.wait if self._persist_waits else None,
-                    tuple(sorted(rec.attempts)))
+                    tuple(attempts) if len(attempts) < 2 else tuple(sorted(attempts)))
             if snap != rec.persisted:
                 rec.persisted = snap
                 self._out.append(Persist(task_id, rec.state, rec.wait, snap[2]))
