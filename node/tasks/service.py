@@ -209,6 +209,8 @@ class TaskService:
         self.sched = self._new_scheduler()
         self._live: dict[str, TaskRecord] = {}  # the tasks the scheduler holds
         self._inbox: list[sm.Event] = []
+        self._results_held = False  # results in the inbox: the next pass is journaled
+        self._acks: list[tuple[PeerLink, list[str]]] = []  # sent once their pass commits
         self._handling = False
         self._nursery: trio.Nursery | None = None
         self._txn: Txn | None = None  # the journal transaction of a frame of results
@@ -419,10 +421,46 @@ class TaskService:
     def _feed(self, events: Iterable[sm.Event] = ()) -> None:
         """Tell the scheduler what happened and carry out what it decides. Carrying out
         an effect can cause events (an inline run's result, a refusal): they queue and
-        are handled next, in order, so the scheduler is never entered twice at once."""
+        are handled next, in order, so the scheduler is never entered twice at once.
+        Results waiting in the inbox are journaled in one transaction for the pass, and
+        acknowledged to their executors once it is committed."""
         self._inbox.extend(events)
         if self._handling or self._nursery is None:
             return  # the running call (or run(), once started) takes them
+        if self._results_held and self._txn is None:
+            self._results_held = False
+            self._handle_journaled()
+        else:
+            self._handle_inbox()
+        # the clock loop sleeps until the scheduler's wake-up as it was: an earlier one
+        # now (a deadline, a retry, tasks held) must wake it
+        wakeup = self.sched.next_wakeup()
+        if self._live:
+            wakeup = min(wakeup or math.inf, trio.current_time() + RECHECK_S)
+        if wakeup is not None and wakeup < self._sleeping_until:
+            self._wake.set()
+
+    def _handle_journaled(self) -> None:
+        try:
+            with self.store.transaction() as db:
+                self._txn = db
+                try:
+                    self._handle_inbox()
+                finally:
+                    self._txn = None
+        except sqlite3.Error as exc:
+            # the tasks are settled here but not in the journal: after a restart they run
+            # again (nothing is lost); a full disk must not stop the node
+            logger.error("the journal could not record finished tasks (%s); free disk space"
+                         " in %s", exc, self.home.path)
+            if self._inbox:  # the transaction never began
+                self._handle_inbox()
+            return
+        acks, self._acks = self._acks, []
+        for link, ids in acks:
+            link.send_control(tp.ack(ids))
+
+    def _handle_inbox(self) -> None:
         self._handling = True
         try:
             while True:
@@ -443,13 +481,6 @@ class TaskService:
         finally:
             self._handling = False
         self._persist_running()
-        # the clock loop sleeps until the scheduler's wake-up as it was: an earlier one
-        # now (a deadline, a retry, tasks held) must wake it
-        wakeup = self.sched.next_wakeup()
-        if self._live:
-            wakeup = min(wakeup or math.inf, trio.current_time() + RECHECK_S)
-        if wakeup is not None and wakeup < self._sleeping_until:
-            self._wake.set()
 
     def _post(self, events: Iterable[sm.Event]) -> None:
         """Events that can wait for the clock loop's next pass (a trio checkpoint away):
@@ -856,20 +887,11 @@ class TaskService:
             wall = res.wall_ms / 1000 if math.isfinite(res.wall_ms) else math.nan
             events.append(sm.ResultArrived(res.id, target, res.ok, res.digest, wall))
         if events:
-            self._feed_journaled(events)
-
-    def _feed_journaled(self, events: list[sm.Event]) -> None:
-        """``_feed`` events that finish tasks, in one journal transaction (a frame of
-        results costs one), unless a pass or a transaction is already under way."""
-        if self._handling or self._txn is not None:
-            self._feed(events)
-            return
-        with self.store.transaction() as db:
-            self._txn = db
-            try:
-                self._feed(events)
-            finally:
-                self._txn = None
+            # the clock loop's next pass (a trio checkpoint away) takes them, with the
+            # other frames' results and replies that came meanwhile: one scheduler pass
+            # and one journal transaction for the lot, not one per frame
+            self._results_held = True
+            self._post(events)
 
     # --- escalation to the Cloudflare bridge ---------------------------------------------------
     def _bridge_cannot_run(self, r: TaskRecord) -> str | None:
@@ -958,7 +980,8 @@ class TaskService:
         r.results[by] = res
         if error is not None:
             r.errors[by] = error
-        self._feed_journaled([sm.BridgeResult(r.id, ok, res.digest, by)])
+        self._results_held = True
+        self._feed([sm.BridgeResult(r.id, ok, res.digest, by)])
 
     async def _measure_bridge(self) -> None:
         """Seed the bridge's round trip with one health check at start, so Rule 6 does
@@ -1127,7 +1150,10 @@ class TaskService:
                     self._feed([lost])
         link.successes += len(results)
         self._deliver(link.peer, plain)
-        link.send_control(tp.ack([res.id for res in results]))
+        # acknowledged once the journal holds them (the executor keeps them until then)
+        self._acks.append((link, [res.id for res in results]))
+        self._results_held = True
+        self._wake.set()
 
     async def _collect_output(self, peer: str, res: TaskResult) -> None:
         """A result whose output is a file on the executor: copy the file here (pinned)
