@@ -17,7 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import msgpack
@@ -119,6 +119,10 @@ class _Budget:
             self._refuse()
         return obj
 
+    def map_hook(self, obj: dict[Any, Any]) -> dict[Any, Any]:
+        """``hook``, and every key a string (``_str_keys_hook``)."""
+        return _str_keys_hook(self.hook(obj))
+
     def _refuse(self) -> NoReturn:
         what = "maps and lists" if self.containers < 0 else "items"
         raise MalformedMessage(
@@ -156,6 +160,25 @@ _WRAP_PREFIX = b"\x91" * _WRAP
 # a message with at most MAX_DEPTH of them cannot nest deeper: small messages skip the wrap.
 _HEADER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))
 _HEADER_TABLE = bytes(1 if b in _HEADER_BYTES else 0 for b in range(256))
+_WALK_MAX_HEADERS = 512  # below this count of header-like bytes, walk rather than wrap
+_CONTAINERS = (dict, list)
+
+
+def _depth_at_most(obj: Any, limit: int) -> bool:
+    """Does ``obj`` nest maps and lists at most ``limit`` deep (itself counted)? Level by
+    level, without recursion (msgpack's own stack bounds the depth to ~1,000)."""
+    level, depth = [obj], 1
+    while True:
+        nested: list[Any] = []
+        for item in level:
+            values = item.values() if type(item) is dict else item
+            nested.extend([v for v in values if type(v) in _CONTAINERS])
+        if not nested:
+            return True
+        depth += 1
+        if depth > limit:
+            return False
+        level = nested
 
 
 def unpack(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
@@ -175,19 +198,30 @@ def unpack(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
         raise FrameTooLarge(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     max_containers = max(1024, max_bytes // CONTAINER_BYTES)
     max_elements = max(4096, max_bytes // ELEMENT_BYTES)
-    wrap = len(data) > _SMALL_MESSAGE_BYTES or (
-        len(data) > MAX_DEPTH and data.translate(_HEADER_TABLE).count(1) > MAX_DEPTH)
-    hook = None
+    headers = data.translate(_HEADER_TABLE).count(1) if MAX_DEPTH < len(data) else 0
+    # A small message with more header-like bytes than MAX_DEPTH (most result batches:
+    # digests and signatures hold such bytes) is decoded as it is and its depth measured
+    # after, by a walk over at most _WALK_MAX_HEADERS containers: wrapping costs ~1,000
+    # nested lists, several times the decoding of the message itself.
+    wrap = len(data) > _SMALL_MESSAGE_BYTES or headers > _WALK_MAX_HEADERS
+    walk = not wrap and headers > MAX_DEPTH
+    # strict_map_key admits bytes keys too; code reading a map expects str ones. A bytes
+    # key needs a bin header (0xc4-0xc6), so maps are checked only when one may be there.
+    keys = b"\xc4" in data or b"\xc5" in data or b"\xc6" in data
+    hook: Callable[[Any], Any] | None = None
+    map_hook: Callable[[Any], Any] | None = _str_keys_hook if keys else None
     if len(data) > max_containers:  # each map or list takes at least one byte
-        hook = _Budget(max_containers + _WRAP * wrap, max_elements + _WRAP * wrap,
-                       max_bytes).hook
+        budget = _Budget(max_containers + _WRAP * wrap, max_elements + _WRAP * wrap,
+                         max_bytes)
+        hook = budget.hook
+        map_hook = budget.map_hook if keys else hook
     try:
         obj = msgpack.unpackb(
             _WRAP_PREFIX + data if wrap else data,
             raw=False,
             strict_map_key=True,
             list_hook=hook,
-            object_hook=hook,
+            object_hook=map_hook,
             max_array_len=max_elements,
             max_map_len=max_elements,
             ext_hook=_refuse_ext,
@@ -202,6 +236,9 @@ def unpack(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     if wrap:
         for _ in range(_WRAP):
             obj = obj[0]
+    elif walk and not _depth_at_most(obj, MAX_DEPTH):
+        raise MalformedMessage(f"message nests maps and lists deeper than {MAX_DEPTH} "
+                               "levels")
     if not isinstance(obj, dict):
         raise MalformedMessage("message is not a map")
     if not isinstance(obj.get("t"), str):
@@ -209,27 +246,18 @@ def unpack(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     v = obj.get("v")
     if type(v) is not int or v != WIRE_VERSION:  # True and 1.0 are not versions
         raise MalformedMessage(f"unsupported message version {obj.get('v')!r}")
-    # strict_map_key admits bytes keys too; code reading a map expects str ones. A bytes
-    # key needs a bin header (0xc4-0xc6), so the walk runs only when one may be there.
-    if (b"\xc4" in data or b"\xc5" in data or b"\xc6" in data) and not _str_keys(obj):
-        raise MalformedMessage("a map key is not a string")
     return obj
 
 
-def _str_keys(obj: Any) -> bool:
-    """Are the keys of every map in ``obj`` strings? (Iterative: depth is bounded anyway.)"""
-    stack = [obj]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for k, val in item.items():
-                if not isinstance(k, str):
-                    return False
-                if isinstance(val, (dict, list)):
-                    stack.append(val)
-        elif isinstance(item, list):
-            stack.extend(x for x in item if isinstance(x, (dict, list)))
-    return True
+def _str_keys_hook(obj: dict[Any, Any]) -> dict[Any, Any]:
+    """msgpack's ``object_hook``: refuse a map with a key that is not a string. In C per
+    map (``str.join`` raises at the first key that is not a str), where a walk over the
+    decoded message cost as much as decoding it."""
+    try:
+        "".join(obj)
+    except TypeError:
+        raise MalformedMessage("a map key is not a string") from None
+    return obj
 
 
 def frame(payload: bytes) -> bytes:

@@ -111,19 +111,21 @@ def test_deep_nesting_is_refused(opener: bytes) -> None:
     assert peak < 4 * MiB
 
 
-def nested_envelope(depth: int, *, pad: int = 0) -> bytes:
+def nested_envelope(depth: int, *, pad: int = 0, filler: bytes = b"p") -> bytes:
     """An envelope whose field ``x`` nests lists so the whole message is ``depth`` deep."""
     inner: object = 0
     for _ in range(depth - 1):
         inner = [inner]
-    return wire.pack({"t": "x", "v": 1, "x": inner, "pad": b"p" * pad})
+    return wire.pack({"t": "x", "v": 1, "x": inner, "pad": filler * pad})
 
 
-@pytest.mark.parametrize("pad", [0, 64 * 1024])  # small messages skip the wrap; large wrap
-def test_nesting_limit_is_exact(pad: int) -> None:
-    assert wire.unpack(nested_envelope(wire.MAX_DEPTH, pad=pad))["t"] == "x"
+# each way unpack checks depth: a small message measured by a walk; a small one with many
+# header-like bytes (0x90: a fixarray's) wrapped; a large one wrapped
+@pytest.mark.parametrize(("pad", "filler"), [(0, b"p"), (1024, b"\x90"), (64 * 1024, b"p")])
+def test_nesting_limit_is_exact(pad: int, filler: bytes) -> None:
+    assert wire.unpack(nested_envelope(wire.MAX_DEPTH, pad=pad, filler=filler))["t"] == "x"
     with pytest.raises(MalformedMessage, match="deeper than"):
-        wire.unpack(nested_envelope(wire.MAX_DEPTH + 1, pad=pad))
+        wire.unpack(nested_envelope(wire.MAX_DEPTH + 1, pad=pad, filler=filler))
 
 
 def test_a_batch_of_4096_small_tasks_still_decodes() -> None:
