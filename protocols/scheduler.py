@@ -99,7 +99,6 @@ from .scheduler_rules import (
     escalate_now,
     leave_queue_for_bridge,
     next_queue_check,
-    pipeline_depth,
     queue_wait_s,
     retry_delay_s,
     settle_quorum,
@@ -436,9 +435,9 @@ class Scheduler:
             attempt.phase, attempt.position, attempt.queued_at = (
                 Phase.QUEUED, max(1, ev.position), now)
             if view is not None:
-                before = (view.free, view.queue)
+                free, queue = view.free, view.queue
                 view.admitted_queued(rec.task.id, ev.position)
-                if (view.free, view.queue) != before:  # pipelined: what we counted already
+                if view.free != free or view.queue != queue:  # pipelined: counted already
                     self.index.touch(view)
             # this node's own queue too: its slots also serve other members' tasks, so a
             # task RunLocal sent to a slot that looked free can wait behind them (Rule 6)
@@ -848,20 +847,17 @@ class Scheduler:
         kind_avg = self._kind_avg_s.get(t.kind)
         best, best_rank, best_wait = None, (math.inf, math.inf), math.inf
         cfg = self.config
-        # the deepest any link could need (the slowest round trip seen); 0 for long kinds,
-        # which skip the scan
-        deepest = pipeline_depth(kind_avg, self._max_rtt_s, cfg) if kind_avg is not None else 0
-        if deepest:
-            assert kind_avg is not None
-            # pipeline_depth per link, inline (a call per peer per placement): kind_avg is
-            # finite here, and a view's rtt_ms is clamped finite
+        # a kind of unknown duration is not pipelined (pipeline_depth); each link's depth
+        # is pipeline_depth's, inline (a call per peer per placement): kind_avg is finite
+        # once known (an ewma of finite times), and a view's rtt_ms is clamped finite
+        if kind_avg is not None:
             avg_s = max(kind_avg, 1e-6)
             attempts, results, excluded = rec.attempts, rec.results, rec.excluded
             views, now = self.peers, self._now
             for peer in sorted(self.index.filled & allowed):
                 view = views[peer]
                 mine, slots = len(view.inflight), view.slots
-                if view.full or view.queue > mine - slots or mine >= slots * (1 + deepest) \
+                if view.full or view.queue > mine - slots \
                         or peer in attempts or peer in results or peer in excluded \
                         or not view.breaker.allows(now):
                     continue
@@ -871,7 +867,7 @@ class Scheduler:
                                                 (cfg.target_queued_s + covered) / avg_s))):
                     continue
                 wait = view.wait_s(view.avg_task_s if view.avg_task_s is not None else kind_avg)
-                rank = (wait, view.load)
+                rank = (wait, (view.queue + 1) / max(1, slots))  # (wait, load)
                 if rank < best_rank:
                     best, best_rank, best_wait = peer, rank, wait
         if best is not None or not unknown_ok:

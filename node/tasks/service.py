@@ -321,7 +321,9 @@ class TaskService:
             replicas=r.replicas, quorum=r.quorum, deadline=r.deadline,
             memory_mb=int(getattr(needs, "memory_mb", 0) or 0),
             gpu=bool(getattr(needs, "gpu", False)),
-            bridge_ok=r.where == "bridge" or self._bridge_cannot_run(r) is None)
+            # (read only when a bridge is configured)
+            bridge_ok=self.bridge is None or r.where == "bridge"
+            or self._bridge_cannot_run(r) is None)
 
     def _runs_inline_here(self, r: TaskRecord) -> bool:
         """Kinds that run at once inside this daemon (a small hash) need no place: they
@@ -543,24 +545,30 @@ class TaskService:
         self._next_expiry = expiry
 
     def _carry_out(self, effects: Sequence[sm.Effect], now: float) -> None:
-        finishing = {e.task_id: e for e in effects if isinstance(e, sm.Finished)}
-        escalating = {e.task.id for e in effects if isinstance(e, sm.Escalate)}
+        finishing: dict[str, sm.Finished] = {}
+        escalating: set[str] = set()
         for effect in effects:
             try:
-                match effect:
+                match effect:  # the common effects first: each case is an isinstance
                     case sm.Send(peer=peer, task=task):
                         self._send(peer, task.id, now)
-                    case sm.RunLocal(task=task):
-                        self._start_local(task.id, now)
-                    case sm.Escalate(task=task):
-                        self._start_bridge(task.id)
-                    case sm.CancelRemote(target=target, task_id=task_id):
-                        self._cancel_attempt(target, task_id, finishing.get(task_id),
-                                             task_id in escalating)
                     case sm.Persist():
                         self._on_persist(effect, now)
                     case sm.Finished():
                         self._on_finished(effect)
+                    case sm.RunLocal(task=task):
+                        self._start_local(task.id, now)
+                    case sm.Escalate(task=task):
+                        escalating.add(task.id)
+                        self._start_bridge(task.id)
+                    case sm.CancelRemote(target=target, task_id=task_id):
+                        if not finishing:  # why an attempt stops: its task's Finished
+                            finishing = {e.task_id: e for e in effects
+                                         if isinstance(e, sm.Finished)}
+                            escalating |= {e.task.id for e in effects
+                                           if isinstance(e, sm.Escalate)}
+                        self._cancel_attempt(target, task_id, finishing.get(task_id),
+                                             task_id in escalating)
             except Exception as exc:
                 # one task's effect (a stream, a spool file) can fail that attempt, never
                 # the service: the scheduler hears it as lost and places the task again
