@@ -407,6 +407,10 @@ class TaskService:
         if (state == "done" and self.cache_enabled and not r.no_cache and r.replicas == 1):
             txn.cache_put(self._cache_key(r), output, executed_by, r.finished)
         self.audit.append("result", task=r.id, kind=r.kind, state=state, by=executed_by)
+        # a finished record stays in memory (MEMORY_KEEP) for reads: what only a live task
+        # needs goes, or 20,000 of them hold every result twice and slow the collector
+        r.results.clear()
+        r.render = None
         r.notify()
         watcher = self.watchers.pop(r.id, None)
         if watcher is not None:
