@@ -33,7 +33,9 @@ Rule 5 (no room). When nobody can start the task now, it goes to whichever start
     A queue's wait is known only behind our own tasks (their recent times x (queue + 1) /
     slots): short kinds are pipelined there. Behind others' work it is unknown, so a task
     queues there only when the bridge cannot take it (one per slot, least loaded first,
-    so executors can give submitters fair turns). Otherwise it waits here.
+    so executors can give submitters fair turns). Otherwise it waits here. When no
+    member present can run it (kind, memory, GPU), it waits for one that could and was
+    heard within ``kind_memory_s`` (UNREACHABLE), else fails after the startup grace.
 Rule 6 (no waiting behind a busy peer). A task an executor queued (admission reply) is
     moved as soon as a free slot exists elsewhere, or to the bridge once it has waited an
     offer window and the bridge's round trip is shorter than the wait left there (the
@@ -93,10 +95,11 @@ from .scheduler_model import (
     WaitReason,
     Where,
 )
-from .scheduler_peers import Breaker, ewma, sane_weights
+from .scheduler_peers import Breaker, PeerView, ewma, sane_weights
 from .scheduler_rules import (
     KindClocks,
     escalate_now,
+    fits_resources,
     leave_queue_for_bridge,
     next_queue_check,
     queue_wait_s,
@@ -252,7 +255,10 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, str]] = []
         self._remote_queued: dict[tuple[str, str], None] = {}  # (task id, peer queueing it)
         self._kind_clocks = KindClocks()
-        self._kind_seen: dict[str, float] = {}  # kind -> when a member with slots ran it
+        # peer -> when it last had slots, and what it ran then (kinds, memory, GPUs): a
+        # task nobody present can run waits for a member that could, if one was heard
+        # lately (Rule 5), not for any member of the kind
+        self._capable: dict[str, tuple[float, dict[str, str], int, tuple[str, ...]]] = {}
         self._max_rtt_s = 0.0  # the slowest link seen: bounds every link's pipeline depth
         # Capacity epoch: bumped whenever room may have appeared (an ad, a result, a slot
         # or bridge place given back). A line whose head found no room is not looked at
@@ -389,13 +395,10 @@ class Scheduler:
         self._finish(rec, Trigger.CANCELLED, TaskState.CANCELLED)
 
     def _on_peer_ad(self, ev: PeerAd, now: float) -> None:
-        self.index.upsert(ev)
-        view = self.index.views.get(ev.peer)
-        if view is not None and view.slots > 0:
-            for kind in view.kinds:
-                self._kind_seen[kind] = now
-        if view is not None:
-            self._max_rtt_s = max(self._max_rtt_s, view.rtt_ms / 1000)
+        view = self.index.upsert(ev)
+        if view.slots > 0:
+            self._heard(view, now)
+        self._max_rtt_s = max(self._max_rtt_s, view.rtt_ms / 1000)
         self._grew()
 
     def _on_peer_gone(self, ev: PeerGone, now: float) -> None:
@@ -403,8 +406,7 @@ class Scheduler:
         if view is None:
             return
         if view.slots > 0:
-            for kind in view.kinds:
-                self._kind_seen[kind] = now
+            self._heard(view, now)
         for task_id in sorted(view.inflight):
             rec = self.records.get(task_id)
             if rec is not None and ev.peer in rec.attempts:
@@ -724,10 +726,9 @@ class Scheduler:
         grace_end = self._started + self.config.startup_grace_s
         if self._bridge_eligible(t) and now >= grace_end:
             return self._to_bridge_or_wait(rec, now)
-        seen = self._kind_seen.get(t.kind)
+        seen = self._last_capable(t, now)
         any_kind = bool(self.index.runners.get(t.kind))
-        if now >= grace_end and not rec.attempts and not rec.results and not any_kind \
-                and seen is not None and now < seen + self.config.kind_memory_s:
+        if now >= grace_end and not rec.attempts and not rec.results and seen is not None:
             # members that ran it lately are unreachable, not gone: wait for them a while
             self._wake_at(seen + self.config.kind_memory_s)
             self._set_wait(rec, Wait(WaitReason.UNREACHABLE, kind=t.kind, until=seen))
@@ -810,6 +811,26 @@ class Scheduler:
         self._moved = (epoch, self._line_wake)
 
     # --- helpers ---------------------------------------------------------------------------
+    def _heard(self, view: PeerView, now: float) -> None:
+        """A member with slots was heard from (an ad) or went away (then: last heard).
+        This node is always here: nothing to wait for when it cannot run a task."""
+        if view.peer != LOCAL:
+            self._capable[view.peer] = (now, view.kinds, view.memory_mb, view.gpus)
+        if len(self._capable) > 2 * len(self.index.views) + 64:  # bounded: members come
+            horizon = now - self.config.kind_memory_s             # and go for months
+            self._capable = {p: c for p, c in self._capable.items() if c[0] >= horizon}
+
+    def _last_capable(self, t: Task, now: float) -> float | None:
+        """When a member that could run ``t`` (kind, memory, GPU) was last heard, within
+        ``kind_memory_s``; None if none was."""
+        if t.where is Where.LOCAL:
+            return None  # this node is always here: waiting would not change it
+        horizon = now - self.config.kind_memory_s
+        seen = [when for when, kinds, memory_mb, gpus in self._capable.values()
+                if when > horizon and t.kind in kinds
+                and fits_resources(t.memory_mb, t.gpu, memory_mb, gpus)]
+        return max(seen) if seen else None
+
     def _kind_clock(self, t: Task, now: float) -> float:
         """Since when tasks of this kind found no room (``KindClocks``)."""
         return self._kind_clocks.waiting((t.kind, t.version), now, self.config)

@@ -387,8 +387,9 @@ class SchedulerConfig:
     target_queued_s: float = 0.02  # pipeline about this much work per slot beyond the running
     max_pipeline: int = 64
     max_rtt_covered_s: float = 0.5  # a slower link's round trip is not pipelined further
-    # a kind some member ran this recently is worth waiting for: a laptop whose network
-    # drops must not fail its whole queue (Rule 5)
+    # a member that could run a task (its kind, memory and GPU) and was heard this
+    # recently is worth waiting for: a laptop whose network drops must not fail its whole
+    # queue (Rule 5)
     kind_memory_s: float = 3600.0
     # False: Persist only when a task's state or targets change, not when only why it
     # waits does (a shell that shows wait_of() when asked, such as the daemon's, saves

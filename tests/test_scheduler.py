@@ -375,6 +375,25 @@ def test_a_kind_whose_members_went_away_lately_waits_for_them() -> None:
     assert [x.failure for x in f] == [Failure(FailReason.NO_RUNNER)]
 
 
+def test_a_gpu_task_waits_for_its_gpu_member_even_while_others_run_the_kind() -> None:
+    """The member a task needs (a GPU) dropped off: other members of the kind, without a
+    GPU, cannot run it, so the task waits for that one (UNREACHABLE) instead of failing;
+    a task needing what no member ever had fails after the grace as before."""
+    s = sched(ad("gpu", gpus=("nvidia-a100",)), ad("cpu"), startup_grace_s=3.0,
+              kind_memory_s=3600.0)
+    s.handle(PeerGone("gpu"), 2.0)
+    assert finished(s.handle(Submitted(task("g", gpu=True)), 10.0)) == []
+    assert s.wait_of("g") == Wait(WaitReason.UNREACHABLE, kind=K, until=2.0)
+    assert sends(s.handle(Submitted(task("c")), 11.0)) == [("cpu", "c")]  # others run
+    f = finished(s.handle(Submitted(task("big", memory_mb=10**6)), 12.0))
+    assert [x.failure for x in f] == [Failure(FailReason.NO_RUNNER)]  # nobody ever had it
+    assert sends(s.handle(ad("gpu", gpus=("nvidia-a100",)), 20.0)) == [("gpu", "g")]
+    # this node is always here: a task for peers only does not wait for it
+    s = sched(ad(LOCAL), startup_grace_s=3.0)
+    f = finished(s.handle(Submitted(task("p", where=Where.PEERS)), 10.0))
+    assert [x.failure for x in f] == [Failure(FailReason.NO_RUNNER)]
+
+
 def test_where_bridge_without_a_bridge_fails_typed() -> None:
     s = sched(ad("p"))
     f = finished(s.handle(Submitted(task("t", where=Where.BRIDGE)), 1.0))[0]
