@@ -270,6 +270,7 @@ class Scheduler:
         self._line_wake = math.inf
         self._bridge_epoch = 0  # bumped when the bridge gets a place back
         self._running_by_kind: dict[str, int] = {}
+        self._queued = 0  # records in QUEUED (the dashboard and /metrics read it often)
         self._kind_avg_s: dict[str, float] = {}
         self.bridge_rtt_s = self.config.bridge_rtt_s
         self._bridge_measured = False  # BridgeMeasured fed: results no longer measure it
@@ -347,7 +348,7 @@ class Scheduler:
 
     def queued(self) -> int:
         """Tasks held here waiting for a place."""
-        return sum(1 for rec in self.records.values() if rec.state is TaskState.QUEUED)
+        return self._queued
 
     def breakers(self) -> dict[str, Breaker]:
         """Each known peer's circuit breaker (LOCAL excluded), and the bridge's."""
@@ -378,6 +379,7 @@ class Scheduler:
         self._seq += 1
         rec = Record(t, self._seq, now, wait=_SUBMITTED)
         self.records[t.id] = rec
+        self._queued += 1
         if t.where is Where.BRIDGE and not self.config.bridge:
             self._finish(rec, Trigger.UNPLACEABLE, TaskState.FAILED,
                          failure=Failure(FailReason.NO_BRIDGE))
@@ -972,6 +974,8 @@ class Scheduler:
     def _move(self, rec: Record, trigger: Trigger, new: TaskState) -> None:
         old = rec.state
         rec.state = transition(old, trigger, new)
+        if old is not new:
+            self._queued += (new is TaskState.QUEUED) - (old is TaskState.QUEUED)
         if old is not TaskState.RUNNING and new is TaskState.RUNNING:
             self._running_by_kind[rec.task.kind] = self._running_by_kind.get(rec.task.kind, 0) + 1
         elif old is TaskState.RUNNING and new is not TaskState.RUNNING:

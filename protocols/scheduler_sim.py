@@ -206,6 +206,11 @@ class Simulation:
             self.report.decision_s += self.meter() - t0
         else:
             effects = sched.handle(event, self.now)
+            # the count the dashboard reads is kept, not counted: it must agree
+            held = sum(1 for rec in sched.records.values() if rec.state is TaskState.QUEUED)
+            if sched.queued() != held:
+                self.report.violations.append(
+                    f"{name}: queued() is {sched.queued()} while {held} tasks are held")
         self.report.handle_calls += 1
         for eff in effects:
             self._carry_out(name, eff)
