@@ -873,14 +873,18 @@ class Scheduler:
         # a kind of unknown duration is not pipelined (pipeline_depth); each link's depth
         # is pipeline_depth's, inline (a call per peer per placement): kind_avg is finite
         # once known (an ewma of finite times), and a view's rtt_ms is clamped finite
-        if kind_avg is not None:
-            avg_s = max(kind_avg, 1e-6)
+        avg_s = max(kind_avg, 1e-6) if kind_avg is not None else math.inf
+        # the deepest any link could need (the slowest round trip seen): 0 for long kinds,
+        # which skip the scan (in a big team, a sort and a walk of every busy member)
+        deepest = int(min(cfg.max_pipeline, (cfg.target_queued_s + min(
+            self._max_rtt_s, cfg.max_rtt_covered_s)) / avg_s))
+        if deepest:
             attempts, results, excluded = rec.attempts, rec.results, rec.excluded
             views, now = self.peers, self._now
             for peer in sorted(self.index.filled & allowed):
                 view = views[peer]
                 mine, slots = len(view.inflight), view.slots
-                if view.full or view.queue > mine - slots \
+                if view.full or view.queue > mine - slots or mine >= slots * (1 + deepest) \
                         or peer in attempts or peer in results or peer in excluded \
                         or not view.breaker.allows(now):
                     continue
