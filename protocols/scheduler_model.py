@@ -77,7 +77,7 @@ class WaitReason(enum.Enum):
 
     SUBMITTED = "submitted"
     NO_RUNNER = "no_runner"  # nobody runs the kind (yet: startup grace)
-    UNREACHABLE = "unreachable"  # members that ran the kind lately are gone for now
+    UNREACHABLE = "unreachable"  # members that could run it lately are gone for now
     NO_RESOURCES = "no_resources"  # runners exist, none with the memory/GPU it needs
     ALL_BUSY = "all_busy"
     KIND_LIMIT = "kind_limit"
@@ -111,7 +111,7 @@ class Wait:
     count: int = 0  # queue position, busy slots, limit, attempt number, replicas placed
     total: int = 0  # max attempts, replicas wanted
     until: float | None = None  # BACKOFF/BRIDGE_DOWN: when it is tried again;
-    #                             UNREACHABLE: when a member last ran the kind
+    #                             UNREACHABLE: when one that could run it was heard
     kind: str = ""
     loss: Loss | None = None
 
@@ -136,8 +136,9 @@ class Wait:
                         " it)")
             case w.UNREACHABLE:
                 ago = now - (self.until if self.until is not None else now)
-                return (f"no member that runs kind {self.kind} is reachable now (one was"
-                        f" {ago:.0f} s ago); waiting for one")
+                return (f"no member that can run it (kind {self.kind}, with the memory and"
+                        f" GPU it needs) is reachable now (one was {ago:.0f} s ago);"
+                        " waiting for one")
             case w.NO_RESOURCES:
                 return f"no member running {self.kind} has the memory or GPU it needs"
             case w.KIND_LIMIT:

@@ -354,7 +354,8 @@ def test_a_kind_whose_members_went_away_lately_waits_for_them() -> None:
     assert w == Wait(WaitReason.UNREACHABLE, kind=K, until=2.0)
     assert w is not None
     assert w.render(12.0).startswith(
-        f"no member that runs kind {K} is reachable now (one was 10 s ago)")
+        f"no member that can run it (kind {K}, with the memory and GPU it needs) is"
+        " reachable now (one was 10 s ago)")
     assert s.next_wakeup() == 3602.0
     assert sends(s.handle(PeerAd("p", {K: "1"}, 1, 1, 0), 20.0)) == [("p", "t")]
     s.handle(PeerGone("p"), 21.0)  # lost again: the retry waits for a member too
