@@ -102,6 +102,7 @@ from .scheduler_rules import (
     fits_resources,
     leave_queue_for_bridge,
     next_queue_check,
+    pipeline_depth,
     queue_wait_s,
     retry_delay_s,
     settle_quorum,
@@ -869,34 +870,23 @@ class Scheduler:
             return None, math.inf
         kind_avg = self._kind_avg_s.get(t.kind)
         best, best_rank, best_wait = None, (math.inf, math.inf), math.inf
-        cfg = self.config
-        # a kind of unknown duration is not pipelined (pipeline_depth); each link's depth
-        # is pipeline_depth's, inline (a call per peer per placement): kind_avg is finite
-        # once known (an ewma of finite times), and a view's rtt_ms is clamped finite
-        avg_s = max(kind_avg, 1e-6) if kind_avg is not None else math.inf
         # the deepest any link could need (the slowest round trip seen): 0 for long kinds,
         # which skip the scan (in a big team, a sort and a walk of every busy member)
-        deepest = int(min(cfg.max_pipeline, (cfg.target_queued_s + min(
-            self._max_rtt_s, cfg.max_rtt_covered_s)) / avg_s))
-        if deepest:
-            attempts, results, excluded = rec.attempts, rec.results, rec.excluded
-            views, now = self.peers, self._now
-            for peer in sorted(self.index.filled & allowed):
-                view = views[peer]
-                mine, slots = len(view.inflight), view.slots
-                if view.full or view.queue > mine - slots or mine >= slots * (1 + deepest) \
-                        or peer in attempts or peer in results or peer in excluded \
-                        or not view.breaker.allows(now):
-                    continue
-                # this link's own depth: the target work plus its round trip
-                covered = min(view.rtt_ms / 1000, cfg.max_rtt_covered_s)
-                if mine >= slots * (1 + int(min(cfg.max_pipeline,
-                                                (cfg.target_queued_s + covered) / avg_s))):
-                    continue
-                wait = view.wait_s(view.avg_task_s if view.avg_task_s is not None else kind_avg)
-                rank = (wait, (view.queue + 1) / max(1, slots))  # (wait, load)
-                if rank < best_rank:
-                    best, best_rank, best_wait = peer, rank, wait
+        deepest = pipeline_depth(kind_avg, self._max_rtt_s, self.config)
+        for peer in sorted(self.index.filled & allowed) if deepest else ():
+            view = self.peers[peer]
+            mine = len(view.inflight)
+            if view.full or view.queue > mine - view.slots \
+                    or mine >= view.slots * (1 + deepest) or not self._usable(rec, peer):
+                continue
+            # this link's own depth: the target work plus its round trip
+            if mine >= view.slots * (1 + pipeline_depth(kind_avg, view.rtt_ms / 1000,
+                                                        self.config)):
+                continue
+            wait = view.wait_s(view.avg_task_s if view.avg_task_s is not None else kind_avg)
+            rank = (wait, view.load)
+            if rank < best_rank:
+                best, best_rank, best_wait = peer, rank, wait
         if best is not None or not unknown_ok:
             return best, best_wait
         reserve = self.index.least_loaded(t.kind, lambda view: (

@@ -33,24 +33,10 @@ def _patch_ads(spec: str) -> None:
 
 
 def _patch_pipeline(depth: int) -> None:
-    """Send every executor as many tasks as it could possibly queue (a flood): pipeline
-    ``depth`` tasks per slot, whatever their length, from the first task on."""
+    """Send every executor as many tasks as it could possibly queue (a flood)."""
     from teammesh.protocols import scheduler
 
-    class _EveryKindIsShort(dict):  # type: ignore[type-arg]
-        def get(self, key: object, default: object = None) -> object:
-            return super().get(key, 0.001)  # a task time for kinds not run yet
-
-    original = scheduler.Scheduler.__init__
-
-    def init(self: scheduler.Scheduler, *args: object, **kwargs: object) -> None:
-        original(self, *args, **kwargs)  # type: ignore[arg-type]
-        # the pipeline's depth is about target_queued_s of work, capped at max_pipeline
-        self.config = dataclasses.replace(self.config, max_pipeline=depth,
-                                          target_queued_s=3600.0)
-        self._kind_avg_s = _EveryKindIsShort()
-
-    scheduler.Scheduler.__init__ = init  # type: ignore[method-assign]
+    scheduler.pipeline_depth = lambda *_args: depth  # type: ignore[assignment]
 
 
 def _patch_forge() -> None:

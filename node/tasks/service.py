@@ -549,7 +549,9 @@ class TaskService:
         self._next_expiry = expiry
 
     def _carry_out(self, effects: Sequence[sm.Effect], now: float) -> None:
-        finishing: dict[str, sm.Finished] = {}
+        # why an attempt stops (its task's Finished, or an escalation moving it): looked
+        # up only for a CancelRemote, rare beside the Sends and Finisheds of a pass
+        finishing: dict[str, sm.Finished] | None = None
         escalating: set[str] = set()
         for effect in effects:
             try:
@@ -563,14 +565,13 @@ class TaskService:
                     case sm.RunLocal(task=task):
                         self._start_local(task.id, now)
                     case sm.Escalate(task=task):
-                        escalating.add(task.id)
                         self._start_bridge(task.id)
                     case sm.CancelRemote(target=target, task_id=task_id):
-                        if not finishing:  # why an attempt stops: its task's Finished
+                        if finishing is None:
                             finishing = {e.task_id: e for e in effects
                                          if isinstance(e, sm.Finished)}
-                            escalating |= {e.task.id for e in effects
-                                           if isinstance(e, sm.Escalate)}
+                            escalating = {e.task.id for e in effects
+                                          if isinstance(e, sm.Escalate)}
                         self._cancel_attempt(target, task_id, finishing.get(task_id),
                                              task_id in escalating)
             except Exception as exc:
